@@ -1,0 +1,203 @@
+"""Real text -> token ids, cached by content hash.
+
+A `TokenizedSet` holds unpadded samples (ragged int64 arrays) so that callers can batch and
+pad them however the stage needs (the verifier pads each batch to its longest sample).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from compiler.artifacts import atomic_write
+from compiler.errors import DataError
+from compiler.settings import DataSettings
+
+log = logging.getLogger(__name__)
+
+# Where WikiText-2 lies when the project is checked out beside the shared data folder.
+_SHARED = Path("shared/data/wikitext-2/test.txt")
+
+
+def default_text_path() -> Path | None:
+    """WikiText-2 test from `../shared/data` (relative to the cwd or to this checkout), or None."""
+    here = Path(__file__).resolve().parent.parent
+    for root in (Path.cwd().parent, here.parent, Path.cwd()):
+        if (root / _SHARED).is_file():
+            return root / _SHARED
+    return None
+
+
+def load_texts(data: DataSettings, count: int | None = None, skip: int = 0) -> list[str]:
+    """Read `count` (default `data.samples`) real-text samples, after skipping `skip` of them.
+
+    Args:
+        data: where the text lies and how to filter it (`min_words`, `text_column`).
+        count: samples wanted; defaults to `data.samples`.
+        skip: samples to skip first (held-out sets come after calibration sets).
+
+    Returns:
+        Stripped strings, each with at least `data.min_words` words, in file order.
+
+    Raises:
+        DataError: the file is missing, a TSV/CSV has no usable column, or too few samples.
+    """
+    count = data.samples if count is None else count
+    texts = _read_source(data)
+    picked = [t for t in texts if len(t.split()) >= data.min_words][skip : skip + count]
+    if len(picked) < count:
+        raise DataError(
+            f"{data.path or 'default text'}: found {len(picked)} samples with >= {data.min_words} "
+            f"words after skipping {skip}, need {count}. Use a larger file (CALIB=path), fewer "
+            "samples (--samples), or a smaller --min-words."
+        )
+    return picked
+
+
+def _read_source(data: DataSettings) -> list[str]:
+    if data.path is None:
+        path = default_text_path()
+        if path is None:
+            raise DataError(
+                "no text given and ../shared/data/wikitext-2/test.txt was not found: pass a text "
+                "or TSV file with --calib PATH (Makefile: CALIB=path)."
+            )
+    else:
+        path = Path(data.path)
+    if path.is_file():
+        if path.suffix.lower() in (".tsv", ".csv"):
+            return _read_table(path, data.text_column)
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    if data.path is not None and _looks_like_dataset(data.path):
+        return _read_hf_dataset(data.path, data.text_column)
+    raise DataError(f"{path}: no such file. Pass a text or TSV file with --calib PATH.")
+
+
+def _looks_like_dataset(spec: str) -> bool:
+    """`glue:sst2:validation` or `user/name`: at most one '/', no leading '.'/'/', no file suffix."""
+    name = spec.split(":")[0]
+    return (name.count("/") <= 1 and not name.startswith((".", "/"))
+            and Path(name).suffix.lower() not in (".txt", ".tsv", ".csv"))
+
+
+def _read_table(path: Path, column: str | None) -> list[str]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE)
+        fields = reader.fieldnames or []
+        name = column or next((c for c in ("sentence", "text") if c in fields), None)
+        if name not in fields:
+            raise DataError(
+                f"{path}: no column {column or 'sentence/text'!r} in header {fields}; "
+                "choose one with --text-column NAME."
+            )
+        return [row[name] or "" for row in reader]
+
+
+def _read_hf_dataset(spec: str, column: str | None) -> list[str]:
+    """`name[:config][:split]` through the `datasets` package (needs a reachable hub)."""
+    parts = spec.split(":")
+    name, config, split = parts[0], (parts[1] or None) if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "train"
+    try:
+        import datasets  # optional: only for hub datasets
+    except ImportError as e:
+        raise DataError(f"{spec!r} is not a file, and reading a Hugging Face dataset needs "
+                        f"`pip install datasets` ({e}). Or pass a local text/TSV file.") from e
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # hub unreachable, unknown dataset: both end here
+        raise DataError(f"could not load Hugging Face dataset {spec!r}: {e}. "
+                        "Pass a local text or TSV file with --calib PATH instead.") from e
+    name_col = column or next((c for c in ("sentence", "text") if c in ds.column_names), None)
+    if name_col not in ds.column_names:
+        raise DataError(f"dataset {spec!r} has no column {column!r}: {ds.column_names}")
+    return [str(t) for t in ds[name_col]]
+
+
+@dataclass
+class TokenizedSet:
+    """Unpadded token ids of real-text samples.
+
+    Attributes:
+        input_ids: list of (length,) int64 arrays, one per sample.
+        token_type_ids: same shapes, or None when the tokenizer has no segment ids.
+        pad_id: id used to pad batches.
+        key: content hash of (texts, tokenizer, max_length).
+    """
+
+    input_ids: list[np.ndarray]
+    token_type_ids: list[np.ndarray] | None
+    pad_id: int
+    key: str
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batches(self, batch_size: int, input_names: list[str], rng: np.random.Generator | None = None,
+                vocab_size: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """Padded batches as ONNX Runtime feeds.
+
+        Args:
+            batch_size: samples per batch; the last batch may be smaller.
+            input_names: graph inputs to fill (`input_ids`, `attention_mask`, `token_type_ids`).
+            rng, vocab_size: when given, token ids are replaced by uniform random ids in
+                [0, vocab_size) at the same positions (same shapes and masks).
+
+        Yields:
+            (feeds, lengths): feeds maps each input name to a (batch, sequence) int64 array;
+            lengths is a (batch,) array of valid tokens per sample.
+        """
+        for start in range(0, len(self), batch_size):
+            ids = self.input_ids[start : start + batch_size]
+            lengths = np.array([len(x) for x in ids])
+            seq = int(lengths.max())
+            batch = np.full((len(ids), seq), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(ids), seq), dtype=np.int64)
+            types = np.zeros((len(ids), seq), dtype=np.int64)
+            for i, x in enumerate(ids):
+                batch[i, : len(x)] = x if rng is None else rng.integers(0, vocab_size, len(x))
+                mask[i, : len(x)] = 1
+                if self.token_type_ids is not None:
+                    types[i, : len(x)] = self.token_type_ids[start + i]
+            feeds = {"input_ids": batch, "attention_mask": mask, "token_type_ids": types}
+            unknown = [n for n in input_names if n not in feeds]
+            if unknown:
+                raise DataError(f"graph inputs {unknown} cannot be filled from text; known: {sorted(feeds)}")
+            yield {n: feeds[n] for n in input_names}, lengths
+
+
+def tokenized_set(texts: list[str], tokenizer: Any, max_length: int, cache_dir: str | Path | None) -> TokenizedSet:
+    """Tokenize `texts` (truncated to `max_length` tokens), reusing a cached result.
+
+    The cache file is `<cache_dir>/<sha256>.npz`, keyed by the texts, the tokenizer's
+    vocabulary and class, and `max_length`; a changed input gives a new key.
+    """
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    key = hashlib.sha256(json.dumps([texts, type(tokenizer).__name__, max_length]).encode()
+                         + hashlib.sha256(vocab.encode()).digest()).hexdigest()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    path = Path(cache_dir) / f"{key[:32]}.npz" if cache_dir else None
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            lengths = z["lengths"]
+            splits = np.cumsum(lengths)[:-1]
+            ids = np.split(z["input_ids"], splits)
+            types = np.split(z["token_type_ids"], splits) if "token_type_ids" in z else None
+        log.info("tokenized set %s reused from %s", key[:12], path)
+        return TokenizedSet(ids, types, pad_id, key)
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    ids = [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]]
+    types = [np.asarray(x, dtype=np.int64) for x in enc["token_type_ids"]] if "token_type_ids" in enc else None
+    if path is not None:
+        arrays = {"input_ids": np.concatenate(ids), "lengths": np.array([len(x) for x in ids])}
+        if types is not None:
+            arrays["token_type_ids"] = np.concatenate(types)
+        atomic_write(path, lambda p: np.savez(open(p, "wb"), **arrays))
+    return TokenizedSet(ids, types, pad_id, key)

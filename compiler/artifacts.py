@@ -1,0 +1,78 @@
+"""Crash-safe artifact writing and content hashes.
+
+Every artifact is written to a temporary name beside its destination and renamed into place
+(`os.replace` is atomic on POSIX), so a crash never leaves a half-written `.plan` or ONNX.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_path)`, then rename `tmp_path` to `path`.
+
+    Args:
+        path: destination; its parent directories are created.
+        write: writes the whole artifact to the temporary path it is given.
+
+    Returns:
+        The destination as a Path. On any exception the temporary file is removed and the
+        destination is left as it was.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, dest)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+    return dest
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Atomically write `data` to `path`."""
+    return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write `obj` as indented JSON (keys kept in insertion order)."""
+    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def sha256_file(path: str | os.PathLike, chunk_mib: int = 16) -> str:
+    """sha256 hex digest of a file, read in `chunk_mib` MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_mib << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_key(path: str | os.PathLike) -> str | None:
+    """The content key recorded beside an artifact by `write_key`, or None."""
+    key_path = Path(f"{path}.key")
+    return key_path.read_text().strip() if key_path.exists() and Path(path).exists() else None
+
+
+def write_key(path: str | os.PathLike, key: str) -> None:
+    """Record the content key that produced the artifact at `path` (for reuse checks)."""
+    write_bytes(f"{path}.key", (key + "\n").encode())

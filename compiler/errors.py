@@ -1,0 +1,57 @@
+"""Typed errors. Each says what happened, what was expected, and the next step.
+
+The CLI prints `CompilerError`s without a traceback and exits with `exit_code`.
+"""
+
+from __future__ import annotations
+
+
+class CompilerError(Exception):
+    """Base class for errors that the CLI reports as one clear message."""
+
+    exit_code = 1
+
+
+class UnknownModelError(CompilerError, ValueError):
+    """A model name that is neither registered, nor a local directory, nor loadable."""
+
+
+class InvalidOnnxError(CompilerError, ValueError):
+    """An ONNX file that cannot be read or does not pass `onnx.checker`."""
+
+
+class ExportParityError(CompilerError):
+    """ONNX Runtime and PyTorch disagree beyond tolerance on one or more outputs.
+
+    Attributes:
+        failures: list of (output name, batch, sequence, max abs difference).
+    """
+
+    def __init__(self, failures: list[tuple[str, int, int, float]], atol: float) -> None:
+        self.failures = failures
+        self.atol = atol
+        lines = [f"  {name} at batch={b} sequence={s}: max abs diff {d:.3g} > atol {atol:g}"
+                 for name, b, s, d in failures]
+        super().__init__(
+            "exported ONNX disagrees with PyTorch (FP32):\n" + "\n".join(lines)
+            + "\nCheck for ops the exporter traces as constants (data-dependent control flow), "
+            "or raise --parity-atol if the difference is expected."
+        )
+
+
+class DataError(CompilerError, ValueError):
+    """Calibration or evaluation text that cannot be read or yields too few samples."""
+
+
+class PrecisionError(CompilerError):
+    """The precision pass cannot convert a graph (unsupported construct)."""
+
+
+class TensorRTUnavailableError(CompilerError):
+    """TensorRT's builder or a CUDA GPU is missing; the TensorRT-ready ONNX is still written."""
+
+    exit_code = 2
+
+
+class EngineBuildError(CompilerError):
+    """TensorRT's ONNX parser or builder failed."""

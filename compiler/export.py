@@ -1,0 +1,183 @@
+"""Stage 1: PyTorch -> ONNX with dynamic `batch` and `sequence` axes, checked against PyTorch.
+
+The graph is exported with the TorchScript-based exporter at opset >= 17 (native
+LayerNormalization), constants folded, eager attention (explicit MatMul/Softmax, which the
+precision pass can see). Parity is checked on real text at every (batch, sequence) of
+`ExportSettings.parity_batches x parity_sequences`, every output, FP32 max abs difference.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.artifacts import read_key, write_key
+from compiler.errors import ExportParityError
+from compiler.models import LoadedModel
+from compiler.onnx_io import load_onnx, save_onnx
+from compiler.settings import ExportSettings, settings_hash
+
+log = logging.getLogger(__name__)
+
+DYNAMIC_AXES = {0: "batch", 1: "sequence"}
+
+
+@dataclass
+class ParityResult:
+    output: str
+    batch: int
+    sequence: int
+    max_abs_diff: float
+
+
+@dataclass
+class ExportReport:
+    """What the export stage did.
+
+    Attributes:
+        onnx_path: the FP32 ONNX file.
+        reused: True when an export with the same content key was already on disk.
+        parity: one entry per (output, batch, sequence).
+    """
+
+    onnx_path: str
+    opset: int
+    inputs: list[str]
+    outputs: list[str]
+    nodes: int
+    seconds: float
+    reused: bool
+    parity: list[ParityResult] = field(default_factory=list)
+    parity_atol: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Outputs:
+    """Wraps a Hugging Face model so that it takes positional int64 inputs and returns a tuple."""
+
+    def __new__(cls, module: Any, input_names: list[str]):
+        import torch
+
+        class ExportWrapper(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = module
+
+            def forward(self, *inputs: torch.Tensor):
+                kwargs = dict(zip(input_names, inputs))
+                if "use_cache" in _params(module):
+                    kwargs["use_cache"] = False
+                out = self.model(**kwargs, return_dict=True)
+                # last_hidden_state first (the verifier's cosine uses the first output), then
+                # every other tensor output the model returns (pooler_output for BERT).
+                return tuple(v for k, v in out.items() if isinstance(v, torch.Tensor))
+
+        return ExportWrapper().eval()
+
+
+def _params(module: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(module.forward).parameters)
+
+
+def output_names(loaded: LoadedModel) -> list[str]:
+    """Names of the tensor outputs the model returns, in order."""
+    import torch
+
+    with torch.no_grad():
+        kwargs = {n: torch.ones(1, 4, dtype=torch.long) for n in loaded.input_names}
+        if "use_cache" in _params(loaded.module):
+            kwargs["use_cache"] = False
+        out = loaded.module(**kwargs, return_dict=True)
+    return [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+
+
+def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Path,
+                    parity_texts: list[str]) -> tuple[Path, ExportReport]:
+    """Export `loaded.module` to ONNX and check it against PyTorch.
+
+    Args:
+        loaded: the model, its tokenizer and input names (all inputs (batch, sequence) int64).
+        settings: opset and parity tolerances/shapes.
+        onnx_path: destination; reused as is when its recorded content key matches.
+        parity_texts: real text, at least max(parity_batches) samples.
+
+    Returns:
+        (onnx_path, report). Outputs are FP32 with dims (batch, sequence, ...) or (batch, ...).
+
+    Raises:
+        ExportParityError: any output differs from PyTorch by more than `parity_atol`.
+    """
+    import torch
+
+    key = settings_hash("export-v1", loaded.key, settings, torch.__version__)
+    start = time.perf_counter()
+    names_out = output_names(loaded)
+    reused = read_key(onnx_path) == key
+    if not reused:
+        wrapper = _Outputs(loaded.module, loaded.input_names)
+        dummy = tuple(torch.ones(2, 16, dtype=torch.long) for _ in loaded.input_names)
+        axes = {n: DYNAMIC_AXES for n in loaded.input_names}
+        axes.update({n: DYNAMIC_AXES if n == "last_hidden_state" or "hidden" in n else {0: "batch"}
+                     for n in names_out})
+        with tempfile.TemporaryDirectory(dir=onnx_path.parent if onnx_path.parent.exists() else None) as tmp, \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic are expected
+            tmp_file = Path(tmp) / "export.onnx"
+            torch.onnx.export(wrapper, dummy, str(tmp_file), input_names=loaded.input_names,
+                              output_names=names_out, dynamic_axes=axes, opset_version=settings.opset,
+                              do_constant_folding=True, dynamo=False)
+            model = load_onnx(tmp_file)
+            save_onnx(model, onnx_path)
+        write_key(onnx_path, key)
+    model = load_onnx(onnx_path, check=False)
+    parity = check_parity(loaded, onnx_path, names_out, settings, parity_texts)
+    report = ExportReport(str(onnx_path), settings.opset, loaded.input_names, names_out,
+                          len(model.graph.node), round(time.perf_counter() - start, 2), reused,
+                          parity, settings.parity_atol)
+    failures = [(p.output, p.batch, p.sequence, p.max_abs_diff) for p in parity
+                if not p.max_abs_diff <= settings.parity_atol]
+    if failures:
+        raise ExportParityError(failures, settings.parity_atol)
+    log.info("export: %s (%d nodes, %s)", onnx_path, report.nodes, "reused" if reused else "new")
+    return onnx_path, report
+
+
+def check_parity(loaded: LoadedModel, onnx_path: Path, names_out: list[str],
+                 settings: ExportSettings, texts: list[str]) -> list[ParityResult]:
+    """Max abs difference between ONNX Runtime (CPU, FP32) and PyTorch per output and shape.
+
+    Each (batch, sequence) pair tokenizes the first `batch` texts padded/truncated to exactly
+    `sequence` tokens, so shorter samples also exercise the attention-mask path.
+    """
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    results = []
+    for batch in settings.parity_batches:
+        for seq in settings.parity_sequences:
+            enc = loaded.tokenizer(texts[:batch], padding="max_length", truncation=True,
+                                   max_length=seq, return_tensors="np")
+            feeds = {n: enc[n].astype(np.int64) if n in enc else np.zeros_like(enc["input_ids"], np.int64)
+                     for n in loaded.input_names}
+            ort_out = session.run(names_out, feeds)
+            with torch.no_grad():
+                kwargs = {n: torch.from_numpy(v) for n, v in feeds.items()}
+                if "use_cache" in _params(loaded.module):
+                    kwargs["use_cache"] = False
+                ref = loaded.module(**kwargs, return_dict=True)
+            for name, got in zip(names_out, ort_out):
+                diff = float(np.max(np.abs(got - ref[name].numpy()))) if got.size else 0.0
+                results.append(ParityResult(name, batch, seq, diff))
+    return results

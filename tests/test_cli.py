@@ -1,0 +1,91 @@
+"""The command line: the whole pipeline on MiniLM, the build step's stop, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "compiler", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=900)
+
+
+def has_tensorrt_and_gpu() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines")
+    result = run_cli("compile", "--model", "minilm", "--precision", "hybrid", "--samples", "16",
+                     "--output-dir", str(out))
+    return out, result
+
+
+def test_compile_stops_at_build_with_status_2(compiled):
+    out, result = compiled
+    if has_tensorrt_and_gpu():
+        pytest.skip("TensorRT and a GPU are present: the build runs (see tests/test_build_gpu.py)")
+    variant = out / "minilm" / "pretrained" / "hybrid"
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert str(variant / "model.onnx") in result.stderr
+    assert (variant / "model.onnx").is_file() and (variant / "report.json").is_file()
+    assert not (variant / "model.plan").exists()
+    assert "cosine_min" in result.stdout and "real" in result.stdout and "random" in result.stdout
+
+
+def test_report_fields(compiled):
+    out, _ = compiled
+    report = json.loads((out / "minilm" / "pretrained" / "hybrid" / "report.json").read_text())
+    for key in ("real", "random"):
+        f = report["fidelity"][key]
+        assert set(f) >= {"cosine_min", "cosine_mean", "max_abs_err", "nonfinite_count", "samples"}
+        assert f["samples"] == 16
+    assert "emulation" in report["fidelity"]["reference"]
+    assert report["precision"]["nodes"]["fp32"] == 19  # 13 LayerNormalization + 6 Softmax
+    assert report["precision"]["matmul_fp16_fraction"] >= 0.95
+    assert report["fidelity"]["real"]["cosine_min"] >= 0.9998
+    assert len(report["export"]["parity"]) == 12
+
+
+def test_no_build_exits_0_and_reuses(compiled):
+    out, _ = compiled
+    result = run_cli("compile", "--no-build", "--model", "minilm", "--precision", "hybrid",
+                     "--samples", "16", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reused" in result.stderr  # export and precision pass unchanged by content hash
+
+
+def test_unknown_model_error_without_traceback(tmp_path):
+    result = run_cli("export", "--model", "no-such-model-xyz", "--output-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "Known names: minilm, bert-base, bert-large, gpt2" in result.stderr
+    assert "--weights random" in result.stderr
+
+
+def test_corrupt_onnx_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07this is not a protobuf model" * 10)
+    result = run_cli("precision", "--onnx", str(bad))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "not a readable ONNX model" in result.stderr and str(bad) in result.stderr
+    assert not list(tmp_path.glob("bad.*.onnx"))  # nothing half-written
+
+
+def test_invalid_profile_is_a_clear_error(tmp_path):
+    result = run_cli("build", "--onnx", str(tmp_path / "x.onnx"), "--min-shape", "4x1", "--opt-shape", "1x128")
+    assert result.returncode == 1 and "min (4) <= opt (1)" in result.stderr
