@@ -12,7 +12,7 @@ types of the graph and has no builder precision flags. This stage:
    a dynamic axis 0 takes the profile's batch sizes and a dynamic axis 1 its sequence lengths;
 4. builds with the workspace limit, optimization level, optional 2:4 sparse weights and a
    timing cache kept per GPU model, compute capability and TensorRT version;
-5. writes `<variant_dir>/model.plan` and, beside it, `manifest.json`: what was built, from
+5. writes `model.plan` beside the ONNX and, beside it, `manifest.json`: what was built, from
    which ONNX, on which GPU, with which settings, and the engine's I/O tensors as TensorRT
    stores them.
 
@@ -87,7 +87,7 @@ def engine_from_onnx(
     Args:
         onnx_path: the TensorRT-ready ONNX (external data files, if any, beside it).
         settings: run settings; reads `settings.engine`, `settings.model`,
-            `settings.precision.mode` and `settings.variant_dir()` (where both files go).
+            `settings.precision.mode`; the plan and manifest go beside `onnx_path`.
         report: the pipeline's report so far; its `precision` and `fidelity` entries (None
             when absent) are copied into the manifest.
 
@@ -148,7 +148,7 @@ def engine_from_onnx(
     plan = bytes(serialized)
     del serialized
     engine_inputs, engine_outputs = _engine_io(trt, trt_logger, plan)
-    plan_path = write_bytes(settings.variant_dir() / PLAN_NAME, plan)
+    plan_path = write_bytes(onnx_path.parent / PLAN_NAME, plan)
 
     manifest: dict[str, Any] = {
         "model": {"name": settings.model.name, "weights": settings.model.weights},

@@ -49,7 +49,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="text file (one sample a line), TSV/CSV with a header, or a HF dataset name; "
                         "default ../shared/data/wikitext-2/test.txt")
     p.add_argument("--text-column", default=None)
-    p.add_argument("--samples", type=int, default=DataSettings.samples)
+    p.add_argument("--samples", type=int, default=DataSettings.samples,
+                   help="held-out samples for verification and the auto budget")
+    p.add_argument("--calib-samples", type=int, default=DataSettings.calib_samples,
+                   help="calibration samples (activation statistics for --precision auto)")
     p.add_argument("--max-length", type=int, default=DataSettings.max_length)
     p.add_argument("--batch-size", type=int, default=DataSettings.batch_size)
     p.add_argument("--output-dir", default="engines")
@@ -57,6 +60,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_precision_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISION_MODES, default="hybrid")
+    p.add_argument("--min-cosine", type=float, default=PrecisionSettings.min_cosine,
+                   help="auto: cosine similarity budget on held-out real text")
+    p.add_argument("--max-nonfinite", type=int, default=PrecisionSettings.max_nonfinite,
+                   help="auto: NaN/Inf values allowed on held-out real text")
+    p.add_argument("--overflow-margin", type=float, default=PrecisionSettings.overflow_margin,
+                   help="auto: pin a node when absmax x margin >= 65504")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -77,9 +86,13 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
                                 seed=get("seed", 0), trust_remote_code=get("trust_remote_code", False)),
             export=ExportSettings(opset=get("opset", ExportSettings.opset),
                                   parity_atol=get("parity_atol", ExportSettings.parity_atol)),
-            precision=PrecisionSettings(mode=get("precision", "hybrid")),
+            precision=PrecisionSettings(mode=get("precision", "hybrid"),
+                                        min_cosine=get("min_cosine", PrecisionSettings.min_cosine),
+                                        max_nonfinite=get("max_nonfinite", PrecisionSettings.max_nonfinite),
+                                        overflow_margin=get("overflow_margin", PrecisionSettings.overflow_margin)),
             data=DataSettings(path=get("calib", None), text_column=get("text_column", None),
                               samples=get("samples", DataSettings.samples),
+                              calib_samples=get("calib_samples", DataSettings.calib_samples),
                               max_length=get("max_length", DataSettings.max_length),
                               batch_size=get("batch_size", DataSettings.batch_size)),
             engine=EngineSettings(
@@ -199,6 +212,9 @@ def _precision_only(args: argparse.Namespace, settings: BuildSettings) -> int:
     from compiler.onnx_io import load_onnx, save_onnx
     from compiler.precision import convert_precision
 
+    if settings.precision.mode == "auto":
+        raise CompilerError("--precision auto measures on real text with the model's tokenizer: run "
+                            "`python -m compiler verify --model NAME --precision auto` instead")
     model = load_onnx(args.onnx)
     out = args.out or args.onnx.with_name(f"{args.onnx.stem}.{settings.precision.mode}.onnx")
     converted, report = convert_precision(model, settings.precision)

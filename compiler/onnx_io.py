@@ -33,7 +33,7 @@ def load_onnx(path: str | os.PathLike, check: bool = True):
         ) from e
     if check:
         try:
-            onnx.checker.check_model(str(path) if path.stat().st_size > PROTOBUF_LIMIT // 2 else model)
+            onnx.checker.check_model(str(path))  # by path: works with external data past 2 GiB
         except Exception as e:
             raise InvalidOnnxError(f"{path}: fails onnx.checker: {e}") from e
     return model
@@ -63,3 +63,42 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return dest
+
+
+def without_weights(model, min_bytes: int = 1024):
+    """A light copy for shape/type inference: initializers of >= `min_bytes` become typed inputs.
+
+    Shape inference serializes the model, which fails past protobuf's 2 GiB; weights are not
+    needed for it (small initializers, which hold shape constants, are kept for data propagation).
+    """
+    import onnx
+
+    light = onnx.ModelProto()
+    big = model.graph.initializer
+    light.CopyFrom(model.__class__(ir_version=model.ir_version, opset_import=model.opset_import))
+    light.graph.CopyFrom(onnx.GraphProto(name=model.graph.name, node=model.graph.node,
+                                         input=model.graph.input, output=model.graph.output,
+                                         value_info=model.graph.value_info))
+    for t in big:  # copy small initializers only; big ones become typed inputs
+        if len(t.raw_data) >= min_bytes or t.data_location == onnx.TensorProto.EXTERNAL:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            light.graph.initializer.append(t)
+    return light
+
+
+def ort_session(model, options=None):
+    """An ONNX Runtime CPU session for `model`, through a temporary file with external data
+    when the model is over protobuf's 2 GiB limit."""
+    import onnx
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if model.ByteSize() <= PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(str(path), options, providers=providers)

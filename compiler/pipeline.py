@@ -43,7 +43,8 @@ def stage_export(settings: BuildSettings, state: PipelineState) -> None:
     from compiler.models import load_model
 
     state.loaded = load_model(settings.model)
-    state.texts = load_texts(settings.data)
+    # Held-out text (verification, the auto budget) comes after the calibration samples.
+    state.texts = load_texts(settings.data, skip=settings.data.calib_samples)
     path, report = onnx_from_torch(state.loaded, settings.export,
                                    settings.model_dir() / "model.fp32.onnx", state.texts)
     write_json(settings.model_dir() / "export_report.json", report.to_dict())
@@ -63,14 +64,29 @@ def stage_precision(settings: BuildSettings, state: PipelineState) -> None:
 
     out = settings.variant_dir() / "model.onnx"
     report_path = settings.variant_dir() / "precision_report.json"
-    key = settings_hash("precision-v1", sha256_file(state.fp32_onnx), settings.precision)
+    graph_sha = sha256_file(state.fp32_onnx)
+    auto = settings.precision.mode == "auto"
+    key = settings_hash("precision-v1", graph_sha, settings.precision, settings.data if auto else None)
     if read_key(out) == key and report_path.is_file():
         import json
 
         precision = json.loads(report_path.read_text())
         log.info("precision: %s reused", out)
     else:
-        model, report = convert_precision(load_onnx(state.fp32_onnx), settings.precision)
+        fp32 = load_onnx(state.fp32_onnx, check=False)
+        if auto:
+            from calibration import load_texts, tokenized_set
+            from compiler.auto_precision import auto_precision
+
+            data, tok = settings.data, state.loaded.tokenizer
+            calib = tokenized_set(load_texts(data, count=data.calib_samples), tok, data.max_length, data.cache_dir)
+            heldout = tokenized_set(state.texts, tok, data.max_length, data.cache_dir)
+            model, report = auto_precision(fp32, settings.precision, calib, heldout, state.loaded.input_names,
+                                           state.output_names, data.batch_size, state.loaded.vocab_size,
+                                           graph_sha, data.cache_dir, settings.model.seed)
+        else:
+            model, report = convert_precision(fp32, settings.precision)
+        del fp32
         save_onnx(model, out)
         precision = report.to_dict()
         write_json(report_path, precision)

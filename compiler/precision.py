@@ -16,6 +16,7 @@ The pass assigns every node that computes floats a precision, then makes the typ
    - `fp16-range`: a node whose constant input holds finite values beyond FP16's range that
      are not mask fill values (see below) stays FP32 with that constant.
    Everything else (MatMul, Gemm, GELU, residual Add, ...) runs in FP16.
+4. `auto`: only the nodes `compiler.auto_precision` measured a need for (passed as `fp32_nodes`).
 
 Type agreement: float initializers used by FP16 nodes are stored in FP16 (a second copy only
 when FP32 nodes use them too); a tensor crossing between precisions gets one Cast per target
@@ -33,11 +34,12 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from compiler.errors import PrecisionError
+from compiler.onnx_io import ort_session, without_weights
 from compiler.settings import PrecisionSettings
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ class PrecisionReport:
     matmul_macs: dict[str, int] = field(default_factory=dict)
     mac_shape: dict[str, int] = field(default_factory=dict)
     matmul_fp16_fraction: float = 0.0
+    search: dict[str, Any] = field(default_factory=dict)  # `auto` only: see compiler.auto_precision
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,15 +205,19 @@ HYBRID_RULES = (rule_softmax, rule_layer_norm, rule_reduction)
 # --------------------------------------------------------------------------------------------
 
 
-def convert_precision(model: Any, settings: PrecisionSettings,
-                      mac_shape: tuple[int, int] = (1, 128)) -> tuple[Any, PrecisionReport]:
+def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[int, int] = (1, 128),
+                      fp32_nodes: Mapping[str, tuple[str, str]] | None = None) -> tuple[Any, PrecisionReport]:
     """Rewrite an FP32 ONNX model into a strongly typed FP32/FP16 graph.
 
     Args:
         model: onnx.ModelProto with FP32 float tensors (not modified).
-        settings: `mode` (fp32 / fp16 / hybrid) and the clamp value for mask constants.
+        settings: `mode` (fp32 / fp16 / hybrid / auto) and the clamp value for mask constants.
+            `hybrid` applies `HYBRID_RULES`; `fp16` and `auto` pin only what `fp32_nodes` and
+            the fp16-range rule name.
         mac_shape: (batch, sequence) at which MatMul/Gemm MACs are counted for
             `matmul_fp16_fraction`.
+        fp32_nodes: {node name: (rule, detail)} kept in FP32 besides the mode's rules (the
+            `auto` search passes its decisions here).
 
     Returns:
         (new ModelProto, PrecisionReport). Graph inputs/outputs keep their dtypes.
@@ -221,9 +228,15 @@ def convert_precision(model: Any, settings: PrecisionSettings,
     """
     import onnx
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())  # work on a copy
-    _constants_to_initializers(model)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # work on a copy (CopyFrom has no 2 GiB serialization limit)
+    model = copy
+    if settings.mode != "fp32":  # fp32 returns the graph unchanged
+        _constants_to_initializers(model)
     graph = model.graph
+    for i, n in enumerate(graph.node):  # rules and reports address nodes by unique names
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
     nodes = list(graph.node)
     for n in nodes:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
@@ -245,7 +258,14 @@ def convert_precision(model: Any, settings: PrecisionSettings,
     if settings.mode == "hybrid":
         for rule in HYBRID_RULES:
             pins.update(rule(nodes, consumers))
+    if fp32_nodes:
+        index = {n.name: i for i, n in enumerate(nodes)}
+        unknown = sorted(set(fp32_nodes) - set(index))
+        if unknown:
+            raise PrecisionError(f"fp32_nodes names nodes that are not in the graph: {unknown[:5]}")
+        pins.update({index[name]: why for name, why in fp32_nodes.items()})
     constants: list[ClampedConstant] = []
+    out_of_range: dict[str, str] = {}  # constant -> a node it keeps in FP32
     if settings.mode != "fp32":
         for i, n in enumerate(nodes):  # rule fp16-range: big finite constants stay FP32
             for t in n.input:
@@ -253,6 +273,7 @@ def convert_precision(model: Any, settings: PrecisionSettings,
                     absmax = _absmax(inits[t], below=MASK_FILL_MIN)
                     if absmax > FP16_MAX:
                         pins[i] = ("fp16-range", f"constant {t} holds |v| = {absmax:.4g} > {FP16_MAX:g}")
+                        out_of_range[t] = nodes[i].name
 
     precision = {}  # node index -> FLOAT / FLOAT16 for nodes that compute floats
     for i, n in enumerate(nodes):
@@ -318,7 +339,12 @@ def convert_precision(model: Any, settings: PrecisionSettings,
         for k, t in enumerate(n.output):
             if is_float(t):
                 dtype_of[t] = FLOAT if k in out_fixed else p
-        _retype_attributes(n, p)
+        clamped = _retype_attributes(n, p, settings.fp16_clamp)
+        if clamped:
+            constants.append(ClampedConstant(
+                f"{n.name}.value", 1, clamped, f"clamped to +-{settings.fp16_clamp:g}",
+                f"mask fill value (|v| >= {MASK_FILL_MIN:g}) beyond FP16's range; "
+                f"+-{settings.fp16_clamp:g} keeps score + mask finite"))
         new_nodes.append(n)
 
     # Initializers: FP16 copies for FP16 users, FP32 originals dropped when unused.
@@ -340,12 +366,10 @@ def convert_precision(model: Any, settings: PrecisionSettings,
                     f"mask fill value (|v| >= {MASK_FILL_MIN:g}) beyond FP16's range; "
                     f"+-{settings.fp16_clamp:g} keeps score + mask finite"))
             new_inits.append(half)
-    for i, (rule, detail) in pins.items():
-        if rule == "fp16-range":
-            t = next(x for x in nodes[i].input if x in inits)
-            constants.append(ClampedConstant(t, int(np.sum(np.abs(_array(inits[t])) > FP16_MAX)),
-                                             _absmax(inits[t]), "kept FP32",
-                                             f"finite values beyond FP16's range; {nodes[i].name} stays FP32"))
+    for t, node_name in out_of_range.items():
+        v = np.abs(_array(inits[t]))
+        constants.append(ClampedConstant(t, int(np.sum((v > FP16_MAX) & (v < MASK_FILL_MIN))), _absmax(inits[t]),
+                                         "kept FP32", f"finite values beyond FP16's range; {node_name} stays FP32"))
 
     # Graph outputs keep their types: an FP16 output is renamed inside the graph and Cast back.
     for out in graph.output:
@@ -357,15 +381,14 @@ def convert_precision(model: Any, settings: PrecisionSettings,
                         if t == out.name:
                             lst[k] = inner
             new_nodes.append(onnx.helper.make_node("Cast", [inner], [out.name], to=FLOAT,
-                                                   name=f"{out.name}__cast_fp32"))
+                                                   name=f"{out.name}__output_cast_fp32"))
             casts += 1
 
     graph.ClearField("node")
     graph.node.extend(new_nodes)
     graph.ClearField("initializer")
     graph.initializer.extend(new_inits)
-    graph.ClearField("value_info")  # stale types; shape inference below rebuilds them
-    model = onnx.shape_inference.infer_shapes(model)
+    graph.ClearField("value_info")  # stale types (TensorRT and ONNX Runtime infer their own)
 
     report.nodes = {"fp32": sum(v == FLOAT for v in precision.values()),
                     "fp16": sum(v == FLOAT16 for v in precision.values())}
@@ -413,13 +436,13 @@ def _tensor_types(model: Any) -> dict[str, int]:
     import onnx
 
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model), strict_mode=False)
     except Exception as e:
         raise PrecisionError(f"ONNX shape inference failed ({e}); the precision pass needs "
                              "every tensor's type") from e
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
-    types.update({t.name: t.data_type for t in g.initializer})
+    types.update({t.name: t.data_type for t in model.graph.initializer})
     missing = [t for n in g.node for t in n.output if t and t not in types]
     if missing:
         raise PrecisionError(f"shape inference gives no type for {missing[:5]} (of {len(missing)}); "
@@ -427,18 +450,28 @@ def _tensor_types(model: Any) -> dict[str, int]:
     return types
 
 
-def _retype_attributes(node: Any, p: int) -> None:
-    """Cast(to=FLOAT) and ConstantOfShape(value: float) produce the node's precision."""
+def _retype_attributes(node: Any, p: int, clamp: float) -> float:
+    """Cast(to=FLOAT) and ConstantOfShape(value: float) produce the node's precision.
+
+    Returns the |value| of a ConstantOfShape mask fill value clamped to `clamp`, else 0.
+    """
     from onnx import numpy_helper
 
+    clamped = 0.0
     for a in node.attribute:
         if node.op_type in ("Cast", "EyeLike", "RandomNormal", "RandomUniform",
                             "RandomNormalLike", "RandomUniformLike") and a.name in ("to", "dtype"):
             if a.i == FLOAT:
                 a.i = p
         elif node.op_type == "ConstantOfShape" and a.name == "value" and a.t.data_type == FLOAT:
-            v = numpy_helper.to_array(a.t).astype(np.float16 if p == FLOAT16 else np.float32)
+            v = numpy_helper.to_array(a.t)
+            if p == FLOAT16:
+                fill = np.abs(v) >= MASK_FILL_MIN
+                if fill.any():
+                    clamped = float(np.abs(v[fill]).max())
+                v = np.where(fill, np.sign(v) * clamp, v).astype(np.float16)
             a.t.CopyFrom(numpy_helper.from_array(v, a.t.name))
+    return clamped
 
 
 def _array(t: Any) -> np.ndarray:
@@ -506,9 +539,9 @@ def tensor_shapes(model: Any, names: Iterable[str], shape: tuple[int, int]) -> d
     import onnx
 
     names = list(dict.fromkeys(names))
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    for inp in fixed.graph.input:
+    fixed = without_weights(model)
+    originals = {i.name for i in model.graph.input}
+    for inp in [i for i in fixed.graph.input if i.name in originals]:
         for axis, d in enumerate(inp.type.tensor_type.shape.dim[:2]):
             if d.dim_param or not d.dim_value:
                 d.Clear()
@@ -516,29 +549,32 @@ def tensor_shapes(model: Any, names: Iterable[str], shape: tuple[int, int]) -> d
     fixed.graph.ClearField("value_info")
     inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
     found: dict[str, tuple[int, ...]] = {}
-    for v in inferred.graph.value_info:
+    for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         dims = v.type.tensor_type.shape.dim
         if v.name in names and dims and all(d.HasField("dim_value") for d in dims):
             found[v.name] = tuple(d.dim_value for d in dims)
     missing = [n for n in names if n not in found]
     if missing:
-        found.update(_shapes_by_running(fixed, missing, shape))
+        found.update(_shapes_by_running(model, missing, shape))
     return found
 
 
 def _shapes_by_running(model: Any, names: list[str], shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
     import onnx
-    import onnxruntime as ort
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    present = {o.name for o in m.graph.output}
     for n in names:
-        m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        if n not in present:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    sess = ort_session(m)
     feeds = {}
     for i in sess.get_inputs():
         np_type = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
                    "tensor(float16)": np.float16}.get(i.type, np.float32)
-        feeds[i.name] = np.ones(shape, dtype=np_type)
+        # symbolic dims 0 and 1 take (batch, sequence); static dims are kept
+        dims = [d if isinstance(d, int) else shape[k] if k < 2 else 1 for k, d in enumerate(i.shape)]
+        feeds[i.name] = np.ones(dims, dtype=np_type)
     outs = sess.run(names, feeds)
     return {n: tuple(o.shape) for n, o in zip(names, outs)}

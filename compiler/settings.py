@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PRECISION_MODES = ("fp32", "fp16", "hybrid")
+PRECISION_MODES = ("fp32", "fp16", "hybrid", "auto")
 WEIGHT_MODES = ("pretrained", "random")
 
 
@@ -74,10 +74,19 @@ class PrecisionSettings:
 
     mode: str = "hybrid"
     fp16_clamp: float = 32768.0
+    # `auto` only: the accuracy budget on held-out real text and the search's knobs.
+    min_cosine: float = 0.9998  # the published hybrid figure on BERT-base and GPT-2
+    max_nonfinite: int = 0
+    overflow_margin: float = 2.0  # pin when observed absmax * margin >= 65504
+    percentile: float = 99.99
+    max_search_steps: int = 32
+    sensitivity_samples: int = 8  # calibration samples per sensitivity measurement
 
     def __post_init__(self) -> None:
         if self.mode not in PRECISION_MODES:
             raise ValueError(f"precision={self.mode!r}: expected one of {PRECISION_MODES}")
+        if not -1.0 <= self.min_cosine <= 1.0 or self.max_nonfinite < 0 or self.overflow_margin < 1.0:
+            raise ValueError("need -1 <= min_cosine <= 1, max_nonfinite >= 0, overflow_margin >= 1")
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,9 @@ class DataSettings:
         path: a plain text file (one sample a line) or a TSV/CSV file with a header; None
             means WikiText-2 test from `../shared/data` when it exists.
         text_column: column of a TSV/CSV file; None picks `sentence` or `text`.
-        samples: number of samples.
+        samples: held-out samples for verification and the `auto` budget (taken after the
+            calibration samples, never overlapping them).
+        calib_samples: calibration samples (activation statistics), from the start of the text.
         max_length: tokens per sample, after truncation.
         min_words: lines with fewer whitespace-separated words are skipped (WikiText-2 has
             empty lines and `= Heading =` lines).
@@ -99,14 +110,15 @@ class DataSettings:
     path: str | None = None
     text_column: str | None = None
     samples: int = 64
+    calib_samples: int = 128
     max_length: int = 128
     min_words: int = 8
     batch_size: int = 8
     cache_dir: str = "calibration/cache"
 
     def __post_init__(self) -> None:
-        if self.samples < 1 or self.max_length < 2 or self.batch_size < 1:
-            raise ValueError("samples, batch_size must be >= 1 and max_length >= 2")
+        if self.samples < 1 or self.calib_samples < 1 or self.max_length < 2 or self.batch_size < 1:
+            raise ValueError("samples, calib_samples, batch_size must be >= 1 and max_length >= 2")
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ NON_TENSORRT_ATTRIBUTES = {
     "HasField", "dim_param", "dim_value", "tensor_type",
     # compiler.settings
     "min_shape", "opt_shape", "max_shape", "sparse_weights", "timing_cache_dir",
-    "variant_dir", "workspace_mib",
+    "workspace_mib",
 }
 
 # Names a working scanner must find in TensorRT 11's tensorrt.so.

@@ -92,7 +92,7 @@ def test_engine_and_manifest(tmp_path):
 
     plan_path, manifest = engine_from_onnx(onnx_path, settings, report)
 
-    assert plan_path == settings.variant_dir() / "model.plan"
+    assert plan_path == onnx_path.parent / "model.plan"
     assert plan_path.is_file() and plan_path.stat().st_size > 0
     manifest_path = plan_path.parent / "manifest.json"
     assert json.loads(manifest_path.read_text()) == manifest

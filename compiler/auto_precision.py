@@ -1,0 +1,306 @@
+"""`PRECISION=auto`: keep the fewest nodes in FP32 that meet an accuracy budget on real text.
+
+The hybrid rule pins by op type and is wrong both ways on real models: a MatMul or residual Add
+whose activations pass 65504 on real text overflows under it, and a layer norm whose inputs are
+small is pinned for nothing (its Cast pairs cost time and break fusions in TensorRT). Here
+precision is measured, always with the faithful FP16 reference (`compiler.fp16_reference`):
+
+1. Activation statistics of the FP32 graph over the calibration text (`calibration.stats`):
+   absmax and a high percentile per tensor, streamed; the same over random ids, for the report.
+2. Rules, each firing or declining with its reason and measured value:
+   - `overflow`: absmax * `overflow_margin` >= 65504 on a node's float input or output
+     (declines for mask fill values, |v| >= 1e30, which the precision pass clamps);
+   - `initializer-underflow`: a constant input whose nonzero values are mostly below FP16's
+     smallest normal (2**-14), where FP16 keeps few bits or flushes to zero;
+   - `fp16-range` (in `compiler.precision`): a constant beyond 65504;
+   - `sensitivity`: measured, see 4.
+3. Start: everything FP16 except what 2 pins. Budget (`min_cosine`, `max_nonfinite`) measured
+   on held-out real text, never the calibration samples.
+4. While the budget fails: expose every tensor of the FP32 graph and of the current variant on
+   a few calibration samples; a node's sensitivity is the relative error it adds (its output's
+   error minus the largest error of its inputs; a non-finite output from finite inputs is
+   infinite). The most sensitive FP16 node moves to FP32.
+5. Then each node moved in 4, and every op-type-rule node (layer norm, softmax) left in FP32,
+   is tried in FP16 again and stays there when the budget still holds.
+6. Islands are merged: an FP16 node (not a MatMul/Gemm) whose float producers and consumers
+   are all FP32 joins them, which removes its Cast pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from compiler.fp16_reference import fp16_emulation, session
+from compiler.precision import (FP16_MAX, FP16_SMALLEST_NORMAL, FLOAT, MASK_FILL_MIN, MATMUL_OPS,
+                                HYBRID_RULES, PrecisionReport, _array, _consumers, convert_precision)
+from compiler.settings import PrecisionSettings
+
+log = logging.getLogger(__name__)
+
+Pins = dict[str, tuple[str, str]]
+
+
+def rule_overflow(model: Any, stats: Any, margin: float) -> tuple[Pins, list[str]]:
+    """Nodes whose float inputs or outputs reach FP16's maximum on real text.
+
+    Args:
+        model: FP32 onnx.ModelProto.
+        stats: `calibration.stats.ActivationStats` over real calibration text.
+        margin: safety factor on the observed absmax.
+
+    Returns:
+        ({node name: ("overflow", detail)}, [declined reasons]).
+    """
+    pins: Pins = {}
+    declined: list[str] = []
+    for n in model.graph.node:
+        for t in [*n.input, *n.output]:
+            s = stats.tensors.get(t)
+            if s is None or s.absmax * margin < FP16_MAX:
+                continue
+            if s.absmax >= MASK_FILL_MIN:
+                declined.append(f"{n.name}: {t} absmax {s.absmax:.3g} is a mask fill value (clamped, not pinned)")
+                continue
+            pins[n.name] = ("overflow", f"{t}: absmax {s.absmax:.6g} x margin {margin:g} >= {FP16_MAX:g} "
+                                        f"(p{stats.percentile:g} {s.percentile:.4g})")
+            break
+    return pins, declined
+
+
+def rule_initializer_underflow(model: Any, share: float = 0.5) -> Pins:
+    """Nodes with a float constant whose nonzero values are mostly below FP16's smallest normal."""
+    inits = {t.name: t for t in model.graph.initializer if t.data_type == FLOAT}
+    pins: Pins = {}
+    for n in model.graph.node:
+        for t in n.input:
+            if t not in inits:
+                continue
+            v = np.abs(_array(inits[t]))
+            v = v[v > 0]
+            small = float(np.mean(v < FP16_SMALLEST_NORMAL)) if v.size else 0.0
+            if v.size >= 16 and small > share:
+                pins[n.name] = ("initializer-underflow",
+                                f"{t}: {small:.0%} of nonzero values below {FP16_SMALLEST_NORMAL:.3g}")
+    return pins
+
+
+class Budget:
+    """The accuracy budget on held-out text: FP32 outputs computed once, variants on the FP16 reference."""
+
+    def __init__(self, fp32_model: Any, tokens: Any, input_names: list[str], output_name: str,
+                 batch_size: int, settings: PrecisionSettings) -> None:
+        self.settings = settings
+        self.output_name = output_name
+        self.batches = list(tokens.batches(batch_size, input_names))
+        ref = session(fp32_model, faithful_fp16=False)
+        self.reference = [ref.run([output_name], feeds)[0] for feeds, _ in self.batches]
+        self.evaluations = 0
+
+    def measure(self, variant: Any) -> dict[str, float]:
+        """{cosine_min, cosine_mean, nonfinite_count, ok} of `variant` on the held-out text."""
+        from compiler.verify import _valid
+
+        sess = session(fp16_emulation(variant), faithful_fp16=True)
+        cosines, nonfinite = [], 0
+        for (feeds, lengths), ref in zip(self.batches, self.reference):
+            got = sess.run([self.output_name], feeds)[0]
+            for i, n in enumerate(lengths):
+                g = _valid(got, i, n).astype(np.float64).ravel()
+                r = _valid(ref, i, n).astype(np.float64).ravel()
+                bad = g.size - int(np.count_nonzero(np.isfinite(g)))
+                nonfinite += bad
+                denom = np.linalg.norm(g) * np.linalg.norm(r)
+                cosines.append(-1.0 if bad else float(g @ r / denom) if denom else 1.0)
+        self.evaluations += 1
+        c_min = float(min(cosines))
+        ok = c_min >= self.settings.min_cosine and nonfinite <= self.settings.max_nonfinite
+        return {"cosine_min": c_min, "cosine_mean": float(np.mean(cosines)),
+                "nonfinite_count": nonfinite, "ok": ok}
+
+
+def node_sensitivity(fp32_model: Any, variant: Any, batches: list[tuple[dict, np.ndarray]],
+                     candidates: set[str]) -> dict[str, float]:
+    """Relative error each candidate FP16 node adds, measured on `batches`.
+
+    Every float tensor of the FP32 graph is exposed and compared with the same tensor of the
+    variant's FP16 reference run: err(t) = ||x16 - x32|| / ||x32||. A node's sensitivity is
+    err(output) - max err(float activation inputs); a non-finite output whose inputs are finite
+    scores inf.
+    """
+    import onnx
+
+    from calibration.stats import float_activations
+
+    names = float_activations(fp32_model)
+    emu = fp16_emulation(variant)
+    emu_names = {t for n in emu.graph.node for t in n.output}
+    names = [t for t in names if t in emu_names]
+
+    def exposed(m: Any, faithful: bool) -> Any:
+        e = onnx.ModelProto()
+        e.CopyFrom(m)
+        have = {o.name for o in e.graph.output}
+        e.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in names if t not in have)
+        return session(e, faithful_fp16=faithful)
+
+    ref_sess, emu_sess = exposed(fp32_model, False), exposed(emu, True)
+    del emu
+    sq_err = dict.fromkeys(names, 0.0)
+    sq_ref = dict.fromkeys(names, 0.0)
+    bad = set()
+    for feeds, _ in batches:
+        for t, r, g in zip(names, ref_sess.run(names, feeds), emu_sess.run(names, feeds)):
+            if not np.isfinite(g).all():
+                bad.add(t)
+                continue
+            d = g.astype(np.float64) - r
+            sq_err[t] += float(np.sum(d * d))
+            sq_ref[t] += float(np.sum(r.astype(np.float64) ** 2))
+    err = {t: np.inf if t in bad else (sq_err[t] / sq_ref[t]) ** 0.5 if sq_ref[t] else 0.0 for t in names}
+    scores = {}
+    for n in fp32_model.graph.node:
+        if n.name not in candidates:
+            continue
+        outs = [err[t] for t in n.output if t in err]
+        if not outs:
+            continue
+        ins = [err[t] for t in n.input if t in err]
+        worst_in = max(ins, default=0.0)
+        out = max(outs)
+        scores[n.name] = np.inf if np.isinf(out) and not np.isinf(worst_in) else (
+            0.0 if np.isinf(out) else out - worst_in)
+    return scores
+
+
+def merge_islands(model: Any, pins: Pins) -> Pins:
+    """FP16 nodes (not MatMul/Gemm) whose float producers and consumers are all FP32 join them."""
+    import onnx
+
+    from compiler.onnx_io import without_weights
+
+    g = onnx.shape_inference.infer_shapes(without_weights(model)).graph
+    is_float = {v.name for v in [*g.value_info, *g.output, *g.input] if v.type.tensor_type.elem_type == FLOAT}
+    inits = {t.name for t in model.graph.initializer}
+    nodes = list(model.graph.node)
+    producer = {t: n.name for n in nodes for t in n.output}
+    consumers = _consumers(nodes)
+    graph_io = {v.name for v in [*model.graph.input, *model.graph.output]}
+    merged: Pins = {}
+    for i, n in enumerate(nodes):
+        if n.name in pins or n.op_type in MATMUL_OPS or not any(t in is_float for t in n.output):
+            continue
+        ins = [t for t in n.input if t in is_float and t not in inits]
+        outs = [t for t in n.output if t in is_float]
+        srcs = [producer.get(t) for t in ins]
+        dsts = [nodes[j].name for t in outs for j in consumers.get(t, [])]
+        fp32_neighbours = all(s in pins or (s is None and t in graph_io) for s, t in zip(srcs, ins)) \
+            and all(d in pins for d in dsts) and (ins or dsts) and not any(t in graph_io for t in outs)
+        if fp32_neighbours:
+            merged[n.name] = ("island-merge", "every float producer and consumer is FP32: "
+                                              "joining them removes a Cast pair")
+    return merged
+
+
+def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: Any, heldout_tokens: Any,
+                   input_names: list[str], output_names: list[str], batch_size: int, vocab_size: int,
+                   graph_sha256: str, cache_dir: str | None, seed: int = 0) -> tuple[Any, PrecisionReport]:
+    """Search the FP32/FP16 assignment (see the module docstring) and convert the graph.
+
+    Args:
+        fp32_model: the FP32 onnx.ModelProto.
+        settings: mode `auto` with the budget (`min_cosine`, `max_nonfinite`) and search knobs.
+        calib_tokens, heldout_tokens: `calibration.TokenizedSet`s of real text, disjoint.
+        input_names, output_names: graph I/O; the budget uses the first output.
+        batch_size: held-out batch size; statistics run one sample at a time.
+        vocab_size: random ids for the real-vs-random statistics are drawn below it.
+        graph_sha256, cache_dir: key and folder for cached activation statistics.
+
+    Returns:
+        (converted model, PrecisionReport whose `search` holds the statistics summary, the
+        budget, every step with its measured fidelity, and the rules that declined).
+    """
+    from calibration.stats import cached_activation_stats
+
+    start = time.perf_counter()
+    stats = {src: cached_activation_stats(fp32_model, graph_sha256, calib_tokens, input_names, cache_dir,
+                                          src, percentile=settings.percentile, vocab_size=vocab_size, seed=seed)
+             for src in ("real", "random")}
+    overflow, declined = rule_overflow(fp32_model, stats["real"], settings.overflow_margin)
+    random_overflow, _ = rule_overflow(fp32_model, stats["random"], settings.overflow_margin)
+    pins: Pins = {**rule_initializer_underflow(fp32_model), **overflow}
+    fixed = set(pins)  # measured hazards: never tried back in FP16
+    conv = replace(settings, mode="auto")
+    budget = Budget(fp32_model, heldout_tokens, input_names, output_names[0], batch_size, settings)
+    sens_batches = list(calib_tokens.batches(1, input_names))[: settings.sensitivity_samples]
+
+    def evaluate(p: Pins) -> tuple[Any, PrecisionReport, dict[str, float]]:
+        model, report = convert_precision(fp32_model, conv, fp32_nodes=p)
+        return model, report, budget.measure(model)
+
+    model, report, fid = evaluate(pins)
+    steps = [{"action": "start: FP16 except measured hazards", "fp32_nodes": len(pins), **fid}]
+    added: list[str] = []
+    while not fid["ok"] and len(added) < settings.max_search_steps:
+        candidates = {n.name for n in fp32_model.graph.node if n.name not in pins}
+        scores = node_sensitivity(fp32_model, model, sens_batches, candidates)
+        if not scores:
+            break
+        name = max(scores, key=scores.get)
+        pins[name] = ("sensitivity", f"adds relative error {scores[name]:.4g} in FP16")
+        added.append(name)
+        model, report, fid = evaluate(pins)
+        steps.append({"action": f"to FP32: {name}", "score": scores[name], "fp32_nodes": len(pins), **fid})
+    budget_met = fid["ok"]
+    if not budget_met:
+        log.warning("auto: budget min_cosine %.6g / max_nonfinite %d not met after %d steps (%s)",
+                    settings.min_cosine, settings.max_nonfinite, len(added), fid)
+
+    # Step 5: move back to FP16 whatever the budget does not need.
+    op_rule = {name for rule in HYBRID_RULES
+               for name in (fp32_model.graph.node[i].name for i in rule(list(fp32_model.graph.node),
+                                                                        _consumers(list(fp32_model.graph.node))))}
+    for name in [*reversed(added), *sorted(op_rule & set(pins) - fixed)]:
+        if not budget_met:
+            break
+        if name not in pins:
+            continue
+        trial = {k: v for k, v in pins.items() if k != name}
+        t_model, t_report, t_fid = evaluate(trial)
+        steps.append({"action": f"try FP16: {name}", "kept": t_fid["ok"], "fp32_nodes": len(trial), **t_fid})
+        if t_fid["ok"]:
+            pins, model, report, fid = trial, t_model, t_report, t_fid
+
+    merged = merge_islands(fp32_model, pins)
+    if merged:
+        pins.update(merged)
+        model, report, fid = evaluate(pins)
+        steps.append({"action": f"merge islands: {len(merged)} nodes", "fp32_nodes": len(pins), **fid})
+
+    report.mode = "auto"
+    report.search = {
+        "budget": {"min_cosine": settings.min_cosine, "max_nonfinite": settings.max_nonfinite,
+                   "heldout_samples": len(heldout_tokens), "met": bool(fid["ok"])},
+        "heldout_fidelity": {k: v for k, v in fid.items() if k != "ok"},
+        "steps": steps,
+        "evaluations": budget.evaluations,
+        "declined": declined[:50],
+        "activation_stats": {src: _stats_summary(s, settings.overflow_margin) for src, s in stats.items()},
+        "overflow_pins": {"real": len(overflow), "random": len(random_overflow)},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    log.info("auto: %d FP32 nodes, %d Casts, budget %s after %d evaluations", len(pins),
+             report.casts_inserted, "met" if fid["ok"] else "NOT met", budget.evaluations)
+    return model, report
+
+
+def _stats_summary(stats: Any, margin: float) -> dict[str, Any]:
+    finite = {t: s for t, s in stats.tensors.items() if s.absmax < MASK_FILL_MIN}
+    top = sorted(finite.items(), key=lambda kv: -kv[1].absmax)[:5]
+    return {"samples": stats.samples, "tensors": len(stats.tensors), "percentile": stats.percentile,
+            "over_fp16_max": sum(s.absmax * margin >= FP16_MAX for s in finite.values()),
+            "largest": [{"tensor": t, "absmax": s.absmax, "percentile": s.percentile} for t, s in top]}
