@@ -13,8 +13,10 @@ set's key and the collection settings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -109,13 +111,29 @@ def float_activations(model: Any) -> list[str]:
             for t in n.output if t and types.get(t) == onnx.TensorProto.FLOAT]
 
 
+@contextlib.contextmanager
+def exposed_outputs(model: Any, names: list[str]) -> Iterator[Any]:
+    """Temporarily add `names` as graph outputs of `model` (in place; restored on exit)."""
+    import onnx
+
+    graph = model.graph
+    before = len(graph.output)
+    present = {o.name for o in graph.output}
+    graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in names if t not in present)
+    try:
+        yield model
+    finally:
+        del graph.output[before:]
+
+
 def collect_activation_stats(model: Any, batches: Iterator[tuple[dict[str, np.ndarray], np.ndarray]],
                              source: str, percentile: float = 99.99,
                              tensors: list[str] | None = None) -> ActivationStats:
     """Stream `batches` through `model` (FP32, ONNX Runtime CPU) and reduce every float activation.
 
     Args:
-        model: FP32 onnx.ModelProto.
+        model: FP32 onnx.ModelProto, or the path of an FP32 ONNX file (best saved with external
+            data: ONNX Runtime then reads the weights, and Python never holds them).
         batches: (feeds, lengths) pairs as from `TokenizedSet.batches`; padded positions are
             excluded from the statistics of (batch, sequence, ...) tensors.
         source: label for reports (`real`, `random`).
@@ -127,20 +145,26 @@ def collect_activation_stats(model: Any, batches: Iterator[tuple[dict[str, np.nd
     """
     import onnx
 
-    from compiler.onnx_io import ort_session
+    from compiler.onnx_io import ort_session, session_with_outputs
 
-    names = tensors if tensors is not None else float_activations(model)
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {o.name for o in exposed.graph.output}
-    for t in names:
-        if t not in present:
-            exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    sess = ort_session(exposed)
-    del exposed
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = False  # every run returns ~all activations: do not keep an arena
+    opts.log_severity_level = 3
+    if isinstance(model, (str, os.PathLike)):  # weights read by ONNX Runtime from the file only
+        names = tensors if tensors is not None else float_activations(onnx.load(str(model), load_external_data=False))
+        sess = session_with_outputs(model, names, opts)
+    else:
+        names = tensors if tensors is not None else float_activations(model)
+        with exposed_outputs(model, names):  # no copy of the weights: outputs added, then removed
+            sess = ort_session(model, opts)
+    from tqdm import tqdm
+
     running = {t: _Running() for t in names}
     samples = 0
-    for feeds, lengths in batches:
+    for feeds, lengths in tqdm(batches, desc=f"activation statistics ({source})", unit="batch",
+                               disable=None, leave=False):
         outs = sess.run(names, feeds)
         seq = next(iter(feeds.values())).shape[1]
         full = bool((lengths == seq).all())

@@ -29,6 +29,7 @@ precision is measured, always with the faithful FP16 reference (`compiler.fp16_r
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -94,6 +95,7 @@ class Budget:
 
     def __init__(self, fp32_model: Any, tokens: Any, input_names: list[str], output_name: str,
                  batch_size: int, settings: PrecisionSettings) -> None:
+        """fp32_model: a ModelProto or, cheaper in memory, its path."""
         self.settings = settings
         self.output_name = output_name
         self.batches = list(tokens.batches(batch_size, input_names))
@@ -105,7 +107,7 @@ class Budget:
         """{cosine_min, cosine_mean, nonfinite_count, ok} of `variant` on the held-out text."""
         from compiler.verify import _valid
 
-        sess = session(fp16_emulation(variant), faithful_fp16=True)
+        sess = session(fp16_emulation(variant), faithful_fp16=True, consume=True)
         cosines, nonfinite = [], 0
         for (feeds, lengths), ref in zip(self.batches, self.reference):
             got = sess.run([self.output_name], feeds)[0]
@@ -124,7 +126,7 @@ class Budget:
 
 
 def node_sensitivity(fp32_model: Any, variant: Any, batches: list[tuple[dict, np.ndarray]],
-                     candidates: set[str]) -> dict[str, float]:
+                     candidates: set[str], fp32_path: Any = None) -> dict[str, float]:
     """Relative error each candidate FP16 node adds, measured on `batches`.
 
     Every float tensor of the FP32 graph is exposed and compared with the same tensor of the
@@ -132,23 +134,21 @@ def node_sensitivity(fp32_model: Any, variant: Any, batches: list[tuple[dict, np
     err(output) - max err(float activation inputs); a non-finite output whose inputs are finite
     scores inf.
     """
-    import onnx
-
-    from calibration.stats import float_activations
+    from calibration.stats import exposed_outputs, float_activations
+    from compiler.onnx_io import session_with_outputs
 
     names = float_activations(fp32_model)
     emu = fp16_emulation(variant)
     emu_names = {t for n in emu.graph.node for t in n.output}
     names = [t for t in names if t in emu_names]
 
-    def exposed(m: Any, faithful: bool) -> Any:
-        e = onnx.ModelProto()
-        e.CopyFrom(m)
-        have = {o.name for o in e.graph.output}
-        e.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in names if t not in have)
-        return session(e, faithful_fp16=faithful)
-
-    ref_sess, emu_sess = exposed(fp32_model, False), exposed(emu, True)
+    if fp32_path is not None:
+        ref_sess = session_with_outputs(fp32_path, names)
+    else:
+        with exposed_outputs(fp32_model, names):
+            ref_sess = session(fp32_model, faithful_fp16=False)
+    with exposed_outputs(emu, names):
+        emu_sess = session(emu, faithful_fp16=True, consume=True)
     del emu
     sq_err = dict.fromkeys(names, 0.0)
     sq_ref = dict.fromkeys(names, 0.0)
@@ -212,7 +212,9 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
     """Search the FP32/FP16 assignment (see the module docstring) and convert the graph.
 
     Args:
-        fp32_model: the FP32 onnx.ModelProto.
+        fp32_model: the FP32 onnx.ModelProto, or the path of an FP32 ONNX file saved with
+            external data (statistics and FP32 runs then read the weights from the file, and
+            the proto is loaded only after the statistics: BERT-large stays under 6 GB).
         settings: mode `auto` with the budget (`min_cosine`, `max_nonfinite`) and search knobs.
         calib_tokens, heldout_tokens: `calibration.TokenizedSet`s of real text, disjoint.
         input_names, output_names: graph I/O; the budget uses the first output.
@@ -226,16 +228,21 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
     """
     from calibration.stats import cached_activation_stats
 
+    from compiler.onnx_io import load_onnx
+
     start = time.perf_counter()
+    fp32_path = fp32_model if isinstance(fp32_model, (str, os.PathLike)) else None
     stats = {src: cached_activation_stats(fp32_model, graph_sha256, calib_tokens, input_names, cache_dir,
                                           src, percentile=settings.percentile, vocab_size=vocab_size, seed=seed)
              for src in ("real", "random")}
+    if fp32_path is not None:
+        fp32_model = load_onnx(fp32_path, check=False)
     overflow, declined = rule_overflow(fp32_model, stats["real"], settings.overflow_margin)
     random_overflow, _ = rule_overflow(fp32_model, stats["random"], settings.overflow_margin)
     pins: Pins = {**rule_initializer_underflow(fp32_model), **overflow}
     fixed = set(pins)  # measured hazards: never tried back in FP16
     conv = replace(settings, mode="auto")
-    budget = Budget(fp32_model, heldout_tokens, input_names, output_names[0], batch_size, settings)
+    budget = Budget(fp32_path or fp32_model, heldout_tokens, input_names, output_names[0], batch_size, settings)
     sens_batches = list(calib_tokens.batches(1, input_names))[: settings.sensitivity_samples]
 
     def evaluate(p: Pins) -> tuple[Any, PrecisionReport, dict[str, float]]:
@@ -247,7 +254,7 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
     added: list[str] = []
     while not fid["ok"] and len(added) < settings.max_search_steps:
         candidates = {n.name for n in fp32_model.graph.node if n.name not in pins}
-        scores = node_sensitivity(fp32_model, model, sens_batches, candidates)
+        scores = node_sensitivity(fp32_model, model, sens_batches, candidates, fp32_path)
         if not scores:
             break
         name = max(scores, key=scores.get)

@@ -151,6 +151,13 @@ def format_table(report: dict[str, Any]) -> str:
              f"matmul_fp16_fraction={prec.get('matmul_fp16_fraction', 0):.4f}",
              f"reference: {fid.get('reference')}",
              f"{'inputs':<8} {'samples':>7} {'cosine_min':>12} {'cosine_mean':>12} {'max_abs_err':>12} {'nonfinite':>10}"]
+    search = prec.get("search") or {}
+    if search:
+        b = search["budget"]
+        lines.insert(1, f"auto: budget cosine_min >= {b['min_cosine']} and nonfinite <= {b['max_nonfinite']} on "
+                        f"{b['heldout_samples']} held-out samples: {'met' if b['met'] else 'NOT MET'} after "
+                        f"{search['evaluations']} evaluations; overflow pins real/random: "
+                        f"{search['overflow_pins']['real']}/{search['overflow_pins']['random']}")
     fmt = lambda v: "nan" if v is None else f"{v:.6f}"  # noqa: E731
     for key in ("real", "random"):
         f = fid.get(key)

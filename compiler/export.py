@@ -120,7 +120,7 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
     """
     import torch
 
-    key = settings_hash("export-v1", loaded.key, settings, torch.__version__)
+    key = settings_hash("export-v2", loaded.key, settings, torch.__version__)
     start = time.perf_counter()
     names_out = output_names(loaded)
     reused = read_key(onnx_path) == key
@@ -138,9 +138,13 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
                               output_names=names_out, dynamic_axes=axes, opset_version=settings.opset,
                               do_constant_folding=True, dynamo=False)
             model = load_onnx(tmp_file)
-            save_onnx(model, onnx_path)
+            # External data: later stages open the graph without loading the weights.
+            save_onnx(model, onnx_path, external=True)
+            del model
         write_key(onnx_path, key)
-    model = load_onnx(onnx_path, check=False)
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
     parity = check_parity(loaded, onnx_path, names_out, settings, parity_texts)
     report = ExportReport(str(onnx_path), settings.opset, loaded.input_names, names_out,
                           len(model.graph.node), round(time.perf_counter() - start, 2), reused,

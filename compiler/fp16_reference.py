@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from compiler.onnx_io import ort_session, without_weights
+from compiler.onnx_io import graph_copy, ort_session, without_weights
 from compiler.precision import FLOAT, FLOAT16
 
 REFERENCE_NAME = "onnx-fp16-emulation (FP32 compute, every FP16 tensor rounded through Cast, ORT graph optimizations off)"
@@ -50,14 +50,13 @@ def fp16_emulation(model: Any) -> Any:
     if any(types.get(i.name) == FLOAT16 for i in model.graph.input):
         raise ValueError("fp16_emulation needs FP32 graph inputs (the precision pass keeps them)")
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = graph_copy(model)
     graph = out.graph
-    inits = []
-    for t in graph.initializer:
+    for t in model.graph.initializer:  # one tensor at a time: FP16 widened exactly to FP32
         if t.data_type == FLOAT16:
-            t = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
-        inits.append(t)
+            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+        else:
+            graph.initializer.add().CopyFrom(t)
     nodes = []
     for n in graph.node:
         for a in n.attribute:
@@ -81,8 +80,6 @@ def fp16_emulation(model: Any) -> Any:
         nodes += [n, *pairs]
     graph.ClearField("node")
     graph.node.extend(nodes)
-    graph.ClearField("initializer")
-    graph.initializer.extend(inits)
     graph.ClearField("value_info")
     for o in graph.output:
         if o.type.tensor_type.elem_type == FLOAT16:
@@ -90,15 +87,17 @@ def fp16_emulation(model: Any) -> Any:
     return out
 
 
-def session(model: Any, faithful_fp16: bool) -> Any:
-    """An ONNX Runtime CPU session; graph optimizations off for the FP16 emulation graph."""
+def session(model: Any, faithful_fp16: bool, consume: bool = False) -> Any:
+    """An ONNX Runtime CPU session of a ModelProto or path; graph optimizations off for the FP16
+    emulation graph. `consume=True` lets a large ModelProto give up its weights to the session
+    (see `compiler.onnx_io.ort_session`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if faithful_fp16:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort_session(model, opts)
+    return ort_session(model, opts, consume=consume)
 
 
 def has_fp16(model: Any) -> bool:

@@ -39,8 +39,9 @@ def load_onnx(path: str | os.PathLike, check: bool = True):
     return model
 
 
-def save_onnx(model, path: str | os.PathLike) -> Path:
-    """Write `model` to `path` atomically; weights go to `<name>.data` when over 2 GiB.
+def save_onnx(model, path: str | os.PathLike, external: bool | None = None) -> Path:
+    """Write `model` to `path` atomically; weights go to `<name>.data` when `external` (default:
+    when over 2 GiB). Saving with external data moves the weights out of `model` (consumed).
 
     The model (and data file) are written into a temporary folder beside `path`, then renamed,
     so a crash leaves the previous artifact, never a half-written one.
@@ -51,7 +52,8 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        external = model.ByteSize() > PROTOBUF_LIMIT
+        if external is None:
+            external = model.ByteSize() > PROTOBUF_LIMIT
         data_name = f"{dest.name}.data"
         onnx.save_model(model, str(tmp_dir / dest.name), save_as_external_data=external,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
@@ -65,6 +67,31 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
     return dest
 
 
+def onnx_sha256(path: str | os.PathLike) -> str:
+    """sha256 over an ONNX file and, when present, its `<name>.data` external weights."""
+    import hashlib
+
+    from compiler.artifacts import sha256_file
+
+    path = Path(path)
+    data = path.parent / f"{path.name}.data"
+    parts = [sha256_file(path)] + ([sha256_file(data)] if data.is_file() else [])
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
+def graph_copy(model):
+    """A copy of `model` without its initializers (cheap for a model of any size)."""
+    import onnx
+
+    light = onnx.ModelProto()
+    light.CopyFrom(model.__class__(ir_version=model.ir_version, opset_import=model.opset_import,
+                                   producer_name=model.producer_name, functions=model.functions))
+    g = model.graph
+    light.graph.CopyFrom(onnx.GraphProto(name=g.name, node=g.node, input=g.input, output=g.output,
+                                         value_info=g.value_info))
+    return light
+
+
 def without_weights(model, min_bytes: int = 1024):
     """A light copy for shape/type inference: initializers of >= `min_bytes` become typed inputs.
 
@@ -73,13 +100,8 @@ def without_weights(model, min_bytes: int = 1024):
     """
     import onnx
 
-    light = onnx.ModelProto()
-    big = model.graph.initializer
-    light.CopyFrom(model.__class__(ir_version=model.ir_version, opset_import=model.opset_import))
-    light.graph.CopyFrom(onnx.GraphProto(name=model.graph.name, node=model.graph.node,
-                                         input=model.graph.input, output=model.graph.output,
-                                         value_info=model.graph.value_info))
-    for t in big:  # copy small initializers only; big ones become typed inputs
+    light = graph_copy(model)
+    for t in model.graph.initializer:  # copy small initializers only; big ones become typed inputs
         if len(t.raw_data) >= min_bytes or t.data_location == onnx.TensorProto.EXTERNAL:
             light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
@@ -87,14 +109,26 @@ def without_weights(model, min_bytes: int = 1024):
     return light
 
 
-def ort_session(model, options=None):
-    """An ONNX Runtime CPU session for `model`, through a temporary file with external data
-    when the model is over protobuf's 2 GiB limit."""
+def ort_session(model, options=None, consume: bool = False):
+    """An ONNX Runtime CPU session for `model`: a ModelProto, or a path that ORT reads itself.
+
+    A ModelProto goes through a temporary file with external data when it is over protobuf's
+    2 GiB, or over 64 MiB with `consume=True` (the weights then move out of `model` into the
+    file instead of being serialized to a second in-memory copy; `model` is unusable after).
+    """
     import onnx
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
-    if model.ByteSize() <= PROTOBUF_LIMIT:
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(str(model), options, providers=providers)
+    size = model.ByteSize()
+    if consume and size > 64 << 20:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(str(path), options, providers=providers)
+    if size <= PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
@@ -102,3 +136,23 @@ def ort_session(model, options=None):
         copy.CopyFrom(model)
         onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
         return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def session_with_outputs(path: str | os.PathLike, names: list[str], options=None):
+    """A session of the ONNX file at `path` with `names` added as outputs, without loading its
+    weights into Python: a small copy of the graph is written beside `path` so that ONNX
+    Runtime reads the weights from the same external data file."""
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(path)
+    light = onnx.load(str(path), load_external_data=False)
+    present = {o.name for o in light.graph.output}
+    light.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in names if t not in present)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save_model(light, tmp)
+        return ort.InferenceSession(tmp, options, providers=["CPUExecutionProvider"])
+    finally:
+        os.unlink(tmp)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from compiler.artifacts import read_key, sha256_file, write_json, write_key
+from compiler.artifacts import read_key, write_json, write_key
 from compiler.settings import BuildSettings, settings_hash
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,13 @@ class PipelineState:
     report: dict[str, Any] = field(default_factory=dict)
     plan: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: dict[str, int] = field(default_factory=dict)  # process peak after each stage
+
+
+def _peak_rss_mib() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux: KiB
 
 
 def stage_export(settings: BuildSettings, state: PipelineState) -> None:
@@ -49,6 +56,7 @@ def stage_export(settings: BuildSettings, state: PipelineState) -> None:
                                    settings.model_dir() / "model.fp32.onnx", state.texts)
     write_json(settings.model_dir() / "export_report.json", report.to_dict())
     state.fp32_onnx, state.output_names = path, report.outputs
+    state.loaded.module = None  # later stages need the tokenizer only: free the weights
     state.report["model"] = {"name": settings.model.name, "weights": settings.model.weights,
                              "source": state.loaded.source, "family": state.loaded.family,
                              "tokenizer_note": state.loaded.tokenizer_note}
@@ -59,12 +67,12 @@ def stage_export(settings: BuildSettings, state: PipelineState) -> None:
 
 def stage_precision(settings: BuildSettings, state: PipelineState) -> None:
     """Rewrite the FP32 graph into the requested precision (reused when unchanged)."""
-    from compiler.onnx_io import load_onnx, save_onnx
+    from compiler.onnx_io import load_onnx, onnx_sha256, save_onnx
     from compiler.precision import convert_precision
 
     out = settings.variant_dir() / "model.onnx"
     report_path = settings.variant_dir() / "precision_report.json"
-    graph_sha = sha256_file(state.fp32_onnx)
+    graph_sha = onnx_sha256(state.fp32_onnx)
     auto = settings.precision.mode == "auto"
     key = settings_hash("precision-v1", graph_sha, settings.precision, settings.data if auto else None)
     if read_key(out) == key and report_path.is_file():
@@ -73,7 +81,6 @@ def stage_precision(settings: BuildSettings, state: PipelineState) -> None:
         precision = json.loads(report_path.read_text())
         log.info("precision: %s reused", out)
     else:
-        fp32 = load_onnx(state.fp32_onnx, check=False)
         if auto:
             from calibration import load_texts, tokenized_set
             from compiler.auto_precision import auto_precision
@@ -81,12 +88,12 @@ def stage_precision(settings: BuildSettings, state: PipelineState) -> None:
             data, tok = settings.data, state.loaded.tokenizer
             calib = tokenized_set(load_texts(data, count=data.calib_samples), tok, data.max_length, data.cache_dir)
             heldout = tokenized_set(state.texts, tok, data.max_length, data.cache_dir)
-            model, report = auto_precision(fp32, settings.precision, calib, heldout, state.loaded.input_names,
+            # auto takes the path: it reads the weights through ONNX Runtime where it can.
+            model, report = auto_precision(state.fp32_onnx, settings.precision, calib, heldout, state.loaded.input_names,
                                            state.output_names, data.batch_size, state.loaded.vocab_size,
                                            graph_sha, data.cache_dir, settings.model.seed)
         else:
-            model, report = convert_precision(fp32, settings.precision)
-        del fp32
+            model, report = convert_precision(load_onnx(state.fp32_onnx, check=False), settings.precision)
         save_onnx(model, out)
         precision = report.to_dict()
         write_json(report_path, precision)
@@ -105,7 +112,7 @@ def stage_verify(settings: BuildSettings, state: PipelineState) -> None:
 
     tokens = tokenized_set(state.texts, state.loaded.tokenizer, settings.data.max_length,
                            settings.data.cache_dir)
-    fidelity = verify_variant(load_onnx(state.fp32_onnx, check=False), load_onnx(state.variant_onnx, check=False),
+    fidelity = verify_variant(state.fp32_onnx, load_onnx(state.variant_onnx, check=False),
                               state.output_names, tokens, settings.data.batch_size,
                               state.loaded.vocab_size, settings.model.seed)
     fidelity["data"] = {"path": settings.data.path or "wikitext-2/test.txt (default)",
@@ -147,5 +154,7 @@ def run_pipeline(settings: BuildSettings, until: str = "build") -> PipelineState
             stage(settings, state)
         finally:
             state.seconds[name] = round(time.perf_counter() - start, 2)
-            log.info("stage %s: %.1f s", name, state.seconds[name])
+            state.peak_rss_mib[name] = _peak_rss_mib()
+            log.info("stage %s: %.1f s, peak RSS so far %d MiB", name, state.seconds[name],
+                     state.peak_rss_mib[name])
     return state

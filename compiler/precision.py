@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from compiler.errors import PrecisionError
-from compiler.onnx_io import ort_session, without_weights
+from compiler.onnx_io import graph_copy, ort_session, without_weights
 from compiler.settings import PrecisionSettings
 
 log = logging.getLogger(__name__)
@@ -228,10 +228,12 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
     """
     import onnx
 
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # work on a copy (CopyFrom has no 2 GiB serialization limit)
-    model = copy
-    if settings.mode != "fp32":  # fp32 returns the graph unchanged
+    original = model
+    if settings.mode == "fp32":  # fp32 returns the graph unchanged (a copy)
+        model = onnx.ModelProto()
+        model.CopyFrom(original)
+    else:  # the graph without weights; initializers are added back one by one at the end
+        model = graph_copy(original)
         _constants_to_initializers(model)
     graph = model.graph
     for i, n in enumerate(graph.node):  # rules and reports address nodes by unique names
@@ -242,8 +244,18 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
             raise PrecisionError(f"node {n.name!r} ({n.op_type}) has a subgraph; the precision pass "
                                  "handles straight-line graphs only (export without control flow)")
-    types = _tensor_types(model)
-    inits = {t.name: t for t in graph.initializer}
+    types = _tensor_types(original)
+    if settings.mode == "fp32":
+        all_inits = list(graph.initializer)
+    else:
+        constants_as_inits = []
+        for t in graph.initializer:  # small: Constant nodes turned initializers
+            c = onnx.TensorProto()
+            c.CopyFrom(t)
+            constants_as_inits.append(c)
+        graph.ClearField("initializer")
+        all_inits = [*original.graph.initializer, *constants_as_inits]
+    inits = {t.name: t for t in all_inits}
     consumers = _consumers(nodes)
 
     def is_float(name: str) -> bool:
@@ -349,15 +361,12 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
 
     # Initializers: FP16 copies for FP16 users, FP32 originals dropped when unused.
     used_fp32 = {name for (name, target) in init_cache if target == FLOAT}
-    new_inits = []
+    used = {name for name, _ in init_cache}
     underflow = 0
-    for t in graph.initializer:
-        if t.data_type != FLOAT:
-            new_inits.append(t)
-            continue
-        if t.name in used_fp32 or not any(k[0] == t.name for k in init_cache):
-            new_inits.append(t)
-        if (t.name, FLOAT16) in init_cache:
+    for t in all_inits:  # copied one tensor at a time: peak memory is the input + the output
+        if t.data_type != FLOAT or t.name in used_fp32 or t.name not in used:
+            graph.initializer.add().CopyFrom(t)
+        if t.data_type == FLOAT and (t.name, FLOAT16) in init_cache:
             half, clamped, lost = _to_fp16(t, init_cache[(t.name, FLOAT16)], settings.fp16_clamp)
             underflow += lost
             if clamped:
@@ -365,7 +374,7 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
                     t.name, clamped[0], clamped[1], f"clamped to +-{settings.fp16_clamp:g}",
                     f"mask fill value (|v| >= {MASK_FILL_MIN:g}) beyond FP16's range; "
                     f"+-{settings.fp16_clamp:g} keeps score + mask finite"))
-            new_inits.append(half)
+            graph.initializer.add().CopyFrom(half)
     for t, node_name in out_of_range.items():
         v = np.abs(_array(inits[t]))
         constants.append(ClampedConstant(t, int(np.sum((v > FP16_MAX) & (v < MASK_FILL_MIN))), _absmax(inits[t]),
@@ -386,8 +395,6 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
 
     graph.ClearField("node")
     graph.node.extend(new_nodes)
-    graph.ClearField("initializer")
-    graph.initializer.extend(new_inits)
     graph.ClearField("value_info")  # stale types (TensorRT and ONNX Runtime infer their own)
 
     report.nodes = {"fp32": sum(v == FLOAT for v in precision.values()),

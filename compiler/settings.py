@@ -66,10 +66,16 @@ class PrecisionSettings:
 
     Attributes:
         mode: `fp32` (unchanged), `fp16` (everything ONNX allows), `hybrid` (softmax, layer
-            norm and accumulating reductions in FP32, the rest in FP16).
+            norm and accumulating reductions in FP32, the rest in FP16), `auto` (the fewest
+            FP32 nodes that meet the budget below, measured; see compiler.auto_precision).
         fp16_clamp: magnitude that out-of-range FP32 constants are clamped to. Half of FP16's
             maximum (65504) so that adding a bounded activation to a clamped mask fill value
             (-3.4e38 in Hugging Face attention masks) stays finite.
+        min_cosine / max_nonfinite: `auto`'s budget on held-out real text.
+        overflow_margin: `auto` pins a node when observed absmax x margin >= 65504.
+        percentile: the high percentile of |x| recorded per tensor.
+        max_search_steps: nodes `auto` may move to FP32 by measured sensitivity.
+        sensitivity_samples: calibration samples per sensitivity measurement.
     """
 
     mode: str = "hybrid"

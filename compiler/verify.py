@@ -94,7 +94,9 @@ def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str],
     """Fidelity of `variant_model` against `fp32_model` on real text and on random token ids.
 
     Args:
-        fp32_model, variant_model: onnx.ModelProto with the same inputs/outputs.
+        fp32_model: onnx.ModelProto, or its path (ONNX Runtime then reads the file itself,
+            which saves a copy of the weights in memory).
+        variant_model: onnx.ModelProto with the same inputs/outputs.
         output_names: graph outputs; the first is the one cosine is measured on.
         tokens: a `calibration.TokenizedSet` of real text.
         batch_size: samples per batch (padded to the batch's longest sample).
@@ -105,8 +107,10 @@ def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str],
         {"real": Fidelity dict, "random": Fidelity dict, "reference": engine name}.
     """
     faithful = has_fp16(variant_model)
+    # The variant's session first, so its graph is freed before the FP32 weights load.
+    variant = session(fp16_emulation(variant_model), True, consume=True) if faithful else session(variant_model, False)
+    del variant_model  # the sessions hold their own copies of the weights
     reference = session(fp32_model, faithful_fp16=False)
-    variant = session(fp16_emulation(variant_model), True) if faithful else session(variant_model, False)
     names = [i.name for i in reference.get_inputs()]
     real = compare(reference, variant, output_names, tokens.batches(batch_size, names))
     rng = np.random.default_rng(seed)

@@ -177,3 +177,42 @@ def minilm_variant(directory: Path, mode: str) -> tuple[Any, Any]:
 def minilm_dir(tmp_path_factory: Any) -> Path:
     """The session's MiniLM export folder (the same path for every test module)."""
     return tmp_path_factory.getbasetemp() / "minilm-export"
+
+
+# --------------------------------------------------------------------------------------------
+# Planted FP16 hazard that fires on real text and seldom on random ids
+
+FREQUENT_TOKENS = ("the", ",", ".", "of", "and", "in", "to", "a", "was", "@")
+
+
+def planted_hazard_bert(tokenizer: Any, layer: int = 1, seed: int = 0, out_weight: float = 2000.0) -> Any:
+    """A tiny random BERT (4 layers) whose layer-`layer` feed-forward output passes 65504 on
+    frequent tokens.
+
+    Channel 5 of the word embeddings is set to 3.0 for `FREQUENT_TOKENS`, so after the
+    embedding LayerNorm it stands near 8 for them and near 0 for other tokens. Intermediate
+    neuron 7 of layer `layer` reads only that channel (10 * x - 20): it fires (about 60) on
+    frequent tokens and stays off elsewhere. Its output weight to residual channel 9 is
+    `out_weight` (2000, inside FP16's range), so the feed-forward MatMul's output reaches
+    about 1.2e5 on every frequent token of real text, and on random ids only where one of the
+    10 frequent ids of 30522 happens to be drawn. The next LayerNorm renormalizes: the FP32
+    model stays finite.
+    """
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=128, vocab_size=30522)
+    config._attn_implementation = "eager"
+    model = BertModel(config).eval()
+    ids = tokenizer.convert_tokens_to_ids(list(FREQUENT_TOKENS))
+    block = model.encoder.layer[layer]
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight[ids, 5] = 3.0
+        block.intermediate.dense.weight[7] = 0.0
+        block.intermediate.dense.weight[7, 5] = 10.0
+        block.intermediate.dense.bias[7] = -20.0
+        block.output.dense.weight[:, 7] = 0.0
+        block.output.dense.weight[9, 7] = out_weight
+    return model

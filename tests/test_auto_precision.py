@@ -1,0 +1,174 @@
+"""`PRECISION=auto`: activation statistics, the rules, the budgeted search, the planted hazard."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from calibration import TokenizedSet, load_texts, tokenized_set
+from calibration.stats import ActivationStats, TensorStats, collect_activation_stats, float_activations
+from compiler.auto_precision import auto_precision, merge_islands, rule_initializer_underflow, rule_overflow
+from compiler.export import onnx_from_torch
+from compiler.models import LoadedModel
+from compiler.precision import convert_precision
+from compiler.settings import DataSettings, ExportSettings, PrecisionSettings
+from compiler.verify import verify_variant
+from tests.models import f32, make_model, minilm, minilm_dir, minilm_fp32_model, minilm_variant, planted_hazard_bert
+
+IDS = ["input_ids"]
+
+
+def ids_graph(nodes, initializers, output="last_hidden_state"):
+    """input_ids (batch, sequence) int64 -> Cast float -> nodes -> `output` (batch, sequence)."""
+    cast = helper.make_node("Cast", ["input_ids"], ["x"], to=TensorProto.FLOAT, name="cast")
+    inp = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    return make_model([cast, *nodes], [inp], [f32(output, ["batch", "sequence"])], initializers)
+
+
+def token_set(rows, key="t"):
+    return TokenizedSet([np.asarray(r, np.int64) for r in rows], None, 0, key)
+
+
+def test_statistics_stream_and_skip_padding_and_integers():
+    # y = x * 2: absmax is 2 * the largest valid id; padded positions (id 0 -> but mask them with
+    # a huge id) must not count.
+    model = ids_graph([helper.make_node("Mul", ["x", "two"], ["last_hidden_state"], name="mul")],
+                      {"two": np.array(2.0, np.float32)})
+    assert float_activations(model) == ["x", "last_hidden_state"]  # int input_ids excluded
+    tokens = TokenizedSet([np.array([1, 2, 3]), np.array([7])], None, pad_id=1000, key="k")
+    stats = collect_activation_stats(model, tokens.batches(2, IDS), "real")
+    assert stats.samples == 2
+    assert stats.tensors["last_hidden_state"].absmax == 14.0  # not 2000: padding excluded
+    assert stats.tensors["x"].elements == 4
+
+    rng = np.random.default_rng(0)
+    values = rng.lognormal(0, 2, size=(4, 5000)).astype(np.int64) + 1
+    big = TokenizedSet(list(values), None, 0, "big")
+    s = collect_activation_stats(model, big.batches(1, IDS), "real", percentile=99.0)
+    exact = np.percentile(2.0 * values, 99.0)
+    assert s.tensors["last_hidden_state"].absmax == 2.0 * values.max()
+    assert abs(s.tensors["last_hidden_state"].percentile / exact - 1) < 0.1  # one histogram bin is 4.4 %
+
+
+def test_overflow_rule_fires_with_margin_and_declines_mask_fill():
+    model = ids_graph([helper.make_node("Mul", ["x", "w"], ["y"], name="big"),
+                       helper.make_node("Add", ["y", "m"], ["last_hidden_state"], name="next")],
+                      {"w": np.array(1.0, np.float32), "m": np.array(0.0, np.float32)})
+    stats = ActivationStats("real", 1, 99.99, {"x": TensorStats(10.0, 5.0, 1),
+                                               "y": TensorStats(40000.0, 30000.0, 1),
+                                               "last_hidden_state": TensorStats(1.0, 1.0, 1)})
+    pins, declined = rule_overflow(model, stats, margin=2.0)
+    assert set(pins) == {"big", "next"}  # the producer and the consumer of the hot tensor
+    assert pins["big"][0] == "overflow" and pins["big"][1].startswith("y: absmax 40000")
+    assert rule_overflow(model, stats, margin=1.0)[0] == {}  # 40000 < 65504 without the margin
+
+    stats.tensors["y"] = TensorStats(3.4e38, 3.4e38, 1)  # a mask fill value: clamped, not pinned
+    pins, declined = rule_overflow(model, stats, margin=2.0)
+    assert pins == {} and len(declined) == 2 and all("mask fill value" in d for d in declined)
+
+
+def test_initializer_underflow_rule():
+    tiny = np.full(64, 1e-6, np.float32)
+    model = ids_graph([helper.make_node("Mul", ["x", "tiny"], ["last_hidden_state"], name="scale")],
+                      {"tiny": tiny.reshape(64, 1)[:1, :1].repeat(1, 0)})
+    assert rule_initializer_underflow(model) == {}  # too few values to judge
+    model = ids_graph([helper.make_node("Mul", ["x", "s"], ["y"], name="scale"),
+                       helper.make_node("ReduceSum", ["y"], ["z"], name="sum", keepdims=1),
+                       helper.make_node("Add", ["x", "z"], ["last_hidden_state"], name="add")],
+                      {"s": tiny.reshape(1, 64)[:, :1].repeat(1, 1)})
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.full((1, 1), 1e-6, np.float32), "s"))
+    wide = ids_graph([helper.make_node("MatMul", ["x", "W"], ["last_hidden_state"], name="mm")],
+                     {"W": np.where(np.arange(64 * 64).reshape(64, 64) % 4, 1e-6, 0.5).astype(np.float32)[:, :64]})
+    wide.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 64
+    pins = rule_initializer_underflow(wide)
+    assert pins["mm"][0] == "initializer-underflow" and "75%" in pins["mm"][1]
+
+
+def test_merge_islands_joins_fp16_node_between_fp32_nodes():
+    model = ids_graph([helper.make_node("Softmax", ["x"], ["a"], name="s1", axis=-1),
+                       helper.make_node("Mul", ["a", "k"], ["b"], name="mul"),
+                       helper.make_node("Softmax", ["b"], ["last_hidden_state"], name="s2", axis=-1)],
+                      {"k": np.array(3.0, np.float32)})
+    pins = {"s1": ("sensitivity", ""), "s2": ("sensitivity", "")}
+    merged = merge_islands(model, pins)
+    assert set(merged) == {"mul", "cast"}  # cast: int -> FP32 directly, not int -> FP16 -> FP32
+    before = convert_precision(model, PrecisionSettings(mode="auto"), fp32_nodes=pins)[1].casts_inserted
+    after = convert_precision(model, PrecisionSettings(mode="auto"), fp32_nodes={**pins, **merged})[1]
+    assert before == 3 and after.casts_inserted == 0
+
+
+def test_search_moves_the_sensitive_nodes_until_the_budget_holds():
+    # (x + 1000) - 1000 in FP16 loses x's low bits (spacing 0.5 near 1000): the search must find
+    # the nodes, and measure its way to the budget.
+    model = ids_graph([helper.make_node("Mul", ["x", "scale"], ["s"], name="scale"),
+                       helper.make_node("Add", ["s", "c"], ["a"], name="add"),
+                       helper.make_node("Sub", ["a", "c"], ["last_hidden_state"], name="sub")],
+                      {"scale": np.array(1e-3, np.float32), "c": np.array(1000.0, np.float32)})
+    rng = np.random.default_rng(0)
+    calib = token_set(rng.integers(1, 3000, (8, 16)), "calib")
+    heldout = token_set(rng.integers(1, 3000, (8, 16)), "heldout")
+    settings = PrecisionSettings(mode="auto", min_cosine=0.99999)
+    converted, report = auto_precision(model, settings, calib, heldout, IDS, ["last_hidden_state"], 4, 3000,
+                                       "sha", None)
+    assert report.search["budget"]["met"], report.search["steps"]
+    assert report.search["steps"][0]["ok"] is False  # all-FP16 start misses the budget
+    rules = {p.name: p.rule for p in report.fp32_nodes}
+    assert rules.get("add") == "sensitivity" and "scale" not in rules
+    assert report.search["heldout_fidelity"]["cosine_min"] >= 0.99999
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    tok = minilm().tokenizer
+    loaded = LoadedModel(planted_hazard_bert(tok), tok, None, ["input_ids", "attention_mask", "token_type_ids"],
+                         30522, "encoder", "planted hazard", "planted-hazard-v1")
+    data = DataSettings(samples=32, calib_samples=32)
+    heldout_texts = load_texts(data, skip=data.calib_samples)
+    path, report = onnx_from_torch(loaded, ExportSettings(parity_atol=1e-3),
+                                   tmp_path_factory.mktemp("planted") / "model.onnx", heldout_texts)
+    calib = tokenized_set(load_texts(data, count=data.calib_samples), tok, 128, None)
+    heldout = tokenized_set(heldout_texts, tok, 128, None)
+    return onnx.load(path), report.outputs, calib, heldout, loaded
+
+
+def test_planted_hazard_fp16_and_hybrid_fail_auto_holds(planted):
+    fp32, outputs, calib, heldout, loaded = planted
+    results = {}
+    for mode in ("fp16", "hybrid"):
+        variant, _ = convert_precision(fp32, PrecisionSettings(mode=mode))
+        results[mode] = verify_variant(fp32, variant, outputs, heldout, 8, 30522)
+        assert results[mode]["real"]["nonfinite_count"] > 0, mode
+    # random ids hit the frequent tokens far less often: they underestimate the hazard
+    assert results["fp16"]["random"]["nonfinite_count"] < results["fp16"]["real"]["nonfinite_count"] / 4
+
+    variant, report = auto_precision(fp32, PrecisionSettings(mode="auto"), calib, heldout, loaded.input_names,
+                                     outputs, 8, 30522, "planted", None)
+    fid = verify_variant(fp32, variant, outputs, heldout, 8, 30522)
+    assert fid["real"]["nonfinite_count"] == 0 and fid["random"]["nonfinite_count"] == 0
+    assert fid["real"]["cosine_min"] >= 0.9998 and report.search["budget"]["met"]
+    pinned = {p.name: p for p in report.fp32_nodes}
+    ffn = "/model/encoder/layer.1/output/dense/MatMul"
+    assert pinned[ffn].rule == "overflow" and "absmax 118" in pinned[ffn].detail
+    assert report.matmul_fp16_fraction > 0.9
+    hybrid_casts = convert_precision(fp32, PrecisionSettings(mode="hybrid"))[1].casts_inserted
+    assert report.casts_inserted < hybrid_casts
+    real, rand = report.search["activation_stats"]["real"], report.search["activation_stats"]["random"]
+    assert real["largest"][0]["absmax"] > 65504
+    assert rand["largest"][0]["percentile"] < real["largest"][0]["percentile"] / 100
+
+
+def test_minilm_auto_needs_no_more_fp32_than_hybrid(tmp_path_factory):
+    directory = minilm_dir(tmp_path_factory)
+    fp32 = minilm_fp32_model(directory)
+    tok = minilm().tokenizer
+    data = DataSettings(samples=32, calib_samples=16)
+    calib = tokenized_set(load_texts(data, count=16), tok, 128, None)
+    heldout = tokenized_set(load_texts(data, skip=16), tok, 128, None)
+    _, report = auto_precision(fp32, PrecisionSettings(mode="auto"), calib, heldout, minilm().input_names,
+                               ["last_hidden_state", "pooler_output"], 8, 30522, "minilm", None)
+    _, hybrid = minilm_variant(directory, "hybrid")
+    assert report.search["budget"]["met"]
+    assert report.nodes["fp32"] <= hybrid.nodes["fp32"] and report.casts_inserted <= hybrid.casts_inserted
+    assert report.matmul_fp16_fraction >= 0.95
