@@ -235,18 +235,23 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
     stats = {src: cached_activation_stats(fp32_model, graph_sha256, calib_tokens, input_names, cache_dir,
                                           src, percentile=settings.percentile, vocab_size=vocab_size, seed=seed)
              for src in ("real", "random")}
-    if fp32_path is not None:
-        fp32_model = load_onnx(fp32_path, check=False)
+    init_pins = rule_initializer_underflow(load_onnx(fp32_path, check=False) if fp32_path else fp32_model)
+    if fp32_path is not None:  # the graph without its weights; they are read per conversion
+        import onnx
+
+        fp32_model = onnx.load(str(fp32_path), load_external_data=False)
     overflow, declined = rule_overflow(fp32_model, stats["real"], settings.overflow_margin)
     random_overflow, _ = rule_overflow(fp32_model, stats["random"], settings.overflow_margin)
-    pins: Pins = {**rule_initializer_underflow(fp32_model), **overflow}
+    pins: Pins = {**init_pins, **overflow}
     fixed = set(pins)  # measured hazards: never tried back in FP16
     conv = replace(settings, mode="auto")
     budget = Budget(fp32_path or fp32_model, heldout_tokens, input_names, output_names[0], batch_size, settings)
     sens_batches = list(calib_tokens.batches(1, input_names))[: settings.sensitivity_samples]
 
     def evaluate(p: Pins) -> tuple[Any, PrecisionReport, dict[str, float]]:
-        model, report = convert_precision(fp32_model, conv, fp32_nodes=p)
+        source = load_onnx(fp32_path, check=False) if fp32_path else fp32_model
+        model, report = convert_precision(source, conv, fp32_nodes=p)
+        del source
         return model, report, budget.measure(model)
 
     model, report, fid = evaluate(pins)

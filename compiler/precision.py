@@ -257,6 +257,8 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
         all_inits = [*original.graph.initializer, *constants_as_inits]
     inits = {t.name: t for t in all_inits}
     consumers = _consumers(nodes)
+    if settings.mode != "fp32":  # shapes from the FP32 graph, while node tensors keep their names
+        macs_by_node = matmul_macs(original, nodes, mac_shape)
 
     def is_float(name: str) -> bool:
         return bool(name) and types.get(name) == FLOAT
@@ -296,7 +298,7 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
     if settings.mode == "fp32":
         report.nodes = {"fp32": len(precision), "fp16": 0}
         report.by_op = _by_op(nodes, precision)
-        _count_macs(model, nodes, precision, mac_shape, report)
+        _count_macs(matmul_macs(original, nodes, mac_shape), precision, mac_shape, report)
         return model, report
 
     new_nodes: list[Any] = []
@@ -405,7 +407,7 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
     report.constants = constants
     report.underflow_values = underflow
     report.casts_inserted = casts
-    _count_macs(model, nodes, precision, mac_shape, report)
+    _count_macs(macs_by_node, precision, mac_shape, report)
     log.info("precision %s: %s, %d Casts inserted, matmul_fp16_fraction %.3f", settings.mode,
              report.nodes, casts, report.matmul_fp16_fraction)
     return model, report
@@ -514,19 +516,30 @@ def _by_op(nodes: list[Any], precision: dict[int, int]) -> dict[str, dict[str, i
     return {op: {"fp32": c["fp32"], "fp16": c["fp16"]} for op, c in sorted(counts.items())}
 
 
-def _count_macs(model: Any, nodes: list[Any], precision: dict[int, int], mac_shape: tuple[int, int],
-                report: PrecisionReport) -> None:
-    """MatMul/Gemm multiply-accumulates at `mac_shape`, split by the precision they run in."""
+def matmul_macs(model: Any, nodes: list[Any], mac_shape: tuple[int, int]) -> dict[int, int]:
+    """{node index: multiply-accumulates} of every MatMul/Gemm in `nodes` at (batch, sequence).
+
+    `nodes` must still carry `model`'s tensor names (call before rewriting them).
+    """
     names = {n.output[0]: i for i, n in enumerate(nodes) if n.op_type in MATMUL_OPS}
     shapes = tensor_shapes(model, [t for i in names.values() for t in nodes[i].input[:1]] + list(names),
                            mac_shape)
-    macs = Counter()
+    macs = {}
     for out, i in names.items():
         a, y = shapes.get(nodes[i].input[0]), shapes.get(out)
         if a is None or y is None:
             raise PrecisionError(f"no shape for MatMul {nodes[i].name!r} at {mac_shape}")
         k = a[-2] if nodes[i].op_type == "Gemm" and _attr(nodes[i], "transA") else a[-1]
-        macs[DTYPE_NAME[precision.get(i, FLOAT)]] += int(np.prod(y, dtype=np.int64)) * int(k)
+        macs[i] = int(np.prod(y, dtype=np.int64)) * int(k)
+    return macs
+
+
+def _count_macs(macs_by_node: dict[int, int], precision: dict[int, int], mac_shape: tuple[int, int],
+                report: PrecisionReport) -> None:
+    """MatMul/Gemm multiply-accumulates at `mac_shape`, split by the precision they run in."""
+    macs = Counter()
+    for i, n in macs_by_node.items():
+        macs[DTYPE_NAME[precision.get(i, FLOAT)]] += n
     report.matmul_macs = {"fp16": macs["fp16"], "fp32": macs["fp32"]}
     report.mac_shape = {"batch": mac_shape[0], "sequence": mac_shape[1]}
     total = macs["fp16"] + macs["fp32"]
@@ -558,19 +571,24 @@ def tensor_shapes(model: Any, names: Iterable[str], shape: tuple[int, int]) -> d
     found: dict[str, tuple[int, ...]] = {}
     for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         dims = v.type.tensor_type.shape.dim
-        if v.name in names and dims and all(d.HasField("dim_value") for d in dims):
-            found[v.name] = tuple(d.dim_value for d in dims)
+        known = [d.HasField("dim_value") for d in dims]
+        if v.name in names and dims and all(known[1:]):
+            # ONNX inference often loses the batch dim behind Gather/Expand ("unk__0"); with
+            # every other dim resolved, the leading one is the batch.
+            found[v.name] = (dims[0].dim_value if known[0] else shape[0], *(d.dim_value for d in dims[1:]))
     missing = [n for n in names if n not in found]
     if missing:
-        found.update(_shapes_by_running(model, missing, shape))
+        found.update(_shapes_by_running(fixed, missing, originals, shape))
     return found
 
 
-def _shapes_by_running(model: Any, names: list[str], shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+def _shapes_by_running(light: Any, names: list[str], originals: set[str],
+                       shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """Shapes of `names` from one ONNX Runtime run of `light` (weights as graph inputs, fed with
+    np.zeros: untouched zero pages cost no memory, so this is cheap for any model size)."""
     import onnx
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = light
     present = {o.name for o in m.graph.output}
     for n in names:
         if n not in present:
@@ -582,6 +600,6 @@ def _shapes_by_running(model: Any, names: list[str], shape: tuple[int, int]) -> 
                    "tensor(float16)": np.float16}.get(i.type, np.float32)
         # symbolic dims 0 and 1 take (batch, sequence); static dims are kept
         dims = [d if isinstance(d, int) else shape[k] if k < 2 else 1 for k, d in enumerate(i.shape)]
-        feeds[i.name] = np.ones(dims, dtype=np_type)
+        feeds[i.name] = (np.ones if i.name in originals else np.zeros)(dims, dtype=np_type)
     outs = sess.run(names, feeds)
     return {n: tuple(o.shape) for n, o in zip(names, outs)}
