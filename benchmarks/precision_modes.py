@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compiler.pipeline import run_pipeline  # noqa: E402
-from compiler.settings import BuildSettings, DataSettings, ModelSettings, PrecisionSettings  # noqa: E402
+from compiler.settings import BuildSettings, DataSettings, ExportSettings, ModelSettings, PrecisionSettings  # noqa: E402
 
 MODES = ("fp16", "hybrid", "auto")
 
@@ -58,7 +58,11 @@ def main() -> None:
     rows = []
     for label, name in models.items():
         for mode in MODES:
+            # The planted model carries ~1.2e5 activations: FP32 rounding alone moves its outputs
+            # by ~1e-3 between PyTorch and ONNX Runtime, so its parity tolerance is wider.
+            export = ExportSettings(parity_atol=1e-4 if label == "minilm" else 1e-2)
             settings = BuildSettings(model=ModelSettings(name=name), precision=PrecisionSettings(mode=mode),
+                                     export=export,
                                      data=DataSettings(samples=args.samples, calib_samples=args.calib_samples),
                                      output_dir=str(args.out))
             start = time.perf_counter()

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from compiler.artifacts import write_json
+from compiler.artifacts import fix_mmap_threshold, release_freed_memory, write_json
 from compiler.settings import settings_hash
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ def collect_activation_stats(model: Any, batches: Iterator[tuple[dict[str, np.nd
 
     import onnxruntime as ort
 
+    fix_mmap_threshold()  # one array per tensor per sample: keep freed ones from staying resident
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = False  # every run returns ~all activations: do not keep an arena
     opts.log_severity_level = 3
@@ -177,6 +178,8 @@ def collect_activation_stats(model: Any, batches: Iterator[tuple[dict[str, np.nd
         samples += len(lengths)
         del outs
     stats = {t: TensorStats(r.absmax, r.percentile(percentile), r.elements) for t, r in running.items()}
+    del sess
+    release_freed_memory()
     return ActivationStats(source, samples, percentile, stats)
 
 

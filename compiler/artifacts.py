@@ -76,3 +76,36 @@ def read_key(path: str | os.PathLike) -> str | None:
 def write_key(path: str | os.PathLike, key: str) -> None:
     """Record the content key that produced the artifact at `path` (for reuse checks)."""
     write_bytes(f"{path}.key", (key + "\n").encode())
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc `malloc_trim`); a no-op elsewhere.
+
+    Stages that allocate and free many large, differently sized arrays (activation statistics:
+    one array per tensor per sample) otherwise leave the process's resident size at its high
+    mark, and the next stage's peak stacks on top of it.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Serve allocations >= `nbytes` by mmap for good (glibc `mallopt(M_MMAP_THRESHOLD)`).
+
+    glibc raises its mmap threshold after large frees, so later large arrays come from the heap
+    and stay resident after being freed; a fixed threshold returns them to the OS at once.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from compiler.artifacts import read_key, write_json, write_key
+from compiler.artifacts import read_key, release_freed_memory, write_json, write_key
 from compiler.settings import BuildSettings, settings_hash
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ def run_pipeline(settings: BuildSettings, until: str = "build") -> PipelineState
         try:
             stage(settings, state)
         finally:
+            release_freed_memory()
             state.seconds[name] = round(time.perf_counter() - start, 2)
             state.peak_rss_mib[name] = _peak_rss_mib()
             log.info("stage %s: %.1f s, peak RSS so far %d MiB", name, state.seconds[name],

@@ -265,7 +265,7 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
 
     # Nodes that produce floats get a precision. Nodes that only read floats (Shape, Cast to
     # int, comparisons) follow the type their first float input ends up with.
-    computes = [any(is_float(t) for t in n.output) for n in nodes]
+    computes = [n.op_type != "Constant" and any(is_float(t) for t in n.output) for n in nodes]
     follows = [not c and any(is_float(t) for t in n.input) for c, n in zip(computes, nodes)]
 
     pins: dict[int, tuple[str, str]] = {}
