@@ -117,7 +117,7 @@ class Budget:
                 bad = g.size - int(np.count_nonzero(np.isfinite(g)))
                 nonfinite += bad
                 denom = np.linalg.norm(g) * np.linalg.norm(r)
-                cosines.append(-1.0 if bad else float(g @ r / denom) if denom else 1.0)
+                cosines.append(-1.0 if bad else float(g @ r / denom) if denom else float(np.array_equal(g, r)))
         self.evaluations += 1
         c_min = float(min(cosines))
         ok = c_min >= self.settings.min_cosine and nonfinite <= self.settings.max_nonfinite

@@ -594,10 +594,10 @@ def _shapes_by_running(light: Any, names: list[str], originals: set[str],
         if n not in present:
             m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
     sess = ort_session(m)
+    declared = {v.name: v.type.tensor_type.elem_type for v in m.graph.input}
     feeds = {}
     for i in sess.get_inputs():
-        np_type = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-                   "tensor(float16)": np.float16}.get(i.type, np.float32)
+        np_type = onnx.helper.tensor_dtype_to_np_dtype(declared[i.name])
         # symbolic dims 0 and 1 take (batch, sequence); static dims are kept
         dims = [d if isinstance(d, int) else shape[k] if k < 2 else 1 for k, d in enumerate(i.shape)]
         feeds[i.name] = (np.ones if i.name in originals else np.zeros)(dims, dtype=np_type)
