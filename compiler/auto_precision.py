@@ -105,19 +105,16 @@ class Budget:
 
     def measure(self, variant: Any) -> dict[str, float]:
         """{cosine_min, cosine_mean, nonfinite_count, ok} of `variant` on the held-out text."""
-        from compiler.verify import _valid
+        from compiler.verify import sample_fidelity
 
         sess = session(fp16_emulation(variant), faithful_fp16=True, consume=True)
         cosines, nonfinite = [], 0
         for (feeds, lengths), ref in zip(self.batches, self.reference):
             got = sess.run([self.output_name], feeds)[0]
             for i, n in enumerate(lengths):
-                g = _valid(got, i, n).astype(np.float64).ravel()
-                r = _valid(ref, i, n).astype(np.float64).ravel()
-                bad = g.size - int(np.count_nonzero(np.isfinite(g)))
+                cosine, bad, _ = sample_fidelity(ref, got, i, n)
+                cosines.append(cosine)
                 nonfinite += bad
-                denom = np.linalg.norm(g) * np.linalg.norm(r)
-                cosines.append(-1.0 if bad else float(g @ r / denom) if denom else float(np.array_equal(g, r)))
         self.evaluations += 1
         c_min = float(min(cosines))
         ok = c_min >= self.settings.min_cosine and nonfinite <= self.settings.max_nonfinite

@@ -900,7 +900,7 @@ class FidelityProbe:
         """{cosine_min, cosine_mean, deficit_mean (mean of 1 - cosine), max_abs_err,
         nonfinite_count, samples} of `variant` (a ModelProto)."""
         from compiler.fp16_reference import fp16_emulation, has_fp16, session
-        from compiler.verify import _valid
+        from compiler.verify import sample_fidelity
 
         if has_fp16(variant):
             sess = session(fp16_emulation(variant), faithful_fp16=True)
@@ -910,15 +910,11 @@ class FidelityProbe:
         for (feeds, lengths), ref in zip(self.batches, self.reference):
             got = sess.run([self.output_name], feeds)[0]
             for i, n in enumerate(lengths):
-                g = _valid(got, i, n).astype(np.float64).ravel()
-                r = _valid(ref, i, n).astype(np.float64).ravel()
-                bad = g.size - int(np.count_nonzero(np.isfinite(g)))
+                cosine, bad, err = sample_fidelity(ref, got, i, n)
+                cosines.append(cosine)
                 nonfinite += bad
-                denom = np.linalg.norm(g) * np.linalg.norm(r)
-                # a zero vector matches only a zero vector (as in compiler.verify.compare)
-                cosines.append(-1.0 if bad else float(g @ r / denom) if denom else float(np.array_equal(g, r)))
                 if not bad:
-                    max_err = max(max_err, float(np.max(np.abs(g - r))))
+                    max_err = max(max_err, err)
         self.evaluations += 1
         c = np.array(cosines)
         return {"cosine_min": float(c.min()), "cosine_mean": float(c.mean()),
