@@ -13,7 +13,6 @@ checkpoint does.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time

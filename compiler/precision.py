@@ -588,13 +588,12 @@ def _shapes_by_running(light: Any, names: list[str], originals: set[str],
     np.zeros: untouched zero pages cost no memory, so this is cheap for any model size)."""
     import onnx
 
-    m = light
-    present = {o.name for o in m.graph.output}
+    present = {o.name for o in light.graph.output}
     for n in names:
         if n not in present:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-    sess = ort_session(m)
-    declared = {v.name: v.type.tensor_type.elem_type for v in m.graph.input}
+            light.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    sess = ort_session(light)
+    declared = {v.name: v.type.tensor_type.elem_type for v in light.graph.input}
     feeds = {}
     for i in sess.get_inputs():
         np_type = onnx.helper.tensor_dtype_to_np_dtype(declared[i.name])

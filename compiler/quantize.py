@@ -285,9 +285,9 @@ def matmul_nodes(model: Any, mac_shape: tuple[int, int] = (1, 128)) -> list[_Mat
     A weight is a float initializer of rank >= 2; its output-channel axis is the last one for
     MatMul's second input (W[..., K, N]), the second-to-last for its first input, and for
     Gemm's B 0 with transB=1 (W[N, K]) else 1. MACs are counted at `mac_shape` (batch,
-    sequence) with `compiler.precision.tensor_shapes`.
+    sequence) with `compiler.precision.matmul_macs`.
     """
-    from compiler.precision import tensor_shapes
+    from compiler.precision import matmul_macs
 
     inits = _initializers(model)
     floats = _float_tensors(model)
@@ -313,16 +313,9 @@ def matmul_nodes(model: Any, mac_shape: tuple[int, int] = (1, 128)) -> list[_Mat
             why = "both inputs are constants (constant folding's job)"
         found.append(_MatMul(i, n.name, n.op_type, acts if not why else [], weight, axis, 0,
                              len(acts) == 2 and not why, why))
-    nodes = list(model.graph.node)
-    shapes = tensor_shapes(model, [t for m in found for t in (nodes[m.index].input[0], nodes[m.index].output[0])],
-                           mac_shape)
+    macs = matmul_macs(model, list(model.graph.node), mac_shape)
     for m in found:
-        n = nodes[m.index]
-        a, y = shapes.get(n.input[0]), shapes.get(n.output[0])
-        if a is None or y is None:
-            raise ValueError(f"no shape for {m.op_type} {m.name!r} at {mac_shape}")
-        k = a[-2] if m.op_type == "Gemm" and _attr(n, "transA") else a[-1]
-        m.macs = int(np.prod(y, dtype=np.int64)) * int(k)
+        m.macs = macs[m.index]
     return found
 
 
