@@ -1,16 +1,19 @@
 # One command per job; every target calls `python -m compiler` (see README.md).
 #   make engine MODEL=bert-large WEIGHTS=random PRECISION=hybrid
 #   make onnx   MODEL=minilm PRECISION=fp16 CALIB=../shared/data/sst2/dev.tsv
+#   make engine MODEL=minilm PRECISION=int8        (PTQ; int8-qat: quantization-aware training)
+#   make engine MODEL=minilm PRECISION=int8-qat SPARSITY=2:4
 PYTHON    ?= python
 MODEL     ?= minilm
 WEIGHTS   ?= pretrained
 PRECISION ?= hybrid
 SAMPLES   ?= 64
 CALIB     ?=
+SPARSITY  ?=
 ARGS      ?=
 
 COMMON = --model $(MODEL) --weights $(WEIGHTS) --precision $(PRECISION) --samples $(SAMPLES) \
-         $(if $(CALIB),--calib $(CALIB)) $(ARGS)
+         $(if $(CALIB),--calib $(CALIB)) $(if $(SPARSITY),--sparsity $(SPARSITY)) $(ARGS)
 
 .PHONY: engine onnx export test test-gpu install clean
 

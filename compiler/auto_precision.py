@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from compiler.errors import PrecisionError
 from compiler.fp16_reference import fp16_emulation, session
 from compiler.precision import (FP16_MAX, FP16_SMALLEST_NORMAL, FLOAT, MASK_FILL_MIN, MATMUL_OPS,
                                 HYBRID_RULES, PrecisionReport, _array, _consumers, convert_precision)
@@ -229,9 +230,11 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
 
     start = time.perf_counter()
     fp32_path = fp32_model if isinstance(fp32_model, (str, os.PathLike)) else None
-    stats = {src: cached_activation_stats(fp32_model, graph_sha256, calib_tokens, input_names, cache_dir,
-                                          src, percentile=settings.percentile, vocab_size=vocab_size, seed=seed)
-             for src in ("real", "random")}
+    stats_args = (fp32_model, graph_sha256, calib_tokens, input_names, cache_dir)
+    stats_kw = {"percentile": settings.percentile, "vocab_size": vocab_size, "seed": seed}
+    if isinstance(fp32_model, (str, os.PathLike)) and cache_dir:
+        _stats_in_child(stats_args, stats_kw)  # fills the cache; read back below
+    stats = {src: cached_activation_stats(*stats_args, src, **stats_kw) for src in ("real", "random")}
     init_pins = rule_initializer_underflow(load_onnx(fp32_path, check=False) if fp32_path else fp32_model)
     if fp32_path is not None:  # the graph without its weights; they are read per conversion
         import onnx
@@ -305,6 +308,32 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
     log.info("auto: %d FP32 nodes, %d Casts, budget %s after %d evaluations", len(pins),
              report.casts_inserted, "met" if fid["ok"] else "NOT met", budget.evaluations)
     return model, report
+
+
+def _collect_both(args: tuple, kw: dict) -> None:
+    from calibration.stats import cached_activation_stats
+
+    for src in ("real", "random"):
+        cached_activation_stats(*args, src, **kw)
+
+
+def _stats_in_child(args: tuple, kw: dict) -> None:
+    """Collect the real and random statistics into the cache in a child process.
+
+    Exposing every activation makes ONNX Runtime and the allocator touch ~2.3 GB for BERT-large
+    and leaves the heap fragmented; in the pipeline's process that came on top of the later
+    search and peaked at 6.4 GB. A child returns all of it to the OS when it exits.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(_collect_both, args, kw).result()
+    except BrokenProcessPool as e:  # killed (e.g. out of memory): say so, the parent stays intact
+        raise PrecisionError(f"activation statistics: the worker process died ({e}); "
+                             "free memory or lower --calib-samples and rerun") from e
 
 
 def _stats_summary(stats: Any, margin: float) -> dict[str, Any]:

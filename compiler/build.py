@@ -79,6 +79,28 @@ def check_tensorrt(onnx_path: str | Path) -> None:
     )
 
 
+def sparse_weights_flag(onnx_path: str | Path, eng: Any) -> tuple[bool, dict[str, Any] | None]:
+    """Whether to set `BuilderFlag.SPARSE_WEIGHTS`, and the 2:4 pattern check behind it.
+
+    `EngineSettings.sparse_weights` None (the default) sets the flag exactly when the graph has
+    at least one GEMM whose constant weight is 2:4 along the reduction axis
+    (`compiler.sparsity.check_2_4`); True / False force it (the check still runs for the
+    manifest). Runs on the CPU: no TensorRT needed.
+
+    Returns:
+        (flag, {"eligible_gemms", "ineligible_gemms", "sparse_mac_fraction", "forced"}).
+    """
+    from compiler.onnx_io import load_onnx
+    from compiler.sparsity import check_2_4
+
+    check = check_2_4(load_onnx(onnx_path, check=False))
+    d = check.to_dict()
+    summary = {k: d.get(k) for k in ("eligible", "ineligible", "sparse_mac_fraction", "has_eligible")}
+    summary["forced"] = eng.sparse_weights is not None
+    flag = check.has_eligible if eng.sparse_weights is None else bool(eng.sparse_weights)
+    return flag, summary
+
+
 def engine_from_onnx(
     onnx_path: str | Path, settings: BuildSettings, report: dict
 ) -> tuple[Path, dict]:
@@ -119,7 +141,8 @@ def engine_from_onnx(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, eng.workspace_mib << 20)
     config.builder_optimization_level = eng.optimization_level
-    if eng.sparse_weights:
+    sparse_weights, sparse_check = sparse_weights_flag(onnx_path, eng)
+    if sparse_weights:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
 
     profile_shapes = _add_profiles(builder, network, config, eng.profiles)
@@ -167,11 +190,13 @@ def engine_from_onnx(
         "builder": {
             "workspace_mib": eng.workspace_mib,
             "optimization_level": eng.optimization_level,
-            "sparse_weights": eng.sparse_weights,
+            "sparse_weights": sparse_weights,
             "strongly_typed": True,
             "timing_cache": str(cache_path),
         },
         "precision": report.get("precision"),
+        "quantization": report.get("quantization"),
+        "sparsity": sparse_check,
         "fidelity": report.get("fidelity"),
     }
     write_json(plan_path.parent / MANIFEST_NAME, manifest)

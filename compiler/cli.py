@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from compiler.errors import CompilerError
-from compiler.settings import (PRECISION_MODES, WEIGHT_MODES, BuildSettings, DataSettings, EngineSettings,
-                               ExportSettings, ModelSettings, PrecisionSettings, ProfileSettings)
+from compiler.settings import (PRECISION_MODES, QUANT_METHODS, WEIGHT_MODES, BuildSettings, DataSettings,
+                               EngineSettings, ExportSettings, ModelSettings, PrecisionSettings, ProfileSettings,
+                               QuantSettings, SparsitySettings, TrainSettings)
 
 log = logging.getLogger("compiler")
 
@@ -60,12 +61,43 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_precision_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISION_MODES, default="hybrid")
-    p.add_argument("--min-cosine", type=float, default=PrecisionSettings.min_cosine,
+    p.add_argument("--min-cosine", type=float, default=None,
                    help="auto: cosine similarity budget on held-out real text")
     p.add_argument("--max-nonfinite", type=int, default=PrecisionSettings.max_nonfinite,
                    help="auto: NaN/Inf values allowed on held-out real text")
     p.add_argument("--overflow-margin", type=float, default=PrecisionSettings.overflow_margin,
                    help="auto: pin a node when absmax x margin >= 65504")
+
+
+def _add_option_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("INT8 (--precision int8 / int8-qat) and 2:4 sparsity")
+    g.add_argument("--quant-method", choices=QUANT_METHODS, default=QuantSettings.method,
+                   help="activation calibration (ONNX Runtime's calibrators)")
+    g.add_argument("--smoothquant-alpha", type=_alpha, default=QuantSettings.smoothquant_alpha,
+                   help="SmoothQuant strength, or 'off' (default %(default)s)")
+    g.add_argument("--quantize-attention-bmm", action="store_true",
+                   help="also quantize the Q.K^T and probs.V batched matmuls")
+    g.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="fnmatch pattern on node names kept float (repeatable)")
+    g.add_argument("--max-excluded", type=int, default=QuantSettings.max_excluded,
+                   help="MatMuls the INT8 budget loop may leave float")
+    g.add_argument("--float-mode", choices=("fp32", "fp16", "hybrid"), default=QuantSettings.float_mode,
+                   help="precision of what INT8 does not cover")
+    g.add_argument("--train-samples", type=int, default=DataSettings.train_samples,
+                   help="fine-tuning samples (after the calibration and held-out ones)")
+    g.add_argument("--train-steps", type=int, default=TrainSettings.steps, help="QAT distillation steps")
+    g.add_argument("--lr", type=float, default=TrainSettings.lr, help="fine-tuning learning rate")
+    g.add_argument("--sparsity", choices=("2:4",), default=None, help="2:4 structured sparsity of block linears")
+    g.add_argument("--sparse-layers", action="append", default=[], metavar="PATTERN",
+                   help="fnmatch pattern on module names to prune (default: every block linear)")
+    g.add_argument("--recover-steps", type=int, default=SparsitySettings.recover_steps,
+                   help="distillation steps after pruning, masks held (0: none)")
+
+
+def _alpha(text: str) -> float | None:
+    if text.lower() in ("off", "none", "0"):
+        return None
+    return float(text)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +106,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shape", type=_shape, default=ProfileSettings.max_shape, help="BxS, default 32x512")
     p.add_argument("--workspace-mib", type=int, default=EngineSettings.workspace_mib)
     p.add_argument("--optimization-level", type=int, default=EngineSettings.optimization_level)
-    p.add_argument("--sparse-weights", action="store_true", help="set BuilderFlag.SPARSE_WEIGHTS")
+    p.add_argument("--sparse-weights", action="store_true",
+                   help="force BuilderFlag.SPARSE_WEIGHTS (default: set exactly when the graph has 2:4 weights)")
 
 
 def settings_from_args(args: argparse.Namespace) -> BuildSettings:
@@ -87,25 +120,40 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
             export=ExportSettings(opset=get("opset", ExportSettings.opset),
                                   parity_atol=get("parity_atol", ExportSettings.parity_atol)),
             precision=PrecisionSettings(mode=get("precision", "hybrid"),
-                                        min_cosine=get("min_cosine", PrecisionSettings.min_cosine),
+                                        min_cosine=_or(get("min_cosine", None), PrecisionSettings.min_cosine),
                                         max_nonfinite=get("max_nonfinite", PrecisionSettings.max_nonfinite),
                                         overflow_margin=get("overflow_margin", PrecisionSettings.overflow_margin)),
             data=DataSettings(path=get("calib", None), text_column=get("text_column", None),
                               samples=get("samples", DataSettings.samples),
                               calib_samples=get("calib_samples", DataSettings.calib_samples),
+                              train_samples=get("train_samples", DataSettings.train_samples),
                               max_length=get("max_length", DataSettings.max_length),
                               batch_size=get("batch_size", DataSettings.batch_size)),
+            quant=QuantSettings(method=get("quant_method", QuantSettings.method),
+                                smoothquant_alpha=get("smoothquant_alpha", QuantSettings.smoothquant_alpha),
+                                quantize_attention_bmm=get("quantize_attention_bmm", False),
+                                exclude=tuple(get("exclude", [])),
+                                min_cosine=_or(get("min_cosine", None), QuantSettings.min_cosine),
+                                max_excluded=get("max_excluded", QuantSettings.max_excluded),
+                                float_mode=get("float_mode", QuantSettings.float_mode)),
+            train=TrainSettings(steps=get("train_steps", TrainSettings.steps), lr=get("lr", TrainSettings.lr)),
+            sparsity=SparsitySettings(pattern=get("sparsity", None), layers=tuple(get("sparse_layers", [])),
+                                      recover_steps=get("recover_steps", SparsitySettings.recover_steps)),
             engine=EngineSettings(
                 profiles=(ProfileSettings(get("min_shape", ProfileSettings.min_shape),
                                           get("opt_shape", ProfileSettings.opt_shape),
                                           get("max_shape", ProfileSettings.max_shape)),),
                 workspace_mib=get("workspace_mib", EngineSettings.workspace_mib),
                 optimization_level=get("optimization_level", EngineSettings.optimization_level),
-                sparse_weights=get("sparse_weights", False)),
+                sparse_weights=True if get("sparse_weights", False) else None),
             output_dir=get("output_dir", "engines"),
         )
     except ValueError as e:
         raise CompilerError(f"invalid settings: {e}") from e
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="export + precision + fidelity on real text and random ids")
     _add_model_args(p)
     _add_precision_args(p)
+    _add_option_args(p)
 
     p = sub.add_parser("build", help="TensorRT engine from a TensorRT-ready ONNX file")
     p.add_argument("--onnx", type=Path, required=True)
@@ -136,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="the whole pipeline: export, precision, verify, build")
     _add_model_args(p)
     _add_precision_args(p)
+    _add_option_args(p)
     _add_engine_args(p)
     p.add_argument("--no-build", action="store_true", help="stop after verify (exit 0)")
     return parser
@@ -158,6 +208,18 @@ def format_table(report: dict[str, Any]) -> str:
                         f"{b['heldout_samples']} held-out samples: {'met' if b['met'] else 'NOT MET'} after "
                         f"{search['evaluations']} evaluations; overflow pins real/random: "
                         f"{search['overflow_pins']['real']}/{search['overflow_pins']['random']}")
+    q = report.get("quantization")
+    if q:
+        lines.insert(1, f"INT8 {q.get('method')}: {q.get('quantized_matmuls')} MatMuls quantized, "
+                        f"{100 * q.get('int8_mac_fraction', 0):.1f} % of MatMul MACs in INT8, excluded "
+                        f"{len(q.get('excluded', []))}, budget cosine_min >= {q.get('budget_min_cosine')}: "
+                        f"{'met' if q.get('budget_met') else 'NOT MET'}; the rest {q.get('float_mode')}")
+    sp = report.get("sparsity")
+    if sp:
+        c = sp.get("variant_check") or {}
+        lines.insert(1, f"sparsity {sp.get('pattern')}: {c.get('eligible')} GEMMs 2:4-eligible, "
+                        f"{c.get('ineligible')} not, sparse MAC share {c.get('sparse_mac_fraction', 0):.3f}; "
+                        f"SPARSE_WEIGHTS {'on' if c.get('sparse_weights_flag') else 'off'}")
     fmt = lambda v: "nan" if v is None else f"{v:.6f}"  # noqa: E731
     for key in ("real", "random"):
         f = fid.get(key)

@@ -148,7 +148,8 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             source = f"random weights (seed {settings.seed}) on the {settings.name} configuration"
             key = settings_hash(settings, config.to_dict())
         else:
-            module = AutoModel.from_pretrained(str(where), **kwargs)
+            local_only = not Path(str(where)).is_dir() and not _hub_reachable()
+            module = AutoModel.from_pretrained(str(where), local_files_only=local_only, **kwargs)
             source = f"pretrained weights from {where}"
             key = settings_hash(settings, module.config.to_dict(), _weights_digest(module))
     except (OSError, ValueError, KeyError) as e:
@@ -182,12 +183,33 @@ def _weights_digest(module: Any) -> str:
     return h.hexdigest()
 
 
+def _hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether huggingface.co resolves and accepts a connection (False when HF_HUB_OFFLINE is set).
+
+    Without this, an unreachable hub costs ~30 s of retries per lookup before transformers
+    falls back to its local cache.
+    """
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _tokenizer(where: str | Path, settings: ModelSettings) -> tuple[Any, str | None]:
     """The model's own tokenizer, or MiniLM's WordPiece as a stand-in for random weights."""
     from transformers import AutoTokenizer
 
+    local_only = not Path(str(where)).is_dir() and not _hub_reachable()
     try:
-        tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=settings.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=settings.trust_remote_code,
+                                            local_files_only=local_only)
         note = None
     except (OSError, ValueError) as e:
         if settings.weights != "random":

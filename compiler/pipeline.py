@@ -1,11 +1,16 @@
 """The pipeline: one ordered list of stages, each reading `BuildSettings` and a shared state.
 
-    STAGES = export -> precision -> verify -> build
+    STAGES = export -> sparsity -> quantize -> precision -> verify -> build
 
-Artifacts (under `settings.variant_dir()`, i.e. engines/<model>/<weights>/<precision>/):
-`model.onnx` (TensorRT-ready, strongly typed), `precision_report.json`, `report.json`,
-`model.plan` and `manifest.json` (build stage). The FP32 export lies one level up as
-`model.fp32.onnx` with `export_report.json`, shared by all precision variants.
+`sparsity` (SPARSITY=2:4) and `quantize` (PRECISION=int8 / int8-qat) do nothing unless asked.
+
+Artifacts: the dense FP32 export (the reference of every fidelity figure) is
+`engines/<model>/<weights>/model.fp32.onnx` (`model.fp32.opset19.onnx` for INT8, whose Q/DQ
+need opset 19) with `export_report.json`. A 2:4 sparse model gets its own FP32 export in
+`engines/<model>/<weights>/sparse24/`. Under `settings.variant_dir()` (the base folder plus
+the precision): `model.onnx` (TensorRT-ready, strongly typed), `precision_report.json`,
+`report.json`, for INT8 `model.qdq.onnx` (FP32 + Q/DQ) and `quant_report.json`, and
+`model.plan` with `manifest.json` (build stage).
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ class PipelineState:
     """What the stages hand each other."""
 
     loaded: Any = None  # compiler.models.LoadedModel
-    texts: list[str] = field(default_factory=list)
-    fp32_onnx: Path | None = None
+    texts: list[str] = field(default_factory=list)  # held-out real text
+    reference_onnx: Path | None = None  # the dense FP32 export: every fidelity figure's reference
+    fp32_onnx: Path | None = None  # the FP32 graph the variant derives from (dense or 2:4 sparse)
+    student: Any = None  # the (sparse) PyTorch module QAT starts from; None: loaded.module
+    masks: dict[str, Any] = field(default_factory=dict)  # 2:4 masks held during QAT
     output_names: list[str] = field(default_factory=list)
+    qdq_onnx: Path | None = None  # FP32 + INT8 Q/DQ, before the precision pass
     variant_onnx: Path | None = None
     report: dict[str, Any] = field(default_factory=dict)
     plan: Path | None = None
@@ -43,20 +52,44 @@ def _peak_rss_mib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux: KiB
 
 
+def export_opset(settings: BuildSettings) -> int:
+    """The opset of the FP32 export: INT8 Q/DQ with FP16 scales need opset 19."""
+    from compiler.settings import INT8_MODES
+
+    return max(settings.export.opset, 19) if settings.precision.mode in INT8_MODES else settings.export.opset
+
+
+def fp32_name(settings: BuildSettings) -> str:
+    opset = export_opset(settings)
+    return "model.fp32.onnx" if opset == 17 else f"model.fp32.opset{opset}.onnx"
+
+
+def training_texts(settings: BuildSettings) -> list[str]:
+    """Fine-tuning text: the `train_samples` after the calibration and held-out samples."""
+    from calibration import load_texts
+
+    data = settings.data
+    return load_texts(data, count=data.train_samples, skip=data.calib_samples + data.samples)
+
+
 def stage_export(settings: BuildSettings, state: PipelineState) -> None:
     """Load the model and real text, export FP32 ONNX and check parity against PyTorch."""
+    from dataclasses import replace
+
     from calibration import load_texts
     from compiler.export import onnx_from_torch
     from compiler.models import load_model
 
     state.loaded = load_model(settings.model)
-    # Held-out text (verification, the auto budget) comes after the calibration samples.
+    # Held-out text (verification, the auto and INT8 budgets) comes after the calibration samples.
     state.texts = load_texts(settings.data, skip=settings.data.calib_samples)
-    path, report = onnx_from_torch(state.loaded, settings.export,
-                                   settings.model_dir() / "model.fp32.onnx", state.texts)
+    export = replace(settings.export, opset=export_opset(settings))
+    path, report = onnx_from_torch(state.loaded, export, settings.model_dir() / fp32_name(settings), state.texts)
     write_json(settings.model_dir() / "export_report.json", report.to_dict())
-    state.fp32_onnx, state.output_names = path, report.outputs
-    state.loaded.module = None  # later stages need the tokenizer only: free the weights
+    state.reference_onnx = state.fp32_onnx = path
+    state.output_names = report.outputs
+    if settings.sparsity.pattern is None and settings.precision.mode != "int8-qat":
+        state.loaded.module = None  # later stages need the tokenizer only: free the weights
     state.report["model"] = {"name": settings.model.name, "weights": settings.model.weights,
                              "source": state.loaded.source, "family": state.loaded.family,
                              "tokenizer_note": state.loaded.tokenizer_note}
@@ -65,16 +98,130 @@ def stage_export(settings: BuildSettings, state: PipelineState) -> None:
                               "parity": [vars(p) for p in report.parity]}
 
 
+def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
+    """SPARSITY=2:4: prune the block linears, recover by distillation, export, check the pattern."""
+    if settings.sparsity.pattern is None:
+        return
+    import copy
+    from dataclasses import replace
+
+    from calibration import tokenized_set
+    from compiler.export import onnx_from_torch
+    from compiler.onnx_io import load_onnx
+    from compiler.sparsity import check_2_4, hold_masks, prune_2_4, recover, require_2_4
+
+    teacher = state.loaded.module
+    student = copy.deepcopy(teacher)
+    masks, prune_report = prune_2_4(student, settings.sparsity)
+    recovery = None
+    if settings.sparsity.recover_steps:
+        tokens = tokenized_set(training_texts(settings), state.loaded.tokenizer, settings.data.max_length,
+                               settings.data.cache_dir)
+        recovery = recover(student, teacher, masks, tokens, state.loaded.input_names, settings.train,
+                           settings.sparsity.recover_steps)
+    hold_masks(masks, student)(student)
+    sparse = replace(state.loaded, module=student,
+                     key=settings_hash("sparse-v1", state.loaded.key, settings.sparsity, settings.train,
+                                       settings.data))
+    export = replace(settings.export, opset=export_opset(settings))
+    path, report = onnx_from_torch(sparse, export, settings.base_dir() / fp32_name(settings), state.texts)
+    light = load_onnx(path, check=False)
+    check = check_2_4(light)
+    require_2_4(light, names=prune_report.pruned)
+    del light
+    state.fp32_onnx = path
+    state.student, state.masks = student, masks
+    if settings.precision.mode != "int8-qat":
+        state.loaded.module = state.student = None
+    state.report["sparsity"] = {"pattern": settings.sparsity.pattern, "prune": _as_dict(prune_report),
+                                "recovery": _as_dict(recovery), "check": check.to_dict(),
+                                "onnx": str(path), "export_parity_worst": max(p.max_abs_diff for p in report.parity)}
+
+
+def _as_dict(obj: Any) -> Any:
+    if obj is None or isinstance(obj, dict):
+        return obj
+    return obj.to_dict() if hasattr(obj, "to_dict") else vars(obj)
+
+
+def stage_quantize(settings: BuildSettings, state: PipelineState) -> None:
+    """PRECISION=int8 (PTQ) or int8-qat: an FP32 + INT8 Q/DQ graph (reused when unchanged)."""
+    from compiler.settings import INT8_MODES
+
+    mode = settings.precision.mode
+    if mode not in INT8_MODES:
+        return
+    import json
+
+    from compiler.onnx_io import onnx_sha256, save_onnx
+
+    out = settings.variant_dir() / "model.qdq.onnx"
+    report_path = settings.variant_dir() / "quant_report.json"
+    key = settings_hash("quantize-v1", onnx_sha256(state.fp32_onnx), onnx_sha256(state.reference_onnx),
+                        mode, settings.quant, settings.data, settings.train if mode == "int8-qat" else None)
+    if read_key(out) == key and report_path.is_file():
+        log.info("quantize: %s reused", out)
+        quant = json.loads(report_path.read_text())
+    else:
+        model, quant = _quantize(settings, state)
+        save_onnx(model, out, external=True)
+        del model
+        write_json(report_path, quant)
+        write_key(out, key)
+    state.qdq_onnx = out
+    state.loaded.module = state.student = None
+    state.report["quantization"] = quant.get("summary", quant)
+
+
+def _quantize(settings: BuildSettings, state: PipelineState) -> tuple[Any, dict[str, Any]]:
+    import copy
+    from dataclasses import replace
+
+    from calibration import load_texts, tokenized_set
+    from compiler.quantize import quantize_within_budget
+
+    data, tok, loaded = settings.data, state.loaded.tokenizer, state.loaded
+    calib = tokenized_set(load_texts(data, count=data.calib_samples), tok, data.max_length, data.cache_dir)
+    heldout = tokenized_set(state.texts, tok, data.max_length, data.cache_dir)
+    float_precision = replace(settings.precision, mode=settings.quant.float_mode)
+    if settings.precision.mode == "int8":
+        model, rep = quantize_within_budget(state.fp32_onnx, calib, heldout, loaded.input_names, state.output_names,
+                                            settings.quant, data.cache_dir, data.batch_size, precision=float_precision)
+        summary = {**rep.summary(), "budget_min_cosine": settings.quant.min_cosine, "budget_met": rep.budget["met"],
+                   "float_mode": float_precision.mode, "smoothquant_alpha": rep.smoothquant_alpha}
+        return model, {"summary": summary, "ptq": rep.to_dict()}
+    from compiler.qat import int8_qat
+
+    student = state.student if state.student is not None else copy.deepcopy(loaded.module)
+    after_step = None
+    if state.masks:
+        from compiler.sparsity import hold_masks
+
+        after_step = hold_masks(state.masks, student)
+    train_tokens = tokenized_set(training_texts(settings), tok, data.max_length, data.cache_dir)
+    return int8_qat(student, loaded.module, loaded, state.fp32_onnx, state.reference_onnx, calib, heldout,
+                    train_tokens, state.output_names, settings.quant, settings.train, float_precision,
+                    replace(settings.export, opset=export_opset(settings)),
+                    settings.variant_dir() / "model.qat.fp32.onnx", state.texts, data.cache_dir, data.batch_size,
+                    after_step)
+
+
 def stage_precision(settings: BuildSettings, state: PipelineState) -> None:
     """Rewrite the FP32 graph into the requested precision (reused when unchanged)."""
     from compiler.onnx_io import load_onnx, onnx_sha256, save_onnx
     from compiler.precision import convert_precision
 
+    from dataclasses import replace
+
     out = settings.variant_dir() / "model.onnx"
     report_path = settings.variant_dir() / "precision_report.json"
-    graph_sha = onnx_sha256(state.fp32_onnx)
-    auto = settings.precision.mode == "auto"
-    key = settings_hash("precision-v1", graph_sha, settings.precision, settings.data if auto else None)
+    source = state.qdq_onnx or state.fp32_onnx
+    graph_sha = onnx_sha256(source)
+    prec = settings.precision
+    if state.qdq_onnx is not None:  # INT8: what is not quantized runs in quant.float_mode
+        prec = replace(prec, mode=settings.quant.float_mode)
+    auto = prec.mode == "auto"
+    key = settings_hash("precision-v1", graph_sha, prec, settings.data if auto else None)
     if read_key(out) == key and report_path.is_file():
         import json
 
@@ -89,11 +236,11 @@ def stage_precision(settings: BuildSettings, state: PipelineState) -> None:
             calib = tokenized_set(load_texts(data, count=data.calib_samples), tok, data.max_length, data.cache_dir)
             heldout = tokenized_set(state.texts, tok, data.max_length, data.cache_dir)
             # auto takes the path: it reads the weights through ONNX Runtime where it can.
-            model, report = auto_precision(state.fp32_onnx, settings.precision, calib, heldout, state.loaded.input_names,
+            model, report = auto_precision(state.fp32_onnx, prec, calib, heldout, state.loaded.input_names,
                                            state.output_names, data.batch_size, state.loaded.vocab_size,
                                            graph_sha, data.cache_dir, settings.model.seed)
         else:
-            model, report = convert_precision(load_onnx(state.fp32_onnx, check=False), settings.precision)
+            model, report = convert_precision(load_onnx(source, check=False), prec)
         save_onnx(model, out)
         precision = report.to_dict()
         write_json(report_path, precision)
@@ -112,13 +259,18 @@ def stage_verify(settings: BuildSettings, state: PipelineState) -> None:
 
     tokens = tokenized_set(state.texts, state.loaded.tokenizer, settings.data.max_length,
                            settings.data.cache_dir)
-    fidelity = verify_variant(state.fp32_onnx, load_onnx(state.variant_onnx, check=False),
+    fidelity = verify_variant(state.reference_onnx, load_onnx(state.variant_onnx, check=False),
                               state.output_names, tokens, settings.data.batch_size,
                               state.loaded.vocab_size, settings.model.seed)
     fidelity["data"] = {"path": settings.data.path or "wikitext-2/test.txt (default)",
                         "samples": len(tokens), "max_length": settings.data.max_length,
                         "tokens": int(sum(len(x) for x in tokens.input_ids))}
     state.report["fidelity"] = fidelity
+    if settings.sparsity.pattern is not None:  # FP16 and Q/DQ must keep the 2:4 pattern
+        from compiler.build import sparse_weights_flag
+
+        flag, check = sparse_weights_flag(state.variant_onnx, settings.engine)
+        state.report["sparsity"]["variant_check"] = {**check, "sparse_weights_flag": flag}
     write_json(settings.variant_dir() / "report.json", state.report)
 
 
@@ -131,6 +283,8 @@ def stage_build(settings: BuildSettings, state: PipelineState) -> None:
 
 STAGES: list[tuple[str, Callable[[BuildSettings, PipelineState], None]]] = [
     ("export", stage_export),
+    ("sparsity", stage_sparsity),
+    ("quantize", stage_quantize),
     ("precision", stage_precision),
     ("verify", stage_verify),
     ("build", stage_build),

@@ -572,9 +572,11 @@ def tensor_shapes(model: Any, names: Iterable[str], shape: tuple[int, int]) -> d
     for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         dims = v.type.tensor_type.shape.dim
         known = [d.HasField("dim_value") for d in dims]
-        if v.name in names and dims and all(known[1:]):
+        if v.name in names and dims and all(known[1:]) and (known[0] or len(dims) >= 3):
             # ONNX inference often loses the batch dim behind Gather/Expand ("unk__0"); with
-            # every other dim resolved, the leading one is the batch.
+            # every other dim of a (batch, sequence, ...) tensor resolved, the leading one is the
+            # batch. A rank-2 tensor with an unknown leading dim may be flattened (GPT-2's Gemm
+            # on (batch x sequence, hidden)): it is measured by running instead.
             found[v.name] = (dims[0].dim_value if known[0] else shape[0], *(d.dim_value for d in dims[1:]))
     missing = [n for n in names if n not in found]
     if missing:

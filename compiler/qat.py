@@ -15,7 +15,6 @@ exactly as the fake quantizer computed them.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,32 +22,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from compiler.settings import TrainSettings  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 QMIN, QMAX = -128, 127  # symmetric INT8, zero point 0 (TensorRT and ONNX QuantizeLinear saturate here)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Distillation fine-tuning.
-
-    Attributes:
-        steps: optimizer steps.
-        lr: AdamW learning rate for weights; scales use `scale_lr`.
-        scale_lr: learning rate of the learnable activation scales.
-        batch_size: samples per step (padded to the batch's longest).
-        seed: shuffling seed.
-    """
-
-    steps: int = 200
-    lr: float = 1e-5
-    scale_lr: float = 1e-3
-    batch_size: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.steps < 0 or self.lr <= 0 or self.batch_size < 1:
-            raise ValueError("need steps >= 0, lr > 0, batch_size >= 1")
 
 
 @dataclass
@@ -78,7 +56,7 @@ def _batches_forever(tokens: Any, batch_size: int, input_names: list[str], seed:
 def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], settings: TrainSettings,
             param_groups: list[dict] | None = None,
             after_step: Callable[[Any], None] | None = None) -> TrainReport:
-    """Fine-tune `student` to match `teacher`'s last_hidden_state on real text.
+    """Fine-tune `student` to match `teacher`'s last_hidden_state on real text (dropout off).
 
     Args:
         student, teacher: Hugging Face models with the same output shapes; the teacher is frozen.
@@ -95,9 +73,9 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
 
     torch.manual_seed(settings.seed)
     teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student.train()
+    # Dropout off: the target is the teacher's deterministic output, and with few steps on
+    # little text dropout noise dominates the loss. Gradients flow in eval mode all the same.
+    student.eval()
     groups = param_groups or [{"params": [p for p in student.parameters() if p.requires_grad], "lr": settings.lr}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     losses = []
@@ -124,30 +102,41 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
                        losses[0] if losses else 0.0, losses[-1] if losses else 0.0, losses)
 
 
-class FakeQuantLinear:
-    """nn.Linear with fake-quantized input (per tensor, learnable scale) and weight (per channel)."""
+def _fake_quant_module(linear: Any, act_scale: Any) -> Any:
+    """A module computing `linear` with fake-quantized input and weight.
 
-    def __new__(cls, linear: Any, act_scale: float):
-        import torch
+    Input: per tensor, symmetric INT8, scale = |act_scale| (a shared learnable Parameter, one
+    per ONNX tensor, so Q, K and V projections reading the same tensor learn one scale, as the
+    Q/DQ graph has one pair per tensor); gradient by LSQ (Esser et al. 2020, through
+    torch._fake_quantize_learnable_per_tensor_affine). Weight: per output channel,
+    scale = absmax / 127 of the current weight (straight-through): nn.Linear (out, in) ->
+    axis 0; GPT-2 Conv1D (in, out) -> axis 1.
+    """
+    import torch
 
-        class _FakeQuantLinear(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.linear = linear
-                self.act_scale = torch.nn.Parameter(torch.tensor([float(act_scale)]))
-                self.register_buffer("zero", torch.zeros(1, dtype=torch.int32))
+    conv1d = type(linear).__name__ == "Conv1D"
 
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                scale = self.act_scale.abs() + 1e-12
-                xq = torch._fake_quantize_learnable_per_tensor_affine(
-                    x, scale, self.zero.float(), QMIN, QMAX, 1.0 / (x.numel() * QMAX) ** 0.5)
-                w = self.linear.weight  # (out, in): per output channel = axis 0
-                w_scale = (w.detach().abs().amax(dim=1) / QMAX).clamp_min(1e-12)
-                wq = torch.fake_quantize_per_channel_affine(
-                    w, w_scale, torch.zeros_like(w_scale, dtype=torch.int32), 0, QMIN, QMAX)
-                return torch.nn.functional.linear(xq, wq, self.linear.bias)
+    class _FakeQuantLinear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = linear
+            self.act_scale = act_scale
 
-        return _FakeQuantLinear()
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scale = self.act_scale.abs() + 1e-12
+            xq = torch._fake_quantize_learnable_per_tensor_affine(
+                x, scale, torch.zeros_like(scale), QMIN, QMAX, 1.0 / (x.numel() * QMAX) ** 0.5)
+            w = self.linear.weight
+            axis = 1 if conv1d else 0
+            w_scale = (w.detach().abs().amax(dim=1 - axis) / QMAX).clamp_min(1e-12)
+            wq = torch.fake_quantize_per_channel_affine(
+                w, w_scale, torch.zeros_like(w_scale, dtype=torch.int32), axis, QMIN, QMAX)
+            if conv1d:
+                return torch.addmm(self.linear.bias, xq.reshape(-1, xq.shape[-1]), wq).reshape(
+                    *xq.shape[:-1], wq.shape[1])
+            return torch.nn.functional.linear(xq, wq, self.linear.bias)
+
+    return _FakeQuantLinear()
 
 
 def module_for_node(node_name: str) -> str:
@@ -162,66 +151,181 @@ def module_for_node(node_name: str) -> str:
     return ".".join(parts[:-1])
 
 
-def linear_scales(onnx_model: Any, act_scales: dict[str, float], module: Any) -> dict[str, tuple[str, float]]:
-    """{module path: (activation tensor, scale)} for each Linear whose MatMul/Gemm input has a scale."""
+def _is_linear(mod: Any) -> bool:
     import torch
 
+    return isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"
+
+
+def linear_placement(onnx_model: Any, quantized_nodes: list[str], module: Any) -> dict[str, str]:
+    """{module path: ONNX activation tensor} for each quantized MatMul/Gemm that is a Linear.
+
+    Raises:
+        ValueError: a quantized node whose weight MatMul maps to no Linear module (the QAT
+            placement would then differ from PTQ's).
+    """
     names = dict(module.named_modules())
-    out = {}
+    wanted = set(quantized_nodes)
+    out, missing = {}, []
     for n in onnx_model.graph.node:
-        if n.op_type in ("MatMul", "Gemm") and n.input[0] in act_scales:
+        if n.name in wanted and n.op_type in ("MatMul", "Gemm"):
             path = module_for_node(n.name)
-            if isinstance(names.get(path), torch.nn.Linear):
-                out[path] = (n.input[0], act_scales[n.input[0]])
+            if _is_linear(names.get(path)):
+                out[path] = n.input[0]
+            else:
+                missing.append(n.name)
+    if missing:
+        raise ValueError(f"QAT: {len(missing)} quantized MatMul/Gemm nodes map to no Linear module "
+                         f"(first: {missing[0]}); QAT fake-quantizes Linear layers only (set "
+                         "quantize_attention_bmm off)")
     return out
 
 
-def insert_fake_quant(model: Any, scales: dict[str, tuple[str, float]]) -> Any:
-    """Replace each Linear named in `scales` by a FakeQuantLinear (in place); returns `model`."""
-    for path, (_tensor, scale) in scales.items():
+def insert_fake_quant(model: Any, placement: dict[str, str], thresholds: dict[str, float]) -> dict[str, Any]:
+    """Wrap each Linear of `placement` in fake quantization (in place).
+
+    Args:
+        placement: {module path: ONNX activation tensor} (`linear_placement`).
+        thresholds: {tensor: |x| threshold} (PTQ calibration); the initial scale is threshold / 127.
+
+    Returns:
+        {tensor: the shared learnable scale Parameter}.
+    """
+    import torch
+
+    params: dict[str, Any] = {}
+    for path, tensor in placement.items():
+        if tensor not in params:
+            params[tensor] = torch.nn.Parameter(torch.tensor([max(thresholds[tensor], 1e-6) / QMAX]))
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, FakeQuantLinear(getattr(parent, child), scale))
-    return model
+        setattr(parent, child, _fake_quant_module(getattr(parent, child), params[tensor]))
+    return params
 
 
-def remove_fake_quant(model: Any) -> dict[str, float]:
-    """Put the (fine-tuned) Linears back; returns {module path: learned activation scale}."""
-    learned = {}
+def remove_fake_quant(model: Any) -> None:
+    """Put the (fine-tuned) Linears back in place of their fake-quantized wrappers."""
     for path, mod in list(model.named_modules()):
         if type(mod).__name__ == "_FakeQuantLinear":
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, child, mod.linear)
-            learned[path] = float(mod.act_scale.detach().abs())
-    return learned
 
 
-def qat_model(loaded: Any, onnx_model: Any, act_scales: dict[str, float], tokens: Any,
-              settings: TrainSettings) -> tuple[Any, dict[str, float], TrainReport]:
-    """Fine-tune a fake-quantized copy of `loaded.module` by distillation.
+def qat_model(student: Any, teacher: Any, input_names: list[str], onnx_model: Any,
+              quantized_nodes: list[str], thresholds: dict[str, float], tokens: Any,
+              settings: TrainSettings, after_step: Callable[[Any], None] | None = None,
+              ) -> tuple[dict[str, float], TrainReport]:
+    """Quantization-aware fine-tuning of `student` (in place) by distillation from `teacher`.
 
     Args:
-        loaded: `compiler.models.LoadedModel` (FP32 teacher; not modified).
-        onnx_model: the FP32 ONNX export of the teacher (node names map to modules).
-        act_scales: PTQ activation scales {ONNX tensor: scale} (initial values).
+        student: the PyTorch model to fine-tune (FP32; fake quantization is inserted for the
+            run and removed after it, leaving fine-tuned FP32 weights).
+        teacher: the FP32 model whose `last_hidden_state` is the target (not modified).
+        input_names: model inputs.
+        onnx_model: the student's FP32 ONNX export (node names map to modules; weights unused).
+        quantized_nodes: the MatMul/Gemm nodes PTQ quantized (the same placement).
+        thresholds: PTQ thresholds {tensor: |x| maps to 127}, the initial scales.
         tokens: real training text (`calibration.TokenizedSet`), never the held-out set.
+        settings: steps, learning rates, batch size.
+        after_step: called after each optimizer step (the 2:4 masks of sparse QAT).
 
     Returns:
-        (fine-tuned FP32 module with fake quantization removed, learned {ONNX tensor: scale},
-        TrainReport).
+        (learned thresholds {tensor: scale x 127} for `compiler.quantize.insert_qdq`, TrainReport).
+
+    Raises:
+        ValueError: see `linear_placement`.
     """
-    teacher = loaded.module
-    student = copy.deepcopy(teacher)
-    placement = linear_scales(onnx_model, act_scales, student)
-    insert_fake_quant(student, placement)
-    scales = [p for n, p in student.named_parameters() if n.endswith("act_scale")]
-    others = [p for n, p in student.named_parameters() if not n.endswith("act_scale")]
-    report = distill(student, teacher, tokens, loaded.input_names, settings,
-                     param_groups=[{"params": others, "lr": settings.lr},
-                                   {"params": scales, "lr": settings.scale_lr}])
-    learned_by_module = remove_fake_quant(student)
-    learned = {placement[path][0]: s for path, s in learned_by_module.items()}
+    placement = linear_placement(onnx_model, quantized_nodes, student)
+    params = insert_fake_quant(student, placement, thresholds)
+    scale_ids = {id(p) for p in params.values()}
+    others = [p for p in student.parameters() if id(p) not in scale_ids]
+    try:
+        report = distill(student, teacher, tokens, input_names, settings,
+                         param_groups=[{"params": others, "lr": settings.lr},
+                                       {"params": list(params.values()), "lr": settings.scale_lr}],
+                         after_step=after_step)
+    finally:
+        remove_fake_quant(student)
+    learned = {t: float(p.detach().abs()) * QMAX for t, p in params.items()}
     log.info("QAT: %d steps, loss %.4g -> %.4g, %d scales learned", report.steps, report.loss_first,
              report.loss_last, len(learned))
-    return student, learned, report
+    return learned, report
+
+
+def int8_qat(student: Any, teacher: Any, loaded: Any, fp32_path: Any, reference_path: Any, calib: Any,
+             heldout: Any, train_tokens: Any, output_names: list[str], quant: Any, train: TrainSettings,
+             float_precision: Any, export: Any, qat_onnx_path: Any, parity_texts: list[str], cache_dir: Any,
+             batch_size: int, after_step: Callable[[Any], None] | None = None) -> tuple[Any, dict[str, Any]]:
+    """PRECISION=int8-qat: PTQ placement and scales, distillation with fake quantization, Q/DQ export.
+
+    1. PTQ without SmoothQuant (`compiler.quantize.quantize_within_budget`, the budget loop
+       included): the placement (quantized MatMuls, nodes left float) and initial thresholds.
+    2. `qat_model`: fine-tune `student` against `teacher` on `train_tokens` with fake
+       quantization at exactly those MatMuls.
+    3. Export the fine-tuned student (FP32, parity-checked against itself) to `qat_onnx_path`
+       and place Q/DQ with the learned thresholds and the same exclusions (`insert_qdq`).
+    4. Held-out fidelity of PTQ and QAT side by side, both through `float_precision` (e.g.
+       hybrid FP16 on the faithful FP16 reference) against `reference_path` (dense FP32).
+
+    Args:
+        student: PyTorch model to fine-tune (in place); `teacher`: the dense FP32 model.
+        loaded: `compiler.models.LoadedModel` (tokenizer, input names, key).
+        fp32_path: the student's FP32 ONNX export (opset >= 19); reference_path: the dense one.
+        calib, heldout, train_tokens: disjoint `calibration.TokenizedSet`s of real text.
+        quant: `QuantSettings`; train: `TrainSettings`; float_precision: `PrecisionSettings`
+            for what is not quantized; export: `ExportSettings` (opset >= 19).
+        qat_onnx_path: where the fine-tuned FP32 export goes; parity_texts: its parity text.
+
+    Returns:
+        (FP32 + Q/DQ onnx.ModelProto of the fine-tuned model, report dict with `summary`,
+        `ptq`, `qat`, `training`).
+
+    Raises:
+        ValueError: a quantized MatMul that is not a Linear (`linear_placement`).
+        compiler.errors.ExportParityError: the fine-tuned model's export disagrees with PyTorch.
+    """
+    from dataclasses import replace
+    from pathlib import Path
+
+    import onnx
+
+    from compiler.export import onnx_from_torch
+    from compiler.precision import convert_precision
+    from compiler.quantize import FidelityProbe, insert_qdq, quantize_within_budget
+    from compiler.settings import settings_hash
+
+    ptq_settings = replace(quant, smoothquant_alpha=None)
+    input_names = loaded.input_names
+    ptq_model, ptq = quantize_within_budget(fp32_path, calib, heldout, input_names, output_names, ptq_settings,
+                                            cache_dir, batch_size, precision=float_precision)
+    light = onnx.load(str(fp32_path), load_external_data=False)
+    learned, training = qat_model(student, teacher, input_names, light, ptq.quantized_nodes, ptq.thresholds,
+                                  train_tokens, train, after_step)
+    tuned = replace(loaded, module=student, key=settings_hash("qat-v1", loaded.key, quant, train, calib.key,
+                                                               train_tokens.key))
+    path, export_report = onnx_from_torch(tuned, export, Path(qat_onnx_path), parity_texts)
+    exclude = {e.name: "sensitivity" for e in ptq.excluded if e.reason == "sensitivity"}
+    model, rep = insert_qdq(onnx.load(str(path)), learned, ptq_settings, exclude_nodes=exclude)
+    if sorted(rep.quantized_nodes) != sorted(ptq.quantized_nodes):
+        raise ValueError("QAT placement differs from PTQ's: "
+                         f"{sorted(set(rep.quantized_nodes) ^ set(ptq.quantized_nodes))[:5]}")
+    probe = FidelityProbe(reference_path, heldout, input_names, output_names[0], batch_size)
+    fid_ptq = probe.measure(convert_precision(ptq_model, float_precision)[0])
+    fid_qat = probe.measure(convert_precision(model, float_precision)[0])
+    rep.method, rep.fidelity = ptq.method, {**fid_qat, "heldout_samples": len(heldout)}
+    parity = max(p.max_abs_diff for p in export_report.parity)
+    summary = {"method": "qat", "calibration_method": ptq.method, "quantized_matmuls": rep.quantized_matmuls,
+               "excluded": [e.name for e in rep.excluded], "int8_mac_fraction": round(rep.int8_mac_fraction, 4),
+               "cosine_min": fid_qat["cosine_min"], "ptq_cosine_min": fid_ptq["cosine_min"],
+               "budget_min_cosine": quant.min_cosine, "budget_met": fid_qat["cosine_min"] >= quant.min_cosine
+               and fid_qat["nonfinite_count"] == 0, "float_mode": float_precision.mode,
+               "training_steps": training.steps, "training_seconds": training.seconds}
+    report = {"summary": summary,
+              "heldout": {"reference": str(reference_path), "graph": f"{float_precision.mode} + INT8",
+                          "ptq_same_placement": fid_ptq, "qat": fid_qat},
+              "ptq": ptq.to_dict(), "qat": rep.to_dict(), "training": training.to_dict(),
+              "qat_export": {"onnx": str(path), "parity_worst": parity}}
+    log.info("QAT: held-out cosine_min %.5f (PTQ at the same placement %.5f)", fid_qat["cosine_min"],
+             fid_ptq["cosine_min"])
+    return model, report

@@ -61,11 +61,11 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from compiler.settings import settings_hash
+from compiler.settings import QUANT_METHODS, QuantSettings, settings_hash  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-METHODS = ("max", "entropy", "percentile")
+METHODS = QUANT_METHODS
 QUANT_OPS = ("MatMul", "Gemm")
 MIN_OPSET = 19  # QuantizeLinear / DequantizeLinear take float16 inputs and scales from opset 19
 INT8_MAX = 127
@@ -75,81 +75,6 @@ INT8_MAX = 127
 MIN_SCALE = 2.0**-14
 FLOAT = 1  # onnx.TensorProto.FLOAT
 CALIBRATION_VERSION = "int8-calibration-v1"
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    """INT8 post-training quantization.
-
-    Defaults are the measured best on MiniLM (see the module docstring).
-
-    Attributes:
-        method: activation threshold per tensor: `max` (absolute maximum), `entropy` (the
-            threshold minimizing the KL divergence between the float and the quantized
-            histogram, TensorRT's calibrator), `percentile` (the `percentile`-th percentile of
-            |x|). All three are ONNX Runtime's calibrators.
-        percentile: percentile of |x| for `percentile`, in (0, 100].
-        num_bins: histogram bins of the `entropy` and `percentile` calibrators. ONNX Runtime's
-            default of 128 for entropy, with its 128 quantized bins, leaves the KL search a
-            single candidate (the maximum): entropy then equals max.
-        num_quantized_bins: bins of the quantized distribution in the entropy search.
-        quantize_attention_bmm: quantize the two attention batched matmuls (Q.K^T and
-            probs.V: MatMuls whose both inputs are activations).
-        exclude: fnmatch patterns on node names; matching MatMul/Gemm nodes stay float.
-        min_cosine: the INT8 budget: minimum per-sample cosine vs FP32 on held-out text.
-        max_excluded: most nodes the budget loop may leave unquantized.
-        smoothquant_alpha: SmoothQuant migration strength (Xiao et al. 2023) or None (off):
-            per input channel j of a quantized weight MatMul's activation X,
-            s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); X / s feeds the MatMul, W_j * s_j
-            replaces W_j.
-        calib_windows: calibration windows (None: one per calibration sample).
-        calib_batch_size: windows per ONNX Runtime run during calibration.
-        sensitivity_samples: calibration windows each sensitivity measurement runs on.
-    """
-
-    method: str = "max"
-    percentile: float = 99.99
-    num_bins: int = 2048
-    num_quantized_bins: int = 128
-    quantize_attention_bmm: bool = False
-    exclude: tuple[str, ...] = ()
-    min_cosine: float = 0.99
-    max_excluded: int = 8
-    smoothquant_alpha: float | None = 0.8
-    calib_windows: int | None = None
-    calib_batch_size: int = 8
-    sensitivity_samples: int = 16
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
-        if not 0.0 < self.percentile <= 100.0:
-            raise ValueError(f"percentile={self.percentile}: expected 0 < percentile <= 100")
-        if self.num_quantized_bins < 2 or self.num_bins < 2 * self.num_quantized_bins:
-            raise ValueError(f"num_bins={self.num_bins}, num_quantized_bins={self.num_quantized_bins}: "
-                             "need num_quantized_bins >= 2 and num_bins >= 2 * num_quantized_bins "
-                             "(else the entropy search has no threshold below the maximum)")
-        if not isinstance(self.exclude, tuple) or not all(isinstance(p, str) and p for p in self.exclude):
-            raise ValueError(f"exclude={self.exclude!r}: expected a tuple of non-empty fnmatch patterns")
-        if not -1.0 <= self.min_cosine <= 1.0:
-            raise ValueError(f"min_cosine={self.min_cosine}: expected -1 <= min_cosine <= 1")
-        if self.max_excluded < 0:
-            raise ValueError(f"max_excluded={self.max_excluded}: expected >= 0")
-        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
-            raise ValueError(f"smoothquant_alpha={self.smoothquant_alpha}: expected None or 0 <= alpha <= 1")
-        if self.calib_windows is not None and self.calib_windows < 1:
-            raise ValueError(f"calib_windows={self.calib_windows}: expected None or >= 1")
-        if self.calib_batch_size < 1 or self.sensitivity_samples < 1:
-            raise ValueError("calib_batch_size and sensitivity_samples must be >= 1")
-
-    def calibration_key(self) -> dict[str, Any]:
-        """The settings that change calibrated thresholds (the cache key's share)."""
-        return {"method": self.method, "calib_windows": self.calib_windows,
-                # histograms are merged batch by batch (their bins grow): batching matters there
-                **({"num_bins": self.num_bins, "calib_batch_size": self.calib_batch_size}
-                   if self.method != "max" else {}),
-                **({"num_quantized_bins": self.num_quantized_bins} if self.method == "entropy" else {}),
-                **({"percentile": self.percentile} if self.method == "percentile" else {})}
 
 
 @dataclass
@@ -198,6 +123,8 @@ class QuantReport:
         steps: the budget loop's steps with their held-out fidelity.
         sensitivity: per candidate node, the calibration-set cosine deficit its exclusion removes.
         smoothquant: per smoothed activation tensor, the channel scale range.
+        thresholds: calibrated |x| threshold (maps to 127) per activation tensor
+            (`quantize_within_budget`; QAT starts from these).
     """
 
     method: str
@@ -217,6 +144,7 @@ class QuantReport:
     steps: list[dict[str, Any]] = field(default_factory=list)
     sensitivity: dict[str, float] = field(default_factory=dict)
     smoothquant: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -1064,6 +992,7 @@ def quantize_within_budget(fp32_path: str | os.PathLike, calib_tokens: Any, held
     report.steps = steps
     report.sensitivity = dict(sorted(sensitivity.items(), key=lambda kv: -kv[1]))
     report.smoothquant = smooth_info
+    report.thresholds = {t: float(v) for t, v in scales.items()}
     report.smoothquant_alpha = settings.smoothquant_alpha if smooth_info else None
     if not ok(fid):
         log.warning("INT8 budget min_cosine %.4g not met (held-out cosine_min %.4g) after %d exclusions",

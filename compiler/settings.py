@@ -12,8 +12,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-PRECISION_MODES = ("fp32", "fp16", "hybrid", "auto")
+PRECISION_MODES = ("fp32", "fp16", "hybrid", "auto", "int8", "int8-qat")
+INT8_MODES = ("int8", "int8-qat")
+FLOAT_MODES = ("fp32", "fp16", "hybrid", "auto")  # what runs outside Q/DQ in an INT8 variant
+SPARSITY_PATTERNS = (None, "2:4")
+QUANT_METHODS = ("max", "entropy", "percentile")
 WEIGHT_MODES = ("pretrained", "random")
 
 
@@ -67,7 +72,10 @@ class PrecisionSettings:
     Attributes:
         mode: `fp32` (unchanged), `fp16` (everything ONNX allows), `hybrid` (softmax, layer
             norm and accumulating reductions in FP32, the rest in FP16), `auto` (the fewest
-            FP32 nodes that meet the budget below, measured; see compiler.auto_precision).
+            FP32 nodes that meet the budget below, measured; see compiler.auto_precision),
+            `int8` (post-training INT8 Q/DQ on MatMul/Gemm inputs, see `QuantSettings`; the rest
+            in `QuantSettings.float_mode`), `int8-qat` (the same placement with scales and
+            weights from quantization-aware training, see `TrainSettings`).
         fp16_clamp: magnitude that out-of-range FP32 constants are clamped to. Half of FP16's
             maximum (65504) so that adding a bounded activation to a clamped mask fill value
             (-3.4e38 in Hugging Face attention masks) stays finite.
@@ -105,7 +113,10 @@ class DataSettings:
         text_column: column of a TSV/CSV file; None picks `sentence` or `text`.
         samples: held-out samples for verification and the `auto` budget (taken after the
             calibration samples, never overlapping them).
-        calib_samples: calibration samples (activation statistics), from the start of the text.
+        calib_samples: calibration samples (activation statistics, INT8 thresholds), from the
+            start of the text.
+        train_samples: fine-tuning samples (QAT, sparsity recovery), taken after the held-out
+            samples: the text is laid out [calibration | held-out | training], never overlapping.
         max_length: tokens per sample, after truncation.
         min_words: lines with fewer whitespace-separated words are skipped (WikiText-2 has
             empty lines and `= Heading =` lines).
@@ -117,14 +128,152 @@ class DataSettings:
     text_column: str | None = None
     samples: int = 64
     calib_samples: int = 128
+    train_samples: int = 512
     max_length: int = 128
     min_words: int = 8
     batch_size: int = 8
     cache_dir: str = "calibration/cache"
 
     def __post_init__(self) -> None:
-        if self.samples < 1 or self.calib_samples < 1 or self.max_length < 2 or self.batch_size < 1:
-            raise ValueError("samples, calib_samples, batch_size must be >= 1 and max_length >= 2")
+        if (self.samples < 1 or self.calib_samples < 1 or self.train_samples < 1 or self.max_length < 2
+                or self.batch_size < 1):
+            raise ValueError("samples, calib_samples, train_samples, batch_size must be >= 1 and max_length >= 2")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """INT8 post-training quantization (`PRECISION=int8`, and the PTQ start of `int8-qat`).
+
+    Defaults are the measured best on MiniLM (compiler/quantize.py's docstring; the benchmark
+    benchmarks/int8_ptq.py).
+
+    Attributes:
+        method: activation threshold per tensor: `max` (absolute maximum), `entropy` (the
+            threshold minimizing the KL divergence between the float and the quantized
+            histogram, TensorRT's calibrator), `percentile` (the `percentile`-th percentile of
+            |x|). All three are ONNX Runtime's calibrators.
+        percentile: percentile of |x| for `percentile`, in (0, 100].
+        num_bins: histogram bins of the `entropy` and `percentile` calibrators. ONNX Runtime's
+            default of 128 for entropy, with its 128 quantized bins, leaves the KL search a
+            single candidate (the maximum): entropy then equals max.
+        num_quantized_bins: bins of the quantized distribution in the entropy search.
+        quantize_attention_bmm: quantize the two attention batched matmuls (Q.K^T and
+            probs.V: MatMuls whose both inputs are activations).
+        exclude: fnmatch patterns on node names; matching MatMul/Gemm nodes stay float.
+        min_cosine: the INT8 budget: minimum per-sample cosine vs FP32 on held-out text.
+        max_excluded: most nodes the budget loop may leave unquantized.
+        smoothquant_alpha: SmoothQuant migration strength (Xiao et al. 2023) or None (off):
+            per input channel j of a quantized weight MatMul's activation X,
+            s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); X / s feeds the MatMul, W_j * s_j
+            replaces W_j.
+        calib_windows: calibration windows (None: one per calibration sample).
+        calib_batch_size: windows per ONNX Runtime run during calibration.
+        sensitivity_samples: calibration windows each sensitivity measurement runs on.
+        float_mode: precision of everything not quantized (`hybrid`: FP16 with softmax and
+            layer norm pinned to FP32; `fp16`; `fp32`).
+    """
+
+    method: str = "max"
+    percentile: float = 99.99
+    num_bins: int = 2048
+    num_quantized_bins: int = 128
+    quantize_attention_bmm: bool = False
+    exclude: tuple[str, ...] = ()
+    min_cosine: float = 0.99
+    max_excluded: int = 8
+    smoothquant_alpha: float | None = 0.8
+    calib_windows: int | None = None
+    calib_batch_size: int = 8
+    sensitivity_samples: int = 16
+    float_mode: str = "hybrid"
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"method={self.method!r}: expected one of {QUANT_METHODS}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile={self.percentile}: expected 0 < percentile <= 100")
+        if self.num_quantized_bins < 2 or self.num_bins < 2 * self.num_quantized_bins:
+            raise ValueError(f"num_bins={self.num_bins}, num_quantized_bins={self.num_quantized_bins}: "
+                             "need num_quantized_bins >= 2 and num_bins >= 2 * num_quantized_bins "
+                             "(else the entropy search has no threshold below the maximum)")
+        if not isinstance(self.exclude, tuple) or not all(isinstance(p, str) and p for p in self.exclude):
+            raise ValueError(f"exclude={self.exclude!r}: expected a tuple of non-empty fnmatch patterns")
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ValueError(f"min_cosine={self.min_cosine}: expected -1 <= min_cosine <= 1")
+        if self.max_excluded < 0:
+            raise ValueError(f"max_excluded={self.max_excluded}: expected >= 0")
+        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ValueError(f"smoothquant_alpha={self.smoothquant_alpha}: expected None or 0 <= alpha <= 1")
+        if self.calib_windows is not None and self.calib_windows < 1:
+            raise ValueError(f"calib_windows={self.calib_windows}: expected None or >= 1")
+        if self.calib_batch_size < 1 or self.sensitivity_samples < 1:
+            raise ValueError("calib_batch_size and sensitivity_samples must be >= 1")
+        if self.float_mode not in ("fp32", "fp16", "hybrid"):
+            raise ValueError(f"float_mode={self.float_mode!r}: expected fp32, fp16 or hybrid")
+
+    def calibration_key(self) -> dict[str, Any]:
+        """The settings that change calibrated thresholds (the cache key's share)."""
+        return {"method": self.method, "calib_windows": self.calib_windows,
+                # histograms are merged batch by batch (their bins grow): batching matters there
+                **({"num_bins": self.num_bins, "calib_batch_size": self.calib_batch_size}
+                   if self.method != "max" else {}),
+                **({"num_quantized_bins": self.num_quantized_bins} if self.method == "entropy" else {}),
+                **({"percentile": self.percentile} if self.method == "percentile" else {})}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Distillation fine-tuning against the FP32 model on real text (QAT and sparsity recovery).
+
+    One loop (`compiler.qat.distill`) serves both. The loss is the mean squared error of the
+    student's `last_hidden_state` against the FP32 teacher's at valid tokens (no labels).
+
+    Attributes:
+        steps: optimizer steps (AdamW, no weight decay).
+        lr: learning rate of the weights.
+        scale_lr: learning rate of QAT's learnable activation scales (LSQ, Esser et al. 2020).
+        batch_size: samples per step (padded to the batch's longest).
+        seed: shuffling seed.
+    """
+
+    steps: int = 200
+    lr: float = 1e-5
+    scale_lr: float = 1e-3
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.lr <= 0 or self.scale_lr <= 0 or self.batch_size < 1:
+            raise ValueError("need steps >= 0, lr > 0, scale_lr > 0, batch_size >= 1")
+
+
+@dataclass(frozen=True)
+class SparsitySettings:
+    """2:4 structured sparsity (`SPARSITY=2:4`), applied in PyTorch before export.
+
+    Attributes:
+        pattern: None (dense) or `2:4`: at least 2 zeros in every 4 consecutive weights along
+            the reduction (input) dimension, what sparse tensor cores (Ampere and later) and
+            TensorRT's `SPARSE_WEIGHTS` need.
+        method: `magnitude` (keep the 2 largest |w| of every 4).
+        layers: fnmatch patterns on module names choosing the pruned linear layers; empty
+            means every linear layer inside the transformer blocks (no embeddings, no head).
+        recover_steps: distillation steps with the masks held fixed (0: no recovery); the
+            loop's other knobs come from `TrainSettings`.
+    """
+
+    pattern: str | None = None
+    method: str = "magnitude"
+    layers: tuple[str, ...] = ()
+    recover_steps: int = 400
+
+    def __post_init__(self) -> None:
+        if self.pattern not in SPARSITY_PATTERNS:
+            raise ValueError(f"sparsity={self.pattern!r}: expected one of {SPARSITY_PATTERNS}")
+        if self.method not in ("magnitude",):
+            raise ValueError(f"sparsity method={self.method!r}: expected magnitude")
+        if not isinstance(self.layers, tuple) or self.recover_steps < 0:
+            raise ValueError("layers must be a tuple of fnmatch patterns and recover_steps >= 0")
 
 
 @dataclass(frozen=True)
@@ -158,14 +307,16 @@ class EngineSettings:
         profiles: optimization profiles, one engine context each.
         workspace_mib: workspace memory pool limit in MiB.
         optimization_level: builder optimization level 0..5 (TensorRT default 3).
-        sparse_weights: set `BuilderFlag.SPARSE_WEIGHTS` (2:4 structured sparsity).
+        sparse_weights: `BuilderFlag.SPARSE_WEIGHTS` (2:4 structured sparsity): None sets it
+            exactly when the graph has 2:4-eligible GEMM weights (`compiler.sparsity.check_2_4`);
+            True / False force it.
         timing_cache_dir: timing caches are kept here, one file per GPU and TensorRT version.
     """
 
     profiles: tuple[ProfileSettings, ...] = (ProfileSettings(),)
     workspace_mib: int = 4096
     optimization_level: int = 3
-    sparse_weights: bool = False
+    sparse_weights: bool | None = None
     timing_cache_dir: str = "engines/timing_cache"
 
     def __post_init__(self) -> None:
@@ -185,18 +336,29 @@ class BuildSettings:
     export: ExportSettings = field(default_factory=ExportSettings)
     precision: PrecisionSettings = field(default_factory=PrecisionSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    quant: QuantSettings = field(default_factory=QuantSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    sparsity: SparsitySettings = field(default_factory=SparsitySettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     output_dir: str = "engines"
 
     def model_dir(self) -> Path:
-        """`engines/<model-slug>/<weights>`: where this model's artifacts live."""
+        """`engines/<model-slug>/<weights>`: where this model's artifacts live (the dense FP32
+        export, the reference of every variant)."""
         slug = self.model.name.strip("/").replace("/", "--").replace("\\", "--")
         slug = slug.lstrip(".-") or "model"
         return Path(self.output_dir) / slug / self.model.weights
 
+    def base_dir(self) -> Path:
+        """Where the FP32 graph the variants derive from lies: `model_dir()`, or its `sparse24`
+        subfolder for a 2:4 sparse model."""
+        if self.sparsity.pattern is None:
+            return self.model_dir()
+        return self.model_dir() / f"sparse{self.sparsity.pattern.replace(':', '')}"
+
     def variant_dir(self) -> Path:
-        """`engines/<model-slug>/<weights>/<precision>`: one precision variant's artifacts."""
-        return self.model_dir() / self.precision.mode
+        """`<base_dir()>/<precision>`: one variant's artifacts."""
+        return self.base_dir() / self.precision.mode
 
 
 def settings_hash(*parts: object) -> str:

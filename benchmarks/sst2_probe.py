@@ -1,0 +1,228 @@
+"""Benchmark: SST-2 accuracy of a linear probe on mean-pooled embeddings, FP32 vs variants.
+
+    python benchmarks/sst2_probe.py --fp32 engines/minilm/pretrained/model.fp32.onnx \
+        --variant hybrid=engines/minilm/pretrained/hybrid/model.onnx [--variant int8=PATH ...] \
+        [--retrain hybrid] [--train-samples 2000] [--dev-samples 872] [--model minilm] \
+        [--out engines/benchmarks]
+
+A logistic-regression probe (`compiler.task_accuracy.train_probe`) is trained once on the FP32
+graph's embeddings of the first `--train-samples` SST-2 train sentences and kept fixed; each
+graph's dev accuracy with that probe is reported, with the change in points against FP32, so a
+difference comes from the variant's embeddings alone. `--retrain NAME` also reports a probe
+trained on that variant's own train embeddings (how much of a loss a retrained head recovers).
+Graphs with FP16 tensors run on the faithful FP16 reference, the others on ONNX Runtime CPU.
+
+Embeddings are cached as .npy under `<out>/cache/`, keyed by the ONNX file's sha256, the split,
+the sample count, the tokenizer and max_length, so a rerun only scores. Prints a markdown table
+and writes `<out>/sst2_probe.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from compiler.artifacts import atomic_write, write_json  # noqa: E402
+from compiler.fp16_reference import REFERENCE_NAME  # noqa: E402
+from compiler.onnx_io import onnx_sha256  # noqa: E402
+from compiler.task_accuracy import (ProbeResult, embedding_session, load_sst2,  # noqa: E402
+                                    nonfinite_rows, probe_accuracy, sentence_embeddings,
+                                    train_probe)
+
+ORT_NAME = "onnxruntime CPU (ORT_ENABLE_ALL)"
+
+
+def named_path(spec: str) -> tuple[str, Path]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected NAME=PATH")
+    return name, Path(path)
+
+
+def tokenizer_key(tokenizer) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{vocab}".encode()).hexdigest()[:12]
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to a bare path
+        np.save(f, array)
+
+
+def graph_inputs(path: Path) -> list[str]:
+    import onnx
+
+    from compiler.onnx_io import load_onnx
+
+    if not path.is_file():
+        load_onnx(path, check=False)  # InvalidOnnxError with the next step
+    light = onnx.load(str(path), load_external_data=False)
+    weights = {t.name for t in light.graph.initializer}
+    return [i.name for i in light.graph.input if i.name not in weights]
+
+
+class Graph:
+    """One ONNX graph: its embeddings per split, cached on disk, computed on first need."""
+
+    def __init__(self, name: str, path: Path, args, tokenizer, tok_key: str) -> None:
+        self.name, self.path, self.args, self.tokenizer = name, path, args, tokenizer
+        self.sha256 = onnx_sha256(path)
+        self.inputs = graph_inputs(path)
+        self.tok_key = tok_key
+        self.session = None
+        self.faithful: bool | None = None
+        self.seconds = 0.0
+        self.cached: list[str] = []
+
+    def cache_file(self, split: str, count: int) -> Path:
+        return (self.args.out / "cache" /
+                f"sst2-{self.sha256[:20]}-{split}-{count}-tok{self.tok_key}-len{self.args.max_length}.npy")
+
+    def embeddings(self, split: str, texts: list[str]) -> np.ndarray:
+        file = self.cache_file(split, len(texts))
+        meta = file.with_suffix(".json")
+        if file.is_file() and meta.is_file():
+            self.faithful = json.loads(meta.read_text())["faithful_fp16"]
+            self.cached.append(split)
+            return np.load(file)
+        start = time.perf_counter()
+        if self.session is None:
+            self.session, self.faithful = embedding_session(self.path)
+        emb = sentence_embeddings(self.session, texts, self.tokenizer, self.inputs,
+                                  max_length=self.args.max_length, batch_size=self.args.batch_size)
+        self.seconds += time.perf_counter() - start
+        atomic_write(file, lambda p: save_npy(p, emb))
+        write_json(meta, {"onnx": str(self.path), "sha256": self.sha256, "split": split, "count": len(texts),
+                          "faithful_fp16": self.faithful, "max_length": self.args.max_length,
+                          "tokenizer_key": self.tok_key})
+        print(f"  {self.name:<12} {split:<5} {len(texts):>5} embeddings in {time.perf_counter() - start:6.1f} s "
+              f"({'FP16 reference' if self.faithful else 'ORT CPU'})", flush=True)
+        return emb
+
+    def release(self) -> None:
+        self.session = None
+
+    @property
+    def reference(self) -> str:
+        return REFERENCE_NAME if self.faithful else ORT_NAME
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--fp32", type=Path, default=Path("engines/minilm/pretrained/model.fp32.onnx"),
+                    help="the FP32 ONNX whose train embeddings train the probe")
+    ap.add_argument("--variant", type=named_path, action="append", default=[], metavar="NAME=PATH",
+                    help="an ONNX graph with the FP32 graph's inputs (repeatable)")
+    ap.add_argument("--retrain", action="append", default=[], metavar="NAME",
+                    help="also report a probe retrained on this graph's own train embeddings (repeatable)")
+    ap.add_argument("--train-samples", type=int, default=2000, help="the first N SST-2 train sentences")
+    ap.add_argument("--dev-samples", type=int, default=None, help="the first N SST-2 dev sentences (default all 872)")
+    ap.add_argument("--model", default="minilm", help="model whose tokenizer feeds the graphs")
+    ap.add_argument("--weights", default="pretrained", choices=("pretrained", "random"))
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-relative-std", type=float, default=1e-3,
+                    help="the probe drops features whose train std is below this x the median (0: keep all)")
+    ap.add_argument("--sst2", type=Path, default=None, help="folder with train.tsv/dev.tsv (default ../shared/data/sst2)")
+    ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))
+    args = ap.parse_args()
+    names = [n for n, _ in args.variant]
+    if "fp32" in names or len(set(names)) != len(names):
+        ap.error(f"variant names must be unique and not 'fp32': {names}")
+    unknown = [n for n in args.retrain if n not in ("fp32", *names)]
+    if unknown:
+        ap.error(f"--retrain {unknown}: not a graph name; known: {['fp32', *names]}")
+    if args.train_samples < 2:
+        ap.error("--train-samples must be >= 2")
+
+    from compiler.models import load_model
+    from compiler.settings import ModelSettings
+
+    start = time.perf_counter()
+    loaded = load_model(ModelSettings(name=args.model, weights=args.weights))
+    tokenizer = loaded.tokenizer
+    del loaded
+    tok_key = tokenizer_key(tokenizer)
+    train_texts, train_labels = load_sst2("train", args.train_samples, args.sst2)
+    dev_texts, dev_labels = load_sst2("dev", args.dev_samples, args.sst2)
+    print(f"SST-2: {len(train_texts)} train / {len(dev_texts)} dev sentences; tokenizer of {args.model} "
+          f"({args.weights}), max_length {args.max_length}")
+
+    graphs = [Graph("fp32", args.fp32, args, tokenizer, tok_key)]
+    graphs += [Graph(n, p, args, tokenizer, tok_key) for n, p in args.variant]
+    for g in graphs[1:]:
+        if sorted(g.inputs) != sorted(graphs[0].inputs):
+            sys.exit(f"{g.name}: graph inputs {g.inputs} differ from the FP32 graph's {graphs[0].inputs}")
+
+    fp32 = graphs[0]
+    probe = train_probe(fp32.embeddings("train", train_texts), train_labels, seed=args.seed,
+                        min_relative_std=args.min_relative_std)
+    kept = int(probe[0].get_support().sum())
+    train_acc = probe_accuracy(probe, fp32.embeddings("train", train_texts), train_labels)
+    rows: list[ProbeResult] = []
+    base = None
+    for g in graphs:
+        t0 = time.perf_counter()
+        dev = g.embeddings("dev", dev_texts)
+        acc = probe_accuracy(probe, dev, dev_labels)
+        base = acc if base is None else base
+        retrained = None
+        if g.name in args.retrain:
+            train = g.embeddings("train", train_texts)
+            if nonfinite_rows(train):
+                print(f"  {g.name}: {nonfinite_rows(train)} non-finite train embeddings, no retrained probe")
+            else:
+                own = train_probe(train, train_labels, seed=args.seed, min_relative_std=args.min_relative_std)
+                retrained = probe_accuracy(own, dev, dev_labels)
+        g.release()
+        rows.append(ProbeResult(g.name, str(g.path), g.sha256, g.reference, acc, round((acc - base) * 100, 2),
+                                retrained, nonfinite_rows(dev), round(time.perf_counter() - t0, 1)))
+
+    majority = float(max(dev_labels.mean(), 1 - dev_labels.mean()))
+    hidden = int(probe[0].n_features_in_)
+    print(f"\nprobe: VarianceThreshold ({kept} of {hidden} features kept) + StandardScaler + LogisticRegression"
+          f"(C=1.0, lbfgs, max_iter 2000) on FP32 train embeddings; train accuracy {train_acc:.4f}; "
+          f"dev majority class {majority:.4f}\n")
+    print("| graph | dev accuracy (FP32 probe) | vs FP32 (points) | retrained probe | non-finite dev rows "
+          "| runs on | seconds | sha256 |")
+    print("|---|---:|---:|---:|---:|---|---:|---|")
+    for r in rows:
+        ret = "-" if r.retrained_accuracy is None else f"{r.retrained_accuracy:.4f}"
+        where = "FP16 reference" if r.reference == REFERENCE_NAME else "ORT CPU"
+        print(f"| {r.name} | {r.accuracy:.4f} | {r.delta_points:+.2f} | {ret} | {r.nonfinite_rows} | {where} "
+              f"| {r.seconds} | {r.sha256[:12]} |")
+
+    import onnxruntime
+    import sklearn
+
+    result = {
+        "model": args.model, "weights": args.weights, "tokenizer_key": tok_key, "max_length": args.max_length,
+        "data": {"train": "SST-2 train.tsv, first rows", "dev": "SST-2 dev.tsv, first rows",
+                 "train_samples": len(train_texts), "dev_samples": len(dev_texts),
+                 "train_positive": int(train_labels.sum()), "dev_positive": int(dev_labels.sum())},
+        "probe": {"kind": "VarianceThreshold + StandardScaler + LogisticRegression", "C": 1.0, "solver": "lbfgs",
+                  "max_iter": 2000, "seed": args.seed, "min_relative_std": args.min_relative_std,
+                  "features_kept": kept, "features": hidden, "trained_on": "fp32", "train_accuracy": train_acc},
+        "dev_majority_class_accuracy": majority,
+        "rows": [{**r.to_dict(), "cached": g.cached, "embedding_seconds": round(g.seconds, 1)}
+                 for r, g in zip(rows, graphs)],
+        "versions": {"onnxruntime": onnxruntime.__version__, "scikit-learn": sklearn.__version__},
+        "cache": str(args.out / "cache"),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_json(args.out / "sst2_probe.json", result)
+    print(f"\nwrote {args.out / 'sst2_probe.json'} ({result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,472 @@
+"""2:4 structured sparsity: magnitude pruning in PyTorch, recovery by distillation, ONNX check.
+
+2:4 ("two of four") sparsity means at least 2 zeros in every group of 4 consecutive weights
+along a GEMM's reduction dimension K (the input features of a linear layer). NVIDIA's sparse
+tensor cores (Ampere and later) store only the 2 kept values and a 2-bit index per value and
+skip the zeros, up to twice the math throughput of the dense GEMM (Mishra et al. 2021,
+"Accelerating Sparse Deep Neural Networks", arXiv:2104.08378). TensorRT uses sparse kernels only
+when the builder flag `BuilderFlag.SPARSE_WEIGHTS` is set (`EngineSettings.sparse_weights`) and
+a constant weight already has the pattern; it never prunes, and it times sparse against dense
+kernels per layer, so the pattern is necessary, not sufficient, for a speed-up.
+
+The stage, run in PyTorch before export:
+
+1. `block_linears` picks the linear layers inside the transformer blocks (not the embeddings,
+   pooler or head); `prune_2_4` keeps the 2 largest |w| of every 4 along the input dimension,
+   in place, and returns the masks.
+2. `recover` fine-tunes the pruned model against the dense one with the project's one training
+   loop (`compiler.qat.distill`), the masks re-applied after every optimizer step (`hold_masks`).
+3. After export (and FP16 conversion or INT8 Q/DQ), `check_2_4` reads the ONNX graph and says
+   which MatMul/Gemm weights TensorRT can run sparse and what share of the MACs they carry;
+   `require_2_4` turns a lost pattern into a `CompilerError`.
+
+`check_2_4` and `require_2_4` need only numpy and onnx; the PyTorch functions import torch when
+called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import numpy as np
+
+from compiler.errors import CompilerError
+from compiler.settings import SparsitySettings, TrainSettings
+
+if TYPE_CHECKING:
+    from compiler.qat import TrainReport
+
+GROUP = 4  # consecutive weights along K per group
+KEEP = 2  # nonzeros allowed per group (so at least GROUP - KEEP zeros)
+GEMM_OPS = ("MatMul", "Gemm")
+PASS_THROUGH = ("Cast", "DequantizeLinear", "Identity")  # ops between a weight and its GEMM that keep zeros
+
+# --------------------------------------------------------------------------------------------
+# PyTorch: choose, prune, hold, recover
+
+
+@dataclass
+class SparsityPruneReport:
+    """What `prune_2_4` did.
+
+    Attributes:
+        pattern: `2:4`.
+        pruned: module names pruned, in module order.
+        skipped: {module name: reason} for selected layers left dense.
+        zero_fraction: zeros / elements over the pruned layers' weights (0.5 for dense weights).
+        seconds: wall time.
+    """
+
+    pattern: str
+    pruned: list[str]
+    skipped: dict[str, str]
+    zero_fraction: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_linear(m: Any) -> bool:
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(m, (torch.nn.Linear, Conv1D))
+
+
+def block_linears(module: Any, layers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The linear layers to prune: {module name: nn.Linear or transformers Conv1D}.
+
+    Args:
+        module: a PyTorch model (e.g. `LoadedModel.module`); names are relative to it.
+        layers: fnmatch patterns on module names (e.g. `encoder.layer.*.intermediate.dense`);
+            when given, every linear layer of `module` whose name matches one is chosen.
+            Empty: every linear inside the transformer blocks, i.e. the children of the
+            `nn.ModuleList` holding the most parameters (BERT `encoder.layer`, GPT-2 `h`), which
+            leaves out embeddings, pooler and output head.
+
+    Returns:
+        {name: module} in `module.named_modules()` order.
+
+    Raises:
+        ValueError: no pattern matches a linear layer, or (default) no ModuleList of blocks
+            holds one.
+    """
+    import torch
+
+    linears = {n: m for n, m in module.named_modules() if _is_linear(m)}
+    if layers:
+        chosen = {n: m for n, m in linears.items() if any(fnmatch.fnmatchcase(n, p) for p in layers)}
+        if not chosen:
+            some = ", ".join(list(linears)[:6]) or "none"
+            raise ValueError(f"sparsity layers {list(layers)} match no linear layer of "
+                             f"{type(module).__name__}; linear layers are named like: {some}")
+        return chosen
+    lists = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(module).__name__} has no nn.ModuleList of transformer blocks; "
+                         "choose the layers with SparsitySettings.layers (fnmatch patterns)")
+    name, _ = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+    prefix = f"{name}." if name else ""
+    chosen = {n: m for n, m in linears.items() if n.startswith(prefix)}
+    if not chosen:
+        raise ValueError(f"the blocks {name!r} of {type(module).__name__} hold no nn.Linear or Conv1D; "
+                         "choose the layers with SparsitySettings.layers (fnmatch patterns)")
+    return chosen
+
+
+def _in_axis(m: Any) -> int:
+    """Axis of the weight that is the layer's input (reduction) dimension."""
+    import torch
+
+    return 1 if isinstance(m, torch.nn.Linear) else 0  # Linear (out, in); Conv1D (in, out)
+
+
+def magnitude_mask_2_4(weight: Any, in_axis: int) -> Any:
+    """Bool mask keeping the 2 largest |w| of every 4 consecutive weights along `in_axis`.
+
+    Args:
+        weight: 2-D float tensor; its size along `in_axis` must be a multiple of 4.
+
+    Returns:
+        torch.bool tensor of `weight`'s shape with exactly 2 True per group (ties: lower index).
+    """
+    import torch
+
+    w = weight.detach().abs().movedim(in_axis, -1)  # (..., K)
+    groups = w.reshape(*w.shape[:-1], w.shape[-1] // GROUP, GROUP)
+    keep = groups.topk(KEEP, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return mask.reshape(w.shape).movedim(-1, in_axis)
+
+
+def prune_2_4(module: Any, settings: SparsitySettings) -> tuple[dict[str, Any], SparsityPruneReport]:
+    """Magnitude 2:4 pruning of `block_linears(module, settings.layers)`, in place.
+
+    In each group of 4 consecutive weights along the input dimension (nn.Linear weight
+    (out, in): dim 1; Conv1D weight (in, out): dim 0) the 2 largest |w| are kept and the other
+    2 set to 0. Biases are untouched.
+
+    Args:
+        module: PyTorch model, modified in place.
+        settings: `pattern` must be `2:4`; `layers` as in `block_linears`.
+
+    Returns:
+        ({module name: torch.bool mask of the weight's shape, True = kept}, report). A layer
+        whose input dimension is not a multiple of 4 is left dense, listed in
+        `report.skipped` with the reason, and has no mask.
+
+    Raises:
+        ValueError: `settings.pattern` is not `2:4`, an unknown method, or no layer selected.
+    """
+    import torch
+
+    if settings.pattern != "2:4" or settings.method != "magnitude":
+        raise ValueError(f"prune_2_4 needs pattern='2:4' and method='magnitude', "
+                         f"got pattern={settings.pattern!r}, method={settings.method!r}")
+    start = time.perf_counter()
+    masks, skipped = {}, {}
+    zeros = total = 0
+    for name, m in block_linears(module, settings.layers).items():
+        axis = _in_axis(m)
+        k = m.weight.shape[axis]
+        if k % GROUP:
+            skipped[name] = f"input dimension {k} is not a multiple of {GROUP}"
+            continue
+        mask = magnitude_mask_2_4(m.weight, axis)
+        with torch.no_grad():
+            m.weight.masked_fill_(~mask, 0.0)
+        masks[name] = mask
+        zeros += int((m.weight == 0).sum())
+        total += m.weight.numel()
+    if not masks:
+        raise ValueError(f"no layer could be pruned 2:4: {skipped}")
+    report = SparsityPruneReport("2:4", list(masks), skipped, zeros / total,
+                                 round(time.perf_counter() - start, 3))
+    return masks, report
+
+
+def hold_masks(masks: dict[str, Any], module: Any) -> Callable[[Any], None]:
+    """An `after_step` for `compiler.qat.distill` that re-applies `masks` (pruned weights = 0).
+
+    Args:
+        masks: {module name: bool mask}, as returned by `prune_2_4`.
+        module: the model the masks belong to (checked once: names and shapes).
+
+    Returns:
+        f(model): sets every masked-out weight of `model` to 0 under `torch.no_grad()`.
+
+    Raises:
+        ValueError: a name that is not a submodule with a weight of the mask's shape.
+    """
+    import torch
+
+    for name, mask in masks.items():
+        try:
+            weight = module.get_submodule(name).weight
+        except AttributeError as e:
+            raise ValueError(f"mask {name!r}: no such submodule with a weight in {type(module).__name__}") from e
+        if tuple(weight.shape) != tuple(mask.shape):
+            raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}")
+
+    def weight_of(model: Any, name: str) -> Any:
+        mod = model.get_submodule(name)
+        # QAT wraps each Linear in a fake-quantizing module that holds it as `.linear`
+        return mod.weight if hasattr(mod, "weight") else mod.linear.weight
+
+    def apply(model: Any) -> None:
+        with torch.no_grad():
+            for name, mask in masks.items():
+                weight = weight_of(model, name)
+                weight.masked_fill_(~mask.to(weight.device), 0.0)
+
+    return apply
+
+
+def recover(student: Any, teacher: Any, masks: dict[str, Any], tokens: Any, input_names: list[str],
+            train: TrainSettings, steps: int) -> TrainReport:
+    """Distillation recovery of a pruned `student` with its 2:4 masks held fixed.
+
+    Runs `compiler.qat.distill` (MSE of last_hidden_state against the dense `teacher` at valid
+    tokens) for `steps` optimizer steps with `train`'s learning rate, batch size and seed; the
+    masks are applied before the first step and after every step.
+
+    Args:
+        student: the pruned model (fine-tuned in place, left in eval mode).
+        teacher: the dense FP32 model (frozen).
+        masks: from `prune_2_4` on `student`.
+        tokens: `calibration.TokenizedSet` of training text (never the held-out set).
+        input_names: model inputs (`LoadedModel.input_names`).
+
+    Returns:
+        compiler.qat.TrainReport.
+
+    Raises:
+        ValueError: the student has no trainable parameter, or a mask does not fit it.
+    """
+    from compiler.qat import distill
+
+    if not any(p.requires_grad for p in student.parameters()):
+        raise ValueError("recover: no parameter of the student requires grad (a copy of a teacher that "
+                         "distill already froze?); copy the model before the first distill run")
+    after_step = hold_masks(masks, student)
+    after_step(student)
+    return distill(student, teacher, tokens, input_names, dataclasses.replace(train, steps=steps),
+                   after_step=after_step)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX: which GEMM weights have the pattern
+
+
+@dataclass
+class GemmSparsity:
+    """One MatMul/Gemm with a constant weight.
+
+    Attributes:
+        node: node name. module: the PyTorch module it came from (exporter naming) or "".
+        weight: the initializer holding the values checked (INT8 for Q/DQ graphs).
+        shape: the initializer's shape. axis: its axis that the GEMM reduces over (K).
+        eligible: K % 4 == 0 and every group of 4 along K has >= 2 exact zeros.
+        macs: multiply-accumulates at the check's mac_shape.
+        reason: why not eligible ("" when eligible).
+    """
+
+    node: str
+    module: str
+    weight: str
+    shape: list[int]
+    axis: int
+    eligible: bool
+    macs: int
+    reason: str = ""
+
+
+@dataclass
+class SparsityCheck:
+    """2:4 eligibility of a graph's GEMMs (what `BuilderFlag.SPARSE_WEIGHTS` can use).
+
+    Attributes:
+        gemms: one entry per MatMul/Gemm with a constant weight, graph order.
+        eligible / ineligible: counts over `gemms`.
+        activation_matmuls: MatMul/Gemm without a constant weight (attention's batched matmuls),
+            never sparse.
+        total_macs / eligible_macs: over every MatMul/Gemm at `mac_shape` (batch, sequence).
+        sparse_mac_fraction: eligible_macs / total_macs.
+        has_eligible: at least one eligible GEMM.
+    """
+
+    gemms: list[GemmSparsity] = field(default_factory=list)
+    eligible: int = 0
+    ineligible: int = 0
+    activation_matmuls: int = 0
+    total_macs: int = 0
+    eligible_macs: int = 0
+    sparse_mac_fraction: float = 0.0
+    has_eligible: bool = False
+    mac_shape: tuple[int, int] = (1, 128)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sparse_mac_fraction"] = round(self.sparse_mac_fraction, 4)
+        d["mac_shape"] = {"batch": self.mac_shape[0], "sequence": self.mac_shape[1]}
+        return d
+
+    def by_node(self) -> dict[str, GemmSparsity]:
+        return {g.node: g for g in self.gemms}
+
+
+def _constants(model: Any) -> dict[str, Any]:
+    """{name: TensorProto} of the initializers and Constant nodes' values."""
+    found = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            found[n.output[0]] = n.attribute[0].t
+    return found
+
+
+def _trace(tensor: str, consts: dict[str, Any], producer: dict[str, Any]) -> tuple[str, list[list[int] | None]] | None:
+    """(constant name, Transpose perms from the GEMM back to it) when `tensor` is a weight."""
+    perms: list[list[int] | None] = []
+    while tensor not in consts:
+        p = producer.get(tensor)
+        if p is None or p.op_type not in (*PASS_THROUGH, "Transpose"):
+            return None
+        if p.op_type == "Transpose":
+            perms.append(next((list(a.ints) for a in p.attribute if a.name == "perm"), None))
+        tensor = p.input[0]
+    return tensor, perms
+
+
+def _reduction_axis(node: Any, k: int, rank: int) -> int:
+    """Axis of input `k` (rank `rank`) of MatMul/Gemm `node` that is reduced over."""
+    if node.op_type == "Gemm":
+        trans = next((a.i for a in node.attribute if a.name == ("transB" if k else "transA")), 0)
+        return (1 if trans else 0) if k else (0 if trans else 1)
+    if k == 1:
+        return rank - 2 if rank >= 2 else 0  # B (..., K, N)
+    return rank - 1  # A (..., M, K)
+
+
+def _groups_check(w: np.ndarray, axis: int) -> str:
+    """"" when every group of 4 along `axis` has >= 2 zeros, else the reason."""
+    k = w.shape[axis]
+    if k % GROUP:
+        return f"K={k} not a multiple of {GROUP}"
+    moved = np.moveaxis(w, axis, -1)
+    zeros = (moved.reshape(*moved.shape[:-1], k // GROUP, GROUP) == 0).sum(-1)  # (..., K/4)
+    bad = zeros < GROUP - KEEP
+    if not bad.any():
+        return ""
+    first = [int(i) for i in np.argwhere(bad)[0]]
+    index = first[:-1]
+    index.insert(axis, first[-1] * GROUP)
+    return (f"{int(bad.sum())} of {bad.size} groups have fewer than {GROUP - KEEP} zeros; "
+            f"first at index {tuple(index)} (the group of {GROUP} along axis {axis} starting there)")
+
+
+def check_2_4(model: Any, mac_shape: tuple[int, int] = (1, 128)) -> SparsityCheck:
+    """Which MatMul/Gemm weights of an ONNX graph have the 2:4 pattern TensorRT can use.
+
+    A weight is a constant (initializer or Constant node), possibly through DequantizeLinear
+    (INT8 Q/DQ graphs: the INT8 values are checked, 0 meaning a zero weight), Cast (FP16
+    graphs), Identity and Transpose (the reduction axis is mapped back through `perm`). The
+    reduction axis K: MatMul A.B with constant B (..., K, N) reduces axis -2 of B, with constant
+    A axis -1 of A; Gemm reduces B over axis 0 (1 when transB=1) and A over axis 1 (0 when
+    transA=1). Eligible: K % 4 == 0 and every 4 consecutive values along K hold >= 2 exact zeros.
+
+    Args:
+        model: onnx.ModelProto with its weights loaded, or a path to one.
+        mac_shape: (batch, sequence) at which MACs are counted (`compiler.precision.matmul_macs`).
+
+    Returns:
+        SparsityCheck (per GEMM and aggregate; `to_dict()` for JSON).
+
+    Raises:
+        compiler.errors.PrecisionError: a MatMul/Gemm whose shapes cannot be resolved at
+            `mac_shape`.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from compiler.precision import matmul_macs
+    from compiler.qat import module_for_node
+
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model))
+    nodes = list(model.graph.node)
+    consts = _constants(model)
+    producer = {o: n for n in nodes for o in n.output}
+    macs = matmul_macs(model, nodes, tuple(mac_shape))
+    check = SparsityCheck(mac_shape=tuple(mac_shape))
+    arrays: dict[str, np.ndarray] = {}
+    for i, n in enumerate(nodes):
+        if n.op_type not in GEMM_OPS:
+            continue
+        check.total_macs += macs[i]
+        traced = {k: _trace(n.input[k], consts, producer) for k in (1, 0)}
+        k = 1 if traced[1] is not None else 0 if traced[0] is not None else None
+        if k is None:
+            check.activation_matmuls += 1
+            continue
+        name, perms = traced[k]
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(consts[name])
+        w = arrays[name]
+        axis = _reduction_axis(n, k, w.ndim)
+        for perm in perms:  # from the GEMM back towards the constant: output axis a <- input perm[a]
+            axis = perm[axis] if perm is not None else w.ndim - 1 - axis
+        reason = _groups_check(w, axis)
+        check.gemms.append(GemmSparsity(n.name, module_for_node(n.name), name, list(w.shape), axis,
+                                        not reason, macs[i], reason))
+        if not reason:
+            check.eligible_macs += macs[i]
+    check.eligible = sum(g.eligible for g in check.gemms)
+    check.ineligible = len(check.gemms) - check.eligible
+    check.has_eligible = check.eligible > 0
+    check.sparse_mac_fraction = check.eligible_macs / check.total_macs if check.total_macs else 0.0
+    return check
+
+
+def require_2_4(model: Any, names: Iterable[str] | None = None,
+                mac_shape: tuple[int, int] = (1, 128)) -> SparsityCheck:
+    """`check_2_4`, raising when a GEMM that should be sparse is not.
+
+    Args:
+        model: onnx.ModelProto (weights loaded) or a path.
+        names: PyTorch module names (`SparsityPruneReport.pruned`) or ONNX node names of the GEMMs
+            that must be eligible. None: at least one GEMM must be.
+
+    Returns:
+        the SparsityCheck, when every named GEMM is eligible.
+
+    Raises:
+        compiler.errors.CompilerError: naming each GEMM (module, node, weight) that lacks the
+            pattern with its first bad group, each name no GEMM of the graph matches, and the fix.
+    """
+    check = check_2_4(model, mac_shape)
+    problems = []
+    if names is None:
+        if not check.has_eligible:
+            problems = [f"  {g.node} (weight {g.weight} {g.shape}): {g.reason}" for g in check.gemms[:8]]
+            problems.insert(0, f"  none of the {len(check.gemms)} GEMMs with a constant weight is 2:4 sparse")
+    else:
+        for want in dict.fromkeys(names):
+            found = [g for g in check.gemms if want in (g.node, g.module)]
+            if not found:
+                problems.append(f"  {want}: no MatMul/Gemm with a constant weight in the graph comes from it")
+            problems += [f"  {want} ({g.node}, weight {g.weight} {g.shape}, reduction axis {g.axis}): {g.reason}"
+                         for g in found if not g.eligible]
+    if problems:
+        raise CompilerError(
+            "2:4 sparsity lost: these GEMMs should have at least 2 zeros in every 4 weights along "
+            "their reduction axis but do not:\n" + "\n".join(problems)
+            + "\nRe-run the pruning (compiler.sparsity.prune_2_4) and do not change the weights after it "
+            "(fine-tune only through compiler.sparsity.recover, which holds the masks), then export again; "
+            "or build without --sparse-weights.")
+    return check

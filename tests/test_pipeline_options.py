@@ -1,0 +1,115 @@
+"""The pipeline's options end to end on a tiny BERT checkpoint: INT8 PTQ, INT8 QAT, 2:4 sparsity,
+and sparse QAT (the TensorRT 8 recipe), each through `compiler.pipeline.run_pipeline`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import onnx
+import pytest
+
+from compiler.pipeline import run_pipeline
+from compiler.settings import (BuildSettings, DataSettings, EngineSettings, ModelSettings, PrecisionSettings,
+                               QuantSettings, SparsitySettings, TrainSettings)
+
+LAYERS, LINEARS_PER_LAYER = 2, 6  # query, key, value, attention output, FFN in, FFN out
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from compiler.models import load_model
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=30522)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    load_model(ModelSettings(name="minilm")).tokenizer.save_pretrained(path)
+    return path
+
+
+def settings_for(tiny_bert, out, mode, **kw) -> BuildSettings:
+    return BuildSettings(
+        model=ModelSettings(name=str(tiny_bert)),
+        precision=PrecisionSettings(mode=mode),
+        data=DataSettings(samples=8, calib_samples=16, train_samples=16, max_length=32, batch_size=8,
+                          cache_dir=str(out / "cache")),
+        quant=QuantSettings(min_cosine=0.9, max_excluded=2, sensitivity_samples=4),
+        train=TrainSettings(steps=3, lr=1e-4, batch_size=4),
+        output_dir=str(out), **kw)
+
+
+def ops(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def test_int8_ptq_composes_with_hybrid(tiny_bert, tmp_path):
+    settings = settings_for(tiny_bert, tmp_path, "int8")
+    state = run_pipeline(settings, until="verify")
+    q = state.report["quantization"]
+    assert q["quantized_matmuls"] >= LAYERS * LINEARS_PER_LAYER and q["int8_mac_fraction"] > 0.5
+    assert q["method"] == "max" and q["float_mode"] == "hybrid"
+    assert state.qdq_onnx.name == "model.qdq.onnx" and state.reference_onnx.name == "model.fp32.opset19.onnx"
+    model = onnx.load(str(state.variant_onnx))
+    counts = ops(model)
+    assert counts["QuantizeLinear"] >= 1 and counts["DequantizeLinear"] >= q["quantized_matmuls"]
+    assert counts["LayerNormalization"] == 2 * LAYERS + 1  # hybrid: the rest is FP16 with FP32 islands
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    assert state.report["fidelity"]["real"]["nonfinite_count"] == 0
+    saved = json.loads((settings.variant_dir() / "quant_report.json").read_text())
+    assert saved["ptq"]["thresholds"] and saved["summary"]["quantized_matmuls"] == q["quantized_matmuls"]
+    # unchanged inputs: the Q/DQ graph is reused by its content key
+    again = run_pipeline(settings, until="quantize")
+    assert again.report["quantization"] == q
+
+
+def test_int8_qat_keeps_ptq_placement(tiny_bert, tmp_path):
+    settings = settings_for(tiny_bert, tmp_path, "int8-qat")
+    state = run_pipeline(settings, until="verify")
+    saved = json.loads((settings.variant_dir() / "quant_report.json").read_text())
+    assert sorted(saved["qat"]["quantized_nodes"]) == sorted(saved["ptq"]["quantized_nodes"])
+    assert saved["training"]["steps"] == 3 and saved["qat_export"]["parity_worst"] < 1e-3
+    assert {"ptq_same_placement", "qat"} <= set(saved["heldout"])
+    assert state.report["quantization"]["method"] == "qat"
+    counts = ops(onnx.load(str(state.variant_onnx)))
+    assert counts["DequantizeLinear"] >= saved["summary"]["quantized_matmuls"]
+
+
+def test_sparsity_2_4_sets_sparse_weights_and_keeps_dense_reference(tiny_bert, tmp_path):
+    settings = settings_for(tiny_bert, tmp_path, "fp16", sparsity=SparsitySettings(pattern="2:4", recover_steps=2))
+    state = run_pipeline(settings, until="verify")
+    sp = state.report["sparsity"]
+    assert len(sp["prune"]["pruned"]) == LAYERS * LINEARS_PER_LAYER
+    assert sp["variant_check"]["eligible"] == LAYERS * LINEARS_PER_LAYER  # FP16 kept every zero
+    assert sp["variant_check"]["sparse_weights_flag"] is True
+    assert state.fp32_onnx.parent == settings.model_dir() / "sparse24"
+    assert state.reference_onnx.parent == settings.model_dir()  # fidelity against the dense model
+    assert settings.variant_dir() == settings.model_dir() / "sparse24" / "fp16"
+    assert sp["recovery"]["steps"] == 2
+
+
+def test_sparse_weights_flag_follows_the_graph(tiny_bert, tmp_path):
+    from compiler.build import sparse_weights_flag
+
+    dense = settings_for(tiny_bert, tmp_path, "fp16")
+    state = run_pipeline(dense, until="precision")
+    assert sparse_weights_flag(state.variant_onnx, dense.engine)[0] is False
+    flag, check = sparse_weights_flag(state.variant_onnx, replace(dense.engine, sparse_weights=True))
+    assert flag is True and check["forced"] and check["eligible"] == 0
+    assert EngineSettings().sparse_weights is None  # default: decided by the graph
+
+
+def test_sparse_int8_qat_keeps_the_pattern_in_int8_weights(tiny_bert, tmp_path):
+    settings = settings_for(tiny_bert, tmp_path, "int8-qat", sparsity=SparsitySettings(pattern="2:4", recover_steps=2))
+    state = run_pipeline(settings, until="verify")
+    check = state.report["sparsity"]["variant_check"]
+    assert check["eligible"] == LAYERS * LINEARS_PER_LAYER and check["sparse_weights_flag"] is True
+    assert state.report["quantization"]["quantized_matmuls"] >= LAYERS * LINEARS_PER_LAYER
