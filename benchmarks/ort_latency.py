@@ -1,26 +1,29 @@
 """Benchmark: ONNX Runtime CPU latency and throughput of ONNX graphs on real token ids.
 
-    python benchmarks/ort_latency.py --onnx fp32=engines/minilm/pretrained/model.fp32.onnx \
-        --onnx hybrid=engines/minilm/pretrained/hybrid/model.onnx [--onnx int8=PATH ...] \
-        [--batch 1 8] [--seq 128] [--runs 20] [--warmup 5] [--threads N] [--interleave] [--model minilm] \
-        [--out engines/benchmarks]
+    python benchmarks/ort_latency.py \
+        --onnx fp32=engines/minilm/pretrained/model.fp32.onnx \
+        --onnx hybrid=engines/minilm/pretrained/hybrid/model.onnx [--onnx int8=PATH] \
+        [--batch 1 8] [--seq 128] [--runs 20] [--warmup 5] [--threads N] \
+        [--interleave] [--model minilm] [--out engines/benchmarks]
 
-Each graph gets one ONNX Runtime CPU session (graph optimizations ORT_ENABLE_ALL, so Q/DQ pairs
-around MatMul fuse into INT8 kernels; `--threads` intra-op threads, default ONNX Runtime's
-own). Inputs are real WikiText-2 test text (`calibration.load_texts`) tokenized with the
-model's tokenizer, packed into rows of exactly `--seq` tokens ([CLS] + text + [SEP] for BERT
-tokenizers; each row different text), attention mask all ones. After `--warmup` untimed runs,
-`--runs` runs are timed one by one: median, p90 and p99 latency (ms) and samples/s at the
-median.
+Each graph gets one ONNX Runtime CPU session (graph optimizations ORT_ENABLE_ALL, so
+Q/DQ pairs around MatMul fuse into INT8 kernels where ORT supports the pattern;
+`--threads` intra-op threads, default ONNX Runtime's own). Inputs are real WikiText-2
+test text (`calibration.load_texts`) tokenized with the model's tokenizer and packed
+into rows of exactly `--seq` tokens ([CLS] + text + [SEP] for BERT tokenizers; each row
+different text), attention mask all ones. After `--warmup` untimed runs, `--runs` runs
+are timed one by one: median, p90 and p99 latency (ms; with few runs p99 is about the
+slowest run) and samples/s at the median.
 
-FP16 graphs run as they are, and their rows say so: ONNX Runtime's CPU provider has no FP16
-MatMul/GELU/LayerNorm kernels on x86, inserts Casts and computes those ops in FP32, so the
-number measures that fallback, not FP16 inference (TensorRT is where FP16 speed shows).
+FP16 graphs run as they are, and their rows say so: ONNX Runtime's CPU provider has no
+FP16 MatMul/GELU/LayerNorm kernels on x86, inserts Casts and computes those ops in FP32,
+so the number measures that fallback, not FP16 inference (TensorRT is where FP16 speed
+shows).
 
-Graphs are measured one after the other; with `--interleave` all sessions stay open and each
-timed round runs every graph once in turn, so a drifting load on a shared machine hits them
-alike (the JSON records the 1-minute load average per row). Prints a markdown table and writes
-`<out>/ort_latency.json` with the CPU model and core count.
+Graphs are measured one after the other; with `--interleave` all sessions stay open and
+each timed round runs every graph once in turn, so a drifting load on a shared machine
+hits them alike (the JSON records the 1-minute load average per row). Prints a markdown
+table and writes `<out>/ort_latency.json` with the CPU model and core count.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compiler.artifacts import write_json  # noqa: E402
+from compiler.errors import CompilerError  # noqa: E402
 from compiler.onnx_io import onnx_sha256  # noqa: E402
 
-FP16_NOTE = "FP16 graph: ORT CPU has no FP16 MatMul kernels (Cast + FP32 fallback), not representative"
-QDQ_NOTE = "INT8 Q/DQ (ORT_ENABLE_ALL fuses the Q/DQ patterns it supports into INT8 kernels)"
+FP16_NOTE = ("FP16 graph: ORT CPU has no FP16 MatMul kernels (Cast + FP32 fallback), "
+             "not representative")
+QDQ_NOTE = "INT8 Q/DQ (ORT_ENABLE_ALL fuses the patterns it supports into INT8 kernels)"
 
 
 def named_path(spec: str) -> tuple[str, Path]:
@@ -69,7 +74,7 @@ def usable_cores() -> int:
 
 
 def packed_ids(tokenizer, seq: int, rows: int) -> np.ndarray:
-    """(rows, seq) int64 token ids of consecutive WikiText-2 text, each row [CLS] body [SEP]
+    """(rows, seq) int64 ids of consecutive WikiText-2 text, each row [CLS] body [SEP]
     (special tokens where the tokenizer has them), no padding."""
     from calibration import load_texts
     from compiler.settings import DataSettings
@@ -80,34 +85,44 @@ def packed_ids(tokenizer, seq: int, rows: int) -> np.ndarray:
         raise SystemExit(f"--seq {seq}: too short for the special tokens")
     stream: list[int] = []
     lines = 16
-    while len(stream) < rows * body:
-        texts = load_texts(DataSettings(samples=lines), count=lines)  # DataError when the file runs out
-        stream = [t for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in ids]
+    while len(stream) < rows * body:  # load_texts raises DataError past the file's end
+        texts = load_texts(DataSettings(samples=lines), count=lines)
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        stream = [t for ids in encoded for t in ids]
         lines *= 2
     chunks = np.asarray(stream[:rows * body], np.int64).reshape(rows, body)
-    parts = ([np.full((rows, 1), first)] if first is not None else []) + [chunks] + (
-        [np.full((rows, 1), last)] if last is not None else [])
+    parts = [chunks]
+    if first is not None:
+        parts.insert(0, np.full((rows, 1), first))
+    if last is not None:
+        parts.append(np.full((rows, 1), last))
     return np.concatenate(parts, axis=1).astype(np.int64)
 
 
 def feeds_for(session, ids: np.ndarray) -> dict[str, np.ndarray]:
-    known = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
-             "position_ids": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()}
+    positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
+    known = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "token_type_ids": np.zeros_like(ids), "position_ids": positions.copy()}
     names = [i.name for i in session.get_inputs()]
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"graph inputs {unknown} cannot be filled from text; known: {sorted(known)}")
+        raise SystemExit(f"graph inputs {unknown} cannot be filled from text; "
+                         f"known: {sorted(known)}")
     return {n: known[n] for n in names}
 
 
 def describe(path: Path) -> tuple[bool, int]:
-    """(has FP16 tensors, QuantizeLinear + DequantizeLinear nodes) of the graph, weights not loaded."""
+    """(has FP16 tensors, number of Q/DQ nodes) of the graph; its weights unread."""
     import onnx
 
     from compiler.fp16_reference import has_fp16
+    from compiler.onnx_io import load_onnx
 
+    if not path.is_file():
+        load_onnx(path, check=False)  # InvalidOnnxError with the next step
     light = onnx.load(str(path), load_external_data=False)
-    qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in light.graph.node)
+    qdq_ops = ("QuantizeLinear", "DequantizeLinear")
+    qdq = sum(n.op_type in qdq_ops for n in light.graph.node)
     return has_fp16(light), qdq
 
 
@@ -123,25 +138,29 @@ def timed(session, feeds, runs: int) -> list[float]:
 
 def summarize(times: list[float]) -> dict:
     t = np.asarray(times)
-    return {"median_ms": round(float(np.median(t)), 3), "p90_ms": round(float(np.percentile(t, 90)), 3),
-            "p99_ms": round(float(np.percentile(t, 99)), 3), "mean_ms": round(float(t.mean()), 3),
-            "min_ms": round(float(t.min()), 3), "runs": len(t)}
+    ms = lambda v: round(float(v), 3)  # noqa: E731
+    return {"median_ms": ms(np.median(t)), "p90_ms": ms(np.percentile(t, 90)),
+            "p99_ms": ms(np.percentile(t, 99)), "mean_ms": ms(t.mean()),
+            "min_ms": ms(t.min()), "runs": len(t)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--onnx", type=named_path, action="append", required=True, metavar="NAME=PATH",
-                    help="an ONNX graph to time (repeatable)")
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--onnx", type=named_path, action="append", required=True,
+                    metavar="NAME=PATH", help="an ONNX graph to time (repeatable)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads (default: ONNX Runtime's)")
     ap.add_argument("--interleave", action="store_true",
-                    help="keep every session open and time the graphs in turn, run by run (fairer on a shared "
-                         "machine whose load drifts; holds all graphs in memory)")
-    ap.add_argument("--model", default="minilm", help="model whose tokenizer makes the token ids")
+                    help="keep every session open and time the graphs in turn, run by "
+                         "run (fairer on a shared machine whose load drifts; holds all "
+                         "graphs in memory)")
+    ap.add_argument("--model", default="minilm",
+                    help="model whose tokenizer makes the token ids")
     ap.add_argument("--weights", default="pretrained", choices=("pretrained", "random"))
     ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))
     args = ap.parse_args()
@@ -150,7 +169,10 @@ def main() -> None:
         ap.error(f"graph names must be unique: {names}")
     if args.runs < 1 or args.warmup < 0 or min(args.batch) < 1 or args.seq < 2:
         ap.error("need --runs >= 1, --warmup >= 0, --batch >= 1, --seq >= 2")
+    return args
 
+
+def run(args: argparse.Namespace) -> None:
     import onnxruntime as ort
 
     from compiler.models import load_model
@@ -162,13 +184,15 @@ def main() -> None:
     tokenizer = loaded.tokenizer
     del loaded
     ids = packed_ids(tokenizer, args.seq, max(args.batch))
-    machine = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "usable_cores": usable_cores(),
-               "platform": platform.platform(), "onnxruntime": ort.__version__,
-               "provider": "CPUExecutionProvider", "optimization": "ORT_ENABLE_ALL",
-               "intra_op_threads": args.threads if args.threads else "ORT default"}
-    print(f"{machine['cpu_model']}, {machine['usable_cores']} usable cores of {machine['cpu_count']}; "
-          f"ONNX Runtime {ort.__version__} CPU, ORT_ENABLE_ALL, threads {machine['intra_op_threads']}; "
-          f"sequence {args.seq}, {args.warmup} warm-up + {args.runs} timed runs", flush=True)
+    threads = args.threads if args.threads else "ORT default"
+    machine = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+               "usable_cores": usable_cores(), "platform": platform.platform(),
+               "onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
+               "optimization": "ORT_ENABLE_ALL", "intra_op_threads": threads}
+    print(f"{machine['cpu_model']}, {machine['usable_cores']} usable cores of "
+          f"{machine['cpu_count']}; ONNX Runtime {ort.__version__} CPU, "
+          f"ORT_ENABLE_ALL, threads {threads}; sequence {args.seq}, {args.warmup} "
+          f"warm-up + {args.runs} timed runs", flush=True)
 
     def open_session(path: Path):
         opts = ort.SessionOptions()
@@ -183,20 +207,25 @@ def main() -> None:
     graphs = []
     for name, path in args.onnx:
         fp16, qdq = describe(path)
-        notes = ([FP16_NOTE] if fp16 else []) + ([f"{QDQ_NOTE}, {qdq} Q/DQ nodes"] if qdq else [])
-        graphs.append({"name": name, "path": str(path), "sha256": onnx_sha256(path), "fp16": fp16,
-                       "qdq_nodes": qdq, "notes": notes})
+        notes = [FP16_NOTE] if fp16 else []
+        notes += [f"{QDQ_NOTE}, {qdq} Q/DQ nodes"] if qdq else []
+        graphs.append({"name": name, "path": str(path), "sha256": onnx_sha256(path),
+                       "fp16": fp16, "qdq_nodes": qdq, "notes": notes})
 
     def row(g: dict, batch: int, times: list[float]) -> dict:
         stats = summarize(times)
-        print(f"  {g['name']:<12} batch {batch:>3}: median {stats['median_ms']:9.2f} ms", flush=True)
-        return {**{k: g[k] for k in ("name", "path", "sha256")}, "batch": batch, "seq": args.seq, **stats,
+        median = stats["median_ms"]
+        print(f"  {g['name']:<12} batch {batch:>3}: median {median:9.2f} ms",
+              flush=True)
+        return {"name": g["name"], "path": g["path"], "sha256": g["sha256"],
+                "batch": batch, "seq": args.seq, **stats,
                 "samples_per_s": round(batch / stats["median_ms"] * 1e3, 2),
-                **{k: g[k] for k in ("fp16", "qdq_nodes", "notes", "session_load_s")},
+                "fp16": g["fp16"], "qdq_nodes": g["qdq_nodes"], "notes": g["notes"],
+                "session_load_s": g["session_load_s"],
                 "load_average_1min": round(os.getloadavg()[0], 2)}
 
     rows = []
-    if args.interleave:  # all sessions open; each timed round runs every graph once, in turn
+    if args.interleave:  # every session open; each timed round runs each graph once
         sessions = []
         for g in graphs:
             sess, g["session_load_s"] = open_session(Path(g["path"]))
@@ -205,35 +234,43 @@ def main() -> None:
             feeds = [feeds_for(sess, ids[:batch]) for sess in sessions]
             for sess, f in zip(sessions, feeds):
                 timed(sess, f, args.warmup)
-            times = [[] for _ in graphs]
+            times: list[list[float]] = [[] for _ in graphs]
             for _ in range(args.runs):
                 for k, (sess, f) in enumerate(zip(sessions, feeds)):
                     times[k] += timed(sess, f, 1)
             rows += [row(g, batch, t) for g, t in zip(graphs, times)]
         del sessions
     else:  # one graph after the other, one session at a time
-        by_graph = []
         for g in graphs:
             sess, g["session_load_s"] = open_session(Path(g["path"]))
             for batch in args.batch:
                 feeds = feeds_for(sess, ids[:batch])
                 timed(sess, feeds, args.warmup)
-                by_graph.append(row(g, batch, timed(sess, feeds, args.runs)))
+                rows.append(row(g, batch, timed(sess, feeds, args.runs)))
             del sess
-        rows = by_graph
 
-    print("\n| graph | batch | seq | median ms | p90 ms | p99 ms | samples/s | load avg | note |")
+    print("\n| graph | batch | seq | median ms | p90 ms | p99 ms | samples/s "
+          "| load avg | note |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['batch']} | {r['seq']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
-              f"{r['p99_ms']:.2f} | {r['samples_per_s']:.1f} | {r['load_average_1min']} | "
-              f"{'; '.join(r['notes']) or '-'} |")
+        print(f"| {r['name']} | {r['batch']} | {r['seq']} | {r['median_ms']:.2f} "
+              f"| {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['samples_per_s']:.1f} "
+              f"| {r['load_average_1min']} | {'; '.join(r['notes']) or '-'} |")
     result = {"machine": machine, "model": args.model, "weights": args.weights,
-              "inputs": "WikiText-2 test, packed to exactly seq tokens per row, attention mask all ones",
-              "runs": args.runs, "warmup": args.warmup, "interleave": args.interleave, "rows": rows,
-              "seconds": round(time.perf_counter() - start, 1)}
+              "inputs": "WikiText-2 test, packed to exactly seq tokens per row, "
+                        "attention mask all ones",
+              "runs": args.runs, "warmup": args.warmup, "interleave": args.interleave,
+              "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
     write_json(args.out / "ort_latency.json", result)
     print(f"\nwrote {args.out / 'ort_latency.json'} ({result['seconds']} s)")
+
+
+def main() -> None:
+    args = parse_args()
+    try:
+        run(args)
+    except CompilerError as e:  # missing text or ONNX file: one clear message
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

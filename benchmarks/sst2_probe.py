@@ -1,20 +1,21 @@
-"""Benchmark: SST-2 accuracy of a linear probe on mean-pooled embeddings, FP32 vs variants.
+"""Benchmark: SST-2 accuracy of a linear probe on mean-pooled embeddings, per graph.
 
     python benchmarks/sst2_probe.py --fp32 engines/minilm/pretrained/model.fp32.onnx \
-        --variant hybrid=engines/minilm/pretrained/hybrid/model.onnx [--variant int8=PATH ...] \
-        [--retrain hybrid] [--train-samples 2000] [--dev-samples 872] [--model minilm] \
-        [--out engines/benchmarks]
+        --variant hybrid=engines/minilm/pretrained/hybrid/model.onnx \
+        [--variant int8=PATH ...] [--retrain hybrid] [--train-samples 2000] \
+        [--dev-samples 872] [--model minilm] [--out engines/benchmarks]
 
-A logistic-regression probe (`compiler.task_accuracy.train_probe`) is trained once on the FP32
-graph's embeddings of the first `--train-samples` SST-2 train sentences and kept fixed; each
-graph's dev accuracy with that probe is reported, with the change in points against FP32, so a
-difference comes from the variant's embeddings alone. `--retrain NAME` also reports a probe
-trained on that variant's own train embeddings (how much of a loss a retrained head recovers).
-Graphs with FP16 tensors run on the faithful FP16 reference, the others on ONNX Runtime CPU.
+A logistic-regression probe (`compiler.task_accuracy.train_probe`) is trained once on
+the FP32 graph's embeddings of the first `--train-samples` SST-2 train sentences and
+kept fixed; each graph's dev accuracy with that probe is reported, with the change in
+points against FP32, so a difference comes from the variant's embeddings alone.
+`--retrain NAME` also reports a probe trained on that graph's own train embeddings (how
+much of a loss a retrained head wins back). Graphs with FP16 tensors run on the faithful
+FP16 reference, the others on ONNX Runtime CPU.
 
-Embeddings are cached as .npy under `<out>/cache/`, keyed by the ONNX file's sha256, the split,
-the sample count, the tokenizer and max_length, so a rerun only scores. Prints a markdown table
-and writes `<out>/sst2_probe.json`.
+Embeddings are cached as .npy under `<out>/cache/`, keyed by the ONNX file's sha256, the
+split, the sample count, the tokenizer and max_length, so a rerun only scores. Prints a
+markdown table and writes `<out>/sst2_probe.json`.
 """
 
 from __future__ import annotations
@@ -31,11 +32,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compiler.artifacts import atomic_write, write_json  # noqa: E402
+from compiler.errors import CompilerError  # noqa: E402
 from compiler.fp16_reference import REFERENCE_NAME  # noqa: E402
 from compiler.onnx_io import onnx_sha256  # noqa: E402
-from compiler.task_accuracy import (ProbeResult, embedding_session, load_sst2,  # noqa: E402
-                                    nonfinite_rows, probe_accuracy, sentence_embeddings,
-                                    train_probe)
+from compiler.task_accuracy import (  # noqa: E402
+    ProbeResult,
+    embedding_session,
+    load_sst2,
+    nonfinite_rows,
+    probe_accuracy,
+    sentence_embeddings,
+    train_probe,
+)
 
 ORT_NAME = "onnxruntime CPU (ORT_ENABLE_ALL)"
 
@@ -49,11 +57,12 @@ def named_path(spec: str) -> tuple[str, Path]:
 
 def tokenizer_key(tokenizer) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{type(tokenizer).__name__}\n{vocab}".encode()).hexdigest()[:12]
+    text = f"{type(tokenizer).__name__}\n{vocab}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append .npy to a bare path
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to a path
         np.save(f, array)
 
 
@@ -70,12 +79,12 @@ def graph_inputs(path: Path) -> list[str]:
 
 
 class Graph:
-    """One ONNX graph: its embeddings per split, cached on disk, computed on first need."""
+    """One ONNX graph: its embeddings per split, cached on disk, made on first need."""
 
     def __init__(self, name: str, path: Path, args, tokenizer, tok_key: str) -> None:
         self.name, self.path, self.args, self.tokenizer = name, path, args, tokenizer
+        self.inputs = graph_inputs(path)  # first: a missing file gets a clear error
         self.sha256 = onnx_sha256(path)
-        self.inputs = graph_inputs(path)
         self.tok_key = tok_key
         self.session = None
         self.faithful: bool | None = None
@@ -83,8 +92,9 @@ class Graph:
         self.cached: list[str] = []
 
     def cache_file(self, split: str, count: int) -> Path:
-        return (self.args.out / "cache" /
-                f"sst2-{self.sha256[:20]}-{split}-{count}-tok{self.tok_key}-len{self.args.max_length}.npy")
+        key = (f"{self.sha256[:20]}-{split}-{count}-tok{self.tok_key}"
+               f"-len{self.args.max_length}")
+        return self.args.out / "cache" / f"sst2-{key}.npy"
 
     def embeddings(self, split: str, texts: list[str]) -> np.ndarray:
         file = self.cache_file(split, len(texts))
@@ -97,14 +107,18 @@ class Graph:
         if self.session is None:
             self.session, self.faithful = embedding_session(self.path)
         emb = sentence_embeddings(self.session, texts, self.tokenizer, self.inputs,
-                                  max_length=self.args.max_length, batch_size=self.args.batch_size)
-        self.seconds += time.perf_counter() - start
+                                  max_length=self.args.max_length,
+                                  batch_size=self.args.batch_size)
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
         atomic_write(file, lambda p: save_npy(p, emb))
-        write_json(meta, {"onnx": str(self.path), "sha256": self.sha256, "split": split, "count": len(texts),
-                          "faithful_fp16": self.faithful, "max_length": self.args.max_length,
+        write_json(meta, {"onnx": str(self.path), "sha256": self.sha256, "split": split,
+                          "count": len(texts), "faithful_fp16": self.faithful,
+                          "max_length": self.args.max_length,
                           "tokenizer_key": self.tok_key})
-        print(f"  {self.name:<12} {split:<5} {len(texts):>5} embeddings in {time.perf_counter() - start:6.1f} s "
-              f"({'FP16 reference' if self.faithful else 'ORT CPU'})", flush=True)
+        where = "FP16 reference" if self.faithful else "ORT CPU"
+        print(f"  {self.name:<12} {split:<5} {len(texts):>5} embeddings in "
+              f"{seconds:6.1f} s ({where})", flush=True)
         return emb
 
     def release(self) -> None:
@@ -115,25 +129,33 @@ class Graph:
         return REFERENCE_NAME if self.faithful else ORT_NAME
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--fp32", type=Path, default=Path("engines/minilm/pretrained/model.fp32.onnx"),
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fp32", type=Path,
+                    default=Path("engines/minilm/pretrained/model.fp32.onnx"),
                     help="the FP32 ONNX whose train embeddings train the probe")
-    ap.add_argument("--variant", type=named_path, action="append", default=[], metavar="NAME=PATH",
+    ap.add_argument("--variant", type=named_path, action="append", default=[],
+                    metavar="NAME=PATH",
                     help="an ONNX graph with the FP32 graph's inputs (repeatable)")
     ap.add_argument("--retrain", action="append", default=[], metavar="NAME",
-                    help="also report a probe retrained on this graph's own train embeddings (repeatable)")
-    ap.add_argument("--train-samples", type=int, default=2000, help="the first N SST-2 train sentences")
-    ap.add_argument("--dev-samples", type=int, default=None, help="the first N SST-2 dev sentences (default all 872)")
-    ap.add_argument("--model", default="minilm", help="model whose tokenizer feeds the graphs")
+                    help="also report a probe retrained on this graph's own train "
+                         "embeddings (repeatable)")
+    ap.add_argument("--train-samples", type=int, default=2000,
+                    help="the first N SST-2 train sentences")
+    ap.add_argument("--dev-samples", type=int, default=None,
+                    help="the first N SST-2 dev sentences (default: all 872)")
+    ap.add_argument("--model", default="minilm",
+                    help="model whose tokenizer feeds the graphs")
     ap.add_argument("--weights", default="pretrained", choices=("pretrained", "random"))
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-relative-std", type=float, default=1e-3,
-                    help="the probe drops features whose train std is below this x the median (0: keep all)")
-    ap.add_argument("--sst2", type=Path, default=None, help="folder with train.tsv/dev.tsv (default ../shared/data/sst2)")
+                    help="the probe drops features whose train std is at most this x "
+                         "the median std (0: keep all non-constant features)")
+    ap.add_argument("--sst2", type=Path, default=None,
+                    help="folder with train.tsv/dev.tsv (default ../shared/data/sst2)")
     ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))
     args = ap.parse_args()
     names = [n for n, _ in args.variant]
@@ -144,7 +166,10 @@ def main() -> None:
         ap.error(f"--retrain {unknown}: not a graph name; known: {['fp32', *names]}")
     if args.train_samples < 2:
         ap.error("--train-samples must be >= 2")
+    return args
 
+
+def run(args: argparse.Namespace) -> None:
     from compiler.models import load_model
     from compiler.settings import ModelSettings
 
@@ -155,20 +180,22 @@ def main() -> None:
     tok_key = tokenizer_key(tokenizer)
     train_texts, train_labels = load_sst2("train", args.train_samples, args.sst2)
     dev_texts, dev_labels = load_sst2("dev", args.dev_samples, args.sst2)
-    print(f"SST-2: {len(train_texts)} train / {len(dev_texts)} dev sentences; tokenizer of {args.model} "
-          f"({args.weights}), max_length {args.max_length}")
+    print(f"SST-2: {len(train_texts)} train / {len(dev_texts)} dev sentences; "
+          f"tokenizer of {args.model} ({args.weights}), max_length {args.max_length}")
 
     graphs = [Graph("fp32", args.fp32, args, tokenizer, tok_key)]
     graphs += [Graph(n, p, args, tokenizer, tok_key) for n, p in args.variant]
-    for g in graphs[1:]:
-        if sorted(g.inputs) != sorted(graphs[0].inputs):
-            sys.exit(f"{g.name}: graph inputs {g.inputs} differ from the FP32 graph's {graphs[0].inputs}")
-
     fp32 = graphs[0]
-    probe = train_probe(fp32.embeddings("train", train_texts), train_labels, seed=args.seed,
+    for g in graphs[1:]:
+        if sorted(g.inputs) != sorted(fp32.inputs):
+            sys.exit(f"{g.name}: graph inputs {g.inputs} differ from the FP32 graph's "
+                     f"{fp32.inputs}")
+
+    fp32_train = fp32.embeddings("train", train_texts)
+    probe = train_probe(fp32_train, train_labels, seed=args.seed,
                         min_relative_std=args.min_relative_std)
-    kept = int(probe[0].get_support().sum())
-    train_acc = probe_accuracy(probe, fp32.embeddings("train", train_texts), train_labels)
+    kept, hidden = int(probe[0].get_support().sum()), int(probe[0].n_features_in_)
+    train_acc = probe_accuracy(probe, fp32_train, train_labels)
     rows: list[ProbeResult] = []
     base = None
     for g in graphs:
@@ -178,50 +205,69 @@ def main() -> None:
         base = acc if base is None else base
         retrained = None
         if g.name in args.retrain:
-            train = g.embeddings("train", train_texts)
+            train = fp32_train if g is fp32 else g.embeddings("train", train_texts)
             if nonfinite_rows(train):
-                print(f"  {g.name}: {nonfinite_rows(train)} non-finite train embeddings, no retrained probe")
+                print(f"  {g.name}: {nonfinite_rows(train)} non-finite train "
+                      "embeddings, no retrained probe")
             else:
-                own = train_probe(train, train_labels, seed=args.seed, min_relative_std=args.min_relative_std)
+                own = train_probe(train, train_labels, seed=args.seed,
+                                  min_relative_std=args.min_relative_std)
                 retrained = probe_accuracy(own, dev, dev_labels)
         g.release()
-        rows.append(ProbeResult(g.name, str(g.path), g.sha256, g.reference, acc, round((acc - base) * 100, 2),
-                                retrained, nonfinite_rows(dev), round(time.perf_counter() - t0, 1)))
+        seconds = round(time.perf_counter() - t0, 1)
+        rows.append(ProbeResult(g.name, str(g.path), g.sha256, g.reference, acc,
+                                round((acc - base) * 100, 2), retrained,
+                                nonfinite_rows(dev), seconds))
 
     majority = float(max(dev_labels.mean(), 1 - dev_labels.mean()))
-    hidden = int(probe[0].n_features_in_)
-    print(f"\nprobe: VarianceThreshold ({kept} of {hidden} features kept) + StandardScaler + LogisticRegression"
-          f"(C=1.0, lbfgs, max_iter 2000) on FP32 train embeddings; train accuracy {train_acc:.4f}; "
-          f"dev majority class {majority:.4f}\n")
-    print("| graph | dev accuracy (FP32 probe) | vs FP32 (points) | retrained probe | non-finite dev rows "
-          "| runs on | seconds | sha256 |")
+    print(f"\nprobe: VarianceThreshold ({kept} of {hidden} features kept) + "
+          "StandardScaler + LogisticRegression(C=1.0, lbfgs, max_iter 2000) on FP32 "
+          f"train embeddings; train accuracy {train_acc:.4f}; dev majority class "
+          f"{majority:.4f}\n")
+    print("| graph | dev accuracy (FP32 probe) | vs FP32 (points) | retrained probe "
+          "| non-finite dev rows | runs on | seconds | sha256 |")
     print("|---|---:|---:|---:|---:|---|---:|---|")
     for r in rows:
         ret = "-" if r.retrained_accuracy is None else f"{r.retrained_accuracy:.4f}"
         where = "FP16 reference" if r.reference == REFERENCE_NAME else "ORT CPU"
-        print(f"| {r.name} | {r.accuracy:.4f} | {r.delta_points:+.2f} | {ret} | {r.nonfinite_rows} | {where} "
-              f"| {r.seconds} | {r.sha256[:12]} |")
+        print(f"| {r.name} | {r.accuracy:.4f} | {r.delta_points:+.2f} | {ret} "
+              f"| {r.nonfinite_rows} | {where} | {r.seconds} | {r.sha256[:12]} |")
 
     import onnxruntime
     import sklearn
 
     result = {
-        "model": args.model, "weights": args.weights, "tokenizer_key": tok_key, "max_length": args.max_length,
-        "data": {"train": "SST-2 train.tsv, first rows", "dev": "SST-2 dev.tsv, first rows",
+        "model": args.model, "weights": args.weights, "tokenizer_key": tok_key,
+        "max_length": args.max_length,
+        "data": {"train": "SST-2 train.tsv, first rows",
+                 "dev": "SST-2 dev.tsv, first rows",
                  "train_samples": len(train_texts), "dev_samples": len(dev_texts),
-                 "train_positive": int(train_labels.sum()), "dev_positive": int(dev_labels.sum())},
-        "probe": {"kind": "VarianceThreshold + StandardScaler + LogisticRegression", "C": 1.0, "solver": "lbfgs",
-                  "max_iter": 2000, "seed": args.seed, "min_relative_std": args.min_relative_std,
-                  "features_kept": kept, "features": hidden, "trained_on": "fp32", "train_accuracy": train_acc},
+                 "train_positive": int(train_labels.sum()),
+                 "dev_positive": int(dev_labels.sum())},
+        "probe": {"kind": "VarianceThreshold + StandardScaler + LogisticRegression",
+                  "C": 1.0, "solver": "lbfgs", "max_iter": 2000, "seed": args.seed,
+                  "min_relative_std": args.min_relative_std, "features_kept": kept,
+                  "features": hidden, "trained_on": "fp32",
+                  "train_accuracy": train_acc},
         "dev_majority_class_accuracy": majority,
-        "rows": [{**r.to_dict(), "cached": g.cached, "embedding_seconds": round(g.seconds, 1)}
+        "rows": [{**r.to_dict(), "cached": g.cached,
+                  "embedding_seconds": round(g.seconds, 1)}
                  for r, g in zip(rows, graphs)],
-        "versions": {"onnxruntime": onnxruntime.__version__, "scikit-learn": sklearn.__version__},
+        "versions": {"onnxruntime": onnxruntime.__version__,
+                     "scikit-learn": sklearn.__version__},
         "cache": str(args.out / "cache"),
         "seconds": round(time.perf_counter() - start, 1),
     }
     write_json(args.out / "sst2_probe.json", result)
     print(f"\nwrote {args.out / 'sst2_probe.json'} ({result['seconds']} s)")
+
+
+def main() -> None:
+    args = parse_args()
+    try:
+        run(args)
+    except CompilerError as e:  # missing data or ONNX file: one clear message
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ class Budget:
 
     def measure(self, variant: Any) -> dict[str, float]:
         """{cosine_min, cosine_mean, nonfinite_count, ok} of `variant` on the held-out text."""
-        from compiler.verify import sample_fidelity
+        from compiler.metrics import sample_fidelity
 
         sess = session(fp16_emulation(variant), faithful_fp16=True, consume=True)
         cosines, nonfinite = [], 0

@@ -259,10 +259,12 @@ def int8_qat(student: Any, teacher: Any, loaded: Any, fp32_path: Any, reference_
              batch_size: int, after_step: Callable[[Any], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """PRECISION=int8-qat: PTQ placement and scales, distillation with fake quantization, Q/DQ export.
 
-    1. PTQ without SmoothQuant (`compiler.quantize.quantize_within_budget`, the budget loop
-       included): the placement (quantized MatMuls, nodes left float) and initial thresholds.
+    1. PTQ with `quant` (`compiler.quantize.quantize_within_budget`, SmoothQuant and the
+       budget loop included): the placement (quantized MatMuls, nodes left float) and the PTQ
+       figure QAT is compared with.
     2. `qat_model`: fine-tune `student` against `teacher` on `train_tokens` with fake
-       quantization at exactly those MatMuls.
+       quantization at exactly those MatMuls, scales starting from `quant.method`'s thresholds
+       of the unsmoothed graph (QAT adapts the weights to the outliers instead).
     3. Export the fine-tuned student (FP32, parity-checked against itself) to `qat_onnx_path`
        and place Q/DQ with the learned thresholds and the same exclusions (`insert_qdq`).
     4. Held-out fidelity of PTQ and QAT side by side, both through `float_precision` (e.g.
@@ -292,21 +294,25 @@ def int8_qat(student: Any, teacher: Any, loaded: Any, fp32_path: Any, reference_
 
     from compiler.export import onnx_from_torch
     from compiler.precision import convert_precision
-    from compiler.quantize import FidelityProbe, insert_qdq, quantize_within_budget
+    from compiler.quantize import FidelityProbe, calibrate, insert_qdq, quantize_within_budget
     from compiler.settings import settings_hash
 
-    ptq_settings = replace(quant, smoothquant_alpha=None)
     input_names = loaded.input_names
-    ptq_model, ptq = quantize_within_budget(fp32_path, calib, heldout, input_names, output_names, ptq_settings,
+    ptq_model, ptq = quantize_within_budget(fp32_path, calib, heldout, input_names, output_names, quant,
                                             cache_dir, batch_size, precision=float_precision)
+    # QAT learns its own outlier handling: it starts from unsmoothed thresholds at PTQ's placement.
+    seed = replace(quant, smoothquant_alpha=None)
     light = onnx.load(str(fp32_path), load_external_data=False)
-    learned, training = qat_model(student, teacher, input_names, light, ptq.quantized_nodes, ptq.thresholds,
+    by_name = {n.name: n for n in light.graph.node}
+    acts = list(dict.fromkeys(by_name[n].input[0] for n in ptq.quantized_nodes))
+    thresholds = calibrate(fp32_path, calib, input_names, seed, cache_dir, tensors=acts)
+    learned, training = qat_model(student, teacher, input_names, light, ptq.quantized_nodes, thresholds,
                                   train_tokens, train, after_step)
     tuned = replace(loaded, module=student, key=settings_hash("qat-v1", loaded.key, quant, train, calib.key,
                                                                train_tokens.key))
     path, export_report = onnx_from_torch(tuned, export, Path(qat_onnx_path), parity_texts)
     exclude = {e.name: "sensitivity" for e in ptq.excluded if e.reason == "sensitivity"}
-    model, rep = insert_qdq(onnx.load(str(path)), learned, ptq_settings, exclude_nodes=exclude)
+    model, rep = insert_qdq(onnx.load(str(path)), learned, seed, exclude_nodes=exclude)
     if sorted(rep.quantized_nodes) != sorted(ptq.quantized_nodes):
         raise ValueError("QAT placement differs from PTQ's: "
                          f"{sorted(set(rep.quantized_nodes) ^ set(ptq.quantized_nodes))[:5]}")

@@ -821,7 +821,7 @@ class FidelityProbe:
         """{cosine_min, cosine_mean, deficit_mean (mean of 1 - cosine), max_abs_err,
         nonfinite_count, samples} of `variant` (a ModelProto)."""
         from compiler.fp16_reference import fp16_emulation, has_fp16, session
-        from compiler.verify import sample_fidelity
+        from compiler.metrics import sample_fidelity
 
         if has_fp16(variant):
             sess = session(fp16_emulation(variant), faithful_fp16=True)

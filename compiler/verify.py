@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from compiler.fp16_reference import REFERENCE_NAME, fp16_emulation, has_fp16, session
+from compiler.metrics import _valid, sample_fidelity  # noqa: F401 (sample_fidelity re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +41,6 @@ class Fidelity:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _valid(x: np.ndarray, i: int, length: int) -> np.ndarray:
-    """Sample i's values at its `length` valid positions ((batch, sequence, ...) or (batch, ...))."""
-    return x[i, :length] if x.ndim >= 3 else x[i]
-
-
-def sample_fidelity(ref: np.ndarray, got: np.ndarray, i: int, length: int) -> tuple[float, int, float]:
-    """(cosine, non-finite count, max abs error) of sample `i` of one output at its valid positions.
-
-    A sample with a non-finite value scores cosine -1 and max error nan; a zero vector matches
-    only a zero vector.
-    """
-    g = _valid(got, i, length).astype(np.float64).ravel()
-    r = _valid(ref, i, length).astype(np.float64).ravel()
-    bad = g.size - int(np.count_nonzero(np.isfinite(g)))
-    if bad:
-        return -1.0, bad, float("nan")
-    denom = np.linalg.norm(g) * np.linalg.norm(r)
-    cosine = float(g @ r / denom) if denom else float(np.array_equal(g, r))
-    return cosine, 0, float(np.max(np.abs(g - r))) if g.size else 0.0
 
 
 def compare(reference: Any, variant: Any, output_names: list[str],

@@ -169,7 +169,7 @@ def test_load_sst2_errors(tmp_path):
 
 def synthetic(n: int, seed: int,
               separation: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 16) float32 Gaussian embeddings; class 1 shifted by `separation` on axis 3."""
+    """(n, 16) float32 Gaussian embeddings; class 1 moved by `separation` on axis 3."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
     x = rng.normal(size=(n, 16)) * 0.5

@@ -1,0 +1,127 @@
+"""Benchmark: MiniLM through the pipeline's INT8 and 2:4 options, held-out WikiText-2 fidelity.
+
+    python benchmarks/int8_minilm.py [--samples 64] [--calib-samples 128] [--train-samples 512]
+                                     [--qat-steps 200] [--recover-steps 400] [--only NAME ...]
+
+Every row is one `compiler.pipeline.run_pipeline(..., until="verify")` on MiniLM (real
+weights): the same code as `make onnx MODEL=minilm PRECISION=... SPARSITY=...`. Text layout of
+WikiText-2 test: calibration lines, then held-out lines (every figure here), then training
+lines (QAT and recovery), never overlapping. Fidelity: cosine per sample of last_hidden_state at
+valid tokens against the dense FP32 model on ONNX Runtime CPU; FP16 parts run on the faithful
+FP16 reference. Rows:
+
+- hybrid: FP16 with softmax / layer norm in FP32 (no INT8), the float baseline.
+- int8-{max,entropy,percentile}: PTQ per calibration method (SmoothQuant 0.8, budget 0.99).
+- int8-max-nosq: PTQ without SmoothQuant (the anchor of the issue: MatMul inputs only).
+- int8-qat: QAT at the placement of int8-max.
+- sparse-noft / sparse / sparse-int8-qat: 2:4 without recovery, with recovery, and sparse QAT.
+
+Prints a markdown table, writes `<out>/int8_minilm.json` and the ONNX paths per row (input of
+benchmarks/sst2_probe.py and benchmarks/ort_latency.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from compiler.pipeline import run_pipeline  # noqa: E402
+from compiler.settings import (BuildSettings, DataSettings, ModelSettings, PrecisionSettings,  # noqa: E402
+                               QuantSettings, SparsitySettings, TrainSettings)
+
+
+def rows(args) -> dict[str, BuildSettings]:
+    base = BuildSettings(model=ModelSettings(name="minilm"),
+                         data=DataSettings(samples=args.samples, calib_samples=args.calib_samples,
+                                           train_samples=args.train_samples),
+                         train=TrainSettings(steps=args.qat_steps, lr=args.lr),
+                         output_dir=args.engines)
+    prec = lambda mode: PrecisionSettings(mode=mode)  # noqa: E731
+    sparse = SparsitySettings(pattern="2:4", recover_steps=args.recover_steps)
+    return {
+        "hybrid": replace(base, precision=prec("hybrid")),
+        "int8-max": replace(base, precision=prec("int8")),
+        "int8-entropy": replace(base, precision=prec("int8"), quant=QuantSettings(method="entropy")),
+        "int8-percentile": replace(base, precision=prec("int8"), quant=QuantSettings(method="percentile")),
+        "int8-max-nosq": replace(base, precision=prec("int8"), quant=QuantSettings(smoothquant_alpha=None),
+                                 output_dir=f"{args.engines}/nosq"),
+        "int8-qat": replace(base, precision=prec("int8-qat")),
+        "sparse-noft": replace(base, precision=prec("hybrid"), sparsity=replace(sparse, recover_steps=0),
+                               output_dir=f"{args.engines}/noft"),
+        "sparse": replace(base, precision=prec("hybrid"), sparsity=sparse),
+        "sparse-int8-qat": replace(base, precision=prec("int8-qat"), sparsity=sparse),
+    }
+
+
+def summarize(name: str, state, seconds: float) -> dict:
+    r = state.report
+    real, rand = r["fidelity"]["real"], r["fidelity"]["random"]
+    q = r.get("quantization") or {}
+    sp = r.get("sparsity") or {}
+    row = {"row": name, "onnx": str(state.variant_onnx), "seconds": round(seconds, 1),
+           "cosine_min": real["cosine_min"], "cosine_mean": real["cosine_mean"], "max_abs_err": real["max_abs_err"],
+           "nonfinite": real["nonfinite_count"], "random_cosine_min": rand["cosine_min"],
+           "quantized_matmuls": q.get("quantized_matmuls", 0), "int8_mac_fraction": q.get("int8_mac_fraction", 0.0),
+           "budget_met": q.get("budget_met"), "ptq_cosine_min_same_placement": q.get("ptq_cosine_min"),
+           "training_steps": q.get("training_steps"), "training_seconds": q.get("training_seconds")}
+    if sp:
+        check = sp.get("variant_check") or {}
+        row.update({"sparse_eligible_gemms": check.get("eligible"), "sparse_ineligible_gemms": check.get("ineligible"),
+                    "sparse_mac_fraction": check.get("sparse_mac_fraction"),
+                    "sparse_weights_flag": check.get("sparse_weights_flag"),
+                    "recover_steps": (sp.get("recovery") or {}).get("steps", 0),
+                    "recover_seconds": (sp.get("recovery") or {}).get("seconds", 0.0)})
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--train-samples", type=int, default=512)
+    ap.add_argument("--qat-steps", type=int, default=TrainSettings.steps)
+    ap.add_argument("--lr", type=float, default=TrainSettings.lr)
+    ap.add_argument("--recover-steps", type=int, default=SparsitySettings.recover_steps)
+    ap.add_argument("--only", nargs="*", default=None, help="row names to run")
+    ap.add_argument("--engines", default="engines")
+    ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    results = []
+    out_json = args.out / "int8_minilm.json"
+    previous = {r["row"]: r for r in json.loads(out_json.read_text())["rows"]} if out_json.is_file() else {}
+    for name, settings in rows(args).items():
+        if args.only and name not in args.only:
+            if name in previous:
+                results.append(previous[name])
+            continue
+        start = time.perf_counter()
+        state = run_pipeline(settings, until="verify")
+        results.append(summarize(name, state, time.perf_counter() - start))
+        print(f"  {name}: cosine_min {results[-1]['cosine_min']:.5f} ({results[-1]['seconds']} s)", flush=True)
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    print("\n| row | cosine min | cosine mean | max abs err | nonfinite | INT8 MatMuls | INT8 MAC share "
+          "| sparse GEMMs | sparse MAC share | fine-tune steps / s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        steps = r.get("training_steps") or r.get("recover_steps")
+        secs = r.get("training_seconds") or r.get("recover_seconds")
+        print(f"| {r['row']} | {fmt(r['cosine_min'], '.5f')} | {fmt(r['cosine_mean'], '.5f')} | "
+              f"{fmt(r['max_abs_err'], '.4f')} | {r['nonfinite']} | {r['quantized_matmuls']} | "
+              f"{fmt(r['int8_mac_fraction'], '.3f')} | {fmt(r.get('sparse_eligible_gemms'), 'd')} | "
+              f"{fmt(r.get('sparse_mac_fraction'), '.3f')} | {f'{steps} / {secs}' if steps else '-'} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": results}, indent=2) + "\n")
+    print(f"\nwrote {out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
