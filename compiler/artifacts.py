@@ -109,3 +109,37 @@ def fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
         libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def _child_entry(level: int, fn: Any, args: tuple) -> Any:
+    import logging
+
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return fn(*args)
+
+
+def run_in_child(fn: Any, *args: Any, what: str) -> Any:
+    """`fn(*args)` in a fresh (spawned) Python process; returns its result.
+
+    For memory-heavy steps whose allocations would otherwise stay resident in the pipeline's
+    process (PyTorch and its export; activation statistics): everything the child touched goes
+    back to the OS when it exits. The child logs at the parent's level. `fn`, `args` and the
+    result must be picklable; exceptions raised in the child are re-raised here.
+
+    Raises:
+        compiler.errors.CompilerError: the child died (killed, e.g. out of memory).
+    """
+    import logging
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from compiler.errors import CompilerError
+
+    level = logging.getLogger().getEffectiveLevel()
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_child_entry, level, fn, args).result()
+    except BrokenProcessPool as e:
+        raise CompilerError(f"{what}: the worker process died ({e}); it may have run out of memory. "
+                            "Free memory or use fewer samples, and rerun.") from e

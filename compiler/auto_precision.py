@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from compiler.errors import PrecisionError
 from compiler.fp16_reference import fp16_emulation, session
 from compiler.precision import (FP16_MAX, FP16_SMALLEST_NORMAL, FLOAT, MASK_FILL_MIN, MATMUL_OPS,
                                 HYBRID_RULES, PrecisionReport, _array, _consumers, convert_precision)
@@ -321,19 +320,11 @@ def _stats_in_child(args: tuple, kw: dict) -> None:
     """Collect the real and random statistics into the cache in a child process.
 
     Exposing every activation makes ONNX Runtime and the allocator touch ~2.3 GB for BERT-large
-    and leaves the heap fragmented; in the pipeline's process that came on top of the later
-    search and peaked at 6.4 GB. A child returns all of it to the OS when it exits.
+    and leaves the heap fragmented; a child returns all of it to the OS when it exits.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    from compiler.artifacts import run_in_child
 
-    try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pool.submit(_collect_both, args, kw).result()
-    except BrokenProcessPool as e:  # killed (e.g. out of memory): say so, the parent stays intact
-        raise PrecisionError(f"activation statistics: the worker process died ({e}); "
-                             "free memory or lower --calib-samples and rerun") from e
+    run_in_child(_collect_both, args, kw, what="activation statistics")
 
 
 def _stats_summary(stats: Any, margin: float) -> dict[str, Any]:

@@ -38,6 +38,9 @@ class ExportParityError(CompilerError):
             "or raise --parity-atol if the difference is expected."
         )
 
+    def __reduce__(self):  # picklable: the export stage may run in a child process
+        return (type(self), (self.failures, self.atol))
+
 
 class DataError(CompilerError, ValueError):
     """Calibration or evaluation text that cannot be read or yields too few samples."""

@@ -72,24 +72,47 @@ def training_texts(settings: BuildSettings) -> list[str]:
     return load_texts(data, count=data.train_samples, skip=data.calib_samples + data.samples)
 
 
-def stage_export(settings: BuildSettings, state: PipelineState) -> None:
-    """Load the model and real text, export FP32 ONNX and check parity against PyTorch."""
+def _export(settings: BuildSettings) -> tuple[Any, list[str], Path, Any]:
+    """Load the model and held-out text, export FP32 ONNX, check parity (see `stage_export`)."""
     from dataclasses import replace
 
     from calibration import load_texts
     from compiler.export import onnx_from_torch
     from compiler.models import load_model
 
-    state.loaded = load_model(settings.model)
+    loaded = load_model(settings.model)
     # Held-out text (verification, the auto and INT8 budgets) comes after the calibration samples.
-    state.texts = load_texts(settings.data, skip=settings.data.calib_samples)
+    texts = load_texts(settings.data, skip=settings.data.calib_samples)
     export = replace(settings.export, opset=export_opset(settings))
-    path, report = onnx_from_torch(state.loaded, export, settings.model_dir() / fp32_name(settings), state.texts)
-    write_json(settings.model_dir() / "export_report.json", report.to_dict())
+    path, report = onnx_from_torch(loaded, export, settings.model_dir() / fp32_name(settings), texts)
+    return loaded, texts, path, report
+
+
+def _export_in_child(settings: BuildSettings) -> tuple[Any, list[str], Path, Any]:
+    loaded, texts, path, report = _export(settings)
+    loaded.module = None  # the weights stay in the child; the tokenizer travels back
+    return loaded, texts, path, report
+
+
+def stage_export(settings: BuildSettings, state: PipelineState) -> None:
+    """Load the model and real text, export FP32 ONNX and check parity against PyTorch.
+
+    Unless a later stage needs the PyTorch module (2:4 sparsity, QAT), this runs in a child
+    process: PyTorch, the weights and the exporter's allocations (1.9 GB resident after the
+    BERT-large export even with the module freed) leave with it, and the later stages' peak
+    does not stack on them.
+    """
+    keep_module = settings.sparsity.pattern is not None or settings.precision.mode == "int8-qat"
+    if keep_module:
+        state.loaded, state.texts, path, report = _export(settings)
+    else:
+        from compiler.artifacts import run_in_child
+
+        state.loaded, state.texts, path, report = run_in_child(_export_in_child, settings, what="export")
+    write_json(settings.model_dir() / fp32_name(settings).replace("model.fp32", "export_report").replace(".onnx", ".json"),
+               report.to_dict())
     state.reference_onnx = state.fp32_onnx = path
     state.output_names = report.outputs
-    if settings.sparsity.pattern is None and settings.precision.mode != "int8-qat":
-        state.loaded.module = None  # later stages need the tokenizer only: free the weights
     state.report["model"] = {"name": settings.model.name, "weights": settings.model.weights,
                              "source": state.loaded.source, "family": state.loaded.family,
                              "tokenizer_note": state.loaded.tokenizer_note}
