@@ -102,12 +102,14 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
                        losses[0] if losses else 0.0, losses[-1] if losses else 0.0, losses)
 
 
-def _fake_quant_module(linear: Any, act_scale: Any) -> Any:
+def _fake_quant_module(linear: Any, act_scale: Any, inv_smooth: Any = None) -> Any:
     """A module computing `linear` with fake-quantized input and weight.
 
-    Input: per tensor, symmetric INT8, scale = |act_scale| (a shared learnable Parameter, one
-    per ONNX tensor, so Q, K and V projections reading the same tensor learn one scale, as the
-    Q/DQ graph has one pair per tensor); gradient by LSQ (Esser et al. 2020, through
+    Input: optionally multiplied by the fixed SmoothQuant factors `inv_smooth` (K,) first (the
+    weights then carry s = 1 / inv_smooth, see `insert_fake_quant`); then per tensor, symmetric
+    INT8, scale = |act_scale| (a shared learnable Parameter, one per ONNX tensor, so Q, K and V
+    projections reading the same tensor learn one scale, as the Q/DQ graph has one pair per
+    tensor); gradient by LSQ (Esser et al. 2020, through
     torch._fake_quantize_learnable_per_tensor_affine). Weight: per output channel,
     scale = absmax / 127 of the current weight (straight-through): nn.Linear (out, in) ->
     axis 0; GPT-2 Conv1D (in, out) -> axis 1.
@@ -121,8 +123,11 @@ def _fake_quant_module(linear: Any, act_scale: Any) -> Any:
             super().__init__()
             self.linear = linear
             self.act_scale = act_scale
+            self.inv_smooth = inv_smooth
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.inv_smooth is not None:
+                x = x * self.inv_smooth
             scale = self.act_scale.abs() + 1e-12
             xq = torch._fake_quantize_learnable_per_tensor_affine(
                 x, scale, torch.zeros_like(scale), QMIN, QMAX, 1.0 / (x.numel() * QMAX) ** 0.5)
@@ -157,8 +162,8 @@ def _is_linear(mod: Any) -> bool:
     return isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"
 
 
-def linear_placement(onnx_model: Any, quantized_nodes: list[str], module: Any) -> dict[str, str]:
-    """{module path: ONNX activation tensor} for each quantized MatMul/Gemm that is a Linear.
+def linear_placement(onnx_model: Any, quantized_nodes: list[str], module: Any) -> dict[str, tuple[str, str]]:
+    """{module path: (ONNX node, its activation tensor)} for each quantized MatMul/Gemm.
 
     Raises:
         ValueError: a quantized node whose weight MatMul maps to no Linear module (the QAT
@@ -171,7 +176,7 @@ def linear_placement(onnx_model: Any, quantized_nodes: list[str], module: Any) -
         if n.name in wanted and n.op_type in ("MatMul", "Gemm"):
             path = module_for_node(n.name)
             if _is_linear(names.get(path)):
-                out[path] = n.input[0]
+                out[path] = (n.name, n.input[0])
             else:
                 missing.append(n.name)
     if missing:
@@ -181,63 +186,87 @@ def linear_placement(onnx_model: Any, quantized_nodes: list[str], module: Any) -
     return out
 
 
-def insert_fake_quant(model: Any, placement: dict[str, str], thresholds: dict[str, float]) -> dict[str, Any]:
+def insert_fake_quant(model: Any, placement: dict[str, tuple[str, str]], thresholds: dict[str, float],
+                      smoothing: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Wrap each Linear of `placement` in fake quantization (in place).
 
     Args:
-        placement: {module path: ONNX activation tensor} (`linear_placement`).
-        thresholds: {tensor: |x| threshold} (PTQ calibration); the initial scale is threshold / 127.
+        placement: {module path: (node, activation tensor)} (`linear_placement`).
+        thresholds: {tensor: |x| threshold} of the (smoothed) input; the initial scale is
+            threshold / 127.
+        smoothing: {tensor: (K,) float32 1/s} SmoothQuant factors of PTQ (`compiler.quantize.
+            smooth`): the Linear's weight input channels are multiplied by s in place and the
+            wrapper multiplies its input by 1/s, the same function PTQ quantized.
 
     Returns:
         {tensor: the shared learnable scale Parameter}.
     """
     import torch
 
+    smoothing = smoothing or {}
     params: dict[str, Any] = {}
-    for path, tensor in placement.items():
+    for path, (_node, tensor) in placement.items():
         if tensor not in params:
             params[tensor] = torch.nn.Parameter(torch.tensor([max(thresholds[tensor], 1e-6) / QMAX]))
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, _fake_quant_module(getattr(parent, child), params[tensor]))
+        linear = getattr(parent, child)
+        inv = None
+        if tensor in smoothing:
+            inv = torch.from_numpy(np.asarray(smoothing[tensor], np.float32))
+            with torch.no_grad():  # W_j * s_j along the input channels
+                linear.weight.mul_((1.0 / inv)[:, None] if type(linear).__name__ == "Conv1D" else (1.0 / inv)[None, :])
+        setattr(parent, child, _fake_quant_module(linear, params[tensor], inv))
     return params
 
 
 def remove_fake_quant(model: Any) -> None:
-    """Put the (fine-tuned) Linears back in place of their fake-quantized wrappers."""
+    """Put the (fine-tuned) Linears back in place of their fake-quantized wrappers.
+
+    A smoothed Linear keeps its smoothed weights and gets a forward pre-hook multiplying its
+    input by 1/s: the model computes the same function, and the export has Mul(x, 1/s) ->
+    MatMul, node names unchanged, as PTQ's smoothed graph.
+    """
     for path, mod in list(model.named_modules()):
         if type(mod).__name__ == "_FakeQuantLinear":
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, child, mod.linear)
+            if mod.inv_smooth is not None:
+                inv = mod.inv_smooth
+                mod.linear.register_forward_pre_hook(lambda _m, args, inv=inv: (args[0] * inv, *args[1:]))
 
 
 def qat_model(student: Any, teacher: Any, input_names: list[str], onnx_model: Any,
               quantized_nodes: list[str], thresholds: dict[str, float], tokens: Any,
               settings: TrainSettings, after_step: Callable[[Any], None] | None = None,
-              ) -> tuple[dict[str, float], TrainReport]:
+              smoothing: dict[str, np.ndarray] | None = None) -> tuple[dict[str, float], TrainReport]:
     """Quantization-aware fine-tuning of `student` (in place) by distillation from `teacher`.
 
     Args:
         student: the PyTorch model to fine-tune (FP32; fake quantization is inserted for the
-            run and removed after it, leaving fine-tuned FP32 weights).
+            run and removed after it, leaving fine-tuned FP32 weights, smoothed where
+            `smoothing` says so, see `remove_fake_quant`).
         teacher: the FP32 model whose `last_hidden_state` is the target (not modified).
         input_names: model inputs.
         onnx_model: the student's FP32 ONNX export (node names map to modules; weights unused).
         quantized_nodes: the MatMul/Gemm nodes PTQ quantized (the same placement).
-        thresholds: PTQ thresholds {tensor: |x| maps to 127}, the initial scales.
+        thresholds: {tensor of `onnx_model`: |x| maps to 127}, the initial scales (of the
+            smoothed input where smoothed).
         tokens: real training text (`calibration.TokenizedSet`), never the held-out set.
         settings: steps, learning rates, batch size.
         after_step: called after each optimizer step (the 2:4 masks of sparse QAT).
+        smoothing: {tensor: (K,) 1/s} from PTQ's SmoothQuant, or None.
 
     Returns:
-        (learned thresholds {tensor: scale x 127} for `compiler.quantize.insert_qdq`, TrainReport).
+        ({quantized node: learned threshold (scale x 127)} for `compiler.quantize.insert_qdq`
+        on the fine-tuned export, TrainReport).
 
     Raises:
         ValueError: see `linear_placement`.
     """
     placement = linear_placement(onnx_model, quantized_nodes, student)
-    params = insert_fake_quant(student, placement, thresholds)
+    params = insert_fake_quant(student, placement, thresholds, smoothing)
     scale_ids = {id(p) for p in params.values()}
     others = [p for p in student.parameters() if id(p) not in scale_ids]
     try:
@@ -247,10 +276,20 @@ def qat_model(student: Any, teacher: Any, input_names: list[str], onnx_model: An
                          after_step=after_step)
     finally:
         remove_fake_quant(student)
-    learned = {t: float(p.detach().abs()) * QMAX for t, p in params.items()}
+    learned = {node: float(params[tensor].detach().abs()) * QMAX for node, tensor in placement.values()}
     log.info("QAT: %d steps, loss %.4g -> %.4g, %d scales learned", report.steps, report.loss_first,
-             report.loss_last, len(learned))
+             report.loss_last, len(params))
     return learned, report
+
+
+def smoothing_factors(qdq_model: Any) -> dict[str, np.ndarray]:
+    """{activation tensor: (K,) 1/s} read from a SmoothQuant-ed graph (`compiler.quantize.smooth`
+    names them `<tensor>_smooth_inv_scale`)."""
+    from onnx import numpy_helper
+
+    suffix = "_smooth_inv_scale"
+    return {t.name[: -len(suffix)]: numpy_helper.to_array(t) for t in qdq_model.graph.initializer
+            if t.name.endswith(suffix)}
 
 
 def int8_qat(student: Any, teacher: Any, loaded: Any, fp32_path: Any, reference_path: Any, calib: Any,
@@ -260,11 +299,11 @@ def int8_qat(student: Any, teacher: Any, loaded: Any, fp32_path: Any, reference_
     """PRECISION=int8-qat: PTQ placement and scales, distillation with fake quantization, Q/DQ export.
 
     1. PTQ with `quant` (`compiler.quantize.quantize_within_budget`, SmoothQuant and the
-       budget loop included): the placement (quantized MatMuls, nodes left float) and the PTQ
-       figure QAT is compared with.
-    2. `qat_model`: fine-tune `student` against `teacher` on `train_tokens` with fake
-       quantization at exactly those MatMuls, scales starting from `quant.method`'s thresholds
-       of the unsmoothed graph (QAT adapts the weights to the outliers instead).
+       budget loop included): the placement (quantized MatMuls, nodes left float), the
+       smoothing factors and thresholds QAT starts from, and the PTQ figure QAT is compared with.
+    2. `qat_model`: the same smoothing applied to `student` (an exact transform), then
+       fine-tuning against `teacher` on `train_tokens` with fake quantization at exactly PTQ's
+       MatMuls, scales starting from PTQ's thresholds: QAT starts where PTQ ends.
     3. Export the fine-tuned student (FP32, parity-checked against itself) to `qat_onnx_path`
        and place Q/DQ with the learned thresholds and the same exclusions (`insert_qdq`).
     4. Held-out fidelity of PTQ and QAT side by side, both through `float_precision` (e.g.
@@ -281,10 +320,11 @@ def int8_qat(student: Any, teacher: Any, loaded: Any, fp32_path: Any, reference_
 
     Returns:
         (FP32 + Q/DQ onnx.ModelProto of the fine-tuned model, report dict with `summary`,
-        `ptq`, `qat`, `training`).
+        `heldout` (PTQ and QAT side by side), `ptq`, `qat`, `training`).
 
     Raises:
-        ValueError: a quantized MatMul that is not a Linear (`linear_placement`).
+        ValueError: a quantized MatMul that is not a Linear (`linear_placement`), or a QAT
+            placement that differs from PTQ's.
         compiler.errors.ExportParityError: the fine-tuned model's export disagrees with PyTorch.
     """
     from dataclasses import replace
@@ -294,35 +334,43 @@ def int8_qat(student: Any, teacher: Any, loaded: Any, fp32_path: Any, reference_
 
     from compiler.export import onnx_from_torch
     from compiler.precision import convert_precision
-    from compiler.quantize import FidelityProbe, calibrate, insert_qdq, quantize_within_budget
+    from compiler.quantize import FidelityProbe, insert_qdq, quantize_within_budget
     from compiler.settings import settings_hash
 
     input_names = loaded.input_names
     ptq_model, ptq = quantize_within_budget(fp32_path, calib, heldout, input_names, output_names, quant,
                                             cache_dir, batch_size, precision=float_precision)
-    # QAT learns its own outlier handling: it starts from unsmoothed thresholds at PTQ's placement.
-    seed = replace(quant, smoothquant_alpha=None)
+    smoothing = smoothing_factors(ptq_model)
     light = onnx.load(str(fp32_path), load_external_data=False)
     by_name = {n.name: n for n in light.graph.node}
-    acts = list(dict.fromkeys(by_name[n].input[0] for n in ptq.quantized_nodes))
-    thresholds = calibrate(fp32_path, calib, input_names, seed, cache_dir, tensors=acts)
+    thresholds = {}
+    for node in ptq.quantized_nodes:  # PTQ's thresholds, keyed by the unsmoothed graph's tensor
+        t = by_name[node].input[0]
+        thresholds[t] = ptq.thresholds[f"{t}_smoothed" if t in smoothing else t]
     learned, training = qat_model(student, teacher, input_names, light, ptq.quantized_nodes, thresholds,
-                                  train_tokens, train, after_step)
-    tuned = replace(loaded, module=student, key=settings_hash("qat-v1", loaded.key, quant, train, calib.key,
-                                                               train_tokens.key))
+                                  train_tokens, train, after_step, smoothing)
+    from compiler.onnx_io import onnx_sha256
+
+    tuned = replace(loaded, module=student, key=settings_hash("qat-v2", loaded.key, onnx_sha256(fp32_path), quant,
+                                                               train, calib.key, train_tokens.key))
     path, export_report = onnx_from_torch(tuned, export, Path(qat_onnx_path), parity_texts)
+    exported = onnx.load(str(path))
+    act = {n.input[0]: learned[n.name] for n in exported.graph.node if n.name in learned}
     exclude = {e.name: "sensitivity" for e in ptq.excluded if e.reason == "sensitivity"}
-    model, rep = insert_qdq(onnx.load(str(path)), learned, seed, exclude_nodes=exclude)
+    model, rep = insert_qdq(exported, act, replace(quant, smoothquant_alpha=None), exclude_nodes=exclude)
+    del exported
     if sorted(rep.quantized_nodes) != sorted(ptq.quantized_nodes):
         raise ValueError("QAT placement differs from PTQ's: "
                          f"{sorted(set(rep.quantized_nodes) ^ set(ptq.quantized_nodes))[:5]}")
     probe = FidelityProbe(reference_path, heldout, input_names, output_names[0], batch_size)
     fid_ptq = probe.measure(convert_precision(ptq_model, float_precision)[0])
     fid_qat = probe.measure(convert_precision(model, float_precision)[0])
-    rep.method, rep.fidelity = ptq.method, {**fid_qat, "heldout_samples": len(heldout)}
+    rep.method, rep.smoothquant_alpha = ptq.method, ptq.smoothquant_alpha
+    rep.fidelity = {**fid_qat, "heldout_samples": len(heldout)}
     parity = max(p.max_abs_diff for p in export_report.parity)
-    summary = {"method": "qat", "calibration_method": ptq.method, "quantized_matmuls": rep.quantized_matmuls,
-               "excluded": [e.name for e in rep.excluded], "int8_mac_fraction": round(rep.int8_mac_fraction, 4),
+    summary = {"method": "qat", "calibration_method": ptq.method, "smoothquant_alpha": ptq.smoothquant_alpha,
+               "quantized_matmuls": rep.quantized_matmuls, "excluded": [e.name for e in rep.excluded],
+               "int8_mac_fraction": round(rep.int8_mac_fraction, 4),
                "cosine_min": fid_qat["cosine_min"], "ptq_cosine_min": fid_ptq["cosine_min"],
                "budget_min_cosine": quant.min_cosine, "budget_met": fid_qat["cosine_min"] >= quant.min_cosine
                and fid_qat["nonfinite_count"] == 0, "float_mode": float_precision.mode,

@@ -113,3 +113,15 @@ def test_sparse_int8_qat_keeps_the_pattern_in_int8_weights(tiny_bert, tmp_path):
     check = state.report["sparsity"]["variant_check"]
     assert check["eligible"] == LAYERS * LINEARS_PER_LAYER and check["sparse_weights_flag"] is True
     assert state.report["quantization"]["quantized_matmuls"] >= LAYERS * LINEARS_PER_LAYER
+
+
+def test_qat_with_zero_steps_starts_where_ptq_ends(tiny_bert, tmp_path):
+    # SmoothQuant factors and PTQ thresholds carried into PyTorch: before any training step the
+    # QAT graph computes what the PTQ graph computes.
+    settings = replace(settings_for(tiny_bert, tmp_path, "int8-qat"), train=TrainSettings(steps=0))
+    run_pipeline(settings, until="quantize")
+    saved = json.loads((settings.variant_dir() / "quant_report.json").read_text())
+    assert saved["ptq"]["smoothquant_alpha"] == 0.8 and saved["ptq"]["smoothquant"]["tensors"]
+    ptq, qat = saved["heldout"]["ptq_same_placement"], saved["heldout"]["qat"]
+    assert abs(qat["cosine_mean"] - ptq["cosine_mean"]) < 1e-3
+    assert abs(qat["cosine_min"] - ptq["cosine_min"]) < 2e-3
