@@ -12,7 +12,8 @@ FP16 reference. Rows:
 
 - hybrid: FP16 with softmax / layer norm in FP32 (no INT8), the float baseline.
 - int8-{max,entropy,percentile}: PTQ per calibration method (SmoothQuant 0.8, budget 0.99).
-- int8-max-nosq: PTQ without SmoothQuant (the anchor of the issue: MatMul inputs only).
+- int8-max-nosq: PTQ without SmoothQuant and without the budget loop (every eligible MatMul
+  INT8: the placement of the issue's "MatMul inputs only" anchor).
 - int8-qat: QAT at the placement of int8-max.
 - sparse-noft / sparse / sparse-int8-qat: 2:4 without recovery, with recovery, and sparse QAT.
 
@@ -41,16 +42,18 @@ def rows(args) -> dict[str, BuildSettings]:
     base = BuildSettings(model=ModelSettings(name="minilm"),
                          data=DataSettings(samples=args.samples, calib_samples=args.calib_samples,
                                            train_samples=args.train_samples),
+                         sparsity=SparsitySettings(recover_lr=args.recover_lr),
                          train=TrainSettings(steps=args.qat_steps, lr=args.lr),
                          output_dir=args.engines)
     prec = lambda mode: PrecisionSettings(mode=mode)  # noqa: E731
-    sparse = SparsitySettings(pattern="2:4", recover_steps=args.recover_steps)
+    sparse = replace(base.sparsity, pattern="2:4", recover_steps=args.recover_steps)
     return {
         "hybrid": replace(base, precision=prec("hybrid")),
         "int8-max": replace(base, precision=prec("int8")),
         "int8-entropy": replace(base, precision=prec("int8"), quant=QuantSettings(method="entropy")),
         "int8-percentile": replace(base, precision=prec("int8"), quant=QuantSettings(method="percentile")),
-        "int8-max-nosq": replace(base, precision=prec("int8"), quant=QuantSettings(smoothquant_alpha=None),
+        "int8-max-nosq": replace(base, precision=prec("int8"),
+                                 quant=QuantSettings(smoothquant_alpha=None, max_excluded=0),
                                  output_dir=f"{args.engines}/nosq"),
         "int8-qat": replace(base, precision=prec("int8-qat")),
         "sparse-noft": replace(base, precision=prec("hybrid"), sparsity=replace(sparse, recover_steps=0),
@@ -89,6 +92,7 @@ def main() -> int:
     ap.add_argument("--qat-steps", type=int, default=TrainSettings.steps)
     ap.add_argument("--lr", type=float, default=TrainSettings.lr)
     ap.add_argument("--recover-steps", type=int, default=SparsitySettings.recover_steps)
+    ap.add_argument("--recover-lr", type=float, default=SparsitySettings.recover_lr)
     ap.add_argument("--only", nargs="*", default=None, help="row names to run")
     ap.add_argument("--engines", default="engines")
     ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))

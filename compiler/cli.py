@@ -92,6 +92,8 @@ def _add_option_args(p: argparse.ArgumentParser) -> None:
                    help="fnmatch pattern on module names to prune (default: every block linear)")
     g.add_argument("--recover-steps", type=int, default=SparsitySettings.recover_steps,
                    help="distillation steps after pruning, masks held (0: none)")
+    g.add_argument("--recover-lr", type=float, default=SparsitySettings.recover_lr,
+                   help="learning rate of the recovery")
 
 
 def _alpha(text: str) -> float | None:
@@ -138,7 +140,8 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
                                 float_mode=get("float_mode", QuantSettings.float_mode)),
             train=TrainSettings(steps=get("train_steps", TrainSettings.steps), lr=get("lr", TrainSettings.lr)),
             sparsity=SparsitySettings(pattern=get("sparsity", None), layers=tuple(get("sparse_layers", [])),
-                                      recover_steps=get("recover_steps", SparsitySettings.recover_steps)),
+                                      recover_steps=get("recover_steps", SparsitySettings.recover_steps),
+                                      recover_lr=get("recover_lr", SparsitySettings.recover_lr)),
             engine=EngineSettings(
                 profiles=(ProfileSettings(get("min_shape", ProfileSettings.min_shape),
                                           get("opt_shape", ProfileSettings.opt_shape),

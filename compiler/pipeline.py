@@ -89,6 +89,11 @@ def _export(settings: BuildSettings) -> tuple[Any, list[str], Path, Any]:
 
 
 def _export_in_child(settings: BuildSettings) -> tuple[Any, list[str], Path, Any]:
+    from compiler.artifacts import fix_mmap_threshold
+
+    # The exporter copies every weight several times (constant folding, serialization); with
+    # glibc's adaptive threshold the freed copies stay resident and the next ones stack on them.
+    fix_mmap_threshold()
     loaded, texts, path, report = _export(settings)
     loaded.module = None  # the weights stay in the child; the tokenizer travels back
     return loaded, texts, path, report
@@ -133,6 +138,17 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
     from compiler.onnx_io import load_onnx
     from compiler.sparsity import check_2_4, hold_masks, prune_2_4, recover, require_2_4
 
+    report_path = settings.base_dir() / "sparsity_report.json"
+    key = settings_hash("sparsity-v1", state.loaded.key, settings.sparsity, settings.train, settings.data,
+                        export_opset(settings))
+    if settings.precision.mode != "int8-qat" and read_key(report_path) == key:  # QAT needs the module
+        import json
+
+        state.report["sparsity"] = json.loads(report_path.read_text())
+        state.fp32_onnx = Path(state.report["sparsity"]["onnx"])
+        state.loaded.module = None
+        log.info("sparsity: %s reused", state.fp32_onnx)
+        return
     teacher = state.loaded.module
     student = copy.deepcopy(teacher)
     masks, prune_report = prune_2_4(student, settings.sparsity)
@@ -140,7 +156,8 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
     if settings.sparsity.recover_steps:
         tokens = tokenized_set(training_texts(settings), state.loaded.tokenizer, settings.data.max_length,
                                settings.data.cache_dir)
-        recovery = recover(student, teacher, masks, tokens, state.loaded.input_names, settings.train,
+        recovery = recover(student, teacher, masks, tokens, state.loaded.input_names,
+                           replace(settings.train, lr=settings.sparsity.recover_lr),
                            settings.sparsity.recover_steps)
     hold_masks(masks, student)(student)
     sparse = replace(state.loaded, module=student,
@@ -159,6 +176,8 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
     state.report["sparsity"] = {"pattern": settings.sparsity.pattern, "prune": _as_dict(prune_report),
                                 "recovery": _as_dict(recovery), "check": check.to_dict(),
                                 "onnx": str(path), "export_parity_worst": max(p.max_abs_diff for p in report.parity)}
+    write_json(report_path, state.report["sparsity"])
+    write_key(report_path, key)
 
 
 def _as_dict(obj: Any) -> Any:

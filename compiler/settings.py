@@ -259,15 +259,20 @@ class SparsitySettings:
         layers: fnmatch patterns on module names choosing the pruned linear layers; empty
             means every linear layer inside the transformer blocks (no embeddings, no head).
         recover_steps: distillation steps with the masks held fixed (0: no recovery); the
-            loop's other knobs come from `TrainSettings`.
+            loop's other knobs (batch size, seed) come from `TrainSettings`.
+        recover_lr: learning rate of the recovery (pruning moves the model much further than
+            quantization does, so it is higher than QAT's `TrainSettings.lr`).
     """
 
     pattern: str | None = None
     method: str = "magnitude"
     layers: tuple[str, ...] = ()
     recover_steps: int = 400
+    recover_lr: float = 1e-4
 
     def __post_init__(self) -> None:
+        if self.recover_lr <= 0:
+            raise ValueError(f"recover_lr={self.recover_lr}: expected > 0")
         if self.pattern not in SPARSITY_PATTERNS:
             raise ValueError(f"sparsity={self.pattern!r}: expected one of {SPARSITY_PATTERNS}")
         if self.method not in ("magnitude",):
