@@ -50,8 +50,10 @@ def rows(args) -> dict[str, BuildSettings]:
     return {
         "hybrid": replace(base, precision=prec("hybrid")),
         "int8-max": replace(base, precision=prec("int8")),
-        "int8-entropy": replace(base, precision=prec("int8"), quant=QuantSettings(method="entropy")),
-        "int8-percentile": replace(base, precision=prec("int8"), quant=QuantSettings(method="percentile")),
+        "int8-entropy": replace(base, precision=prec("int8"), quant=QuantSettings(method="entropy"),
+                                output_dir=f"{args.engines}/entropy"),
+        "int8-percentile": replace(base, precision=prec("int8"), quant=QuantSettings(method="percentile"),
+                                   output_dir=f"{args.engines}/percentile"),
         "int8-max-nosq": replace(base, precision=prec("int8"),
                                  quant=QuantSettings(smoothquant_alpha=None, max_excluded=0),
                                  output_dir=f"{args.engines}/nosq"),
@@ -122,6 +124,11 @@ def main() -> int:
               f"{fmt(r['int8_mac_fraction'], '.3f')} | {fmt(r.get('sparse_eligible_gemms'), 'd')} | "
               f"{fmt(r.get('sparse_mac_fraction'), '.3f')} | {f'{steps} / {secs}' if steps else '-'} |")
     args.out.mkdir(parents=True, exist_ok=True)
+    # merge with what is on disk now (another run may have written rows meanwhile)
+    on_disk = {r["row"]: r for r in json.loads(out_json.read_text())["rows"]} if out_json.is_file() else {}
+    ran = {r["row"] for r in results if not args.only or r["row"] in args.only}
+    results = [r if r["row"] in ran else on_disk.get(r["row"], r) for r in results]
+    results += [r for name, r in on_disk.items() if name not in {x["row"] for x in results}]
     out_json.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": results}, indent=2) + "\n")
     print(f"\nwrote {out_json}")
     return 0

@@ -127,57 +127,65 @@ def stage_export(settings: BuildSettings, state: PipelineState) -> None:
 
 
 def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
-    """SPARSITY=2:4: prune the block linears, recover by distillation, export, check the pattern."""
+    """SPARSITY=2:4: prune the block linears, recover by distillation, export, check the pattern.
+
+    The pruned and recovered weights are kept as `<base_dir>/student.safetensors` with
+    `sparsity_report.json`, keyed by the model, sparsity, training and data settings: a later
+    run (another precision, an INT8 QAT on top) starts from them instead of recovering again.
+    """
     if settings.sparsity.pattern is None:
         return
     import copy
+    import json
     from dataclasses import replace
 
+    from safetensors.torch import load_model, save_model
+
     from calibration import tokenized_set
+    from compiler.artifacts import atomic_write
     from compiler.export import onnx_from_torch
     from compiler.onnx_io import load_onnx
-    from compiler.sparsity import check_2_4, hold_masks, prune_2_4, recover, require_2_4
+    from compiler.sparsity import check_2_4, prune_2_4, recover, require_2_4
 
+    weights_path = settings.base_dir() / "student.safetensors"
     report_path = settings.base_dir() / "sparsity_report.json"
-    key = settings_hash("sparsity-v1", state.loaded.key, settings.sparsity, settings.train, settings.data,
-                        export_opset(settings))
-    if settings.precision.mode != "int8-qat" and read_key(report_path) == key:  # QAT needs the module
-        import json
-
-        state.report["sparsity"] = json.loads(report_path.read_text())
-        state.fp32_onnx = Path(state.report["sparsity"]["onnx"])
-        state.loaded.module = None
-        log.info("sparsity: %s reused", state.fp32_onnx)
-        return
+    key = settings_hash("sparsity-v2", state.loaded.key, settings.sparsity, settings.train, settings.data)
     teacher = state.loaded.module
     student = copy.deepcopy(teacher)
-    masks, prune_report = prune_2_4(student, settings.sparsity)
-    recovery = None
-    if settings.sparsity.recover_steps:
-        tokens = tokenized_set(training_texts(settings), state.loaded.tokenizer, settings.data.max_length,
-                               settings.data.cache_dir)
-        recovery = recover(student, teacher, masks, tokens, state.loaded.input_names,
-                           replace(settings.train, lr=settings.sparsity.recover_lr),
-                           settings.sparsity.recover_steps)
-    hold_masks(masks, student)(student)
-    sparse = replace(state.loaded, module=student,
-                     key=settings_hash("sparse-v1", state.loaded.key, settings.sparsity, settings.train,
-                                       settings.data))
+    if read_key(weights_path) == key and report_path.is_file():
+        load_model(student, str(weights_path))
+        saved = json.loads(report_path.read_text())
+        prune, recovery = saved["prune"], saved["recovery"]
+        # the masks: what pruning zeroed (a kept weight that is exactly 0 stays 0: still 2:4)
+        masks = {n: student.get_submodule(n).weight.detach() != 0 for n in prune["pruned"]}
+        log.info("sparsity: pruned and recovered weights reused from %s", weights_path)
+    else:
+        masks, prune_report = prune_2_4(student, settings.sparsity)
+        recovery = None
+        if settings.sparsity.recover_steps:
+            tokens = tokenized_set(training_texts(settings), state.loaded.tokenizer, settings.data.max_length,
+                                   settings.data.cache_dir)
+            recovery = _as_dict(recover(student, teacher, masks, tokens, state.loaded.input_names,
+                                        replace(settings.train, lr=settings.sparsity.recover_lr),
+                                        settings.sparsity.recover_steps))
+        prune = _as_dict(prune_report)
+        atomic_write(weights_path, lambda p: save_model(student, str(p)))
+        write_json(report_path, {"prune": prune, "recovery": recovery})
+        write_key(weights_path, key)
+    sparse = replace(state.loaded, module=student, key=settings_hash("sparse-v2", key))
     export = replace(settings.export, opset=export_opset(settings))
     path, report = onnx_from_torch(sparse, export, settings.base_dir() / fp32_name(settings), state.texts)
     light = load_onnx(path, check=False)
     check = check_2_4(light)
-    require_2_4(light, names=prune_report.pruned)
+    require_2_4(light, names=prune["pruned"])
     del light
     state.fp32_onnx = path
     state.student, state.masks = student, masks
     if settings.precision.mode != "int8-qat":
         state.loaded.module = state.student = None
-    state.report["sparsity"] = {"pattern": settings.sparsity.pattern, "prune": _as_dict(prune_report),
-                                "recovery": _as_dict(recovery), "check": check.to_dict(),
-                                "onnx": str(path), "export_parity_worst": max(p.max_abs_diff for p in report.parity)}
-    write_json(report_path, state.report["sparsity"])
-    write_key(report_path, key)
+    state.report["sparsity"] = {"pattern": settings.sparsity.pattern, "prune": prune, "recovery": recovery,
+                                "check": check.to_dict(), "onnx": str(path), "weights": str(weights_path),
+                                "export_parity_worst": max(p.max_abs_diff for p in report.parity)}
 
 
 def _as_dict(obj: Any) -> Any:

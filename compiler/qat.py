@@ -67,7 +67,8 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
         after_step: called with the student after every optimizer step (e.g. re-apply a 2:4 mask).
 
     Returns:
-        TrainReport with the loss curve (MSE at valid tokens).
+        TrainReport with the loss curve (MSE at valid tokens; plus the mean MSE of the
+        intermediate block outputs when `settings.layerwise`).
     """
     import torch
 
@@ -87,10 +88,18 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
         feeds, _lengths = next(batches)
         inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
         mask = inputs["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+        layerwise = settings.layerwise
         with torch.no_grad():
-            target = teacher(**inputs).last_hidden_state  # (B, T, H)
-        out = student(**inputs).last_hidden_state
-        loss = (((out - target) ** 2) * mask).sum() / (mask.sum() * out.shape[-1])
+            t_out = teacher(**inputs, output_hidden_states=layerwise)
+        s_out = student(**inputs, output_hidden_states=layerwise)
+
+        def mse(a: Any, b: Any) -> Any:  # at valid tokens, (B, T, H)
+            return (((a - b) ** 2) * mask).sum() / (mask.sum() * a.shape[-1])
+
+        loss = mse(s_out.last_hidden_state, t_out.last_hidden_state)
+        if layerwise:  # every block's output too (Jiao et al. 2020, TinyBERT): a denser signal
+            pairs = list(zip(s_out.hidden_states[1:-1], t_out.hidden_states[1:-1]))
+            loss = loss + sum(mse(a, b) for a, b in pairs) / max(1, len(pairs))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

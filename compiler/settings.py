@@ -234,6 +234,9 @@ class TrainSettings:
         scale_lr: learning rate of QAT's learnable activation scales (LSQ, Esser et al. 2020).
         batch_size: samples per step (padded to the batch's longest).
         seed: shuffling seed.
+        layerwise: add the MSE of every intermediate block output to the loss (TinyBERT-style
+            layer-wise distillation, Jiao et al. 2020): the student must match the teacher's
+            hidden states, not only its last one.
     """
 
     steps: int = 200
@@ -241,6 +244,7 @@ class TrainSettings:
     scale_lr: float = 1e-3
     batch_size: int = 8
     seed: int = 0
+    layerwise: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr <= 0 or self.scale_lr <= 0 or self.batch_size < 1:
@@ -267,8 +271,8 @@ class SparsitySettings:
     pattern: str | None = None
     method: str = "magnitude"
     layers: tuple[str, ...] = ()
-    recover_steps: int = 400
-    recover_lr: float = 1e-4
+    recover_steps: int = 1000
+    recover_lr: float = 2e-4
 
     def __post_init__(self) -> None:
         if self.recover_lr <= 0:

@@ -108,8 +108,12 @@ def test_sparse_weights_flag_follows_the_graph(tiny_bert, tmp_path):
 
 
 def test_sparse_int8_qat_keeps_the_pattern_in_int8_weights(tiny_bert, tmp_path):
-    settings = settings_for(tiny_bert, tmp_path, "int8-qat", sparsity=SparsitySettings(pattern="2:4", recover_steps=2))
-    state = run_pipeline(settings, until="verify")
+    sparse = SparsitySettings(pattern="2:4", recover_steps=2)
+    first = run_pipeline(settings_for(tiny_bert, tmp_path, "fp16", sparsity=sparse), until="sparsity")
+    settings = settings_for(tiny_bert, tmp_path, "int8-qat", sparsity=sparse)
+    state = run_pipeline(settings, until="verify")  # QAT starts from the saved, recovered weights
+    assert state.report["sparsity"]["recovery"] == first.report["sparsity"]["recovery"]  # reused, not redone
+    assert (settings.base_dir() / "student.safetensors").is_file()
     check = state.report["sparsity"]["variant_check"]
     assert check["eligible"] == LAYERS * LINEARS_PER_LAYER and check["sparse_weights_flag"] is True
     assert state.report["quantization"]["quantized_matmuls"] >= LAYERS * LINEARS_PER_LAYER
