@@ -222,7 +222,7 @@ def insert_fake_quant(model: Any, placement: dict[str, tuple[str, str]], thresho
         linear = getattr(parent, child)
         inv = None
         if tensor in smoothing:
-            inv = torch.from_numpy(np.asarray(smoothing[tensor], np.float32))
+            inv = torch.from_numpy(np.array(smoothing[tensor], np.float32))  # a writable copy
             with torch.no_grad():  # W_j * s_j along the input channels
                 linear.weight.mul_((1.0 / inv)[:, None] if type(linear).__name__ == "Conv1D" else (1.0 / inv)[None, :])
         setattr(parent, child, _fake_quant_module(linear, params[tensor], inv))
