@@ -60,6 +60,8 @@ NON_TENSORRT_ATTRIBUTES = {
     # compiler.settings
     "min_shape", "opt_shape", "max_shape", "sparse_weights", "timing_cache_dir",
     "workspace_mib",
+    # compiler.sparsity.SparsityCheck
+    "has_eligible", "to_dict",
 }
 
 # Names a working scanner must find in TensorRT 11's tensorrt.so.
