@@ -74,29 +74,18 @@ def usable_cores() -> int:
 
 
 def packed_ids(tokenizer, seq: int, rows: int) -> np.ndarray:
-    """(rows, seq) int64 ids of consecutive WikiText-2 text, each row [CLS] body [SEP]
-    (special tokens where the tokenizer has them), no padding."""
-    from calibration import load_texts
+    """(rows, seq) int64 ids of WikiText-2 text, each row [CLS] body [SEP] (special tokens where
+    the tokenizer has them), no padding: `compiler.quantize.calibration_windows`."""
+    from calibration import load_texts, tokenized_set
+    from compiler.quantize import calibration_windows
     from compiler.settings import DataSettings
 
-    first, last = tokenizer.cls_token_id, tokenizer.sep_token_id
-    body = seq - (first is not None) - (last is not None)
-    if body < 1:
-        raise SystemExit(f"--seq {seq}: too short for the special tokens")
-    stream: list[int] = []
     lines = 16
-    while len(stream) < rows * body:  # load_texts raises DataError past the file's end
-        texts = load_texts(DataSettings(samples=lines), count=lines)
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        stream = [t for ids in encoded for t in ids]
+    while True:  # load_texts raises DataError past the file's end
+        tokens = tokenized_set(load_texts(DataSettings(samples=lines), count=lines), tokenizer, 512, None)
+        if sum(len(x) for x in tokens.input_ids) >= rows * seq:
+            return calibration_windows(tokens, count=rows, length=seq)
         lines *= 2
-    chunks = np.asarray(stream[:rows * body], np.int64).reshape(rows, body)
-    parts = [chunks]
-    if first is not None:
-        parts.insert(0, np.full((rows, 1), first))
-    if last is not None:
-        parts.append(np.full((rows, 1), last))
-    return np.concatenate(parts, axis=1).astype(np.int64)
 
 
 def feeds_for(session, ids: np.ndarray) -> dict[str, np.ndarray]:

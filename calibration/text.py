@@ -22,17 +22,19 @@ from compiler.settings import DataSettings
 
 log = logging.getLogger(__name__)
 
-# Where WikiText-2 lies when the project is checked out beside the shared data folder.
-_SHARED = Path("shared/data/wikitext-2/test.txt")
+def shared_data_path(relative: str) -> Path | None:
+    """`shared/data/<relative>` beside the cwd or this checkout (the project is checked out next
+    to the shared data folder), or None when it exists in neither place."""
+    here = Path(__file__).resolve().parent.parent
+    for root in (Path.cwd().parent, here.parent, Path.cwd()):
+        if (root / "shared" / "data" / relative).exists():
+            return root / "shared" / "data" / relative
+    return None
 
 
 def default_text_path() -> Path | None:
     """WikiText-2 test from `../shared/data` (relative to the cwd or to this checkout), or None."""
-    here = Path(__file__).resolve().parent.parent
-    for root in (Path.cwd().parent, here.parent, Path.cwd()):
-        if (root / _SHARED).is_file():
-            return root / _SHARED
-    return None
+    return shared_data_path("wikitext-2/test.txt")
 
 
 def load_texts(data: DataSettings, count: int | None = None, skip: int = 0) -> list[str]:

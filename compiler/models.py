@@ -139,6 +139,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         where, family = settings.name, ""
 
     kwargs = {"trust_remote_code": settings.trust_remote_code, "attn_implementation": "eager"}
+    local_only = not Path(str(where)).is_dir() and not _hub_reachable()  # checked once
     try:
         if settings.weights == "random":
             config = spec.config() if spec is not None else _auto_config(str(where), settings.trust_remote_code)
@@ -148,7 +149,6 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             source = f"random weights (seed {settings.seed}) on the {settings.name} configuration"
             key = settings_hash(settings, config.to_dict())
         else:
-            local_only = not Path(str(where)).is_dir() and not _hub_reachable()
             module = AutoModel.from_pretrained(str(where), local_files_only=local_only, **kwargs)
             source = f"pretrained weights from {where}"
             key = settings_hash(settings, module.config.to_dict(), _weights_digest(module))
@@ -159,7 +159,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     if not family:
         family = "decoder" if getattr(config, "is_decoder", False) or config.model_type in _DECODER_TYPES else "encoder"
 
-    tokenizer, note = _tokenizer(where, settings)
+    tokenizer, note = _tokenizer(where, settings, local_only)
     vocab_size = int(module.get_input_embeddings().num_embeddings)
     if note is None and len(tokenizer) > vocab_size:
         log.warning("tokenizer has %d tokens but the embedding table %d", len(tokenizer), vocab_size)
@@ -202,11 +202,10 @@ def _hub_reachable(timeout_s: float = 2.0) -> bool:
         return False
 
 
-def _tokenizer(where: str | Path, settings: ModelSettings) -> tuple[Any, str | None]:
+def _tokenizer(where: str | Path, settings: ModelSettings, local_only: bool) -> tuple[Any, str | None]:
     """The model's own tokenizer, or MiniLM's WordPiece as a stand-in for random weights."""
     from transformers import AutoTokenizer
 
-    local_only = not Path(str(where)).is_dir() and not _hub_reachable()
     try:
         tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=settings.trust_remote_code,
                                             local_files_only=local_only)

@@ -145,7 +145,7 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
     from compiler.artifacts import atomic_write
     from compiler.export import onnx_from_torch
     from compiler.onnx_io import load_onnx
-    from compiler.sparsity import check_2_4, prune_2_4, recover, require_2_4
+    from compiler.sparsity import prune_2_4, recover, require_2_4
 
     weights_path = settings.base_dir() / "student.safetensors"
     report_path = settings.base_dir() / "sparsity_report.json"
@@ -176,8 +176,7 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
     export = replace(settings.export, opset=export_opset(settings))
     path, report = onnx_from_torch(sparse, export, settings.base_dir() / fp32_name(settings), state.texts)
     light = load_onnx(path, check=False)
-    check = check_2_4(light)
-    require_2_4(light, names=prune["pruned"])
+    check = require_2_4(light, names=prune["pruned"])  # raises when a pruned GEMM lost 2:4
     del light
     state.fp32_onnx = path
     state.student, state.masks = student, masks
@@ -207,7 +206,9 @@ def stage_quantize(settings: BuildSettings, state: PipelineState) -> None:
 
     out = settings.variant_dir() / "model.qdq.onnx"
     report_path = settings.variant_dir() / "quant_report.json"
-    key = settings_hash("quantize-v1", onnx_sha256(state.fp32_onnx), onnx_sha256(state.reference_onnx),
+    base_sha = onnx_sha256(state.fp32_onnx)
+    ref_sha = base_sha if state.reference_onnx == state.fp32_onnx else onnx_sha256(state.reference_onnx)
+    key = settings_hash("quantize-v1", base_sha, ref_sha,
                         mode, settings.quant, settings.data, settings.train if mode == "int8-qat" else None)
     if read_key(out) == key and report_path.is_file():
         log.info("quantize: %s reused", out)

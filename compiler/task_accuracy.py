@@ -31,8 +31,6 @@ from compiler.errors import DataError
 log = logging.getLogger(__name__)
 
 SST2_SPLITS = ("train", "dev")
-# Where SST-2 lies when the project is checked out beside the shared data folder.
-_SHARED = Path("shared/data/sst2")
 _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -165,13 +163,10 @@ def sentence_embeddings(model: Any, texts: Sequence[str], tokenizer: Any,
 
 
 def default_sst2_dir() -> Path | None:
-    """`shared/data/sst2` beside the checkout or the cwd, or None (found the way
-    `calibration.text.default_text_path` finds WikiText-2)."""
-    here = Path(__file__).resolve().parent.parent
-    for root in (Path.cwd().parent, here.parent, Path.cwd()):
-        if (root / _SHARED).is_dir():
-            return root / _SHARED
-    return None
+    """`shared/data/sst2` beside the checkout or the cwd, or None."""
+    from calibration.text import shared_data_path
+
+    return shared_data_path("sst2")
 
 
 def load_sst2(split: str, count: int | None = None,
