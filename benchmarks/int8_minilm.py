@@ -1,7 +1,8 @@
 """Benchmark: MiniLM through the pipeline's INT8 and 2:4 options, held-out WikiText-2 fidelity.
 
-    python benchmarks/int8_minilm.py [--samples 64] [--calib-samples 128] [--train-samples 512]
-                                     [--qat-steps 200] [--recover-steps 400] [--only NAME ...]
+    python benchmarks/int8_minilm.py [--samples 64] [--calib-samples 128] [--train-samples 2048]
+                                     [--qat-steps 200] [--recover-steps 1000] [--sparsity-method magnitude]
+                                     [--only NAME ...]
 
 Every row is one `compiler.pipeline.run_pipeline(..., until="verify")` on MiniLM (real
 weights): the same code as `make onnx MODEL=minilm PRECISION=... SPARSITY=...`. Text layout of
@@ -15,7 +16,8 @@ FP16 reference. Rows:
 - int8-max-nosq: PTQ without SmoothQuant and without the budget loop (every eligible MatMul
   INT8: the placement of the issue's "MatMul inputs only" anchor).
 - int8-qat: QAT at the placement of int8-max.
-- sparse-noft / sparse / sparse-int8-qat: 2:4 without recovery, with recovery, and sparse QAT.
+- sparse-noft / sparse-wanda-noft: 2:4 by magnitude / by Wanda's |w| x input norm, no recovery.
+- sparse / sparse-int8-qat: 2:4 (`--sparsity-method`) with recovery, and sparse QAT on top.
 
 Prints a markdown table, writes `<out>/int8_minilm.json` and the ONNX paths per row (input of
 benchmarks/sst2_probe.py and benchmarks/ort_latency.py).
@@ -42,7 +44,8 @@ def rows(args) -> dict[str, BuildSettings]:
     base = BuildSettings(model=ModelSettings(name="minilm"),
                          data=DataSettings(samples=args.samples, calib_samples=args.calib_samples,
                                            train_samples=args.train_samples),
-                         sparsity=SparsitySettings(recover_lr=args.recover_lr),
+                         sparsity=SparsitySettings(recover_lr=args.recover_lr, method=args.sparsity_method,
+                                                   recover_schedule=args.recover_schedule),
                          train=TrainSettings(steps=args.qat_steps, lr=args.lr),
                          output_dir=args.engines)
     prec = lambda mode: PrecisionSettings(mode=mode)  # noqa: E731
@@ -60,6 +63,9 @@ def rows(args) -> dict[str, BuildSettings]:
         "int8-qat": replace(base, precision=prec("int8-qat")),
         "sparse-noft": replace(base, precision=prec("hybrid"), sparsity=replace(sparse, recover_steps=0),
                                output_dir=f"{args.engines}/noft"),
+        "sparse-wanda-noft": replace(base, precision=prec("hybrid"),
+                                     sparsity=replace(sparse, recover_steps=0, method="wanda"),
+                                     output_dir=f"{args.engines}/wanda-noft"),
         "sparse": replace(base, precision=prec("hybrid"), sparsity=sparse),
         "sparse-int8-qat": replace(base, precision=prec("int8-qat"), sparsity=sparse),
     }
@@ -78,7 +84,9 @@ def summarize(name: str, state, seconds: float) -> dict:
            "training_steps": q.get("training_steps"), "training_seconds": q.get("training_seconds")}
     if sp:
         check = sp.get("variant_check") or {}
-        row.update({"sparse_eligible_gemms": check.get("eligible"), "sparse_ineligible_gemms": check.get("ineligible"),
+        row.update({"sparsity_method": (sp.get("prune") or {}).get("method", "magnitude"),
+                    "train_samples": (sp.get("recovery") or {}).get("train_samples"),
+                    "sparse_eligible_gemms": check.get("eligible"), "sparse_ineligible_gemms": check.get("ineligible"),
                     "sparse_mac_fraction": check.get("sparse_mac_fraction"),
                     "sparse_weights_flag": check.get("sparse_weights_flag"),
                     "recover_steps": (sp.get("recovery") or {}).get("steps", 0),
@@ -90,11 +98,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--train-samples", type=int, default=512)
+    ap.add_argument("--train-samples", type=int, default=DataSettings.train_samples)
     ap.add_argument("--qat-steps", type=int, default=TrainSettings.steps)
     ap.add_argument("--lr", type=float, default=TrainSettings.lr)
     ap.add_argument("--recover-steps", type=int, default=SparsitySettings.recover_steps)
     ap.add_argument("--recover-lr", type=float, default=SparsitySettings.recover_lr)
+    ap.add_argument("--recover-schedule", default=SparsitySettings.recover_schedule)
+    ap.add_argument("--sparsity-method", default=SparsitySettings.method)
     ap.add_argument("--only", nargs="*", default=None, help="row names to run")
     ap.add_argument("--engines", default="engines")
     ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))

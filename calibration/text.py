@@ -37,13 +37,15 @@ def default_text_path() -> Path | None:
     return shared_data_path("wikitext-2/test.txt")
 
 
-def load_texts(data: DataSettings, count: int | None = None, skip: int = 0) -> list[str]:
+def load_texts(data: DataSettings, count: int | None = None, skip: int = 0,
+               minimum: int | None = None) -> list[str]:
     """Read `count` (default `data.samples`) real-text samples, after skipping `skip` of them.
 
     Args:
         data: where the text lies and how to filter it (`min_words`, `text_column`).
         count: samples wanted; defaults to `data.samples`.
         skip: samples to skip first (held-out sets come after calibration sets).
+        minimum: accept fewer than `count`, down to this many (default: exactly `count`).
 
     Returns:
         Stripped strings, each with at least `data.min_words` words, in file order.
@@ -54,11 +56,12 @@ def load_texts(data: DataSettings, count: int | None = None, skip: int = 0) -> l
     count = data.samples if count is None else count
     texts = _read_source(data)
     picked = [t for t in texts if len(t.split()) >= data.min_words][skip : skip + count]
-    if len(picked) < count:
+    need = count if minimum is None else min(minimum, count)
+    if len(picked) < need:
         raise DataError(
             f"{data.path or 'default text'}: found {len(picked)} samples with >= {data.min_words} "
-            f"words after skipping {skip}, need {count}. Use a larger file (CALIB=path), fewer "
-            "samples (--samples), or a smaller --min-words."
+            f"words after skipping {skip}, need {need}. Use a larger file (CALIB=path), fewer "
+            "samples (--samples, --train-samples), or a smaller --min-words."
         )
     return picked
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from compiler.errors import CompilerError
-from compiler.settings import (PRECISION_MODES, QUANT_METHODS, WEIGHT_MODES, BuildSettings, DataSettings,
+from compiler.settings import (LR_SCHEDULES, PRECISION_MODES, QUANT_METHODS, SPARSITY_METHODS, WEIGHT_MODES,
+                               BuildSettings, DataSettings,
                                EngineSettings, ExportSettings, ModelSettings, PrecisionSettings, ProfileSettings,
                                QuantSettings, SparsitySettings, TrainSettings)
 
@@ -84,16 +85,22 @@ def _add_option_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--float-mode", choices=("fp32", "fp16", "hybrid"), default=QuantSettings.float_mode,
                    help="precision of what INT8 does not cover")
     g.add_argument("--train-samples", type=int, default=DataSettings.train_samples,
-                   help="fine-tuning samples (after the calibration and held-out ones)")
+                   help="fine-tuning samples, at most (after the calibration and held-out ones, or from --train-text)")
+    g.add_argument("--train-text", default=None, metavar="PATH",
+                   help="separate text/TSV file for fine-tuning (default: the rest of --calib's text)")
     g.add_argument("--train-steps", type=int, default=TrainSettings.steps, help="QAT distillation steps")
     g.add_argument("--lr", type=float, default=TrainSettings.lr, help="fine-tuning learning rate")
     g.add_argument("--sparsity", choices=("2:4",), default=None, help="2:4 structured sparsity of block linears")
+    g.add_argument("--sparsity-method", choices=SPARSITY_METHODS, default=SparsitySettings.method,
+                   help="which 2 of every 4 weights stay: magnitude |w|, or wanda |w| x input norm")
     g.add_argument("--sparse-layers", action="append", default=[], metavar="PATTERN",
                    help="fnmatch pattern on module names to prune (default: every block linear)")
     g.add_argument("--recover-steps", type=int, default=SparsitySettings.recover_steps,
                    help="distillation steps after pruning, masks held (0: none)")
     g.add_argument("--recover-lr", type=float, default=SparsitySettings.recover_lr,
-                   help="learning rate of the recovery")
+                   help="peak learning rate of the recovery")
+    g.add_argument("--recover-schedule", choices=LR_SCHEDULES, default=SparsitySettings.recover_schedule,
+                   help="learning-rate schedule of the recovery")
 
 
 def _alpha(text: str) -> float | None:
@@ -129,6 +136,7 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
                               samples=get("samples", DataSettings.samples),
                               calib_samples=get("calib_samples", DataSettings.calib_samples),
                               train_samples=get("train_samples", DataSettings.train_samples),
+                              train_path=get("train_text", None),
                               max_length=get("max_length", DataSettings.max_length),
                               batch_size=get("batch_size", DataSettings.batch_size)),
             quant=QuantSettings(method=get("quant_method", QuantSettings.method),
@@ -139,9 +147,12 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
                                 max_excluded=get("max_excluded", QuantSettings.max_excluded),
                                 float_mode=get("float_mode", QuantSettings.float_mode)),
             train=TrainSettings(steps=get("train_steps", TrainSettings.steps), lr=get("lr", TrainSettings.lr)),
-            sparsity=SparsitySettings(pattern=get("sparsity", None), layers=tuple(get("sparse_layers", [])),
+            sparsity=SparsitySettings(pattern=get("sparsity", None),
+                                      method=get("sparsity_method", SparsitySettings.method),
+                                      layers=tuple(get("sparse_layers", [])),
                                       recover_steps=get("recover_steps", SparsitySettings.recover_steps),
-                                      recover_lr=get("recover_lr", SparsitySettings.recover_lr)),
+                                      recover_lr=get("recover_lr", SparsitySettings.recover_lr),
+                                      recover_schedule=get("recover_schedule", SparsitySettings.recover_schedule)),
             engine=EngineSettings(
                 profiles=(ProfileSettings(get("min_shape", ProfileSettings.min_shape),
                                           get("opt_shape", ProfileSettings.opt_shape),

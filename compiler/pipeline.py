@@ -65,11 +65,26 @@ def fp32_name(settings: BuildSettings) -> str:
 
 
 def training_texts(settings: BuildSettings) -> list[str]:
-    """Fine-tuning text: the `train_samples` after the calibration and held-out samples."""
+    """Fine-tuning text: up to `train_samples` from `data.train_path`, or else from the same text
+    after the calibration and held-out samples (see `DataSettings`).
+
+    Raises:
+        DataError: fewer samples than one training batch.
+    """
+    from dataclasses import replace
+
     from calibration import load_texts
 
     data = settings.data
-    return load_texts(data, count=data.train_samples, skip=data.calib_samples + data.samples)
+    if data.train_path is not None:
+        source, skip = replace(data, path=data.train_path), 0
+    else:
+        source, skip = data, data.calib_samples + data.samples
+    texts = load_texts(source, count=data.train_samples, skip=skip, minimum=settings.train.batch_size)
+    if len(texts) < data.train_samples:
+        log.warning("fine-tuning text: %d samples available, fewer than train_samples=%d (%s)", len(texts),
+                    data.train_samples, data.train_path or data.path or "default text")
+    return texts
 
 
 def _export(settings: BuildSettings) -> tuple[Any, list[str], Path, Any]:
@@ -141,7 +156,7 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
 
     from safetensors.torch import load_model, save_model
 
-    from calibration import tokenized_set
+    from calibration import load_texts, tokenized_set
     from compiler.artifacts import atomic_write
     from compiler.export import onnx_from_torch
     from compiler.onnx_io import load_onnx
@@ -149,7 +164,11 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
 
     weights_path = settings.base_dir() / "student.safetensors"
     report_path = settings.base_dir() / "sparsity_report.json"
-    key = settings_hash("sparsity-v2", state.loaded.key, settings.sparsity, settings.train, settings.data)
+    sp, data = settings.sparsity, settings.data
+    calib_texts = load_texts(data, count=data.calib_samples) if sp.method == "wanda" else []
+    train_texts = training_texts(settings) if sp.recover_steps else []
+    # keyed by the texts themselves, not only their path: an edited file prunes/recovers again
+    key = settings_hash("sparsity-v3", state.loaded.key, sp, settings.train, data, calib_texts, train_texts)
     teacher = state.loaded.module
     student = copy.deepcopy(teacher)
     if read_key(weights_path) == key and report_path.is_file():
@@ -160,14 +179,16 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
         masks = {n: student.get_submodule(n).weight.detach() != 0 for n in prune["pruned"]}
         log.info("sparsity: pruned and recovered weights reused from %s", weights_path)
     else:
-        masks, prune_report = prune_2_4(student, settings.sparsity)
+        tok = state.loaded.tokenizer
+        calib = tokenized_set(calib_texts, tok, data.max_length, data.cache_dir) if calib_texts else None
+        masks, prune_report = prune_2_4(student, sp, calib, state.loaded.input_names)
         recovery = None
-        if settings.sparsity.recover_steps:
-            tokens = tokenized_set(training_texts(settings), state.loaded.tokenizer, settings.data.max_length,
-                                   settings.data.cache_dir)
+        if sp.recover_steps:
+            tokens = tokenized_set(train_texts, tok, data.max_length, data.cache_dir)
             recovery = _as_dict(recover(student, teacher, masks, tokens, state.loaded.input_names,
-                                        replace(settings.train, lr=settings.sparsity.recover_lr),
-                                        settings.sparsity.recover_steps))
+                                        replace(settings.train, lr=sp.recover_lr, schedule=sp.recover_schedule),
+                                        sp.recover_steps))
+            recovery["train_samples"] = len(train_texts)
         prune = _as_dict(prune_report)
         atomic_write(weights_path, lambda p: save_model(student, str(p)))
         write_json(report_path, {"prune": prune, "recovery": recovery})

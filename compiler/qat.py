@@ -53,6 +53,20 @@ def _batches_forever(tokens: Any, batch_size: int, input_names: list[str], seed:
         yield from shuffled.batches(batch_size, input_names)
 
 
+def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier at step i (0-based) for `TrainSettings.schedule`.
+
+    `constant`: 1. `linear`: warm-up from 1/w to 1 over the first w = max(1, 5% of steps)
+    steps, then linear decay to 0 at `steps` (BERT's fine-tuning schedule, Devlin et al. 2019).
+    """
+    if schedule == "constant":
+        return lambda i: 1.0
+    if schedule != "linear":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}: expected constant or linear")
+    warm = max(1, steps // 20)
+    return lambda i: (i + 1) / warm if i < warm else max(0.0, (steps - i) / max(1, steps - warm))
+
+
 def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], settings: TrainSettings,
             param_groups: list[dict] | None = None,
             after_step: Callable[[Any], None] | None = None) -> TrainReport:
@@ -62,7 +76,7 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
         student, teacher: Hugging Face models with the same output shapes; the teacher is frozen.
         tokens: `calibration.TokenizedSet` of real text (training samples, not the held-out set).
         input_names: model inputs to feed (`input_ids`, `attention_mask`, `token_type_ids`).
-        settings: steps, learning rate, batch size.
+        settings: steps, learning rate and its schedule, batch size.
         param_groups: optimizer groups; default all student parameters at `settings.lr`.
         after_step: called with the student after every optimizer step (e.g. re-apply a 2:4 mask).
 
@@ -79,6 +93,7 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
     student.eval()
     groups = param_groups or [{"params": [p for p in student.parameters() if p.requires_grad], "lr": settings.lr}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(settings.schedule, settings.steps))
     losses = []
     start = time.perf_counter()
     from tqdm import tqdm
@@ -103,6 +118,7 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         if after_step is not None:
             after_step(student)
         losses.append(float(loss.detach()))

@@ -18,6 +18,8 @@ PRECISION_MODES = ("fp32", "fp16", "hybrid", "auto", "int8", "int8-qat")
 INT8_MODES = ("int8", "int8-qat")
 FLOAT_MODES = ("fp32", "fp16", "hybrid", "auto")  # what runs outside Q/DQ in an INT8 variant
 SPARSITY_PATTERNS = (None, "2:4")
+SPARSITY_METHODS = ("magnitude", "wanda")
+LR_SCHEDULES = ("constant", "linear")
 QUANT_METHODS = ("max", "entropy", "percentile")
 WEIGHT_MODES = ("pretrained", "random")
 
@@ -115,8 +117,11 @@ class DataSettings:
             calibration samples, never overlapping them).
         calib_samples: calibration samples (activation statistics, INT8 thresholds), from the
             start of the text.
-        train_samples: fine-tuning samples (QAT, sparsity recovery), taken after the held-out
-            samples: the text is laid out [calibration | held-out | training], never overlapping.
+        train_samples: fine-tuning samples (QAT, sparsity recovery), at most: taken after the
+            held-out samples, so the text is laid out [calibration | held-out | training], never
+            overlapping; fewer are used (with a warning) when the text runs out first.
+        train_path: a separate text for fine-tuning (same formats as `path`), read from its
+            start; None uses the rest of `path` as above.
         max_length: tokens per sample, after truncation.
         min_words: lines with fewer whitespace-separated words are skipped (WikiText-2 has
             empty lines and `= Heading =` lines).
@@ -128,7 +133,8 @@ class DataSettings:
     text_column: str | None = None
     samples: int = 64
     calib_samples: int = 128
-    train_samples: int = 512
+    train_samples: int = 2048
+    train_path: str | None = None
     max_length: int = 128
     min_words: int = 8
     batch_size: int = 8
@@ -237,6 +243,9 @@ class TrainSettings:
         layerwise: add the MSE of every intermediate block output to the loss (TinyBERT-style
             layer-wise distillation, Jiao et al. 2020): the student must match the teacher's
             hidden states, not only its last one.
+        schedule: learning-rate schedule of every parameter group: `constant`, or `linear`
+            (linear warm-up over the first 5% of the steps, then linear decay to 0, as in
+            BERT's fine-tuning recipe, Devlin et al. 2019).
     """
 
     steps: int = 200
@@ -245,10 +254,13 @@ class TrainSettings:
     batch_size: int = 8
     seed: int = 0
     layerwise: bool = True
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr <= 0 or self.scale_lr <= 0 or self.batch_size < 1:
             raise ValueError("need steps >= 0, lr > 0, scale_lr > 0, batch_size >= 1")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}: expected one of {LR_SCHEDULES}")
 
 
 @dataclass(frozen=True)
@@ -259,13 +271,18 @@ class SparsitySettings:
         pattern: None (dense) or `2:4`: at least 2 zeros in every 4 consecutive weights along
             the reduction (input) dimension, what sparse tensor cores (Ampere and later) and
             TensorRT's `SPARSE_WEIGHTS` need.
-        method: `magnitude` (keep the 2 largest |w| of every 4).
+        method: `magnitude` (keep the 2 largest |w| of every 4) or `wanda` (keep the 2 largest
+            |w_ij| * ||x_j||_2 of every 4, x_j the layer's input feature j over the calibration
+            text: Sun et al. 2023, "A Simple and Effective Pruning Approach for Large Language
+            Models", arXiv:2306.11695; no weight update, one forward pass over the calibration
+            samples).
         layers: fnmatch patterns on module names choosing the pruned linear layers; empty
             means every linear layer inside the transformer blocks (no embeddings, no head).
         recover_steps: distillation steps with the masks held fixed (0: no recovery); the
             loop's other knobs (batch size, seed) come from `TrainSettings`.
-        recover_lr: learning rate of the recovery (pruning moves the model much further than
-            quantization does, so it is higher than QAT's `TrainSettings.lr`).
+        recover_lr: peak learning rate of the recovery (pruning moves the model much further
+            than quantization does, so it is higher than QAT's `TrainSettings.lr`).
+        recover_schedule: the recovery's learning-rate schedule (`TrainSettings.schedule`).
     """
 
     pattern: str | None = None
@@ -273,14 +290,17 @@ class SparsitySettings:
     layers: tuple[str, ...] = ()
     recover_steps: int = 1000
     recover_lr: float = 2e-4
+    recover_schedule: str = "linear"
 
     def __post_init__(self) -> None:
         if self.recover_lr <= 0:
             raise ValueError(f"recover_lr={self.recover_lr}: expected > 0")
+        if self.recover_schedule not in LR_SCHEDULES:
+            raise ValueError(f"recover_schedule={self.recover_schedule!r}: expected one of {LR_SCHEDULES}")
         if self.pattern not in SPARSITY_PATTERNS:
             raise ValueError(f"sparsity={self.pattern!r}: expected one of {SPARSITY_PATTERNS}")
-        if self.method not in ("magnitude",):
-            raise ValueError(f"sparsity method={self.method!r}: expected magnitude")
+        if self.method not in SPARSITY_METHODS:
+            raise ValueError(f"sparsity method={self.method!r}: expected one of {SPARSITY_METHODS}")
         if not isinstance(self.layers, tuple) or self.recover_steps < 0:
             raise ValueError("layers must be a tuple of fnmatch patterns and recover_steps >= 0")
 

@@ -56,6 +56,7 @@ class SparsityPruneReport:
 
     Attributes:
         pattern: `2:4`.
+        method: `magnitude` or `wanda` (`SparsitySettings.method`).
         pruned: module names pruned, in module order.
         skipped: {module name: reason} for selected layers left dense.
         zero_fraction: zeros / elements over the pruned layers' weights (0.5 for dense weights).
@@ -63,6 +64,7 @@ class SparsityPruneReport:
     """
 
     pattern: str
+    method: str
     pruned: list[str]
     skipped: dict[str, str]
     zero_fraction: float
@@ -131,7 +133,8 @@ def magnitude_mask_2_4(weight: Any, in_axis: int) -> Any:
     """Bool mask keeping the 2 largest |w| of every 4 consecutive weights along `in_axis`.
 
     Args:
-        weight: 2-D float tensor; its size along `in_axis` must be a multiple of 4.
+        weight: 2-D float tensor (a weight or a per-weight score); its size along `in_axis`
+            must be a multiple of 4.
 
     Returns:
         torch.bool tensor of `weight`'s shape with exactly 2 True per group (ties: lower index).
@@ -145,16 +148,66 @@ def magnitude_mask_2_4(weight: Any, in_axis: int) -> Any:
     return mask.reshape(w.shape).movedim(-1, in_axis)
 
 
-def prune_2_4(module: Any, settings: SparsitySettings) -> tuple[dict[str, Any], SparsityPruneReport]:
-    """Magnitude 2:4 pruning of `block_linears(module, settings.layers)`, in place.
+def input_norms(module: Any, layers: dict[str, Any], tokens: Any, input_names: list[str],
+                batch_size: int = 8) -> dict[str, Any]:
+    """||x_j||_2 of every input feature j of each layer over the valid tokens of `tokens`.
+
+    Args:
+        module: the model the layers belong to (run in eval mode, no gradients).
+        layers: {name: nn.Linear or Conv1D}, e.g. from `block_linears`.
+        tokens: `calibration.TokenizedSet` of real text (padding positions are left out).
+        input_names: model inputs (`LoadedModel.input_names`).
+
+    Returns:
+        {name: float32 tensor (in_features,)}.
+    """
+    import torch
+
+    sums = {n: torch.zeros(m.weight.shape[_in_axis(m)], dtype=torch.float64) for n, m in layers.items()}
+    valid: list[Any] = []
+
+    def hook(name: str) -> Callable:
+        def pre(_mod: Any, args: tuple) -> None:
+            x = args[0].detach()
+            keep = valid[0].reshape(-1) if valid and x.shape[:-1].numel() == valid[0].numel() else None
+            x = x.reshape(-1, x.shape[-1])
+            if keep is not None:
+                x = x[keep]
+            sums[name] += (x.double() ** 2).sum(0)
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for feeds, _lengths in tokens.batches(batch_size, input_names):
+                inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
+                valid[:] = [inputs["attention_mask"].bool()]
+                module(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        module.train(was_training)
+    return {n: v.sqrt().float() for n, v in sums.items()}
+
+
+def prune_2_4(module: Any, settings: SparsitySettings, tokens: Any = None,
+              input_names: list[str] | None = None) -> tuple[dict[str, Any], SparsityPruneReport]:
+    """2:4 pruning of `block_linears(module, settings.layers)`, in place.
 
     In each group of 4 consecutive weights along the input dimension (nn.Linear weight
-    (out, in): dim 1; Conv1D weight (in, out): dim 0) the 2 largest |w| are kept and the other
-    2 set to 0. Biases are untouched.
+    (out, in): dim 1; Conv1D weight (in, out): dim 0) 2 weights are kept and the other 2 set to
+    0; biases are untouched. Which 2 by `settings.method`: `magnitude` keeps the largest |w|;
+    `wanda` keeps the largest |w_ij| * ||x_j||_2, the input norms measured on `tokens` with the
+    dense model (Sun et al. 2023, arXiv:2306.11695), so a small weight on a large activation
+    outranks a larger one on a quiet input.
 
     Args:
         module: PyTorch model, modified in place.
-        settings: `pattern` must be `2:4`; `layers` as in `block_linears`.
+        settings: `pattern` must be `2:4`; `method`; `layers` as in `block_linears`.
+        tokens: `calibration.TokenizedSet` of real calibration text (`wanda` only).
+        input_names: model inputs (`wanda` only).
 
     Returns:
         ({module name: torch.bool mask of the weight's shape, True = kept}, report). A layer
@@ -162,31 +215,42 @@ def prune_2_4(module: Any, settings: SparsitySettings) -> tuple[dict[str, Any], 
         `report.skipped` with the reason, and has no mask.
 
     Raises:
-        ValueError: `settings.pattern` is not `2:4`, an unknown method, or no layer selected.
+        ValueError: `settings.pattern` is not `2:4`, an unknown method, `wanda` without
+            tokens, or no layer selected.
     """
     import torch
 
-    if settings.pattern != "2:4" or settings.method != "magnitude":
-        raise ValueError(f"prune_2_4 needs pattern='2:4' and method='magnitude', "
+    if settings.pattern != "2:4" or settings.method not in ("magnitude", "wanda"):
+        raise ValueError(f"prune_2_4 needs pattern='2:4' and method 'magnitude' or 'wanda', "
                          f"got pattern={settings.pattern!r}, method={settings.method!r}")
+    if settings.method == "wanda" and (tokens is None or input_names is None):
+        raise ValueError("sparsity method 'wanda' scores weights by their input norms: pass calibration "
+                         "tokens and input_names to prune_2_4, or use method='magnitude'")
     start = time.perf_counter()
     masks, skipped = {}, {}
     zeros = total = 0
+    chosen = {}
     for name, m in block_linears(module, settings.layers).items():
-        axis = _in_axis(m)
-        k = m.weight.shape[axis]
+        k = m.weight.shape[_in_axis(m)]
         if k % GROUP:
             skipped[name] = f"input dimension {k} is not a multiple of {GROUP}"
             continue
-        mask = magnitude_mask_2_4(m.weight, axis)
+        chosen[name] = m
+    if not chosen:
+        raise ValueError(f"no layer could be pruned 2:4: {skipped}")
+    norms = input_norms(module, chosen, tokens, input_names) if settings.method == "wanda" else {}
+    for name, m in chosen.items():
+        axis = _in_axis(m)
+        score = m.weight.detach().abs()
+        if name in norms:  # broadcast the per-input-feature norm along the input axis
+            score = score * (norms[name][None, :] if axis == 1 else norms[name][:, None])
+        mask = magnitude_mask_2_4(score, axis)
         with torch.no_grad():
             m.weight.masked_fill_(~mask, 0.0)
         masks[name] = mask
         zeros += int((m.weight == 0).sum())
         total += m.weight.numel()
-    if not masks:
-        raise ValueError(f"no layer could be pruned 2:4: {skipped}")
-    report = SparsityPruneReport("2:4", list(masks), skipped, zeros / total,
+    report = SparsityPruneReport("2:4", settings.method, list(masks), skipped, zeros / total,
                                  round(time.perf_counter() - start, 3))
     return masks, report
 
@@ -233,8 +297,8 @@ def recover(student: Any, teacher: Any, masks: dict[str, Any], tokens: Any, inpu
     """Distillation recovery of a pruned `student` with its 2:4 masks held fixed.
 
     Runs `compiler.qat.distill` (MSE of last_hidden_state against the dense `teacher` at valid
-    tokens) for `steps` optimizer steps with `train`'s learning rate, batch size and seed; the
-    masks are applied before the first step and after every step.
+    tokens) for `steps` optimizer steps with `train`'s learning rate, schedule, batch size and
+    seed; the masks are applied before the first step and after every step.
 
     Args:
         student: the pruned model (fine-tuned in place, left in eval mode).

@@ -61,3 +61,25 @@ def test_tokenized_set_cache_and_batches(tmp_path, tokenizer):
     assert np.array_equal(rand["attention_mask"], feeds["attention_mask"])
     valid = rand["input_ids"][rand["attention_mask"] == 1]
     assert valid.max() < 1000 and not np.array_equal(valid, feeds["input_ids"][feeds["attention_mask"] == 1])
+
+
+def test_training_text_layout_separate_file_and_shortfall(tmp_path, caplog):
+    from compiler.pipeline import training_texts
+    from compiler.settings import BuildSettings, TrainSettings
+
+    data = DataSettings(samples=16, calib_samples=32, train_samples=64)
+    train = training_texts(BuildSettings(data=data))
+    assert train == load_texts(data, count=64, skip=48)  # [calibration | held-out | training]
+    sst2 = default_text_path().parent.parent / "sst2" / "train.tsv"
+    separate = BuildSettings(data=DataSettings(train_samples=40, train_path=str(sst2), min_words=1))
+    assert training_texts(separate) == load_texts(DataSettings(path=str(sst2), min_words=1), count=40)
+    # fewer lines than train_samples: all of them, with a warning; fewer than a batch: an error
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(f"line {i} has more than eight words in it" for i in range(10)))
+    short = BuildSettings(data=DataSettings(train_samples=100, train_path=str(small)), train=TrainSettings(batch_size=8))
+    with caplog.at_level("WARNING", logger="compiler"):
+        assert len(training_texts(short)) == 10
+    assert "10 samples available" in caplog.text
+    tiny = BuildSettings(data=DataSettings(train_samples=100, train_path=str(small)), train=TrainSettings(batch_size=16))
+    with pytest.raises(DataError, match="need 16"):
+        training_texts(tiny)

@@ -89,3 +89,18 @@ def test_corrupt_onnx_error(tmp_path):
 def test_invalid_profile_is_a_clear_error(tmp_path):
     result = run_cli("build", "--onnx", str(tmp_path / "x.onnx"), "--min-shape", "4x1", "--opt-shape", "1x128")
     assert result.returncode == 1 and "min (4) <= opt (1)" in result.stderr
+
+
+def test_sparsity_and_fine_tuning_flags_reach_the_settings():
+    from compiler.cli import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["compile", "--model", "minilm", "--sparsity", "2:4", "--sparsity-method", "wanda",
+                                      "--recover-steps", "7", "--recover-lr", "3e-4", "--recover-schedule", "constant",
+                                      "--train-text", "train.txt", "--train-samples", "99"])
+    s = settings_from_args(args)
+    assert (s.sparsity.pattern, s.sparsity.method, s.sparsity.recover_steps) == ("2:4", "wanda", 7)
+    assert (s.sparsity.recover_lr, s.sparsity.recover_schedule) == (3e-4, "constant")
+    assert (s.data.train_path, s.data.train_samples) == ("train.txt", 99)
+    defaults = settings_from_args(build_parser().parse_args(["compile"]))
+    assert (defaults.sparsity.method, defaults.sparsity.recover_schedule) == ("magnitude", "linear")
+    assert defaults.data.train_path is None

@@ -369,3 +369,57 @@ def test_recover_holds_masks_and_lowers_error(tokenizer):
     frozen = copy.deepcopy(teacher).requires_grad_(False)
     with pytest.raises(ValueError, match="requires grad"):
         recover(frozen, teacher, masks, tokens, BERT_INPUTS, train, steps=1)
+
+
+def test_wanda_scores_weights_by_input_norm(tokenizer):
+    """Wanda keeps a small weight on a loud input over a larger one on a quiet input; magnitude
+    does the opposite (one input feature of a real layer made loud, its weights made small)."""
+    data = DataSettings()
+    tokens = tokenized_set(load_texts(data, count=8), tokenizer, 32, None)
+    dense = tiny_bert()
+    name = "encoder.layer.0.intermediate.dense"  # its input is the attention block's LayerNorm output
+    ln = dense.get_submodule("encoder.layer.0.attention.output.LayerNorm")
+    with torch.no_grad():  # input feature 0 of `name` 10^4 x louder, its weights 100x smaller
+        ln.weight[0] *= 1e4
+        ln.bias[0] *= 1e4
+        dense.get_submodule(name).weight[:, 0] /= 100.0
+    with pytest.raises(ValueError, match="wanda"):
+        prune_2_4(copy.deepcopy(dense), SparsitySettings(pattern="2:4", method="wanda"))
+    mag, _ = prune_2_4(copy.deepcopy(dense), S24)
+    wanda, report = prune_2_4(copy.deepcopy(dense), SparsitySettings(pattern="2:4", method="wanda"),
+                              tokens, BERT_INPUTS)
+    assert report.method == "wanda" and report.zero_fraction == 0.5
+    assert not mag[name][:, 0].any()  # weights / 100: magnitude drops every one of them
+    # but |w| x ||x|| is ~100x the others': Wanda keeps them (all but a weight that is itself ~0)
+    assert wanda[name][:, 0].float().mean() > 0.9
+    for mask in wanda.values():  # still exactly 2 of every 4 along the input axis
+        assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()
+
+
+def test_input_norms_leave_out_padding(tokenizer):
+    from compiler.sparsity import input_norms
+
+    data = DataSettings()
+    texts = load_texts(data, count=4)
+    model = tiny_bert()
+    layer = {"encoder.layer.0.attention.self.query": model.get_submodule("encoder.layer.0.attention.self.query")}
+    together = input_norms(model, layer, tokenized_set(texts, tokenizer, 64, None), BERT_INPUTS, batch_size=4)
+    alone = [input_norms(model, layer, tokenized_set([t], tokenizer, 64, None), BERT_INPUTS, batch_size=1)
+             for t in texts]
+    summed = sum(a["encoder.layer.0.attention.self.query"] ** 2 for a in alone).sqrt()
+    # padded batch == samples one by one (no padding): padded positions are not counted
+    torch.testing.assert_close(together["encoder.layer.0.attention.self.query"], summed, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_schedule_warms_up_and_decays_to_zero():
+    from compiler.qat import lr_factor
+
+    f = lr_factor("linear", 100)
+    assert f(0) == pytest.approx(0.2) and f(4) == 1.0  # 5 warm-up steps
+    assert f(5) == 1.0 and f(50) == pytest.approx(50 / 95) and f(99) == pytest.approx(1 / 95)
+    assert all(f(i) >= f(i + 1) for i in range(5, 100))
+    assert lr_factor("constant", 100)(99) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        TrainSettings(schedule="cosine")
+    with pytest.raises(ValueError, match="recover_schedule"):
+        SparsitySettings(recover_schedule="step")
