@@ -271,25 +271,29 @@ class SparsitySettings:
         pattern: None (dense) or `2:4`: at least 2 zeros in every 4 consecutive weights along
             the reduction (input) dimension, what sparse tensor cores (Ampere and later) and
             TensorRT's `SPARSE_WEIGHTS` need.
-        method: `magnitude` (keep the 2 largest |w| of every 4) or `wanda` (keep the 2 largest
-            |w_ij| * ||x_j||_2 of every 4, x_j the layer's input feature j over the calibration
-            text: Sun et al. 2023, "A Simple and Effective Pruning Approach for Large Language
-            Models", arXiv:2306.11695; no weight update, one forward pass over the calibration
-            samples).
+        method: `wanda` (default: keep the 2 largest |w_ij| * ||x_j||_2 of every 4, x_j the
+            layer's input feature j over the calibration text; Sun et al. 2023, "A Simple and
+            Effective Pruning Approach for Large Language Models", arXiv:2306.11695; no weight
+            update, one forward pass over the calibration samples) or `magnitude` (the 2
+            largest |w|). On MiniLM Wanda starts closer to the dense model (held-out cosine
+            mean 0.776 against 0.659 before recovery) and stays ahead after it (0.933 against
+            0.921 after 250 steps at 5e-4), so it is the default.
         layers: fnmatch patterns on module names choosing the pruned linear layers; empty
             means every linear layer inside the transformer blocks (no embeddings, no head).
         recover_steps: distillation steps with the masks held fixed (0: no recovery); the
-            loop's other knobs (batch size, seed) come from `TrainSettings`.
-        recover_lr: peak learning rate of the recovery (pruning moves the model much further
-            than quantization does, so it is higher than QAT's `TrainSettings.lr`).
+            loop's other knobs (batch size, seed, layer-wise loss) come from `TrainSettings`.
+        recover_lr: peak learning rate of the recovery. Pruning moves the model much further
+            than quantization does, so it is 100x QAT's `TrainSettings.lr`; on MiniLM (250
+            steps, Wanda start) 1e-3 beat 2e-4, 5e-4 and 2e-3 (cosine mean 0.918, 0.933,
+            0.939, 0.935 at 2e-4, 5e-4, 1e-3, 2e-3).
         recover_schedule: the recovery's learning-rate schedule (`TrainSettings.schedule`).
     """
 
     pattern: str | None = None
-    method: str = "magnitude"
+    method: str = "wanda"
     layers: tuple[str, ...] = ()
-    recover_steps: int = 1000
-    recover_lr: float = 2e-4
+    recover_steps: int = 2000
+    recover_lr: float = 1e-3
     recover_schedule: str = "linear"
 
     def __post_init__(self) -> None:

@@ -12,8 +12,9 @@ kernels per layer, so the pattern is necessary, not sufficient, for a speed-up.
 The stage, run in PyTorch before export:
 
 1. `block_linears` picks the linear layers inside the transformer blocks (not the embeddings,
-   pooler or head); `prune_2_4` keeps the 2 largest |w| of every 4 along the input dimension,
-   in place, and returns the masks.
+   pooler or head); `prune_2_4` keeps 2 of every 4 weights along the input dimension, in
+   place, by |w| x input norm over calibration text (Wanda, the default) or by |w|, and returns
+   the masks.
 2. `recover` fine-tunes the pruned model against the dense one with the project's one training
    loop (`compiler.qat.distill`), the masks re-applied after every optimizer step (`hold_masks`).
 3. After export (and FP16 conversion or INT8 Q/DQ), `check_2_4` reads the ONNX graph and says

@@ -26,7 +26,7 @@ from compiler.settings import DataSettings, ExportSettings, PrecisionSettings, S
 from compiler.sparsity import block_linears, check_2_4, hold_masks, prune_2_4, recover, require_2_4
 from tests.models import f32, make_model
 
-S24 = SparsitySettings(pattern="2:4")
+S24 = SparsitySettings(pattern="2:4", method="magnitude")
 BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 HIDDEN, INTER, LAYERS = 32, 64, 2
 SEQ = 128  # check_2_4's default mac_shape (1, 128)
@@ -186,7 +186,7 @@ def test_layer_with_input_not_multiple_of_4_is_skipped_with_reason():
     assert torch.equal(toy.head.weight, head) and (toy.blocks[0][1].weight != 0).all()
     json.dumps(report.to_dict())
     with pytest.raises(ValueError, match="no layer could be pruned"):
-        prune_2_4(toy, SparsitySettings(pattern="2:4", layers=("blocks.0.1",)))
+        prune_2_4(toy, SparsitySettings(pattern="2:4", method="magnitude", layers=("blocks.0.1",)))
 
 
 # --------------------------------------------------------------------------------------------
