@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from calibration import load_texts, tokenized_set  # noqa: E402
+from compiler.metrics import sample_fidelity  # noqa: E402
 from compiler.models import load_model  # noqa: E402
 from compiler.pipeline import training_texts  # noqa: E402
 from compiler.settings import BuildSettings, DataSettings, ModelSettings, SparsitySettings, TrainSettings  # noqa: E402
@@ -32,22 +33,20 @@ from compiler.sparsity import prune_2_4, recover  # noqa: E402
 
 
 def cosines(student, teacher, tokens, input_names) -> list[float]:
+    """Per-sample cosine of last_hidden_state at valid tokens (`compiler.metrics.sample_fidelity`)."""
     import torch
 
     out = []
     with torch.no_grad():
         for feeds, lengths in tokens.batches(16, input_names):
             inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
-            a, b = teacher(**inputs).last_hidden_state, student(**inputs).last_hidden_state
-            for i, n in enumerate(lengths):
-                x, y = a[i, :n].flatten().double(), b[i, :n].flatten().double()
-                out.append(float(x @ y / (x.norm() * y.norm())))
+            ref = teacher(**inputs).last_hidden_state.numpy()
+            got = student(**inputs).last_hidden_state.numpy()
+            out += [sample_fidelity(ref, got, i, n)[0] for i, n in enumerate(lengths)]
     return out
 
 
 def main() -> int:
-    import torch
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", nargs="+", help="method,lr (method: magnitude or wanda)")
     ap.add_argument("--steps", type=int, default=250)

@@ -64,6 +64,13 @@ def fp32_name(settings: BuildSettings) -> str:
     return "model.fp32.onnx" if opset == 17 else f"model.fp32.opset{opset}.onnx"
 
 
+def calibration_texts(settings: BuildSettings) -> list[str]:
+    """Calibration text: the first `calib_samples` samples of the text (see `DataSettings`)."""
+    from calibration import load_texts
+
+    return load_texts(settings.data, count=settings.data.calib_samples)
+
+
 def training_texts(settings: BuildSettings) -> list[str]:
     """Fine-tuning text: up to `train_samples` from `data.train_path`, or else from the same text
     after the calibration and held-out samples (see `DataSettings`).
@@ -156,7 +163,7 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
 
     from safetensors.torch import load_model, save_model
 
-    from calibration import load_texts, tokenized_set
+    from calibration import tokenized_set
     from compiler.artifacts import atomic_write
     from compiler.export import onnx_from_torch
     from compiler.onnx_io import load_onnx
@@ -165,7 +172,7 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
     weights_path = settings.base_dir() / "student.safetensors"
     report_path = settings.base_dir() / "sparsity_report.json"
     sp, data = settings.sparsity, settings.data
-    calib_texts = load_texts(data, count=data.calib_samples) if sp.method == "wanda" else []
+    calib_texts = calibration_texts(settings) if sp.method == "wanda" else []
     train_texts = training_texts(settings) if sp.recover_steps else []
     # keyed by the texts themselves, not only their path: an edited file prunes/recovers again
     key = settings_hash("sparsity-v3", state.loaded.key, sp, settings.train, data, calib_texts, train_texts)
@@ -249,11 +256,11 @@ def _quantize(settings: BuildSettings, state: PipelineState) -> tuple[Any, dict[
     import copy
     from dataclasses import replace
 
-    from calibration import load_texts, tokenized_set
+    from calibration import tokenized_set
     from compiler.quantize import quantize_within_budget
 
     data, tok, loaded = settings.data, state.loaded.tokenizer, state.loaded
-    calib = tokenized_set(load_texts(data, count=data.calib_samples), tok, data.max_length, data.cache_dir)
+    calib = tokenized_set(calibration_texts(settings), tok, data.max_length, data.cache_dir)
     heldout = tokenized_set(state.texts, tok, data.max_length, data.cache_dir)
     float_precision = replace(settings.precision, mode=settings.quant.float_mode)
     if settings.precision.mode == "int8":
@@ -301,11 +308,11 @@ def stage_precision(settings: BuildSettings, state: PipelineState) -> None:
         log.info("precision: %s reused", out)
     else:
         if auto:
-            from calibration import load_texts, tokenized_set
+            from calibration import tokenized_set
             from compiler.auto_precision import auto_precision
 
             data, tok = settings.data, state.loaded.tokenizer
-            calib = tokenized_set(load_texts(data, count=data.calib_samples), tok, data.max_length, data.cache_dir)
+            calib = tokenized_set(calibration_texts(settings), tok, data.max_length, data.cache_dir)
             heldout = tokenized_set(state.texts, tok, data.max_length, data.cache_dir)
             # auto takes the path: it reads the weights through ONNX Runtime where it can.
             model, report = auto_precision(state.fp32_onnx, prec, calib, heldout, state.loaded.input_names,

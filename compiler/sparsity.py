@@ -165,15 +165,11 @@ def input_norms(module: Any, layers: dict[str, Any], tokens: Any, input_names: l
     import torch
 
     sums = {n: torch.zeros(m.weight.shape[_in_axis(m)], dtype=torch.float64) for n, m in layers.items()}
-    valid: list[Any] = []
+    valid: dict[str, Any] = {}  # the batch's attention mask (B, T), set before each forward
 
     def hook(name: str) -> Callable:
         def pre(_mod: Any, args: tuple) -> None:
-            x = args[0].detach()
-            keep = valid[0].reshape(-1) if valid and x.shape[:-1].numel() == valid[0].numel() else None
-            x = x.reshape(-1, x.shape[-1])
-            if keep is not None:
-                x = x[keep]
+            x = args[0].detach()[valid["mask"]]  # (valid tokens, in_features)
             sums[name] += (x.double() ** 2).sum(0)
         return pre
 
@@ -184,7 +180,7 @@ def input_norms(module: Any, layers: dict[str, Any], tokens: Any, input_names: l
         with torch.no_grad():
             for feeds, _lengths in tokens.batches(batch_size, input_names):
                 inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
-                valid[:] = [inputs["attention_mask"].bool()]
+                valid["mask"] = inputs["attention_mask"].bool()
                 module(**inputs)
     finally:
         for h in handles:
@@ -216,14 +212,13 @@ def prune_2_4(module: Any, settings: SparsitySettings, tokens: Any = None,
         `report.skipped` with the reason, and has no mask.
 
     Raises:
-        ValueError: `settings.pattern` is not `2:4`, an unknown method, `wanda` without
-            tokens, or no layer selected.
+        ValueError: `settings.pattern` is not `2:4`, `wanda` without tokens, or no layer
+            selected.
     """
     import torch
 
-    if settings.pattern != "2:4" or settings.method not in ("magnitude", "wanda"):
-        raise ValueError(f"prune_2_4 needs pattern='2:4' and method 'magnitude' or 'wanda', "
-                         f"got pattern={settings.pattern!r}, method={settings.method!r}")
+    if settings.pattern != "2:4":  # the method is checked by SparsitySettings itself
+        raise ValueError(f"prune_2_4 needs pattern='2:4', got pattern={settings.pattern!r}")
     if settings.method == "wanda" and (tokens is None or input_names is None):
         raise ValueError("sparsity method 'wanda' scores weights by their input norms: pass calibration "
                          "tokens and input_names to prune_2_4, or use method='magnitude'")
