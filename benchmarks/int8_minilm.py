@@ -18,6 +18,10 @@ FP16 reference. Rows:
 - int8-qat: QAT at the placement of int8-max.
 - sparse-noft / sparse-wanda-noft: 2:4 by magnitude / by Wanda's |w| x input norm, no recovery.
 - sparse / sparse-int8-qat: 2:4 (`--sparsity-method`) with recovery, and sparse QAT on top.
+- sparse-mixed / sparse-mixed-int8-qat: the same, recovered on a mix of texts (`--mix-text`,
+  repeatable; default the deployment text, SST-2 train sentences unlabeled, and the calibration
+  text after its held-out lines: `--train-text DEPLOY --train-text CALIB` in the CLI), each an
+  even share of `--train-samples`.
 
 Prints a markdown table, writes `<out>/int8_minilm.json` and the ONNX paths per row (input of
 benchmarks/sst2_probe.py and benchmarks/ort_latency.py).
@@ -50,6 +54,10 @@ def rows(args) -> dict[str, BuildSettings]:
                          output_dir=args.engines)
     prec = lambda mode: PrecisionSettings(mode=mode)  # noqa: E731
     sparse = replace(base.sparsity, pattern="2:4", recover_steps=args.recover_steps)
+    from calibration.text import default_text_path
+
+    mixed = replace(base.data, train_path=tuple(args.mix_text or ("../shared/data/sst2/train.tsv",
+                                                                   str(default_text_path()))))
     return {
         "hybrid": replace(base, precision=prec("hybrid")),
         "int8-max": replace(base, precision=prec("int8")),
@@ -68,10 +76,14 @@ def rows(args) -> dict[str, BuildSettings]:
                                      output_dir=f"{args.engines}/wanda-noft"),
         "sparse": replace(base, precision=prec("hybrid"), sparsity=sparse),
         "sparse-int8-qat": replace(base, precision=prec("int8-qat"), sparsity=sparse),
+        "sparse-mixed": replace(base, precision=prec("hybrid"), sparsity=sparse, data=mixed,
+                                output_dir=f"{args.engines}/mixed"),
+        "sparse-mixed-int8-qat": replace(base, precision=prec("int8-qat"), sparsity=sparse, data=mixed,
+                                         output_dir=f"{args.engines}/mixed"),
     }
 
 
-def summarize(name: str, state, seconds: float) -> dict:
+def summarize(name: str, state, seconds: float, settings: BuildSettings) -> dict:
     r = state.report
     real, rand = r["fidelity"]["real"], r["fidelity"]["random"]
     q = r.get("quantization") or {}
@@ -86,6 +98,7 @@ def summarize(name: str, state, seconds: float) -> dict:
         check = sp.get("variant_check") or {}
         row.update({"sparsity_method": (sp.get("prune") or {}).get("method", "magnitude"),
                     "train_samples": (sp.get("recovery") or {}).get("train_samples"),
+                    "train_text": list(settings.data.train_path),
                     "sparse_eligible_gemms": check.get("eligible"), "sparse_ineligible_gemms": check.get("ineligible"),
                     "sparse_mac_fraction": check.get("sparse_mac_fraction"),
                     "sparse_weights_flag": check.get("sparse_weights_flag"),
@@ -105,6 +118,8 @@ def main() -> int:
     ap.add_argument("--recover-lr", type=float, default=SparsitySettings.recover_lr)
     ap.add_argument("--recover-schedule", default=SparsitySettings.recover_schedule)
     ap.add_argument("--sparsity-method", default=SparsitySettings.method)
+    ap.add_argument("--mix-text", action="append", default=None, metavar="PATH",
+                    help="recovery text of the sparse-mixed rows, repeatable (default: SST-2 train + WikiText-2 test)")
     ap.add_argument("--only", nargs="*", default=None, help="row names to run")
     ap.add_argument("--engines", default="engines")
     ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))
@@ -120,7 +135,7 @@ def main() -> int:
             continue
         start = time.perf_counter()
         state = run_pipeline(settings, until="verify")
-        results.append(summarize(name, state, time.perf_counter() - start))
+        results.append(summarize(name, state, time.perf_counter() - start, settings))
         print(f"  {name}: cosine_min {results[-1]['cosine_min']:.5f} ({results[-1]['seconds']} s)", flush=True)
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     print("\n| row | cosine min | cosine mean | max abs err | nonfinite | INT8 MatMuls | INT8 MAC share "

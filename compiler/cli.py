@@ -86,8 +86,9 @@ def _add_option_args(p: argparse.ArgumentParser) -> None:
                    help="precision of what INT8 does not cover")
     g.add_argument("--train-samples", type=int, default=DataSettings.train_samples,
                    help="fine-tuning samples, at most (after the calibration and held-out ones, or from --train-text)")
-    g.add_argument("--train-text", default=None, metavar="PATH",
-                   help="separate text/TSV file for fine-tuning (default: the rest of --calib's text)")
+    g.add_argument("--train-text", action="append", default=None, metavar="PATH",
+                   help="text/TSV file for fine-tuning (default: the rest of --calib's text); repeat it to mix "
+                        "texts, e.g. the deployment text and the calibration text (read after its held-out lines)")
     g.add_argument("--train-steps", type=int, default=TrainSettings.steps, help="QAT distillation steps")
     g.add_argument("--lr", type=float, default=TrainSettings.lr, help="fine-tuning learning rate")
     g.add_argument("--sparsity", choices=("2:4",), default=None, help="2:4 structured sparsity of block linears")
@@ -136,7 +137,7 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
                               samples=get("samples", DataSettings.samples),
                               calib_samples=get("calib_samples", DataSettings.calib_samples),
                               train_samples=get("train_samples", DataSettings.train_samples),
-                              train_path=get("train_text", None),
+                              train_path=tuple(get("train_text", None) or ()),
                               max_length=get("max_length", DataSettings.max_length),
                               batch_size=get("batch_size", DataSettings.batch_size)),
             quant=QuantSettings(method=get("quant_method", QuantSettings.method),

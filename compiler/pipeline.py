@@ -15,6 +15,7 @@ the precision): `model.onnx` (TensorRT-ready, strongly typed), `precision_report
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from compiler.artifacts import read_key, release_freed_memory, write_json, write_key
+from compiler.errors import DataError
 from compiler.settings import BuildSettings, settings_hash
 
 log = logging.getLogger(__name__)
@@ -72,26 +74,57 @@ def calibration_texts(settings: BuildSettings) -> list[str]:
 
 
 def training_texts(settings: BuildSettings) -> list[str]:
-    """Fine-tuning text: up to `train_samples` from `data.train_path`, or else from the same text
-    after the calibration and held-out samples (see `DataSettings`).
+    """Fine-tuning text: up to `train_samples` from the `data.train_path` texts, or else from the
+    verification text after its calibration and held-out samples (see `DataSettings`).
+
+    With several texts each gives an even share of `train_samples` (the first ones one more when
+    it does not divide), and their samples are interleaved: a, b, a, b, ... A text that is the
+    verification text itself is read after its calibration and held-out samples.
+
+    Returns:
+        Stripped strings, at most `train_samples`.
 
     Raises:
-        DataError: fewer samples than one training batch.
+        DataError: a text is missing, or gives fewer samples than one training batch in all.
     """
     from dataclasses import replace
 
     from calibration import load_texts
 
     data = settings.data
-    if data.train_path is not None:
-        source, skip = replace(data, path=data.train_path), 0
+    held_out = data.calib_samples + data.samples
+    if not data.train_path:
+        sources = [(data, held_out, data.train_samples)]
     else:
-        source, skip = data, data.calib_samples + data.samples
-    texts = load_texts(source, count=data.train_samples, skip=skip, minimum=settings.train.batch_size)
-    if len(texts) < data.train_samples:
-        log.warning("fine-tuning text: %d samples available, fewer than train_samples=%d (%s)", len(texts),
-                    data.train_samples, data.train_path or data.path or "default text")
+        n = len(data.train_path)
+        shares = [data.train_samples // n + (i < data.train_samples % n) for i in range(n)]
+        sources = [(replace(data, path=p), held_out if _same_text(p, data.path) else 0, share)
+                   for p, share in zip(data.train_path, shares)]
+    parts = []
+    for source, skip, share in sources:
+        texts = load_texts(source, count=share, skip=skip, minimum=1 if len(sources) > 1 else settings.train.batch_size)
+        if len(texts) < share:
+            log.warning("fine-tuning text %s: %d samples available, fewer than its share of %d (train_samples=%d)",
+                        source.path or "default text", len(texts), share, data.train_samples)
+        parts.append(texts)
+    texts = [t for group in itertools.zip_longest(*parts) for t in group if t is not None]
+    if len(texts) < settings.train.batch_size:
+        raise DataError(f"fine-tuning text: {len(texts)} samples in all, fewer than one batch of "
+                        f"{settings.train.batch_size}. Give a longer --train-text or a smaller --batch-size.")
     return texts
+
+
+def _same_text(path: str, verification: str | None) -> bool:
+    """Whether fine-tuning text `path` is the verification text (`None`: the default WikiText-2)."""
+    from calibration.text import default_text_path
+
+    ref = Path(verification) if verification is not None else default_text_path()
+    if ref is None:
+        return False
+    try:
+        return Path(path).resolve() == ref.resolve()
+    except OSError:
+        return False
 
 
 def _export(settings: BuildSettings) -> tuple[Any, list[str], Path, Any]:

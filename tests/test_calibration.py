@@ -83,3 +83,23 @@ def test_training_text_layout_separate_file_and_shortfall(tmp_path, caplog):
     tiny = BuildSettings(data=DataSettings(train_samples=100, train_path=str(small)), train=TrainSettings(batch_size=16))
     with pytest.raises(DataError, match="need 16"):
         training_texts(tiny)
+
+
+def test_mixed_training_texts_interleave_and_keep_held_out_lines_out():
+    """Two texts share train_samples evenly and alternate; the verification text named as a
+    training text is read after its calibration and held-out lines, never from its start."""
+    from compiler.pipeline import training_texts
+    from compiler.settings import BuildSettings
+
+    wiki = default_text_path()
+    sst2 = wiki.parent.parent / "sst2" / "train.tsv"
+    data = DataSettings(samples=16, calib_samples=32, train_samples=41, train_path=(str(sst2), str(wiki)))
+    mixed = training_texts(BuildSettings(data=data))
+    own_sst2 = load_texts(DataSettings(path=str(sst2)), count=21)
+    own_wiki = load_texts(DataSettings(), count=20, skip=48)  # after calibration and held-out lines
+    assert len(mixed) == 41
+    assert mixed[0::2] == own_sst2 and mixed[1::2] == own_wiki
+    assert not set(mixed) & set(load_texts(DataSettings(), count=48))
+    assert DataSettings(train_path="one.txt").train_path == ("one.txt",)
+    with pytest.raises(ValueError, match="at least one sample per text"):
+        DataSettings(train_samples=1, train_path=("a.txt", "b.txt"))

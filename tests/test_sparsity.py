@@ -423,3 +423,28 @@ def test_linear_schedule_warms_up_and_decays_to_zero():
         TrainSettings(schedule="cosine")
     with pytest.raises(ValueError, match="recover_schedule"):
         SparsitySettings(recover_schedule="step")
+
+
+def test_length_grouped_batches_cover_every_sample_once_with_less_padding():
+    from calibration.text import TokenizedSet
+    from compiler.qat import _batches_forever
+
+    rng = np.random.default_rng(3)
+    lengths = np.concatenate([rng.integers(5, 20, 300), rng.integers(100, 128, 300)])  # short and long texts
+    tokens = TokenizedSet([np.arange(1, n + 1) + 1000 * i for i, n in enumerate(lengths)], None, 0, "k")
+
+    def epoch(group: bool) -> tuple[list[int], int]:
+        gen = _batches_forever(tokens, 8, ["input_ids", "attention_mask"], seed=0, group_by_length=group)
+        seen, padded = [], 0
+        for _ in range(75):  # 600 samples / 8
+            feeds, valid = next(gen)
+            padded += feeds["input_ids"].size
+            seen += [int(row[0]) // 1000 for row in feeds["input_ids"] - 1]
+            assert np.array_equal(feeds["attention_mask"].sum(1), valid)
+        return seen, padded
+
+    grouped, grouped_cost = epoch(True)
+    plain, plain_cost = epoch(False)
+    assert sorted(grouped) == sorted(plain) == list(range(600))  # every sample once per epoch
+    assert grouped_cost < 0.7 * plain_cost and grouped_cost < 1.1 * lengths.sum()
+    assert grouped != sorted(grouped)  # still shuffled
