@@ -3,6 +3,8 @@
 #   make onnx   MODEL=minilm PRECISION=fp16 CALIB=../shared/data/sst2/dev.tsv
 #   make engine MODEL=minilm PRECISION=int8        (PTQ; int8-qat: quantization-aware training)
 #   make engine MODEL=minilm PRECISION=int8-qat SPARSITY=2:4
+#   make engine MODEL=minilm SPARSITY=2:4 TRAIN_TEXT="deploy.tsv ../shared/data/wikitext-2/test.txt"
+#                (fine-tuning text for QAT / 2:4 recovery: files mixed in even shares)
 PYTHON    ?= python
 MODEL     ?= minilm
 WEIGHTS   ?= pretrained
@@ -10,10 +12,12 @@ PRECISION ?= hybrid
 SAMPLES   ?= 64
 CALIB     ?=
 SPARSITY  ?=
+TRAIN_TEXT ?=
 ARGS      ?=
 
 COMMON = --model $(MODEL) --weights $(WEIGHTS) --precision $(PRECISION) --samples $(SAMPLES) \
-         $(if $(CALIB),--calib $(CALIB)) $(if $(SPARSITY),--sparsity $(SPARSITY)) $(ARGS)
+         $(if $(CALIB),--calib $(CALIB)) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
+         $(foreach t,$(TRAIN_TEXT),--train-text $(t)) $(ARGS)
 
 .PHONY: engine onnx export test test-gpu install clean
 

@@ -104,3 +104,23 @@ def test_sparsity_and_fine_tuning_flags_reach_the_settings():
     defaults = settings_from_args(build_parser().parse_args(["compile"]))
     assert (defaults.sparsity.method, defaults.sparsity.recover_schedule) == ("wanda", "linear")
     assert defaults.data.train_path == ()
+
+
+def test_makefile_train_text_reaches_the_settings():
+    """`make ... TRAIN_TEXT="a b"` passes one --train-text per file, in order."""
+    import shlex
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from compiler.cli import build_parser, settings_from_args
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parent.parent
+    line = subprocess.run(["make", "-s", "-n", "onnx", "SPARSITY=2:4", "TRAIN_TEXT=deploy.tsv general.txt"],
+                          cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    argv = shlex.split(line)
+    settings = settings_from_args(build_parser().parse_args(argv[argv.index("compiler") + 1:]))
+    assert settings.data.train_path == ("deploy.tsv", "general.txt")
+    assert settings.sparsity.pattern == "2:4"
