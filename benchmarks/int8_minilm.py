@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from calibration.text import default_text_path, shared_data_path  # noqa: E402
 from compiler.pipeline import run_pipeline  # noqa: E402
 from compiler.settings import (BuildSettings, DataSettings, ModelSettings, PrecisionSettings,  # noqa: E402
                                QuantSettings, SparsitySettings, TrainSettings)
@@ -54,10 +55,8 @@ def rows(args) -> dict[str, BuildSettings]:
                          output_dir=args.engines)
     prec = lambda mode: PrecisionSettings(mode=mode)  # noqa: E731
     sparse = replace(base.sparsity, pattern="2:4", recover_steps=args.recover_steps)
-    from calibration.text import default_text_path
-
-    mixed = replace(base.data, train_path=tuple(args.mix_text or ("../shared/data/sst2/train.tsv",
-                                                                   str(default_text_path()))))
+    mix = args.mix_text or (shared_data_path("sst2/train.tsv"), default_text_path())
+    mixed = replace(base.data, train_path=tuple(str(p) for p in mix))
     return {
         "hybrid": replace(base, precision=prec("hybrid")),
         "int8-max": replace(base, precision=prec("int8")),

@@ -137,7 +137,7 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
                               samples=get("samples", DataSettings.samples),
                               calib_samples=get("calib_samples", DataSettings.calib_samples),
                               train_samples=get("train_samples", DataSettings.train_samples),
-                              train_path=tuple(get("train_text", None) or ()),
+                              train_path=get("train_text", None) or (),
                               max_length=get("max_length", DataSettings.max_length),
                               batch_size=get("batch_size", DataSettings.batch_size)),
             quant=QuantSettings(method=get("quant_method", QuantSettings.method),

@@ -102,15 +102,15 @@ def training_texts(settings: BuildSettings) -> list[str]:
                    for p, share in zip(data.train_path, shares)]
     parts = []
     for source, skip, share in sources:
-        texts = load_texts(source, count=share, skip=skip, minimum=1 if len(sources) > 1 else settings.train.batch_size)
+        texts = load_texts(source, count=share, skip=skip, minimum=1)
         if len(texts) < share:
             log.warning("fine-tuning text %s: %d samples available, fewer than its share of %d (train_samples=%d)",
                         source.path or "default text", len(texts), share, data.train_samples)
         parts.append(texts)
     texts = [t for group in itertools.zip_longest(*parts) for t in group if t is not None]
     if len(texts) < settings.train.batch_size:
-        raise DataError(f"fine-tuning text: {len(texts)} samples in all, fewer than one batch of "
-                        f"{settings.train.batch_size}. Give a longer --train-text or a smaller --batch-size.")
+        raise DataError(f"fine-tuning text: {len(texts)} samples in all, need {settings.train.batch_size} (one "
+                        "batch). Give a longer --train-text or a smaller --batch-size.")
     return texts
 
 
@@ -119,12 +119,7 @@ def _same_text(path: str, verification: str | None) -> bool:
     from calibration.text import default_text_path
 
     ref = Path(verification) if verification is not None else default_text_path()
-    if ref is None:
-        return False
-    try:
-        return Path(path).resolve() == ref.resolve()
-    except OSError:
-        return False
+    return ref is not None and Path(path).resolve() == ref.resolve()
 
 
 def _export(settings: BuildSettings) -> tuple[Any, list[str], Path, Any]:
