@@ -91,6 +91,8 @@ def _add_option_args(p: argparse.ArgumentParser) -> None:
                         "texts, e.g. the deployment text and the calibration text (read after its held-out lines)")
     g.add_argument("--train-steps", type=int, default=TrainSettings.steps, help="QAT distillation steps")
     g.add_argument("--lr", type=float, default=TrainSettings.lr, help="fine-tuning learning rate")
+    g.add_argument("--train-device", default=TrainSettings.device, metavar="DEVICE",
+                   help="where QAT and 2:4 recovery train: cpu, cuda, cuda:N, or auto (a GPU when PyTorch sees one)")
     g.add_argument("--sparsity", choices=("2:4",), default=None, help="2:4 structured sparsity of block linears")
     g.add_argument("--sparsity-method", choices=SPARSITY_METHODS, default=SparsitySettings.method,
                    help="which 2 of every 4 weights stay: magnitude |w|, or wanda |w| x input norm")
@@ -147,7 +149,8 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
                                 min_cosine=_or(get("min_cosine", None), QuantSettings.min_cosine),
                                 max_excluded=get("max_excluded", QuantSettings.max_excluded),
                                 float_mode=get("float_mode", QuantSettings.float_mode)),
-            train=TrainSettings(steps=get("train_steps", TrainSettings.steps), lr=get("lr", TrainSettings.lr)),
+            train=TrainSettings(steps=get("train_steps", TrainSettings.steps), lr=get("lr", TrainSettings.lr),
+                                device=get("train_device", TrainSettings.device)),
             sparsity=SparsitySettings(pattern=get("sparsity", None),
                                       method=get("sparsity_method", SparsitySettings.method),
                                       layers=tuple(get("sparse_layers", [])),

@@ -86,6 +86,30 @@ def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
     return lambda i: (i + 1) / warm if i < warm else max(0.0, (steps - i) / max(1, steps - warm))
 
 
+def train_device(name: str) -> Any:
+    """`TrainSettings.device` -> torch.device.
+
+    Raises:
+        CompilerError: a CUDA device that PyTorch cannot see (a CPU build of PyTorch, no GPU, or
+            an index past the last GPU): names the fix (`--train-device cpu`, or a CUDA build).
+    """
+    import torch
+
+    from compiler.errors import CompilerError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise CompilerError(
+                f"training device {name!r}: PyTorch {torch.__version__} sees {count} CUDA GPU(s) "
+                f"(torch.version.cuda={torch.version.cuda}); use --train-device cpu (or auto), or "
+                "install a CUDA build of PyTorch on a machine with a GPU")
+    return device
+
+
 def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], settings: TrainSettings,
             param_groups: list[dict] | None = None,
             after_step: Callable[[Any], None] | None = None) -> TrainReport:
@@ -95,14 +119,29 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
         student, teacher: Hugging Face models with the same output shapes; the teacher is frozen.
         tokens: `calibration.TokenizedSet` of real text (training samples, not the held-out set).
         input_names: model inputs to feed (`input_ids`, `attention_mask`, `token_type_ids`).
-        settings: steps, learning rate and its schedule, batch size.
+        settings: steps, learning rate and its schedule, batch size, device (both models train
+            there and are back on the CPU on return, even after an error).
         param_groups: optimizer groups; default all student parameters at `settings.lr`.
         after_step: called with the student after every optimizer step (e.g. re-apply a 2:4 mask).
 
     Returns:
         TrainReport with the loss curve (MSE at valid tokens; plus the mean MSE of the
         intermediate block outputs when `settings.layerwise`).
+
+    Raises:
+        CompilerError: `settings.device` is a CUDA device PyTorch cannot see (`train_device`).
     """
+    device = train_device(settings.device)
+    try:
+        student.to(device), teacher.to(device)
+        return _distill(student, teacher, tokens, input_names, settings, param_groups, after_step, device)
+    finally:
+        student.to("cpu"), teacher.to("cpu")
+
+
+def _distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], settings: TrainSettings,
+             param_groups: list[dict] | None, after_step: Callable[[Any], None] | None,
+             device: Any) -> TrainReport:
     import torch
 
     torch.manual_seed(settings.seed)
@@ -118,9 +157,10 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
     from tqdm import tqdm
 
     batches = _batches_forever(tokens, settings.batch_size, input_names, settings.seed, settings.group_by_length)
-    for _ in tqdm(range(settings.steps), desc="distillation", unit="step", disable=None, leave=False):
+    every = max(1, settings.steps // 20)  # a log line per 5% of the run: tqdm stays silent off a terminal
+    for step in tqdm(range(settings.steps), desc="distillation", unit="step", disable=None, leave=False):
         feeds, _lengths = next(batches)
-        inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
+        inputs = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
         mask = inputs["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
         layerwise = settings.layerwise
         with torch.no_grad():
@@ -141,6 +181,12 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
         if after_step is not None:
             after_step(student)
         losses.append(float(loss.detach()))
+        if (step + 1) % every == 0 or step + 1 == settings.steps:
+            elapsed = time.perf_counter() - start
+            recent = losses[-every:]
+            log.info("distillation step %d/%d: loss %.4g (mean of the last %d), %.0f s, about %.0f s left",
+                     step + 1, settings.steps, sum(recent) / len(recent), len(recent), elapsed,
+                     elapsed / (step + 1) * (settings.steps - step - 1))
     student.eval()
     return TrainReport(settings.steps, round(time.perf_counter() - start, 1),
                        losses[0] if losses else 0.0, losses[-1] if losses else 0.0, losses)
@@ -171,7 +217,7 @@ def _fake_quant_module(linear: Any, act_scale: Any, inv_smooth: Any = None) -> A
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.inv_smooth is not None:
-                x = x * self.inv_smooth
+                x = x * self.inv_smooth.to(x.device)  # a plain tensor: Module.to leaves it
             scale = self.act_scale.abs() + 1e-12
             xq = torch._fake_quantize_learnable_per_tensor_affine(
                 x, scale, torch.zeros_like(scale), QMIN, QMAX, 1.0 / (x.numel() * QMAX) ** 0.5)

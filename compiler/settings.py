@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,10 @@ class TrainSettings:
             held-out cosine (0.9281 vs 0.9387); on WikiText-2 mixed with SST-2 it saved 43% and
             cost 0.012 (0.9181 vs 0.9296): the loss averages over the tokens of a batch, so
             batches of short samples weigh their tokens more. Worth it on short texts only.
+        device: where the student and teacher train: `cpu` (default), `cuda` / `cuda:N`, or
+            `auto` (the first CUDA GPU when PyTorch sees one, else the CPU). The models return to
+            the CPU afterwards (export runs there). A CUDA device PyTorch cannot see raises
+            `compiler.errors.CompilerError` before any training.
     """
 
     steps: int = 200
@@ -273,10 +278,13 @@ class TrainSettings:
     layerwise: bool = True
     schedule: str = "constant"
     group_by_length: bool = False
+    device: str = field(default="cpu", metadata={"hash": False})  # where, not what: caches reuse across devices
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr <= 0 or self.scale_lr <= 0 or self.batch_size < 1:
             raise ValueError("need steps >= 0, lr > 0, scale_lr > 0, batch_size >= 1")
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
+            raise ValueError(f"device={self.device!r}: expected cpu, auto, cuda or cuda:N")
         if self.schedule not in LR_SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}: expected one of {LR_SCHEDULES}")
 
@@ -413,11 +421,16 @@ class BuildSettings:
 
 
 def settings_hash(*parts: object) -> str:
-    """sha256 over dataclasses / JSON-able values, canonicalized (sorted keys) first."""
+    """sha256 over dataclasses / JSON-able values, canonicalized (sorted keys) first.
+
+    A dataclass field with `metadata={"hash": False}` is left out (it says where work runs,
+    not what it computes, e.g. `TrainSettings.device`), so caches survive a change of it.
+    """
 
     def canon(obj: object) -> object:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return {k: canon(v) for k, v in sorted(dataclasses.asdict(obj).items())}
+            return {f.name: canon(getattr(obj, f.name)) for f in sorted(dataclasses.fields(obj), key=lambda f: f.name)
+                    if f.metadata.get("hash", True)}
         if isinstance(obj, (list, tuple)):
             return [canon(v) for v in obj]
         if isinstance(obj, dict):

@@ -332,7 +332,7 @@ def output_mse(student, teacher, tokens) -> float:
     return float((((a - b) ** 2) * mask).sum() / (mask.sum() * a.shape[-1]))
 
 
-def test_recover_holds_masks_and_lowers_error(tokenizer):
+def test_recover_holds_masks_and_lowers_error(tokenizer, caplog):
     from transformers import BertConfig, BertModel
 
     # Weights 10x the default init so that pruning costs something measurable; no dropout so
@@ -351,7 +351,10 @@ def test_recover_holds_masks_and_lowers_error(tokenizer):
     tokens, heldout = (tokenized_set(t, tokenizer, 32, None) for t in (texts[:16], texts[16:]))
     before = output_mse(student, teacher, heldout)
     train = TrainSettings(steps=999, lr=1e-3, batch_size=4)
-    report = recover(student, teacher, masks, tokens, BERT_INPUTS, train, steps=4)
+    with caplog.at_level("INFO", logger="compiler.qat"):
+        report = recover(student, teacher, masks, tokens, BERT_INPUTS, train, steps=4)
+    # progress reaches the log (tqdm is silent off a terminal): one line per 5% of the run
+    assert "distillation step 4/4" in caplog.text and "s left" in caplog.text
     assert report.steps == 4 and len(report.losses) == 4 and report.loss_last < report.loss_first
     assert output_mse(student, teacher, heldout) < 0.7 * before  # recovery works on unseen text
     for name, mask in masks.items():
@@ -369,6 +372,33 @@ def test_recover_holds_masks_and_lowers_error(tokenizer):
     frozen = copy.deepcopy(teacher).requires_grad_(False)
     with pytest.raises(ValueError, match="requires grad"):
         recover(frozen, teacher, masks, tokens, BERT_INPUTS, train, steps=1)
+
+
+def test_training_device_is_checked_before_training_and_kept_out_of_cache_keys(tokenizer):
+    """A CUDA device PyTorch cannot see fails before any step, with the fix, the models untouched
+    and on the CPU; `auto` falls back to the CPU; the device never changes a cache key."""
+    from transformers import BertConfig, BertModel
+
+    from compiler.qat import train_device
+    from compiler.settings import settings_hash
+
+    with pytest.raises(ValueError, match="cuda:N"):
+        TrainSettings(device="gpu")
+    assert train_device("cpu").type == "cpu"
+    assert train_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    past_last = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+    config = BertConfig(hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2, intermediate_size=INTER)
+    teacher = BertModel(config).eval()
+    student = copy.deepcopy(teacher)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    data = DataSettings()
+    tokens = tokenized_set(load_texts(data, count=8, skip=data.calib_samples + data.samples), tokenizer, 32, None)
+    with pytest.raises(CompilerError, match="--train-device cpu"):
+        distill(student, teacher, tokens, BERT_INPUTS, TrainSettings(steps=2, lr=1e-3, batch_size=4, device=past_last))
+    after = student.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].device.type == "cpu" for k in before)
+    assert settings_hash(TrainSettings()) == settings_hash(TrainSettings(device=past_last))
+    assert settings_hash(TrainSettings()) != settings_hash(TrainSettings(lr=2e-5))
 
 
 def test_wanda_scores_weights_by_input_norm(tokenizer):
