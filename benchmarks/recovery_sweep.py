@@ -4,7 +4,7 @@
 
 Each configuration `method,lr` prunes a fresh copy of MiniLM 2:4 (`compiler.sparsity.prune_2_4`,
 Wanda scored on the 128 calibration lines), runs `compiler.sparsity.recover` (the pipeline's
-distillation loop, masks held, layer-wise loss) for `--steps` steps on the pipeline's training
+distillation loop, masks held, layer-wise loss unless `--no-layerwise`; on `--device`) for `--steps` steps on the pipeline's training
 text (`compiler.pipeline.training_texts`: WikiText-2 test after the calibration and held-out
 lines, or the `--train-text` files, mixed as `--train-text` mixes them in the pipeline), then
 measures cosine per sample of last_hidden_state at valid tokens against the dense model on the
@@ -57,6 +57,9 @@ def main() -> int:
     ap.add_argument("--train-text", action="append", default=None, metavar="PATH",
                     help="fine-tuning text, repeatable (default: WikiText-2 test after the held-out lines)")
     ap.add_argument("--group-by-length", action="store_true", help="batch samples of similar length (TrainSettings)")
+    ap.add_argument("--no-layerwise", action="store_true",
+                    help="loss on last_hidden_state only (TrainSettings.layerwise=False)")
+    ap.add_argument("--device", default="cpu", help="training device (TrainSettings.device: cpu, cuda, auto)")
     ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))
     args = ap.parse_args()
     loaded = load_model(ModelSettings(name="minilm"))
@@ -74,12 +77,14 @@ def main() -> int:
         start = time.perf_counter()
         rep = recover(student, teacher, masks, train, loaded.input_names,
                       TrainSettings(lr=float(lr), schedule=args.schedule,
-                                    group_by_length=args.group_by_length), args.steps)
+                                    group_by_length=args.group_by_length, layerwise=not args.no_layerwise,
+                                    device=args.device), args.steps)
         seconds = round(time.perf_counter() - start, 1)
         c = cosines(student, teacher, heldout, loaded.input_names)
         c2 = cosines(student, teacher, sst2, loaded.input_names)
         rows.append({"method": method, "lr": float(lr), "schedule": args.schedule, "steps": args.steps,
                      "train_text": list(data.train_path), "group_by_length": args.group_by_length,
+                     "layerwise": not args.no_layerwise, "device": args.device,
                      "train_samples": len(train), "cosine_min": min(c), "cosine_mean": float(np.mean(c)),
                      "sst2_cosine_min": min(c2), "sst2_cosine_mean": float(np.mean(c2)),
                      "loss_last": rep.loss_last, "seconds": seconds})

@@ -253,7 +253,9 @@ class TrainSettings:
         seed: shuffling seed.
         layerwise: add the MSE of every intermediate block output to the loss (TinyBERT-style
             layer-wise distillation, Jiao et al. 2020): the student must match the teacher's
-            hidden states, not only its last one.
+            hidden states, not only its last one. Measured (`benchmarks/recovery_sweep.py
+            --steps 250 wanda,1e-3 [--no-layerwise]`, MiniLM 2:4): held-out cosine mean 0.9387
+            with it, 0.9233 without.
         schedule: learning-rate schedule of every parameter group: `constant`, or `linear`
             (linear warm-up over the first 5% of the steps, then linear decay to 0, as in
             BERT's fine-tuning recipe, Devlin et al. 2019).
