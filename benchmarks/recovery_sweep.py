@@ -4,9 +4,10 @@
 
 Each configuration `method,lr` prunes a fresh copy of MiniLM 2:4 (`compiler.sparsity.prune_2_4`,
 Wanda scored on the 128 calibration lines), runs `compiler.sparsity.recover` (the pipeline's
-distillation loop, masks held, layer-wise loss unless `--no-layerwise`; on `--device`) for `--steps` steps on the pipeline's training
-text (`compiler.pipeline.training_texts`: WikiText-2 test after the calibration and held-out
-lines, or the `--train-text` files, mixed as `--train-text` mixes them in the pipeline), then
+distillation loop, masks held, layer-wise loss unless `--no-layerwise`, on `--device`) for
+`--steps` steps on the pipeline's training text (`compiler.pipeline.training_texts`: WikiText-2
+test after the calibration and held-out lines, or the `--train-text` files, mixed as
+`--train-text` mixes them in the pipeline), then
 measures cosine per sample of last_hidden_state at valid tokens against the dense model on the
 64 held-out WikiText-2 lines and on the first 64 SST-2 dev sentences, all in PyTorch FP32 (the
 pipeline's verify stage measures the exported FP16 graph instead). Prints a table and writes
@@ -59,7 +60,7 @@ def main() -> int:
     ap.add_argument("--group-by-length", action="store_true", help="batch samples of similar length (TrainSettings)")
     ap.add_argument("--no-layerwise", action="store_true",
                     help="loss on last_hidden_state only (TrainSettings.layerwise=False)")
-    ap.add_argument("--device", default="cpu", help="training device (TrainSettings.device: cpu, cuda, auto)")
+    ap.add_argument("--device", default=TrainSettings.device, help="training device (TrainSettings.device: cpu, cuda, auto)")
     ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))
     args = ap.parse_args()
     loaded = load_model(ModelSettings(name="minilm"))

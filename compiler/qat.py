@@ -133,10 +133,12 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
     """
     device = train_device(settings.device)
     try:
-        student.to(device), teacher.to(device)
+        student.to(device)
+        teacher.to(device)
         return _distill(student, teacher, tokens, input_names, settings, param_groups, after_step, device)
     finally:
-        student.to("cpu"), teacher.to("cpu")
+        student.to("cpu")
+        teacher.to("cpu")
 
 
 def _distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], settings: TrainSettings,
