@@ -51,7 +51,7 @@ def rows(args) -> dict[str, BuildSettings]:
                                            train_samples=args.train_samples),
                          sparsity=SparsitySettings(recover_lr=args.recover_lr, method=args.sparsity_method,
                                                    recover_schedule=args.recover_schedule),
-                         train=TrainSettings(steps=args.qat_steps, lr=args.lr),
+                         train=TrainSettings(steps=args.qat_steps, lr=args.lr, bf16=args.train_bf16),
                          output_dir=args.engines)
     prec = lambda mode: PrecisionSettings(mode=mode)  # noqa: E731
     sparse = replace(base.sparsity, pattern="2:4", recover_steps=args.recover_steps)
@@ -113,6 +113,7 @@ def main() -> int:
     ap.add_argument("--train-samples", type=int, default=DataSettings.train_samples)
     ap.add_argument("--qat-steps", type=int, default=TrainSettings.steps)
     ap.add_argument("--lr", type=float, default=TrainSettings.lr)
+    ap.add_argument("--train-bf16", action="store_true", help="QAT and recovery under bfloat16 autocast (TrainSettings.bf16)")
     ap.add_argument("--recover-steps", type=int, default=SparsitySettings.recover_steps)
     ap.add_argument("--recover-lr", type=float, default=SparsitySettings.recover_lr)
     ap.add_argument("--recover-schedule", default=SparsitySettings.recover_schedule)
@@ -124,6 +125,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("compiler.qat").setLevel(logging.INFO)  # training progress: a line per 5% of the steps
     results = []
     out_json = args.out / "int8_minilm.json"
     previous = {r["row"]: r for r in json.loads(out_json.read_text())["rows"]} if out_json.is_file() else {}

@@ -1,6 +1,6 @@
 """Benchmark: short 2:4 recovery runs on MiniLM to choose the pruning method and learning rate.
 
-    python benchmarks/recovery_sweep.py --steps 250 wanda,1e-3 wanda,5e-4 magnitude,5e-4 [--schedule linear]
+    python benchmarks/recovery_sweep.py --steps 250 wanda,1e-3 wanda,5e-4 magnitude,5e-4 [--schedule linear] [--bf16]
 
 Each configuration `method,lr` prunes a fresh copy of MiniLM 2:4 (`compiler.sparsity.prune_2_4`,
 Wanda scored on the 128 calibration lines), runs `compiler.sparsity.recover` (the pipeline's
@@ -60,6 +60,7 @@ def main() -> int:
     ap.add_argument("--group-by-length", action="store_true", help="batch samples of similar length (TrainSettings)")
     ap.add_argument("--no-layerwise", action="store_true",
                     help="loss on last_hidden_state only (TrainSettings.layerwise=False)")
+    ap.add_argument("--bf16", action="store_true", help="student under bfloat16 autocast (TrainSettings.bf16)")
     ap.add_argument("--device", default=TrainSettings.device, help="training device (TrainSettings.device: cpu, cuda, auto)")
     ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))
     args = ap.parse_args()
@@ -79,13 +80,13 @@ def main() -> int:
         rep = recover(student, teacher, masks, train, loaded.input_names,
                       TrainSettings(lr=float(lr), schedule=args.schedule,
                                     group_by_length=args.group_by_length, layerwise=not args.no_layerwise,
-                                    device=args.device), args.steps)
+                                    bf16=args.bf16, device=args.device), args.steps)
         seconds = round(time.perf_counter() - start, 1)
         c = cosines(student, teacher, heldout, loaded.input_names)
         c2 = cosines(student, teacher, sst2, loaded.input_names)
         rows.append({"method": method, "lr": float(lr), "schedule": args.schedule, "steps": args.steps,
                      "train_text": list(data.train_path), "group_by_length": args.group_by_length,
-                     "layerwise": not args.no_layerwise, "device": args.device,
+                     "layerwise": not args.no_layerwise, "bf16": args.bf16, "device": args.device,
                      "train_samples": len(train), "cosine_min": min(c), "cosine_mean": float(np.mean(c)),
                      "sst2_cosine_min": min(c2), "sst2_cosine_mean": float(np.mean(c2)),
                      "loss_last": rep.loss_last, "seconds": seconds})

@@ -91,6 +91,9 @@ def _add_option_args(p: argparse.ArgumentParser) -> None:
                         "texts, e.g. the deployment text and the calibration text (read after its held-out lines)")
     g.add_argument("--train-steps", type=int, default=TrainSettings.steps, help="QAT distillation steps")
     g.add_argument("--lr", type=float, default=TrainSettings.lr, help="fine-tuning learning rate")
+    g.add_argument("--train-bf16", action="store_true",
+                   help="QAT and 2:4 recovery under bfloat16 autocast (FP32 master weights): recovery ~1.4x faster "
+                        "on CPUs with AVX512-BF16/AMX and on Ampere+ GPUs; QAT slower")
     g.add_argument("--train-device", default=TrainSettings.device, metavar="DEVICE",
                    help="where QAT and 2:4 recovery train: cpu, cuda, cuda:N, or auto (a GPU when PyTorch sees one)")
     g.add_argument("--sparsity", choices=("2:4",), default=None, help="2:4 structured sparsity of block linears")
@@ -150,6 +153,7 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
                                 max_excluded=get("max_excluded", QuantSettings.max_excluded),
                                 float_mode=get("float_mode", QuantSettings.float_mode)),
             train=TrainSettings(steps=get("train_steps", TrainSettings.steps), lr=get("lr", TrainSettings.lr),
+                                bf16=get("train_bf16", TrainSettings.bf16),
                                 device=get("train_device", TrainSettings.device)),
             sparsity=SparsitySettings(pattern=get("sparsity", None),
                                       method=get("sparsity_method", SparsitySettings.method),

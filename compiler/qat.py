@@ -47,8 +47,9 @@ GROUP_CHUNK = 64  # batches per length-sorted chunk
 
 
 def _batches_forever(tokens: Any, batch_size: int, input_names: list[str], seed: int,
-                     group_by_length: bool = False) -> Iterator[tuple[dict, np.ndarray]]:
-    """Padded training batches, epoch after epoch, each epoch in a new random order.
+                     group_by_length: bool = False) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
+    """Padded training batches (feeds, lengths, sample indices into `tokens`), epoch after
+    epoch, each epoch in a new random order.
 
     `group_by_length`: within chunks of `GROUP_CHUNK` batches of the shuffled samples, sort by
     length and cut batches there, then shuffle the batches. Each batch holds samples of similar
@@ -69,7 +70,44 @@ def _batches_forever(tokens: Any, batch_size: int, input_names: list[str], seed:
         shuffled = type(tokens)([tokens.input_ids[i] for i in order],
                                 None if tokens.token_type_ids is None else [tokens.token_type_ids[i] for i in order],
                                 tokens.pad_id, tokens.key)
-        yield from shuffled.batches(batch_size, input_names)
+        for start, (feeds, lengths) in zip(range(0, len(order), batch_size), shuffled.batches(batch_size, input_names)):
+            yield feeds, lengths, order[start : start + batch_size]
+
+
+class TeacherCache:
+    """The teacher's outputs per training sample, kept after the first epoch.
+
+    Each sample's states (last_hidden_state first, then the intermediate block outputs when the
+    loss is layer-wise) are stored at its valid tokens only, in FP32 on the CPU, until
+    `budget_mib` is spent; later samples are recomputed every epoch. The teacher is frozen and
+    runs in eval mode, so a stored output is the one it would compute again (up to float
+    summation order in another batch): caching changes the cost of a step, not what it trains
+    towards. On MiniLM (6 layers) a teacher forward is ~20% of an FP32 step on the CPU.
+    """
+
+    def __init__(self, budget_mib: int) -> None:
+        self.free = budget_mib * 2**20
+        self.store: dict[int, list[Any]] = {}
+
+    def get(self, idx: np.ndarray, device: Any) -> list[Any] | None:
+        """(B, T, H) FP32 tensors on `device`, zero-padded, or None unless every sample is stored."""
+        from torch.nn.utils.rnn import pad_sequence
+
+        if not all(int(i) in self.store for i in idx):
+            return None
+        rows = [self.store[int(i)] for i in idx]
+        return [pad_sequence([r[k] for r in rows], batch_first=True).to(device) for k in range(len(rows[0]))]
+
+    def put(self, idx: np.ndarray, lengths: np.ndarray, states: list[Any]) -> None:
+        for j, (i, n) in enumerate(zip(idx, lengths)):
+            if int(i) in self.store:
+                continue
+            parts = [s[j, :n].detach().float().cpu().clone() for s in states]
+            size = sum(p.numel() * p.element_size() for p in parts)
+            if size > self.free:
+                return
+            self.store[int(i)] = parts
+            self.free -= size
 
 
 def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
@@ -120,7 +158,9 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
         tokens: `calibration.TokenizedSet` of real text (training samples, not the held-out set).
         input_names: model inputs to feed (`input_ids`, `attention_mask`, `token_type_ids`).
         settings: steps, learning rate and its schedule, batch size, device (both models train
-            there and are back on the CPU on return, even after an error).
+            there and are back on the CPU on return, even after an error), `bf16` autocast of the
+            student, and the teacher-output cache (`TeacherCache`, used when the run is longer
+            than one epoch).
         param_groups: optimizer groups; default all student parameters at `settings.lr`.
         after_step: called with the student after every optimizer step (e.g. re-apply a 2:4 mask).
 
@@ -158,23 +198,31 @@ def _distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], se
     start = time.perf_counter()
     from tqdm import tqdm
 
+    more_than_an_epoch = settings.steps * settings.batch_size > len(tokens)
+    cache = TeacherCache(settings.teacher_cache_mib) if settings.teacher_cache_mib and more_than_an_epoch else None
     batches = _batches_forever(tokens, settings.batch_size, input_names, settings.seed, settings.group_by_length)
     every = max(1, settings.steps // 20)  # a log line per 5% of the run: tqdm stays silent off a terminal
     for step in tqdm(range(settings.steps), desc="distillation", unit="step", disable=None, leave=False):
-        feeds, _lengths = next(batches)
+        feeds, lengths, idx = next(batches)
         inputs = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
         mask = inputs["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
         layerwise = settings.layerwise
-        with torch.no_grad():
-            t_out = teacher(**inputs, output_hidden_states=layerwise)
-        s_out = student(**inputs, output_hidden_states=layerwise)
+        targets = cache.get(idx, device) if cache else None  # [last_hidden_state, block outputs...]
+        if targets is None:
+            with torch.no_grad():
+                t_out = teacher(**inputs, output_hidden_states=layerwise)
+            targets = [t_out.last_hidden_state] + (list(t_out.hidden_states[1:-1]) if layerwise else [])
+            if cache:
+                cache.put(idx, lengths, targets)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+            s_out = student(**inputs, output_hidden_states=layerwise)
 
-        def mse(a: Any, b: Any) -> Any:  # at valid tokens, (B, T, H)
-            return (((a - b) ** 2) * mask).sum() / (mask.sum() * a.shape[-1])
+        def mse(a: Any, b: Any) -> Any:  # at valid tokens, (B, T, H), in FP32
+            return (((a.float() - b) ** 2) * mask).sum() / (mask.sum() * a.shape[-1])
 
-        loss = mse(s_out.last_hidden_state, t_out.last_hidden_state)
+        loss = mse(s_out.last_hidden_state, targets[0])
         if layerwise:  # every block's output too (Jiao et al. 2020, TinyBERT): a denser signal
-            pairs = list(zip(s_out.hidden_states[1:-1], t_out.hidden_states[1:-1]))
+            pairs = list(zip(s_out.hidden_states[1:-1], targets[1:]))
             loss = loss + sum(mse(a, b) for a, b in pairs) / max(1, len(pairs))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -218,6 +266,10 @@ def _fake_quant_module(linear: Any, act_scale: Any, inv_smooth: Any = None) -> A
             self.inv_smooth = inv_smooth
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(x.device.type, enabled=False):  # INT8 simulation in FP32, also under bf16
+                return self._forward(x.float())
+
+        def _forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.inv_smooth is not None:
                 x = x * self.inv_smooth.to(x.device)  # a plain tensor: Module.to leaves it
             scale = self.act_scale.abs() + 1e-12

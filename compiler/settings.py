@@ -266,6 +266,20 @@ class TrainSettings:
             held-out cosine (0.9281 vs 0.9387); on WikiText-2 mixed with SST-2 it saved 43% and
             cost 0.012 (0.9181 vs 0.9296): the loss averages over the tokens of a batch, so
             batches of short samples weigh their tokens more. Worth it on short texts only.
+        bf16: run the student's forward and backward under bfloat16 autocast (mixed precision:
+            FP32 master weights and optimizer state, matrix multiplies in BF16; Micikevicius et
+            al. 2018, `torch.autocast`), as Hugging Face Trainer's `bf16`. The teacher and the
+            loss stay FP32, and QAT's fake quantizers compute in FP32. Needs BF16 matrix
+            multiply in hardware (CPUs with AVX512-BF16 or AMX, GPUs from Ampere on) to pay.
+            Measured (`benchmarks/recovery_sweep.py --steps 250 wanda,1e-3 [--bf16]`, MiniLM 2:4,
+            2 cores of an AVX512-BF16 CPU): 177 s against 248 s, held-out cosine mean 0.9386
+            against 0.9387. It does not pay for QAT, whose quantized layers leave autocast:
+            200 QAT steps took 366 s with it against 245 s without.
+        teacher_cache_mib: memory (MiB, CPU) for the teacher's outputs on the training
+            samples, computed in the first epoch and reused after (`compiler.qat.TeacherCache`);
+            0 turns it off. It saves the teacher's forward pass on every later epoch and changes
+            nothing else, so it is left out of cache keys. MiniLM on 6,093 samples of mixed text
+            (412k tokens, 7 states of 384) needs ~4.2 GiB for all of them.
         device: where the student and teacher train: `cpu` (default), `cuda` / `cuda:N`, or
             `auto` (the first CUDA GPU when PyTorch sees one, else the CPU). The models return to
             the CPU afterwards (export runs there). A CUDA device PyTorch cannot see raises
@@ -280,11 +294,13 @@ class TrainSettings:
     layerwise: bool = True
     schedule: str = "constant"
     group_by_length: bool = False
+    bf16: bool = field(default=False, metadata={"hash": "if-set"})  # keys of earlier caches unchanged
+    teacher_cache_mib: int = field(default=4096, metadata={"hash": False})  # cost, not result
     device: str = field(default="cpu", metadata={"hash": False})  # where, not what: caches reuse across devices
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.lr <= 0 or self.scale_lr <= 0 or self.batch_size < 1:
-            raise ValueError("need steps >= 0, lr > 0, scale_lr > 0, batch_size >= 1")
+        if self.steps < 0 or self.lr <= 0 or self.scale_lr <= 0 or self.batch_size < 1 or self.teacher_cache_mib < 0:
+            raise ValueError("need steps >= 0, lr > 0, scale_lr > 0, batch_size >= 1, teacher_cache_mib >= 0")
         if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
             raise ValueError(f"device={self.device!r}: expected cpu, auto, cuda or cuda:N")
         if self.schedule not in LR_SCHEDULES:
@@ -426,13 +442,19 @@ def settings_hash(*parts: object) -> str:
     """sha256 over dataclasses / JSON-able values, canonicalized (sorted keys) first.
 
     A dataclass field with `metadata={"hash": False}` is left out (it says where work runs,
-    not what it computes, e.g. `TrainSettings.device`), so caches survive a change of it.
+    not what it computes, e.g. `TrainSettings.device`), so caches survive a change of it; one
+    with `metadata={"hash": "if-set"}` counts only when it differs from its default (a knob
+    added later, e.g. `TrainSettings.bf16`: the caches made before it keep their keys).
     """
+
+    def counts(f: dataclasses.Field, value: object) -> bool:
+        rule = f.metadata.get("hash", True)
+        return rule is True or (rule == "if-set" and value != f.default)
 
     def canon(obj: object) -> object:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             return {f.name: canon(getattr(obj, f.name)) for f in sorted(dataclasses.fields(obj), key=lambda f: f.name)
-                    if f.metadata.get("hash", True)}
+                    if counts(f, getattr(obj, f.name))}
         if isinstance(obj, (list, tuple)):
             return [canon(v) for v in obj]
         if isinstance(obj, dict):

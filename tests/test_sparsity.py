@@ -7,6 +7,7 @@ fixture, all CPU.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -374,6 +375,59 @@ def test_recover_holds_masks_and_lowers_error(tokenizer, caplog):
         recover(frozen, teacher, masks, tokens, BERT_INPUTS, train, steps=1)
 
 
+def test_teacher_cache_reuses_outputs_without_changing_training(tokenizer, monkeypatch):
+    """Over 3 epochs the cached run calls the teacher once per batch of the first epoch only and
+    trains the same weights as an uncached run; a budget too small stores nothing."""
+    from compiler.qat import TeacherCache
+
+    teacher = tiny_bert()
+    data = DataSettings()
+    tokens = tokenized_set(load_texts(data, count=8, skip=data.calib_samples + data.samples), tokenizer, 32, None)
+    calls = []
+    monkeypatch.setattr(teacher, "forward", lambda *a, _f=teacher.forward, **k: calls.append(1) or _f(*a, **k))
+    trained = {}
+    for mib in (0, 64):
+        student = copy.deepcopy(tiny_bert(1))
+        calls.clear()
+        report = distill(student, teacher, tokens, BERT_INPUTS,
+                         TrainSettings(steps=6, lr=1e-3, batch_size=4, teacher_cache_mib=mib))
+        trained[mib] = (student.state_dict(), report.losses, len(calls))
+    assert trained[0][2] == 6 and trained[64][2] == 2  # 2 batches per epoch, 3 epochs
+    np.testing.assert_allclose(trained[64][1], trained[0][1], rtol=1e-4)
+    for k, v in trained[0][0].items():
+        torch.testing.assert_close(trained[64][0][k], v, rtol=1e-4, atol=1e-5)
+    tiny = TeacherCache(budget_mib=0)
+    tiny.put(np.array([0]), np.array([3]), [torch.ones(1, 5, 2)])
+    assert tiny.store == {} and tiny.get(np.array([0]), "cpu") is None
+    with pytest.raises(ValueError, match="teacher_cache_mib"):
+        TrainSettings(teacher_cache_mib=-1)
+
+
+def test_bf16_autocast_trains_fp32_weights_and_fake_quant_stays_fp32(tokenizer):
+    """`bf16` runs the student under bfloat16 autocast (the loss moves a little, so it is on),
+    keeps the weights FP32, and QAT's fake-quantized Linear still computes in FP32."""
+    from compiler.qat import _fake_quant_module
+
+    teacher = tiny_bert()
+    data = DataSettings()
+    tokens = tokenized_set(load_texts(data, count=8, skip=data.calib_samples + data.samples), tokenizer, 32, None)
+    first = {}
+    for bf16 in (False, True):
+        student = copy.deepcopy(teacher)
+        prune_2_4(student, S24)
+        report = distill(student, teacher, tokens, BERT_INPUTS, TrainSettings(steps=2, lr=1e-3, batch_size=4, bf16=bf16))
+        first[bf16] = report.loss_first
+        assert all(p.dtype == torch.float32 for p in student.parameters()) and np.isfinite(report.losses).all()
+    assert first[True] != first[False] and abs(first[True] - first[False]) < 0.05 * first[False]
+    linear = torch.nn.Linear(8, 4)
+    fq = _fake_quant_module(linear, torch.nn.Parameter(torch.tensor([0.05])))
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fq(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, fq(x))
+
+
 def test_training_device_is_checked_before_training_and_kept_out_of_cache_keys(tokenizer):
     """A CUDA device PyTorch cannot see fails before any step, with the fix, the models untouched
     and on the CPU; `auto` falls back to the CPU; the device never changes a cache key."""
@@ -399,6 +453,14 @@ def test_training_device_is_checked_before_training_and_kept_out_of_cache_keys(t
     assert all(torch.equal(before[k], after[k]) and after[k].device.type == "cpu" for k in before)
     assert settings_hash(TrainSettings()) == settings_hash(TrainSettings(device=past_last))
     assert settings_hash(TrainSettings()) != settings_hash(TrainSettings(lr=2e-5))
+    # the teacher cache's budget is cost, not result; bf16 counts only when set, so the keys of
+    # caches made before the knob existed stay valid
+    assert settings_hash(TrainSettings()) == settings_hash(TrainSettings(teacher_cache_mib=0))
+    assert settings_hash(TrainSettings()) != settings_hash(TrainSettings(bf16=True))
+    before, after = (dataclasses.make_dataclass("S", fields) for fields in (
+        [("lr", float, 1e-3)],
+        [("lr", float, 1e-3), ("knob", bool, dataclasses.field(default=False, metadata={"hash": "if-set"}))]))
+    assert settings_hash(before()) == settings_hash(after()) != settings_hash(after(knob=True))
 
 
 def test_wanda_scores_weights_by_input_norm(tokenizer):
@@ -467,7 +529,8 @@ def test_length_grouped_batches_cover_every_sample_once_with_less_padding():
         gen = _batches_forever(tokens, 8, ["input_ids", "attention_mask"], seed=0, group_by_length=group)
         seen, padded = [], 0
         for _ in range(75):  # 600 samples / 8
-            feeds, valid = next(gen)
+            feeds, valid, idx = next(gen)
+            assert [int(row[0]) // 1000 for row in feeds["input_ids"] - 1] == list(idx)
             padded += feeds["input_ids"].size
             seen += [int(row[0]) // 1000 for row in feeds["input_ids"] - 1]
             assert np.array_equal(feeds["attention_mask"].sum(1), valid)
