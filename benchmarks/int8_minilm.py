@@ -50,7 +50,8 @@ def rows(args) -> dict[str, BuildSettings]:
                          data=DataSettings(samples=args.samples, calib_samples=args.calib_samples,
                                            train_samples=args.train_samples),
                          sparsity=SparsitySettings(recover_lr=args.recover_lr, method=args.sparsity_method,
-                                                   recover_schedule=args.recover_schedule),
+                                                   recover_schedule=args.recover_schedule,
+                                                   recover_from=args.recover_from),
                          train=TrainSettings(steps=args.qat_steps, lr=args.lr, bf16=args.train_bf16),
                          output_dir=args.engines)
     prec = lambda mode: PrecisionSettings(mode=mode)  # noqa: E731
@@ -117,6 +118,7 @@ def main() -> int:
     ap.add_argument("--recover-steps", type=int, default=SparsitySettings.recover_steps)
     ap.add_argument("--recover-lr", type=float, default=SparsitySettings.recover_lr)
     ap.add_argument("--recover-schedule", default=SparsitySettings.recover_schedule)
+    ap.add_argument("--recover-from", default=None, help="student.safetensors of an earlier 2:4 run to start from")
     ap.add_argument("--sparsity-method", default=SparsitySettings.method)
     ap.add_argument("--mix-text", action="append", default=None, metavar="PATH",
                     help="recovery text of the sparse-mixed rows, repeatable (default: SST-2 train + WikiText-2 test)")

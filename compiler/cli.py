@@ -105,6 +105,8 @@ def _add_option_args(p: argparse.ArgumentParser) -> None:
                    help="distillation steps after pruning, masks held (0: none)")
     g.add_argument("--recover-lr", type=float, default=SparsitySettings.recover_lr,
                    help="peak learning rate of the recovery")
+    g.add_argument("--recover-from", default=None, metavar="SAFETENSORS",
+                   help="start the 2:4 recovery from the student.safetensors of an earlier 2:4 run (its zeros are the masks)")
     g.add_argument("--recover-schedule", choices=LR_SCHEDULES, default=SparsitySettings.recover_schedule,
                    help="learning-rate schedule of the recovery")
 
@@ -160,7 +162,8 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
                                       layers=tuple(get("sparse_layers", [])),
                                       recover_steps=get("recover_steps", SparsitySettings.recover_steps),
                                       recover_lr=get("recover_lr", SparsitySettings.recover_lr),
-                                      recover_schedule=get("recover_schedule", SparsitySettings.recover_schedule)),
+                                      recover_schedule=get("recover_schedule", SparsitySettings.recover_schedule),
+                                      recover_from=get("recover_from", None)),
             engine=EngineSettings(
                 profiles=(ProfileSettings(get("min_shape", ProfileSettings.min_shape),
                                           get("opt_shape", ProfileSettings.opt_shape),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from compiler.artifacts import read_key, release_freed_memory, write_json, write_key
-from compiler.errors import DataError
+from compiler.errors import CompilerError, DataError
 from compiler.settings import BuildSettings, settings_hash
 
 log = logging.getLogger(__name__)
@@ -176,12 +176,58 @@ def stage_export(settings: BuildSettings, state: PipelineState) -> None:
                               "parity": [vars(p) for p in report.parity]}
 
 
+def _recover_from(path: str, weights_path: Path) -> tuple[Path, str]:
+    """(resolved path, sha256) of `SparsitySettings.recover_from`.
+
+    Raises:
+        CompilerError: the file is missing, or is this run's own `student.safetensors` (it would
+            be overwritten; use another `--engines` directory).
+    """
+    import hashlib
+
+    src = Path(path).resolve()
+    if not src.is_file():
+        raise CompilerError(f"--recover-from {path}: no such file; pass the student.safetensors of an "
+                          "earlier 2:4 run (engines/<model>/<weights>/sparse24/)")
+    if weights_path.exists() and src == weights_path.resolve():
+        raise CompilerError(f"--recover-from {path} is this run's own output; write to another --engines directory")
+    return src, hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def _start_from(student: Any, src: Path, names: list[str]) -> dict[str, Any]:
+    """Load `src` into `student` (same architecture) and take the masks from its zeros.
+
+    Raises:
+        CompilerError: the file does not fit the model, or a chosen layer is not 2:4 in it.
+    """
+    from safetensors.torch import load_model
+
+    from compiler.sparsity import GROUP, KEEP, _in_axis
+
+    try:
+        load_model(student, str(src))
+    except (RuntimeError, KeyError) as e:
+        raise CompilerError(f"--recover-from {src}: does not fit this model ({str(e)[:300]})") from e
+    masks = {}
+    for name in names:
+        m = student.get_submodule(name)
+        mask = m.weight.detach() != 0
+        groups = mask.movedim(_in_axis(m), -1).reshape(-1, GROUP).sum(-1)
+        if int(groups.max()) > KEEP:
+            raise CompilerError(f"--recover-from {src}: layer {name} is not 2:4 (a group of 4 weights along its "
+                              "input dimension has more than 2 non-zeros); pass a student of a 2:4 run")
+        masks[name] = mask
+    return masks
+
+
 def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
     """SPARSITY=2:4: prune the block linears, recover by distillation, export, check the pattern.
 
     The pruned and recovered weights are kept as `<base_dir>/student.safetensors` with
     `sparsity_report.json`, keyed by the model, sparsity, training and data settings: a later
     run (another precision, an INT8 QAT on top) starts from them instead of recovering again.
+    With `sparsity.recover_from` the recovery starts from that earlier student (its zeros are
+    the masks; keyed by its sha256) instead of the freshly pruned dense model.
     """
     if settings.sparsity.pattern is None:
         return
@@ -203,7 +249,9 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
     calib_texts = calibration_texts(settings) if sp.method == "wanda" else []
     train_texts = training_texts(settings) if sp.recover_steps else []
     # keyed by the texts themselves, not only their path: an edited file prunes/recovers again
-    key = settings_hash("sparsity-v3", state.loaded.key, sp, settings.train, data, calib_texts, train_texts)
+    start = _recover_from(sp.recover_from, weights_path) if sp.recover_from else None
+    key = settings_hash("sparsity-v3", state.loaded.key, sp, settings.train, data, calib_texts, train_texts,
+                        *([start[1]] if start else []))
     teacher = state.loaded.module
     student = copy.deepcopy(teacher)
     if read_key(weights_path) == key and report_path.is_file():
@@ -217,6 +265,9 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
         tok = state.loaded.tokenizer
         calib = tokenized_set(calib_texts, tok, data.max_length, data.cache_dir) if calib_texts else None
         masks, prune_report = prune_2_4(student, sp, calib, state.loaded.input_names)
+        if start:  # the chosen layers as before; weights and masks from the earlier student
+            masks = _start_from(student, start[0], list(masks))
+            prune_report.method = f"from {start[0]}"
         recovery = None
         if sp.recover_steps:
             tokens = tokenized_set(train_texts, tok, data.max_length, data.cache_dir)

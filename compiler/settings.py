@@ -331,6 +331,10 @@ class SparsitySettings:
             steps, Wanda start) 1e-3 beat 2e-4, 5e-4 and 2e-3 (cosine mean 0.918, 0.933,
             0.939, 0.935 at 2e-4, 5e-4, 1e-3, 2e-3).
         recover_schedule: the recovery's learning-rate schedule (`TrainSettings.schedule`).
+        recover_from: a `student.safetensors` of an earlier 2:4 run of the same model to start
+            the recovery from instead of pruning the dense model (e.g. a second, low learning
+            rate stage after a long one, or a student recovered on another machine). Its zeros
+            are the masks; a chosen layer that is not 2:4 in it is an error. Keyed by content.
     """
 
     pattern: str | None = None
@@ -339,6 +343,7 @@ class SparsitySettings:
     recover_steps: int = 2000
     recover_lr: float = 1e-3
     recover_schedule: str = "linear"
+    recover_from: str | None = field(default=None, metadata={"hash": "if-set"})
 
     def __post_init__(self) -> None:
         if self.recover_lr <= 0:

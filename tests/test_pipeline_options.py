@@ -119,6 +119,42 @@ def test_sparse_int8_qat_keeps_the_pattern_in_int8_weights(tiny_bert, tmp_path):
     assert state.report["quantization"]["quantized_matmuls"] >= LAYERS * LINEARS_PER_LAYER
 
 
+def test_sparse_recovery_continues_from_an_earlier_student(tiny_bert, tmp_path):
+    """`recover_from` starts the recovery from a saved 2:4 student: its zeros are the masks and
+    stay zero; a student that is not 2:4, or this run's own output, is refused with the fix."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from compiler.errors import CompilerError
+
+    sparse = SparsitySettings(pattern="2:4", method="magnitude", recover_steps=2)
+    first = run_pipeline(settings_for(tiny_bert, tmp_path / "a", "fp16", sparsity=sparse), until="sparsity")
+    saved = first.report["sparsity"]["weights"]
+    before = load_file(saved)
+    more = replace(sparse, recover_steps=3, recover_lr=1e-4, recover_from=saved)
+    second = run_pipeline(settings_for(tiny_bert, tmp_path / "b", "fp16", sparsity=more), until="sparsity")
+    rep = second.report["sparsity"]
+    assert rep["recovery"]["steps"] == 3 and rep["prune"]["method"].startswith("from ")
+    assert rep["check"]["eligible"] == LAYERS * LINEARS_PER_LAYER
+    after = load_file(rep["weights"])
+    for name in rep["prune"]["pruned"]:
+        w0, w1 = before[name + ".weight"], after[name + ".weight"]
+        assert torch.equal(w1 == 0, w0 == 0) and not torch.equal(w1, w0)  # same masks, trained on
+    dense = dict(before)
+    dense[rep["prune"]["pruned"][0] + ".weight"] = torch.ones_like(dense[rep["prune"]["pruned"][0] + ".weight"])
+    save_file(dense, str(tmp_path / "dense.safetensors"))
+    bad = replace(more, recover_from=str(tmp_path / "dense.safetensors"))
+    with pytest.raises(CompilerError, match="is not 2:4"):
+        run_pipeline(settings_for(tiny_bert, tmp_path / "c", "fp16", sparsity=bad), until="sparsity")
+    with pytest.raises(CompilerError, match="another --engines"):
+        run_pipeline(settings_for(tiny_bert, tmp_path / "a", "fp16", sparsity=replace(more, recover_from=saved)),
+                     until="sparsity")
+    with pytest.raises(CompilerError, match="no such file"):
+        run_pipeline(settings_for(tiny_bert, tmp_path / "c", "fp16",
+                                  sparsity=replace(more, recover_from=str(tmp_path / "nothing.safetensors"))),
+                     until="sparsity")
+
+
 def test_qat_with_zero_steps_starts_where_ptq_ends(tiny_bert, tmp_path):
     # SmoothQuant factors and PTQ thresholds carried into PyTorch: before any training step the
     # QAT graph computes what the PTQ graph computes.
