@@ -93,7 +93,7 @@ def _add_option_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=TrainSettings.lr, help="fine-tuning learning rate")
     g.add_argument("--train-bf16", action="store_true",
                    help="QAT and 2:4 recovery under bfloat16 autocast (FP32 master weights): recovery ~1.4x faster "
-                        "on CPUs with AVX512-BF16/AMX and on Ampere+ GPUs; QAT slower")
+                        "on CPUs with AVX512-BF16/AMX and on Ampere+ GPUs; no gain for QAT")
     g.add_argument("--train-device", default=TrainSettings.device, metavar="DEVICE",
                    help="where QAT and 2:4 recovery train: cpu, cuda, cuda:N, or auto (a GPU when PyTorch sees one)")
     g.add_argument("--sparsity", choices=("2:4",), default=None, help="2:4 structured sparsity of block linears")

@@ -274,7 +274,7 @@ class TrainSettings:
             Measured (`benchmarks/recovery_sweep.py --steps 250 wanda,1e-3 [--bf16]`, MiniLM 2:4,
             2 cores of an AVX512-BF16 CPU): 177 s against 248 s, held-out cosine mean 0.9386
             against 0.9387. It does not pay for QAT, whose quantized layers leave autocast:
-            200 QAT steps took 366 s with it against 245 s without.
+            200 QAT steps took 239 s and 366 s in two runs with it, 245 s without.
         teacher_cache_mib: memory (MiB, CPU) for the teacher's outputs on the training
             samples, computed in the first epoch and reused after (`compiler.qat.TeacherCache`);
             0 turns it off. It saves the teacher's forward pass on every later epoch and changes
