@@ -188,7 +188,7 @@ def _recover_from(path: str, weights_path: Path) -> tuple[Path, str]:
     src = Path(path).resolve()
     if not src.is_file():
         raise CompilerError(f"--recover-from {path}: no such file; pass the student.safetensors of an "
-                          "earlier 2:4 run (engines/<model>/<weights>/sparse24/)")
+                            "earlier 2:4 run (engines/<model>/<weights>/sparse24/)")
     if weights_path.exists() and src == weights_path.resolve():
         raise CompilerError(f"--recover-from {path} is this run's own output; write to another --engines directory")
     return src, hashlib.sha256(src.read_bytes()).hexdigest()
@@ -202,7 +202,7 @@ def _start_from(student: Any, src: Path, names: list[str]) -> dict[str, Any]:
     """
     from safetensors.torch import load_model
 
-    from compiler.sparsity import GROUP, KEEP, _in_axis
+    from compiler.sparsity import _groups_check, _in_axis
 
     try:
         load_model(student, str(src))
@@ -211,12 +211,10 @@ def _start_from(student: Any, src: Path, names: list[str]) -> dict[str, Any]:
     masks = {}
     for name in names:
         m = student.get_submodule(name)
-        mask = m.weight.detach() != 0
-        groups = mask.movedim(_in_axis(m), -1).reshape(-1, GROUP).sum(-1)
-        if int(groups.max()) > KEEP:
-            raise CompilerError(f"--recover-from {src}: layer {name} is not 2:4 (a group of 4 weights along its "
-                              "input dimension has more than 2 non-zeros); pass a student of a 2:4 run")
-        masks[name] = mask
+        if reason := _groups_check(m.weight.detach().numpy(), _in_axis(m)):
+            raise CompilerError(f"--recover-from {src}: layer {name} is not 2:4 along its input dimension "
+                                f"({reason}); pass a student of a 2:4 run")
+        masks[name] = m.weight.detach() != 0
     return masks
 
 
@@ -246,7 +244,8 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
     weights_path = settings.base_dir() / "student.safetensors"
     report_path = settings.base_dir() / "sparsity_report.json"
     sp, data = settings.sparsity, settings.data
-    calib_texts = calibration_texts(settings) if sp.method == "wanda" else []
+    # an earlier student brings its own masks: no Wanda scoring, so no calibration text
+    calib_texts = calibration_texts(settings) if sp.method == "wanda" and not sp.recover_from else []
     train_texts = training_texts(settings) if sp.recover_steps else []
     # keyed by the texts themselves, not only their path: an edited file prunes/recovers again
     start = _recover_from(sp.recover_from, weights_path) if sp.recover_from else None
@@ -264,8 +263,10 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
     else:
         tok = state.loaded.tokenizer
         calib = tokenized_set(calib_texts, tok, data.max_length, data.cache_dir) if calib_texts else None
-        masks, prune_report = prune_2_4(student, sp, calib, state.loaded.input_names)
-        if start:  # the chosen layers as before; weights and masks from the earlier student
+        # with an earlier student, magnitude pruning only chooses the layers (no forward pass)
+        masks, prune_report = prune_2_4(student, replace(sp, method="magnitude") if start else sp, calib,
+                                        state.loaded.input_names)
+        if start:  # weights and masks from the earlier student
             masks = _start_from(student, start[0], list(masks))
             prune_report.method = f"from {start[0]}"
         recovery = None
