@@ -127,7 +127,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("compiler.qat").setLevel(logging.INFO)  # training progress: a line per 5% of the steps
+    logging.getLogger("compiler.training.qat").setLevel(logging.INFO)  # training progress: a line per 5% of the steps
     results = []
     out_json = args.out / "int8_minilm.json"
     previous = {r["row"]: r for r in json.loads(out_json.read_text())["rows"]} if out_json.is_file() else {}

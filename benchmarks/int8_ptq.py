@@ -4,7 +4,7 @@
 
 MiniLM (real weights) is exported at opset 19. Calibration uses the first `--calib-samples`
 lines of WikiText-2 test, fidelity the next `--samples` lines (never overlapping). For each
-calibration method x attention bmm on/off x SmoothQuant on/off, `compiler.quantize.
+calibration method x attention bmm on/off x SmoothQuant on/off, `compiler.quant.quantize.
 quantize_within_budget` runs (budget: cosine min >= 0.99, at most 8 nodes left float); the
 table shows the fidelity with every eligible MatMul INT8 ("all INT8") and after the budget loop
 ("final"): cosine min/mean and max abs error vs FP32 on the held-out text, quantized MatMuls,
@@ -33,7 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from calibration import load_texts, tokenized_set  # noqa: E402
-from compiler.quantize import (FidelityProbe, QuantSettings, calibrate, calibration_windows,  # noqa: E402
+from compiler.eval.fidelity import FidelityProbe  # noqa: E402
+from compiler.quant.quantize import (QuantSettings, calibrate, calibration_windows,  # noqa: E402
                                quantize_within_budget, window_feeds)
 from compiler.settings import DataSettings, ExportSettings, ModelSettings, PrecisionSettings  # noqa: E402
 
@@ -46,8 +47,8 @@ SHOWN_TENSORS = {  # thresholds of the three methods on these (the unsmoothed gr
 
 
 def export(out: Path):
-    from compiler.export import onnx_from_torch
-    from compiler.models import load_model
+    from compiler.training.export import onnx_from_torch
+    from compiler.training.models import load_model
 
     loaded = load_model(ModelSettings(name="minilm"))
     texts = load_texts(DataSettings(samples=4))
@@ -114,12 +115,12 @@ def thresholds(path, calib, names, cache):
 
 @contextlib.contextmanager
 def precision_pass_int8_fix():
-    """Stand-in for the fix of compiler.precision._shapes_by_running (feed dtype from the input's
+    """Stand-in for the fix of compiler.passes.precision._shapes_by_running (feed dtype from the input's
     elem_type, not float32 for every unknown type): used only if the pass fails on INT8 inputs."""
     import onnx
 
-    import compiler.precision as P
-    from compiler.onnx_io import ort_session
+    import compiler.passes.precision as P
+    from compiler.graph.onnx_io import ort_session
 
     def fixed(light, names, originals, shape):
         present = {o.name for o in light.graph.output}
@@ -144,7 +145,7 @@ def precision_pass_int8_fix():
 def hybrid(qdq, fp32_path, heldout, names, outputs):
     import onnx
 
-    from compiler.precision import convert_precision
+    from compiler.passes.precision import convert_precision
 
     hyb = PrecisionSettings(mode="hybrid")
     note = None
@@ -165,7 +166,7 @@ def hybrid(qdq, fp32_path, heldout, names, outputs):
 
 def ort_fusion(qdq, fp32_path, heldout, names, outputs):
     """ORT with graph optimizations (QDQ fused into integer kernels) vs the literal Q/DQ graph."""
-    from compiler.fp16_reference import session
+    from compiler.eval.fp16_reference import session
 
     probe = FidelityProbe(fp32_path, heldout, names, outputs[0], 8)
     literal, fused = probe.measure(qdq, optimize=False), probe.measure(qdq, optimize=True)
@@ -186,7 +187,7 @@ def ort_fusion(qdq, fp32_path, heldout, names, outputs):
 def latency(fp32_path, qdq, calib, names, runs=20, warmup=3):
     import onnxruntime as ort
 
-    from compiler.onnx_io import ort_session
+    from compiler.graph.onnx_io import ort_session
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

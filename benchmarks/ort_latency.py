@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compiler.artifacts import write_json  # noqa: E402
 from compiler.errors import CompilerError  # noqa: E402
-from compiler.onnx_io import onnx_sha256  # noqa: E402
+from compiler.graph.onnx_io import onnx_sha256  # noqa: E402
 
 FP16_NOTE = ("FP16 graph: ORT CPU has no FP16 MatMul kernels (Cast + FP32 fallback), "
              "not representative")
@@ -75,9 +75,9 @@ def usable_cores() -> int:
 
 def packed_ids(tokenizer, seq: int, rows: int) -> np.ndarray:
     """(rows, seq) int64 ids of WikiText-2 text, each row [CLS] body [SEP] (special tokens where
-    the tokenizer has them), no padding: `compiler.quantize.calibration_windows`."""
+    the tokenizer has them), no padding: `compiler.quant.quantize.calibration_windows`."""
     from calibration import load_texts, tokenized_set
-    from compiler.quantize import calibration_windows
+    from compiler.quant.quantize import calibration_windows
     from compiler.settings import DataSettings
 
     lines = 16
@@ -104,8 +104,8 @@ def describe(path: Path) -> tuple[bool, int]:
     """(has FP16 tensors, number of Q/DQ nodes) of the graph; its weights unread."""
     import onnx
 
-    from compiler.fp16_reference import has_fp16
-    from compiler.onnx_io import load_onnx
+    from compiler.eval.fp16_reference import has_fp16
+    from compiler.graph.onnx_io import load_onnx
 
     if not path.is_file():
         load_onnx(path, check=False)  # InvalidOnnxError with the next step
@@ -164,8 +164,8 @@ def parse_args() -> argparse.Namespace:
 def run(args: argparse.Namespace) -> None:
     import onnxruntime as ort
 
-    from compiler.models import load_model
-    from compiler.onnx_io import ort_session
+    from compiler.training.models import load_model
+    from compiler.graph.onnx_io import ort_session
     from compiler.settings import ModelSettings
 
     start = time.perf_counter()

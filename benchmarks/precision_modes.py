@@ -27,7 +27,7 @@ MODES = ("fp16", "hybrid", "auto")
 
 
 def planted_checkpoint(directory: Path) -> Path:
-    from compiler.models import load_model
+    from compiler.training.models import load_model
     from tests.models import planted_hazard_bert
 
     if not (directory / "config.json").is_file():

@@ -2,8 +2,8 @@
 
     python benchmarks/recovery_sweep.py --steps 250 wanda,1e-3 wanda,5e-4 magnitude,5e-4 [--schedule linear] [--bf16]
 
-Each configuration `method,lr` prunes a fresh copy of MiniLM 2:4 (`compiler.sparsity.prune_2_4`,
-Wanda scored on the 128 calibration lines), runs `compiler.sparsity.recover` (the pipeline's
+Each configuration `method,lr` prunes a fresh copy of MiniLM 2:4 (`compiler.training.prune.prune_2_4`,
+Wanda scored on the 128 calibration lines), runs `compiler.training.prune.recover` (the pipeline's
 distillation loop, masks held, layer-wise loss unless `--no-layerwise`, on `--device`) for
 `--steps` steps on the pipeline's training text (`compiler.pipeline.training_texts`: WikiText-2
 test after the calibration and held-out lines, or the `--train-text` files, mixed as
@@ -28,16 +28,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from calibration import load_texts, tokenized_set  # noqa: E402
-from compiler.metrics import sample_fidelity  # noqa: E402
-from compiler.models import load_model  # noqa: E402
+from compiler.eval.fidelity import sample_fidelity  # noqa: E402
+from compiler.training.models import load_model  # noqa: E402
 from compiler.pipeline import training_texts  # noqa: E402
 from compiler.settings import BuildSettings, DataSettings, ModelSettings, SparsitySettings, TrainSettings  # noqa: E402
-from compiler.sparsity import prune_2_4, recover  # noqa: E402
-from compiler.task_accuracy import load_sst2  # noqa: E402
+from compiler.training.prune import prune_2_4, recover  # noqa: E402
+from compiler.eval.task_accuracy import load_sst2  # noqa: E402
 
 
 def cosines(student, teacher, tokens, input_names) -> list[float]:
-    """Per-sample cosine of last_hidden_state at valid tokens (`compiler.metrics.sample_fidelity`)."""
+    """Per-sample cosine of last_hidden_state at valid tokens (`compiler.eval.fidelity.sample_fidelity`)."""
     import torch
 
     out = []

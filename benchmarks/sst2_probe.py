@@ -5,7 +5,7 @@
         [--variant int8=PATH ...] [--retrain hybrid] [--train-samples 2000] \
         [--dev-samples 872] [--model minilm] [--out engines/benchmarks]
 
-A logistic-regression probe (`compiler.task_accuracy.train_probe`) is trained once on
+A logistic-regression probe (`compiler.eval.task_accuracy.train_probe`) is trained once on
 the FP32 graph's embeddings of the first `--train-samples` SST-2 train sentences and
 kept fixed; each graph's dev accuracy with that probe is reported, with the change in
 points against FP32, so a difference comes from the variant's embeddings alone.
@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compiler.artifacts import atomic_write, write_json  # noqa: E402
 from compiler.errors import CompilerError  # noqa: E402
-from compiler.fp16_reference import REFERENCE_NAME  # noqa: E402
-from compiler.onnx_io import onnx_sha256  # noqa: E402
-from compiler.task_accuracy import (  # noqa: E402
+from compiler.eval.fp16_reference import REFERENCE_NAME  # noqa: E402
+from compiler.graph.onnx_io import onnx_sha256  # noqa: E402
+from compiler.eval.task_accuracy import (  # noqa: E402
     ProbeResult,
     embedding_session,
     load_sst2,
@@ -69,7 +69,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 def graph_inputs(path: Path) -> list[str]:
     import onnx
 
-    from compiler.onnx_io import load_onnx
+    from compiler.graph.onnx_io import load_onnx
 
     if not path.is_file():
         load_onnx(path, check=False)  # InvalidOnnxError with the next step
@@ -170,7 +170,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    from compiler.models import load_model
+    from compiler.training.models import load_model
     from compiler.settings import ModelSettings
 
     start = time.perf_counter()

@@ -103,7 +103,7 @@ def float_activations(model: Any) -> list[str]:
     """Names of the FP32 tensors produced by nodes (initializers and integer tensors excluded)."""
     import onnx
 
-    from compiler.onnx_io import without_weights
+    from compiler.graph.onnx_io import without_weights
 
     g = onnx.shape_inference.infer_shapes(without_weights(model)).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output]}
@@ -145,7 +145,7 @@ def collect_activation_stats(model: Any, batches: Iterator[tuple[dict[str, np.nd
     """
     import onnx
 
-    from compiler.onnx_io import ort_session, session_with_outputs
+    from compiler.graph.onnx_io import ort_session, session_with_outputs
 
     import onnxruntime as ort
 

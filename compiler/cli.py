@@ -273,7 +273,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "precision":
         return _precision_only(args, settings)
     if args.command == "build":
-        from compiler.build import engine_from_onnx
+        from compiler.build.engine import engine_from_onnx
 
         report_path = args.onnx.parent / "report.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -303,8 +303,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _precision_only(args: argparse.Namespace, settings: BuildSettings) -> int:
     from compiler.artifacts import write_json
-    from compiler.onnx_io import load_onnx, save_onnx
-    from compiler.precision import convert_precision
+    from compiler.graph.onnx_io import load_onnx, save_onnx
+    from compiler.passes.precision import convert_precision
 
     if settings.precision.mode == "auto":
         raise CompilerError("--precision auto measures on real text with the model's tokenizer: run "

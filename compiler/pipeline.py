@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class PipelineState:
     """What the stages hand each other."""
 
-    loaded: Any = None  # compiler.models.LoadedModel
+    loaded: Any = None  # compiler.training.models.LoadedModel
     texts: list[str] = field(default_factory=list)  # held-out real text
     reference_onnx: Path | None = None  # the dense FP32 export: every fidelity figure's reference
     fp32_onnx: Path | None = None  # the FP32 graph the variant derives from (dense or 2:4 sparse)
@@ -127,8 +127,8 @@ def _export(settings: BuildSettings) -> tuple[Any, list[str], Path, Any]:
     from dataclasses import replace
 
     from calibration import load_texts
-    from compiler.export import onnx_from_torch
-    from compiler.models import load_model
+    from compiler.training.export import onnx_from_torch
+    from compiler.training.models import load_model
 
     loaded = load_model(settings.model)
     # Held-out text (verification, the auto and INT8 budgets) comes after the calibration samples.
@@ -202,7 +202,8 @@ def _start_from(student: Any, src: Path, names: list[str]) -> dict[str, Any]:
     """
     from safetensors.torch import load_model
 
-    from compiler.sparsity import _groups_check, _in_axis
+    from compiler.graph.sparsity import groups_check
+    from compiler.training.prune import input_axis
 
     try:
         load_model(student, str(src))
@@ -211,7 +212,7 @@ def _start_from(student: Any, src: Path, names: list[str]) -> dict[str, Any]:
     masks = {}
     for name in names:
         m = student.get_submodule(name)
-        if reason := _groups_check(m.weight.detach().numpy(), _in_axis(m)):
+        if reason := groups_check(m.weight.detach().numpy(), input_axis(m)):
             raise CompilerError(f"--recover-from {src}: layer {name} is not 2:4 along its input dimension "
                                 f"({reason}); pass a student of a 2:4 run")
         masks[name] = m.weight.detach() != 0
@@ -237,9 +238,10 @@ def stage_sparsity(settings: BuildSettings, state: PipelineState) -> None:
 
     from calibration import tokenized_set
     from compiler.artifacts import atomic_write
-    from compiler.export import onnx_from_torch
-    from compiler.onnx_io import load_onnx
-    from compiler.sparsity import prune_2_4, recover, require_2_4
+    from compiler.training.export import onnx_from_torch
+    from compiler.graph.onnx_io import load_onnx
+    from compiler.training.prune import prune_2_4, recover
+    from compiler.graph.sparsity import require_2_4
 
     weights_path = settings.base_dir() / "student.safetensors"
     report_path = settings.base_dir() / "sparsity_report.json"
@@ -310,7 +312,7 @@ def stage_quantize(settings: BuildSettings, state: PipelineState) -> None:
         return
     import json
 
-    from compiler.onnx_io import onnx_sha256, save_onnx
+    from compiler.graph.onnx_io import onnx_sha256, save_onnx
 
     out = settings.variant_dir() / "model.qdq.onnx"
     report_path = settings.variant_dir() / "quant_report.json"
@@ -337,7 +339,7 @@ def _quantize(settings: BuildSettings, state: PipelineState) -> tuple[Any, dict[
     from dataclasses import replace
 
     from calibration import tokenized_set
-    from compiler.quantize import quantize_within_budget
+    from compiler.quant.quantize import quantize_within_budget
 
     data, tok, loaded = settings.data, state.loaded.tokenizer, state.loaded
     calib = tokenized_set(calibration_texts(settings), tok, data.max_length, data.cache_dir)
@@ -349,12 +351,12 @@ def _quantize(settings: BuildSettings, state: PipelineState) -> tuple[Any, dict[
         summary = {**rep.summary(), "budget_min_cosine": settings.quant.min_cosine, "budget_met": rep.budget["met"],
                    "float_mode": float_precision.mode, "smoothquant_alpha": rep.smoothquant_alpha}
         return model, {"summary": summary, "ptq": rep.to_dict()}
-    from compiler.qat import int8_qat
+    from compiler.training.qat import int8_qat
 
     student = state.student if state.student is not None else copy.deepcopy(loaded.module)
     after_step = None
     if state.masks:
-        from compiler.sparsity import hold_masks
+        from compiler.training.prune import hold_masks
 
         after_step = hold_masks(state.masks, student)
     train_tokens = tokenized_set(training_texts(settings), tok, data.max_length, data.cache_dir)
@@ -367,8 +369,8 @@ def _quantize(settings: BuildSettings, state: PipelineState) -> tuple[Any, dict[
 
 def stage_precision(settings: BuildSettings, state: PipelineState) -> None:
     """Rewrite the FP32 graph into the requested precision (reused when unchanged)."""
-    from compiler.onnx_io import load_onnx, onnx_sha256, save_onnx
-    from compiler.precision import convert_precision
+    from compiler.graph.onnx_io import load_onnx, onnx_sha256, save_onnx
+    from compiler.passes.precision import convert_precision
 
     from dataclasses import replace
 
@@ -389,7 +391,7 @@ def stage_precision(settings: BuildSettings, state: PipelineState) -> None:
     else:
         if auto:
             from calibration import tokenized_set
-            from compiler.auto_precision import auto_precision
+            from compiler.passes.auto_precision import auto_precision
 
             data, tok = settings.data, state.loaded.tokenizer
             calib = tokenized_set(calibration_texts(settings), tok, data.max_length, data.cache_dir)
@@ -413,8 +415,8 @@ def stage_precision(settings: BuildSettings, state: PipelineState) -> None:
 def stage_verify(settings: BuildSettings, state: PipelineState) -> None:
     """Fidelity of the variant against FP32 on real text and random ids; writes report.json."""
     from calibration import tokenized_set
-    from compiler.onnx_io import load_onnx
-    from compiler.verify import verify_variant
+    from compiler.graph.onnx_io import load_onnx
+    from compiler.eval.verify import verify_variant
 
     tokens = tokenized_set(state.texts, state.loaded.tokenizer, settings.data.max_length,
                            settings.data.cache_dir)
@@ -426,7 +428,7 @@ def stage_verify(settings: BuildSettings, state: PipelineState) -> None:
                         "tokens": int(sum(len(x) for x in tokens.input_ids))}
     state.report["fidelity"] = fidelity
     if settings.sparsity.pattern is not None:  # FP16 and Q/DQ must keep the 2:4 pattern
-        from compiler.build import sparse_weights_flag
+        from compiler.build.engine import sparse_weights_flag
 
         flag, check = sparse_weights_flag(state.variant_onnx, settings.engine)
         state.report["sparsity"]["variant_check"] = {**check, "sparse_weights_flag": flag}
@@ -435,7 +437,7 @@ def stage_verify(settings: BuildSettings, state: PipelineState) -> None:
 
 def stage_build(settings: BuildSettings, state: PipelineState) -> None:
     """Build the TensorRT engine (stops with exit status 2 where TensorRT or a GPU is missing)."""
-    from compiler.build import engine_from_onnx
+    from compiler.build.engine import engine_from_onnx
 
     state.plan, _manifest = engine_from_onnx(state.variant_onnx, settings, state.report)
 

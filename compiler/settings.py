@@ -75,7 +75,7 @@ class PrecisionSettings:
     Attributes:
         mode: `fp32` (unchanged), `fp16` (everything ONNX allows), `hybrid` (softmax, layer
             norm and accumulating reductions in FP32, the rest in FP16), `auto` (the fewest
-            FP32 nodes that meet the budget below, measured; see compiler.auto_precision),
+            FP32 nodes that meet the budget below, measured; see compiler.passes.auto_precision),
             `int8` (post-training INT8 Q/DQ on MatMul/Gemm inputs, see `QuantSettings`; the rest
             in `QuantSettings.float_mode`), `int8-qat` (the same placement with scales and
             weights from quantization-aware training, see `TrainSettings`).
@@ -242,7 +242,7 @@ class QuantSettings:
 class TrainSettings:
     """Distillation fine-tuning against the FP32 model on real text (QAT and sparsity recovery).
 
-    One loop (`compiler.qat.distill`) serves both. The loss is the mean squared error of the
+    One loop (`compiler.training.qat.distill`) serves both. The loss is the mean squared error of the
     student's `last_hidden_state` against the FP32 teacher's at valid tokens (no labels).
 
     Attributes:
@@ -276,7 +276,7 @@ class TrainSettings:
             against 0.9387. It does not pay for QAT, whose quantized layers leave autocast:
             200 QAT steps took 239 s and 366 s in two runs with it, 245 s without.
         teacher_cache_mib: memory (MiB, CPU) for the teacher's outputs on the training
-            samples, computed in the first epoch and reused after (`compiler.qat.TeacherCache`);
+            samples, computed in the first epoch and reused after (`compiler.training.qat.TeacherCache`);
             0 turns it off. It saves the teacher's forward pass on every later epoch and changes
             nothing else, so it is left out of cache keys. MiniLM on 6,093 samples of mixed text
             (412k tokens, 7 states of 384) needs ~4.2 GiB for all of them.
@@ -390,7 +390,7 @@ class EngineSettings:
         workspace_mib: workspace memory pool limit in MiB.
         optimization_level: builder optimization level 0..5 (TensorRT default 3).
         sparse_weights: `BuilderFlag.SPARSE_WEIGHTS` (2:4 structured sparsity): None sets it
-            exactly when the graph has 2:4-eligible GEMM weights (`compiler.sparsity.check_2_4`);
+            exactly when the graph has 2:4-eligible GEMM weights (`compiler.graph.sparsity.check_2_4`);
             True / False force it.
         timing_cache_dir: timing caches are kept here, one file per GPU and TensorRT version.
     """

@@ -139,8 +139,8 @@ def layer0_residual(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def minilm() -> Any:
-    """compiler.models.LoadedModel of MiniLM (pretrained, offline)."""
-    from compiler.models import load_model
+    """compiler.training.models.LoadedModel of MiniLM (pretrained, offline)."""
+    from compiler.training.models import load_model
     from compiler.settings import ModelSettings
 
     return load_model(ModelSettings(name="minilm"))
@@ -150,7 +150,7 @@ def minilm() -> Any:
 def minilm_export(directory: Path) -> tuple[Path, list[str]]:
     """(FP32 ONNX path, output names) of MiniLM exported into `directory`."""
     from calibration import load_texts
-    from compiler.export import onnx_from_torch
+    from compiler.training.export import onnx_from_torch
     from compiler.settings import DataSettings, ExportSettings
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def minilm_fp32_model(directory: Path) -> Any:
 @functools.lru_cache(maxsize=None)
 def minilm_variant(directory: Path, mode: str) -> tuple[Any, Any]:
     """(converted model, PrecisionReport) of the MiniLM export in `mode`. Do not mutate."""
-    from compiler.precision import convert_precision
+    from compiler.passes.precision import convert_precision
     from compiler.settings import PrecisionSettings
 
     return convert_precision(minilm_fp32_model(directory), PrecisionSettings(mode=mode))

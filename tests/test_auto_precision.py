@@ -9,12 +9,12 @@ from onnx import TensorProto, helper
 
 from calibration import TokenizedSet, load_texts, tokenized_set
 from calibration.stats import ActivationStats, TensorStats, collect_activation_stats, float_activations
-from compiler.auto_precision import auto_precision, merge_islands, rule_initializer_underflow, rule_overflow
-from compiler.export import onnx_from_torch
-from compiler.models import LoadedModel
-from compiler.precision import convert_precision
+from compiler.passes.auto_precision import auto_precision, merge_islands, rule_initializer_underflow, rule_overflow
+from compiler.training.export import onnx_from_torch
+from compiler.training.models import LoadedModel
+from compiler.passes.precision import convert_precision
 from compiler.settings import DataSettings, ExportSettings, PrecisionSettings
-from compiler.verify import verify_variant
+from compiler.eval.verify import verify_variant
 from tests.models import f32, make_model, minilm, minilm_dir, minilm_fp32_model, minilm_variant, planted_hazard_bert
 
 IDS = ["input_ids"]

@@ -22,7 +22,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from compiler import build
+from compiler.build import engine as build
 from compiler.errors import EngineBuildError, TensorRTUnavailableError
 from compiler.settings import BuildSettings, ProfileSettings
 
@@ -60,7 +60,7 @@ NON_TENSORRT_ATTRIBUTES = {
     # compiler.settings
     "min_shape", "opt_shape", "max_shape", "sparse_weights", "timing_cache_dir",
     "workspace_mib",
-    # compiler.sparsity.SparsityCheck
+    # compiler.training.prune.SparsityCheck
     "has_eligible", "to_dict",
 }
 
@@ -166,7 +166,7 @@ def test_tensorrt_is_imported_only_inside_functions():
         )
     ]
     assert not module_level, f"module-level tensorrt import at line(s) {module_level}"
-    module = importlib.import_module("compiler.build")
+    module = importlib.import_module("compiler.build.engine")
     assert "trt" not in vars(module) and "tensorrt" not in vars(module)
 
 

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.artifacts import sha256_file
-from compiler.build import engine_from_onnx
+from compiler.build.engine import engine_from_onnx
 from compiler.errors import EngineBuildError
 from compiler.settings import (
     BuildSettings,

@@ -7,7 +7,7 @@ import pytest
 
 from calibration import default_text_path, load_texts, tokenized_set
 from compiler.errors import DataError
-from compiler.models import load_model
+from compiler.training.models import load_model
 from compiler.settings import DataSettings, ModelSettings
 
 

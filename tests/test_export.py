@@ -9,8 +9,8 @@ import pytest
 
 from calibration import load_texts
 from compiler.errors import ExportParityError, UnknownModelError
-from compiler.export import onnx_from_torch
-from compiler.models import REGISTRY, load_model
+from compiler.training.export import onnx_from_torch
+from compiler.training.models import REGISTRY, load_model
 from compiler.settings import DataSettings, ExportSettings, ModelSettings
 
 # A tiny checkpoint per family in REGISTRY: saved to a local directory, so that the local-directory

@@ -21,7 +21,7 @@ def tiny_bert(tmp_path_factory):
     import torch
     from transformers import BertConfig, BertModel
 
-    from compiler.models import load_model
+    from compiler.training.models import load_model
 
     path = tmp_path_factory.mktemp("tiny-bert")
     config = BertConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=64,
@@ -97,7 +97,7 @@ def test_sparsity_2_4_sets_sparse_weights_and_keeps_dense_reference(tiny_bert, t
 
 
 def test_sparse_weights_flag_follows_the_graph(tiny_bert, tmp_path):
-    from compiler.build import sparse_weights_flag
+    from compiler.build.engine import sparse_weights_flag
 
     dense = settings_for(tiny_bert, tmp_path, "fp16")
     state = run_pipeline(dense, until="precision")

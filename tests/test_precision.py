@@ -13,9 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.errors import PrecisionError
-from compiler.precision import convert_precision
+from compiler.passes.precision import convert_precision
 from compiler.settings import PrecisionSettings
-from compiler.verify import fp16_emulation
+from compiler.eval.verify import fp16_emulation
 from tests.models import (consumers, f32, make_model, minilm_dir, minilm_variant, nodes_of, ort_run,
                           producers, tensor_types)
 

@@ -1,4 +1,4 @@
-"""INT8 PTQ (`compiler.quantize`): placement, calibration, cache, SmoothQuant, budget loop, MiniLM."""
+"""INT8 PTQ (`compiler.quant.quantize`): placement, calibration, cache, SmoothQuant, budget loop, MiniLM."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from calibration import TokenizedSet, load_texts, tokenized_set
-from compiler import quantize as Q
-from compiler.precision import convert_precision
-from compiler.quantize import (QuantSettings, calibrate, calibration_windows, insert_qdq, quantize_within_budget,
+from compiler.quant import quantize as Q
+from compiler.passes.precision import convert_precision
+from compiler.quant.quantize import (QuantSettings, calibrate, calibration_windows, insert_qdq, quantize_within_budget,
                                smooth)
 from compiler.settings import DataSettings, ExportSettings, PrecisionSettings
 from tests.models import f32, make_model, minilm, ort_run, tensor_types
@@ -212,7 +212,7 @@ def test_weight_scale_override_opset_and_missing_thresholds():
 
 def test_hybrid_precision_keeps_qdq_strongly_typed():
     """After insert_qdq, the precision pass types Q/DQ consistently: FP16 around FP16 nodes."""
-    from compiler.fp16_reference import fp16_emulation
+    from compiler.eval.fp16_reference import fp16_emulation
 
     q, _ = insert_qdq(block(), thresholds(), QuantSettings(quantize_attention_bmm=True))
     h, report = convert_precision(q, PrecisionSettings(mode="hybrid"))
@@ -389,7 +389,7 @@ def test_smoothquant_is_exact_in_fp32_and_fixes_the_outlier(tmp_path):
 @pytest.fixture(scope="module")
 def minilm19(tmp_path_factory):
     """MiniLM exported at opset 19 (Q/DQ with FP16 scales need it), 64 calibration / 32 held-out samples."""
-    from compiler.export import onnx_from_torch
+    from compiler.training.export import onnx_from_torch
 
     loaded = minilm()
     data = DataSettings(samples=32, calib_samples=64)

@@ -1,4 +1,4 @@
-"""2:4 structured sparsity (`compiler.sparsity`): layer choice, pruning, recovery, ONNX check.
+"""2:4 structured sparsity (`compiler.training.prune`): layer choice, pruning, recovery, ONNX check.
 
 Tiny random BERT / GPT-2 (hidden 32, 2 layers) and real WikiText-2 text; one export per
 fixture, all CPU.
@@ -18,13 +18,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from calibration import load_texts, tokenized_set
 from compiler.errors import CompilerError
-from compiler.export import onnx_from_torch
-from compiler.models import LoadedModel
-from compiler.precision import convert_precision
-from compiler.qat import distill
-from compiler.quantize import QuantSettings, calibration_tensors, insert_qdq
+from compiler.training.export import onnx_from_torch
+from compiler.training.models import LoadedModel
+from compiler.passes.precision import convert_precision
+from compiler.training.qat import distill
+from compiler.quant.quantize import QuantSettings, calibration_tensors, insert_qdq
 from compiler.settings import DataSettings, ExportSettings, PrecisionSettings, SparsitySettings, TrainSettings
-from compiler.sparsity import block_linears, check_2_4, hold_masks, prune_2_4, recover, require_2_4
+from compiler.training.prune import block_linears, hold_masks, prune_2_4, recover
+from compiler.graph.sparsity import check_2_4, require_2_4
 from tests.models import f32, make_model
 
 S24 = SparsitySettings(pattern="2:4", method="magnitude")
@@ -352,7 +353,7 @@ def test_recover_holds_masks_and_lowers_error(tokenizer, caplog):
     tokens, heldout = (tokenized_set(t, tokenizer, 32, None) for t in (texts[:16], texts[16:]))
     before = output_mse(student, teacher, heldout)
     train = TrainSettings(steps=999, lr=1e-3, batch_size=4)
-    with caplog.at_level("INFO", logger="compiler.qat"):
+    with caplog.at_level("INFO", logger="compiler.training.qat"):
         report = recover(student, teacher, masks, tokens, BERT_INPUTS, train, steps=4)
     # progress reaches the log (tqdm is silent off a terminal): one line per 5% of the run
     assert "distillation step 4/4" in caplog.text and "s left" in caplog.text
@@ -378,7 +379,7 @@ def test_recover_holds_masks_and_lowers_error(tokenizer, caplog):
 def test_teacher_cache_reuses_outputs_without_changing_training(tokenizer, monkeypatch):
     """Over 3 epochs the cached run calls the teacher once per batch of the first epoch only and
     trains the same weights as an uncached run; a budget too small stores nothing."""
-    from compiler.qat import TeacherCache
+    from compiler.training.qat import TeacherCache
 
     teacher = tiny_bert()
     data = DataSettings()
@@ -406,7 +407,7 @@ def test_teacher_cache_reuses_outputs_without_changing_training(tokenizer, monke
 def test_bf16_autocast_trains_fp32_weights_and_fake_quant_stays_fp32(tokenizer):
     """`bf16` runs the student under bfloat16 autocast (the loss moves a little, so it is on),
     keeps the weights FP32, and QAT's fake-quantized Linear still computes in FP32."""
-    from compiler.qat import _fake_quant_module
+    from compiler.training.qat import _fake_quant_module
 
     teacher = tiny_bert()
     data = DataSettings()
@@ -433,7 +434,7 @@ def test_training_device_is_checked_before_training_and_kept_out_of_cache_keys(t
     and on the CPU; `auto` falls back to the CPU; the device never changes a cache key."""
     from transformers import BertConfig, BertModel
 
-    from compiler.qat import train_device
+    from compiler.training.qat import train_device
     from compiler.settings import settings_hash
 
     with pytest.raises(ValueError, match="cuda:N"):
@@ -489,7 +490,7 @@ def test_wanda_scores_weights_by_input_norm(tokenizer):
 
 
 def test_input_norms_leave_out_padding(tokenizer):
-    from compiler.sparsity import input_norms
+    from compiler.training.prune import input_norms
 
     data = DataSettings()
     texts = load_texts(data, count=4)
@@ -504,7 +505,7 @@ def test_input_norms_leave_out_padding(tokenizer):
 
 
 def test_linear_schedule_warms_up_and_decays_to_zero():
-    from compiler.qat import lr_factor
+    from compiler.training.qat import lr_factor
 
     f = lr_factor("linear", 100)
     assert f(0) == pytest.approx(0.2) and f(4) == 1.0  # 5 warm-up steps
@@ -519,7 +520,7 @@ def test_linear_schedule_warms_up_and_decays_to_zero():
 
 def test_length_grouped_batches_cover_every_sample_once_with_less_padding():
     from calibration.text import TokenizedSet
-    from compiler.qat import _batches_forever
+    from compiler.training.qat import _batches_forever
 
     rng = np.random.default_rng(3)
     lengths = np.concatenate([rng.integers(5, 20, 300), rng.integers(100, 128, 300)])  # short and long texts

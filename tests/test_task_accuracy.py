@@ -14,8 +14,8 @@ import onnx
 import pytest
 
 from compiler.errors import DataError, InvalidOnnxError
-from compiler.models import LoadedModel
-from compiler.task_accuracy import (
+from compiler.training.models import LoadedModel
+from compiler.eval.task_accuracy import (
     embedding_session,
     load_sst2,
     nonfinite_rows,
@@ -43,7 +43,7 @@ def tiny(tmp_path_factory):
     import torch
     from transformers import BertConfig, BertModel
 
-    from compiler.export import onnx_from_torch
+    from compiler.training.export import onnx_from_torch
     from compiler.settings import ExportSettings
 
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def test_embeddings_padding_invariant(tiny):
 
 
 def test_fp16_graph_runs_on_faithful_reference(tiny):
-    from compiler.precision import convert_precision
+    from compiler.passes.precision import convert_precision
     from compiler.settings import PrecisionSettings
 
     loaded, path = tiny

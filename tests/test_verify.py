@@ -14,11 +14,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from calibration import load_texts, tokenized_set
-from compiler.export import onnx_from_torch
-from compiler.models import LoadedModel
-from compiler.precision import convert_precision
+from compiler.training.export import onnx_from_torch
+from compiler.training.models import LoadedModel
+from compiler.passes.precision import convert_precision
 from compiler.settings import DataSettings, ExportSettings, PrecisionSettings
-from compiler.verify import REFERENCE_NAME, compare, fp16_emulation, has_fp16, session, verify_variant
+from compiler.eval.verify import REFERENCE_NAME, compare, fp16_emulation, has_fp16, session, verify_variant
 from tests.models import (FP16_MAX, f32, layer0_residual, make_model, minilm, minilm_dir, minilm_export,
                           minilm_fp32_model, minilm_variant, ort_run, planted_overflow_bert, tensor_types)
 

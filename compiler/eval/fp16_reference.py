@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from compiler.onnx_io import graph_copy, ort_session, without_weights
-from compiler.precision import FLOAT, FLOAT16
+from compiler.graph.onnx_io import graph_copy, ort_session, without_weights
+from compiler.graph.analysis import FLOAT, FLOAT16
 
 REFERENCE_NAME = "onnx-fp16-emulation (FP32 compute, every FP16 tensor rounded through Cast, ORT graph optimizations off)"
 
@@ -90,7 +90,7 @@ def fp16_emulation(model: Any) -> Any:
 def session(model: Any, faithful_fp16: bool, consume: bool = False) -> Any:
     """An ONNX Runtime CPU session of a ModelProto or path; graph optimizations off for the FP16
     emulation graph. `consume=True` lets a large ModelProto give up its weights to the session
-    (see `compiler.onnx_io.ort_session`)."""
+    (see `compiler.graph.onnx_io.ort_session`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -20,8 +20,8 @@ import numpy as np
 
 from compiler.artifacts import read_key, write_key
 from compiler.errors import ExportParityError
-from compiler.models import LoadedModel
-from compiler.onnx_io import load_onnx, save_onnx
+from compiler.training.models import LoadedModel
+from compiler.graph.onnx_io import load_onnx, save_onnx
 from compiler.settings import ExportSettings, settings_hash
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 The hybrid rule pins by op type and is wrong both ways on real models: a MatMul or residual Add
 whose activations pass 65504 on real text overflows under it, and a layer norm whose inputs are
 small is pinned for nothing (its Cast pairs cost time and break fusions in TensorRT). Here
-precision is measured, always with the faithful FP16 reference (`compiler.fp16_reference`):
+precision is measured, always with the faithful FP16 reference (`compiler.eval.fp16_reference`):
 
 1. Activation statistics of the FP32 graph over the calibration text (`calibration.stats`):
    absmax and a high percentile per tensor, streamed; the same over random ids, for the report.
@@ -12,7 +12,7 @@ precision is measured, always with the faithful FP16 reference (`compiler.fp16_r
      (declines for mask fill values, |v| >= 1e30, which the precision pass clamps);
    - `initializer-underflow`: a constant input whose nonzero values are mostly below FP16's
      smallest normal (2**-14), where FP16 keeps few bits or flushes to zero;
-   - `fp16-range` (in `compiler.precision`): a constant beyond 65504;
+   - `fp16-range` (in `compiler.passes.precision`): a constant beyond 65504;
    - `sensitivity`: measured, see 4.
 3. Start: everything FP16 except what 2 pins. Budget (`min_cosine`, `max_nonfinite`) measured
    on held-out real text, never the calibration samples.
@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from compiler.fp16_reference import fp16_emulation, session
-from compiler.precision import (FP16_MAX, FP16_SMALLEST_NORMAL, FLOAT, MASK_FILL_MIN, MATMUL_OPS,
-                                HYBRID_RULES, PrecisionReport, _array, _consumers, convert_precision)
+from compiler.eval.fp16_reference import fp16_emulation, session
+from compiler.graph.analysis import (FLOAT, FP16_MAX, FP16_SMALLEST_NORMAL, GEMM_OPS, array,
+                                     tensor_consumers)
+from compiler.passes.precision import HYBRID_RULES, MASK_FILL_MIN, PrecisionReport, convert_precision
 from compiler.settings import PrecisionSettings
 
 log = logging.getLogger(__name__)
@@ -81,45 +82,13 @@ def rule_initializer_underflow(model: Any, share: float = 0.5) -> Pins:
         for t in n.input:
             if t not in inits:
                 continue
-            v = np.abs(_array(inits[t]))
+            v = np.abs(array(inits[t]))
             v = v[v > 0]
             small = float(np.mean(v < FP16_SMALLEST_NORMAL)) if v.size else 0.0
             if v.size >= 16 and small > share:
                 pins[n.name] = ("initializer-underflow",
                                 f"{t}: {small:.0%} of nonzero values below {FP16_SMALLEST_NORMAL:.3g}")
     return pins
-
-
-class Budget:
-    """The accuracy budget on held-out text: FP32 outputs computed once, variants on the FP16 reference."""
-
-    def __init__(self, fp32_model: Any, tokens: Any, input_names: list[str], output_name: str,
-                 batch_size: int, settings: PrecisionSettings) -> None:
-        """fp32_model: a ModelProto or, cheaper in memory, its path."""
-        self.settings = settings
-        self.output_name = output_name
-        self.batches = list(tokens.batches(batch_size, input_names))
-        ref = session(fp32_model, faithful_fp16=False)
-        self.reference = [ref.run([output_name], feeds)[0] for feeds, _ in self.batches]
-        self.evaluations = 0
-
-    def measure(self, variant: Any) -> dict[str, float]:
-        """{cosine_min, cosine_mean, nonfinite_count, ok} of `variant` on the held-out text."""
-        from compiler.metrics import sample_fidelity
-
-        sess = session(fp16_emulation(variant), faithful_fp16=True, consume=True)
-        cosines, nonfinite = [], 0
-        for (feeds, lengths), ref in zip(self.batches, self.reference):
-            got = sess.run([self.output_name], feeds)[0]
-            for i, n in enumerate(lengths):
-                cosine, bad, _ = sample_fidelity(ref, got, i, n)
-                cosines.append(cosine)
-                nonfinite += bad
-        self.evaluations += 1
-        c_min = float(min(cosines))
-        ok = c_min >= self.settings.min_cosine and nonfinite <= self.settings.max_nonfinite
-        return {"cosine_min": c_min, "cosine_mean": float(np.mean(cosines)),
-                "nonfinite_count": nonfinite, "ok": ok}
 
 
 def node_sensitivity(fp32_model: Any, variant: Any, batches: list[tuple[dict, np.ndarray]],
@@ -132,7 +101,7 @@ def node_sensitivity(fp32_model: Any, variant: Any, batches: list[tuple[dict, np
     scores inf.
     """
     from calibration.stats import exposed_outputs, float_activations
-    from compiler.onnx_io import session_with_outputs
+    from compiler.graph.onnx_io import session_with_outputs
 
     names = float_activations(fp32_model)
     emu = fp16_emulation(variant)
@@ -178,18 +147,18 @@ def merge_islands(model: Any, pins: Pins) -> Pins:
     """FP16 nodes (not MatMul/Gemm) whose float producers and consumers are all FP32 join them."""
     import onnx
 
-    from compiler.onnx_io import without_weights
+    from compiler.graph.onnx_io import without_weights
 
     g = onnx.shape_inference.infer_shapes(without_weights(model)).graph
     is_float = {v.name for v in [*g.value_info, *g.output, *g.input] if v.type.tensor_type.elem_type == FLOAT}
     inits = {t.name for t in model.graph.initializer}
     nodes = list(model.graph.node)
     producer = {t: n.name for n in nodes for t in n.output}
-    consumers = _consumers(nodes)
+    consumers = tensor_consumers(nodes)
     graph_io = {v.name for v in [*model.graph.input, *model.graph.output]}
     merged: Pins = {}
     for i, n in enumerate(nodes):
-        if n.name in pins or n.op_type in MATMUL_OPS or not any(t in is_float for t in n.output):
+        if n.name in pins or n.op_type in GEMM_OPS or not any(t in is_float for t in n.output):
             continue
         ins = [t for t in n.input if t in is_float and t not in inits]
         outs = [t for t in n.output if t in is_float]
@@ -225,7 +194,7 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
     """
     from calibration.stats import cached_activation_stats
 
-    from compiler.onnx_io import load_onnx
+    from compiler.graph.onnx_io import load_onnx
 
     start = time.perf_counter()
     fp32_path = fp32_model if isinstance(fp32_model, (str, os.PathLike)) else None
@@ -244,14 +213,18 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
     pins: Pins = {**init_pins, **overflow}
     fixed = set(pins)  # measured hazards: never tried back in FP16
     conv = replace(settings, mode="auto")
-    budget = Budget(fp32_path or fp32_model, heldout_tokens, input_names, output_names[0], batch_size, settings)
+    probe = FidelityProbe.on_tokens(fp32_path or fp32_model, heldout_tokens, input_names, output_names[0],
+                                    batch_size)
     sens_batches = list(calib_tokens.batches(1, input_names))[: settings.sensitivity_samples]
 
     def evaluate(p: Pins) -> tuple[Any, PrecisionReport, dict[str, float]]:
         source = load_onnx(fp32_path, check=False) if fp32_path else fp32_model
         model, report = convert_precision(source, conv, fp32_nodes=p)
         del source
-        return model, report, budget.measure(model)
+        f = probe.score(model, consume=True)
+        return model, report, {"cosine_min": f.cosine_min, "cosine_mean": f.cosine_mean,
+                               "nonfinite_count": f.nonfinite_count,
+                               "ok": f.within(settings.min_cosine, settings.max_nonfinite)}
 
     model, report, fid = evaluate(pins)
     steps = [{"action": "start: FP16 except measured hazards", "fp32_nodes": len(pins), **fid}]
@@ -274,7 +247,7 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
     # Step 5: move back to FP16 whatever the budget does not need.
     op_rule = {name for rule in HYBRID_RULES
                for name in (fp32_model.graph.node[i].name for i in rule(list(fp32_model.graph.node),
-                                                                        _consumers(list(fp32_model.graph.node))))}
+                                                                        tensor_consumers(list(fp32_model.graph.node))))}
     for name in [*reversed(added), *sorted(op_rule & set(pins) - fixed)]:
         if not budget_met:
             break
@@ -298,14 +271,14 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
                    "heldout_samples": len(heldout_tokens), "met": bool(fid["ok"])},
         "heldout_fidelity": {k: v for k, v in fid.items() if k != "ok"},
         "steps": steps,
-        "evaluations": budget.evaluations,
+        "evaluations": probe.evaluations,
         "declined": declined[:50],
         "activation_stats": {src: _stats_summary(s, settings.overflow_margin) for src, s in stats.items()},
         "overflow_pins": {"real": len(overflow), "random": len(random_overflow)},
         "seconds": round(time.perf_counter() - start, 1),
     }
     log.info("auto: %d FP32 nodes, %d Casts, budget %s after %d evaluations", len(pins),
-             report.casts_inserted, "met" if fid["ok"] else "NOT met", budget.evaluations)
+             report.casts_inserted, "met" if fid["ok"] else "NOT met", probe.evaluations)
     return model, report
 
 

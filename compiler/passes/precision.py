@@ -16,7 +16,7 @@ The pass assigns every node that computes floats a precision, then makes the typ
    - `fp16-range`: a node whose constant input holds finite values beyond FP16's range that
      are not mask fill values (see below) stays FP32 with that constant.
    Everything else (MatMul, Gemm, GELU, residual Add, ...) runs in FP16.
-4. `auto`: only the nodes `compiler.auto_precision` measured a need for (passed as `fp32_nodes`).
+4. `auto`: only the nodes `compiler.passes.auto_precision` measured a need for (passed as `fp32_nodes`).
 
 Type agreement: float initializers used by FP16 nodes are stored in FP16 (a second copy only
 when FP32 nodes use them too); a tensor crossing between precisions gets one Cast per target
@@ -39,16 +39,15 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from compiler.errors import PrecisionError
-from compiler.onnx_io import graph_copy, ort_session, without_weights
+from compiler.graph.analysis import (FLOAT, FLOAT16, FP16_MAX, FP16_SMALLEST_NORMAL, GEMM_OPS, array, attr,
+                                     matmul_macs, tensor_consumers, tensor_shapes)
+from compiler.graph.onnx_io import graph_copy, without_weights
 from compiler.settings import PrecisionSettings
 
 log = logging.getLogger(__name__)
 
-FP16_MAX = 65504.0
-FP16_SMALLEST_NORMAL = 2.0**-14
 MASK_FILL_MIN = 1e30  # |v| >= this in an FP32 constant means "minus infinity" (a mask fill value)
 
-FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT / FLOAT16
 DTYPE_NAME = {FLOAT: "fp32", FLOAT16: "fp16"}
 
 SOFTMAX_OPS = {"Softmax", "LogSoftmax"}
@@ -61,7 +60,6 @@ ANY_TYPE_INPUTS = {"Shape": {0}, "Size": {0}, "Cast": {0}, "CastLike": {0}}
 # Inputs / outputs whose type the ONNX spec fixes to float32 whatever the node computes in.
 FIXED_FP32_INPUTS = {"Resize": {2}, "Upsample": {1}}
 FIXED_FP32_OUTPUTS = {"LayerNormalization": {1, 2}}  # mean / inv std dev follow stash_type
-MATMUL_OPS = {"MatMul", "Gemm"}
 
 
 @dataclass
@@ -111,7 +109,7 @@ class PrecisionReport:
     matmul_macs: dict[str, int] = field(default_factory=dict)
     mac_shape: dict[str, int] = field(default_factory=dict)
     matmul_fp16_fraction: float = 0.0
-    search: dict[str, Any] = field(default_factory=dict)  # `auto` only: see compiler.auto_precision
+    search: dict[str, Any] = field(default_factory=dict)  # `auto` only: see compiler.passes.auto_precision
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,15 +122,6 @@ class PrecisionReport:
 
 # --------------------------------------------------------------------------------------------
 # Rules: each returns {node_index: (rule, detail)} for the nodes it pins to FP32.
-
-
-def _consumers(nodes: list[Any]) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = defaultdict(list)
-    for i, n in enumerate(nodes):
-        for t in n.input:
-            if t:
-                out[t].append(i)
-    return out
 
 
 def rule_softmax(nodes: list[Any], consumers: dict[str, list[int]]) -> dict[int, tuple[str, str]]:
@@ -256,7 +245,7 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
         graph.ClearField("initializer")
         all_inits = [*original.graph.initializer, *constants_as_inits]
     inits = {t.name: t for t in all_inits}
-    consumers = _consumers(nodes)
+    consumers = tensor_consumers(nodes)
     if settings.mode != "fp32":  # shapes from the FP32 graph, while node tensors keep their names
         macs_by_node = matmul_macs(original, nodes, mac_shape)
 
@@ -378,7 +367,7 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
                     f"+-{settings.fp16_clamp:g} keeps score + mask finite"))
             graph.initializer.add().CopyFrom(half)
     for t, node_name in out_of_range.items():
-        v = np.abs(_array(inits[t]))
+        v = np.abs(array(inits[t]))
         constants.append(ClampedConstant(t, int(np.sum((v > FP16_MAX) & (v < MASK_FILL_MIN))), _absmax(inits[t]),
                                          "kept FP32", f"finite values beyond FP16's range; {node_name} stays FP32"))
 
@@ -483,15 +472,9 @@ def _retype_attributes(node: Any, p: int, clamp: float) -> float:
     return clamped
 
 
-def _array(t: Any) -> np.ndarray:
-    from onnx import numpy_helper
-
-    return numpy_helper.to_array(t)
-
-
 def _absmax(t: Any, below: float = np.inf) -> float:
     """Largest finite |v| of a float initializer, ignoring values >= `below`."""
-    v = np.abs(_array(t).astype(np.float64))
+    v = np.abs(array(t).astype(np.float64))
     v = v[np.isfinite(v) & (v < below)]
     return float(v.max()) if v.size else 0.0
 
@@ -500,7 +483,7 @@ def _to_fp16(t: Any, name: str, clamp: float) -> tuple[Any, tuple[int, float] | 
     """FP16 copy of an FP32 initializer: mask fill values clamped; returns (tensor, clamped, flushed)."""
     from onnx import numpy_helper
 
-    v = _array(t)
+    v = array(t)
     fill = np.abs(v) >= MASK_FILL_MIN
     clamped = (int(fill.sum()), float(np.abs(v[fill]).max())) if fill.any() else None
     v = np.where(fill, np.sign(v) * clamp, v)
@@ -516,24 +499,6 @@ def _by_op(nodes: list[Any], precision: dict[int, int]) -> dict[str, dict[str, i
     return {op: {"fp32": c["fp32"], "fp16": c["fp16"]} for op, c in sorted(counts.items())}
 
 
-def matmul_macs(model: Any, nodes: list[Any], mac_shape: tuple[int, int]) -> dict[int, int]:
-    """{node index: multiply-accumulates} of every MatMul/Gemm in `nodes` at (batch, sequence).
-
-    `nodes` must still carry `model`'s tensor names (call before rewriting them).
-    """
-    names = {n.output[0]: i for i, n in enumerate(nodes) if n.op_type in MATMUL_OPS}
-    shapes = tensor_shapes(model, [t for i in names.values() for t in nodes[i].input[:1]] + list(names),
-                           mac_shape)
-    macs = {}
-    for out, i in names.items():
-        a, y = shapes.get(nodes[i].input[0]), shapes.get(out)
-        if a is None or y is None:
-            raise PrecisionError(f"no shape for MatMul {nodes[i].name!r} at {mac_shape}")
-        k = a[-2] if nodes[i].op_type == "Gemm" and _attr(nodes[i], "transA") else a[-1]
-        macs[i] = int(np.prod(y, dtype=np.int64)) * int(k)
-    return macs
-
-
 def _count_macs(macs_by_node: dict[int, int], precision: dict[int, int], mac_shape: tuple[int, int],
                 report: PrecisionReport) -> None:
     """MatMul/Gemm multiply-accumulates at `mac_shape`, split by the precision they run in."""
@@ -546,61 +511,3 @@ def _count_macs(macs_by_node: dict[int, int], precision: dict[int, int], mac_sha
     report.matmul_fp16_fraction = macs["fp16"] / total if total else 0.0
 
 
-def _attr(node: Any, name: str) -> int:
-    return next((a.i for a in node.attribute if a.name == name), 0)
-
-
-def tensor_shapes(model: Any, names: Iterable[str], shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes of `names` with every (batch, sequence) input fixed to `shape`.
-
-    Uses ONNX shape inference with data propagation; tensors it cannot resolve (shapes computed
-    at run time) are read from one ONNX Runtime run on the FP32-cast graph.
-    """
-    import onnx
-
-    names = list(dict.fromkeys(names))
-    fixed = without_weights(model)
-    originals = {i.name for i in model.graph.input}
-    for inp in [i for i in fixed.graph.input if i.name in originals]:
-        for axis, d in enumerate(inp.type.tensor_type.shape.dim[:2]):
-            if d.dim_param or not d.dim_value:
-                d.Clear()
-                d.dim_value = shape[axis]
-    fixed.graph.ClearField("value_info")
-    inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
-    found: dict[str, tuple[int, ...]] = {}
-    for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        dims = v.type.tensor_type.shape.dim
-        known = [d.HasField("dim_value") for d in dims]
-        if v.name in names and dims and all(known[1:]) and (known[0] or len(dims) >= 3):
-            # ONNX inference often loses the batch dim behind Gather/Expand ("unk__0"); with
-            # every other dim of a (batch, sequence, ...) tensor resolved, the leading one is the
-            # batch. A rank-2 tensor with an unknown leading dim may be flattened (GPT-2's Gemm
-            # on (batch x sequence, hidden)): it is measured by running instead.
-            found[v.name] = (dims[0].dim_value if known[0] else shape[0], *(d.dim_value for d in dims[1:]))
-    missing = [n for n in names if n not in found]
-    if missing:
-        found.update(_shapes_by_running(fixed, missing, originals, shape))
-    return found
-
-
-def _shapes_by_running(light: Any, names: list[str], originals: set[str],
-                       shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
-    """Shapes of `names` from one ONNX Runtime run of `light` (weights as graph inputs, fed with
-    np.zeros: untouched zero pages cost no memory, so this is cheap for any model size)."""
-    import onnx
-
-    present = {o.name for o in light.graph.output}
-    for n in names:
-        if n not in present:
-            light.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-    sess = ort_session(light)
-    declared = {v.name: v.type.tensor_type.elem_type for v in light.graph.input}
-    feeds = {}
-    for i in sess.get_inputs():
-        np_type = onnx.helper.tensor_dtype_to_np_dtype(declared[i.name])
-        # symbolic dims 0 and 1 take (batch, sequence); static dims are kept
-        dims = [d if isinstance(d, int) else shape[k] if k < 2 else 1 for k, d in enumerate(i.shape)]
-        feeds[i.name] = (np.ones if i.name in originals else np.zeros)(dims, dtype=np_type)
-    outs = sess.run(names, feeds)
-    return {n: tuple(o.shape) for n, o in zip(names, outs)}

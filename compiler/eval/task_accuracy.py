@@ -1,6 +1,6 @@
 """Stage 5 (verify and measure): task accuracy, measured with a linear probe on SST-2.
 
-Cosine similarity against FP32 (`compiler.verify`) says how far a variant's outputs
+Cosine similarity against FP32 (`compiler.eval.verify`) says how far a variant's outputs
 moved; this module says whether the move matters for a downstream task. Sentence
 embeddings (the first output, `last_hidden_state`, mean-pooled over valid tokens) of
 SST-2 sentences train a logistic regression probe on the FP32 graph; the same fixed
@@ -8,7 +8,7 @@ probe then scores each variant's dev-set embeddings, so an accuracy change is du
 the variant's embeddings alone.
 
 Graphs holding FP16 tensors run on the faithful FP16 reference
-(`compiler.fp16_reference`), as in the verifier: ONNX Runtime's CPU provider would
+(`compiler.eval.fp16_reference`), as in the verifier: ONNX Runtime's CPU provider would
 compute their FP16 chains in FP32 and hide any overflow. FP32 and INT8 Q/DQ graphs run
 on ONNX Runtime's CPU provider, graph optimizations on.
 
@@ -58,8 +58,8 @@ def embedding_session(model: Any,
     """
     import onnx
 
-    from compiler.fp16_reference import fp16_emulation, has_fp16, session
-    from compiler.onnx_io import load_onnx
+    from compiler.eval.fp16_reference import fp16_emulation, has_fp16, session
+    from compiler.graph.onnx_io import load_onnx
 
     is_path = isinstance(model, (str, os.PathLike))
     if is_path and not Path(model).is_file():
@@ -336,7 +336,7 @@ class ProbeResult:
 
     Attributes:
         name: the graph's label (`fp32`, `hybrid`, ...).
-        path / sha256: the ONNX file and its `compiler.onnx_io.onnx_sha256`.
+        path / sha256: the ONNX file and its `compiler.graph.onnx_io.onnx_sha256`.
         reference: the engine that ran it (ONNX Runtime CPU or the FP16 reference).
         accuracy: dev accuracy of the probe trained on FP32 train embeddings, in [0, 1].
         delta_points: (accuracy - FP32's) x 100, percentage points.

@@ -16,7 +16,7 @@ types of the graph and has no builder precision flags. This stage:
    which ONNX, on which GPU, with which settings, and the engine's I/O tensors as TensorRT
    stores them.
 
-TensorRT is imported only inside functions: `import compiler.build` works without it.
+TensorRT is imported only inside functions: `import compiler.build.engine` works without it.
 """
 
 from __future__ import annotations
@@ -84,14 +84,14 @@ def sparse_weights_flag(onnx_path: str | Path, eng: Any) -> tuple[bool, dict[str
 
     `EngineSettings.sparse_weights` None (the default) sets the flag exactly when the graph has
     at least one GEMM whose constant weight is 2:4 along the reduction axis
-    (`compiler.sparsity.check_2_4`); True / False force it (the check still runs for the
+    (`compiler.graph.sparsity.check_2_4`); True / False force it (the check still runs for the
     manifest). Runs on the CPU: no TensorRT needed.
 
     Returns:
         (flag, {"eligible_gemms", "ineligible_gemms", "sparse_mac_fraction", "forced"}).
     """
-    from compiler.onnx_io import load_onnx
-    from compiler.sparsity import check_2_4
+    from compiler.graph.onnx_io import load_onnx
+    from compiler.graph.sparsity import check_2_4
 
     check = check_2_4(load_onnx(onnx_path, check=False))
     d = check.to_dict()

@@ -40,7 +40,7 @@ max, without SmoothQuant), attention bmm float (quantizing them costs 0.003 of c
 for 5 % of the MACs), SmoothQuant alpha 0.8 (cosine min 0.962 -> 0.993 with 94.7 % of MatMul
 MACs in INT8 and no node left float).
 
-The output graph is FP32 with INT8 Q/DQ; `compiler.precision.convert_precision` turns the rest
+The output graph is FP32 with INT8 Q/DQ; `compiler.passes.precision.convert_precision` turns the rest
 into FP16 afterwards (Q/DQ accept FP16 inputs and scales from opset 19 on, so the graph must be
 at opset >= 19: export with `ExportSettings(opset=19)`, or see `upgrade_opset`).
 """
@@ -61,6 +61,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from compiler.eval.fidelity import FidelityProbe
 from compiler.settings import QUANT_METHODS, QuantSettings, settings_hash  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ def _attr(node: Any, name: str, default: int = 0) -> int:
 def _float_tensors(model: Any) -> set[str]:
     import onnx
 
-    from compiler.onnx_io import without_weights
+    from compiler.graph.onnx_io import without_weights
 
     g = onnx.shape_inference.infer_shapes(without_weights(model)).graph
     names = {v.name for v in [*g.input, *g.output, *g.value_info] if v.type.tensor_type.elem_type == FLOAT}
@@ -213,9 +214,9 @@ def matmul_nodes(model: Any, mac_shape: tuple[int, int] = (1, 128)) -> list[_Mat
     A weight is a float initializer of rank >= 2; its output-channel axis is the last one for
     MatMul's second input (W[..., K, N]), the second-to-last for its first input, and for
     Gemm's B 0 with transB=1 (W[N, K]) else 1. MACs are counted at `mac_shape` (batch,
-    sequence) with `compiler.precision.matmul_macs`.
+    sequence) with `compiler.passes.precision.matmul_macs`.
     """
-    from compiler.precision import matmul_macs
+    from compiler.graph.analysis import matmul_macs
 
     inits = _initializers(model)
     floats = _float_tensors(model)
@@ -283,7 +284,7 @@ class _Placer:
             raise ValueError(f"the graph's default opset is below {MIN_OPSET}: QuantizeLinear/DequantizeLinear "
                              "take FP16 inputs and scales (which the precision pass produces) from opset 19 on. "
                              "Export with ExportSettings(opset=19), or convert with "
-                             "compiler.quantize.upgrade_opset(model).")
+                             "compiler.quant.quantize.upgrade_opset(model).")
         self.model = onnx.ModelProto()
         self.model.CopyFrom(model)
         _name_nodes(self.model)
@@ -593,7 +594,7 @@ def calibrate(model_path: str | os.PathLike, tokens: Any, input_names: list[str]
     import onnxruntime
 
     from compiler.artifacts import write_json
-    from compiler.onnx_io import onnx_sha256
+    from compiler.graph.onnx_io import onnx_sha256
 
     model_path = Path(model_path)
     light = onnx.load(str(model_path), load_external_data=False)
@@ -691,7 +692,7 @@ def channel_absmax(model: Any, windows: np.ndarray, input_names: list[str], tens
         {tensor: (channels,) float32 absmax}.
     """
     from calibration.stats import exposed_outputs
-    from compiler.onnx_io import ort_session, session_with_outputs
+    from compiler.graph.onnx_io import ort_session, session_with_outputs
 
     if isinstance(model, (str, os.PathLike)):
         sess = session_with_outputs(model, tensors)
@@ -798,51 +799,6 @@ def smooth(model: Any, act_absmax: Mapping[str, np.ndarray], alpha: float,
 # Fidelity and the budget
 
 
-class FidelityProbe:
-    """Cosine vs FP32 on one token set; FP32 outputs computed once.
-
-    Variants with FP16 tensors run on the faithful FP16 reference (`compiler.fp16_reference`);
-    FP32 + Q/DQ variants run on ONNX Runtime CPU with graph optimizations off, which executes
-    QuantizeLinear / DequantizeLinear as written (round half to even, saturate to [-128, 127]).
-    """
-
-    def __init__(self, fp32_model: Any, tokens: Any, input_names: list[str], output_name: str,
-                 batch_size: int) -> None:
-        from compiler.fp16_reference import session
-
-        self.output_name = output_name
-        self.batches = list(tokens.batches(batch_size, input_names))
-        ref = session(fp32_model, faithful_fp16=False)
-        self.reference = [ref.run([output_name], feeds)[0] for feeds, _ in self.batches]
-        self.samples = len(tokens)
-        self.evaluations = 0
-
-    def measure(self, variant: Any, optimize: bool = False) -> dict[str, Any]:
-        """{cosine_min, cosine_mean, deficit_mean (mean of 1 - cosine), max_abs_err,
-        nonfinite_count, samples} of `variant` (a ModelProto)."""
-        from compiler.fp16_reference import fp16_emulation, has_fp16, session
-        from compiler.metrics import sample_fidelity
-
-        if has_fp16(variant):
-            sess = session(fp16_emulation(variant), faithful_fp16=True)
-        else:
-            sess = session(variant, faithful_fp16=not optimize)
-        cosines, max_err, nonfinite = [], 0.0, 0
-        for (feeds, lengths), ref in zip(self.batches, self.reference):
-            got = sess.run([self.output_name], feeds)[0]
-            for i, n in enumerate(lengths):
-                cosine, bad, err = sample_fidelity(ref, got, i, n)
-                cosines.append(cosine)
-                nonfinite += bad
-                if not bad:
-                    max_err = max(max_err, err)
-        self.evaluations += 1
-        c = np.array(cosines)
-        return {"cosine_min": float(c.min()), "cosine_mean": float(c.mean()),
-                "deficit_mean": float(np.mean(1.0 - c)), "max_abs_err": max_err,
-                "nonfinite_count": nonfinite, "samples": len(cosines)}
-
-
 def cached_channel_absmax(model: Any, graph_sha256: str, windows: np.ndarray, tokens_key: str,
                           input_names: list[str], tensors: list[str], cache_dir: str | os.PathLike | None,
                           batch_size: int = 8) -> dict[str, np.ndarray]:
@@ -906,7 +862,7 @@ def quantize_within_budget(fp32_path: str | os.PathLike, calib_tokens: Any, held
     """
     import onnx
 
-    from compiler.onnx_io import onnx_sha256, save_onnx
+    from compiler.graph.onnx_io import onnx_sha256, save_onnx
 
     start = time.perf_counter()
     fp32_path = Path(fp32_path)
@@ -942,7 +898,7 @@ def quantize_within_budget(fp32_path: str | os.PathLike, calib_tokens: Any, held
     def variant(exclude: Mapping[str, str]) -> tuple[Any, QuantReport]:
         model, rep = placer.build(scales, settings, exclude_nodes=exclude)
         if precision is not None:
-            from compiler.precision import convert_precision
+            from compiler.passes.precision import convert_precision
 
             model, _ = convert_precision(model, precision)
         return model, rep
@@ -950,10 +906,10 @@ def quantize_within_budget(fp32_path: str | os.PathLike, calib_tokens: Any, held
     def ok(f: Mapping[str, Any]) -> bool:
         return f["cosine_min"] >= settings.min_cosine and f["nonfinite_count"] == 0
 
-    heldout = FidelityProbe(fp32_path, heldout_tokens, input_names, output_names[0], batch_size)
+    heldout = FidelityProbe.on_tokens(fp32_path, heldout_tokens, input_names, output_names[0], batch_size)
     excluded: dict[str, str] = {}
     model, report = variant(excluded)
-    fid = heldout.measure(model)
+    fid = heldout.score(model).to_dict()
     steps = [{"action": "start", "int8_mac_fraction": report.int8_mac_fraction, **fid}]
     sensitivity: dict[str, float] = {}
     effects: dict[str, dict[str, float]] = {}
@@ -961,17 +917,17 @@ def quantize_within_budget(fp32_path: str | os.PathLike, calib_tokens: Any, held
         from tqdm import tqdm
 
         probe_set = window_set(calib_windows[: settings.sensitivity_samples], f"{calib_tokens.key}-windows")
-        probe = FidelityProbe(fp32_path, probe_set, input_names, output_names[0], batch_size)
-        base = probe.measure(model)
+        probe = FidelityProbe.on_tokens(fp32_path, probe_set, input_names, output_names[0], batch_size)
+        base = probe.score(model).to_dict()
         for name in tqdm(report.quantized_nodes, desc="INT8 sensitivity", unit="node", disable=None, leave=False):
-            sensitivity[name] = base["deficit_mean"] - probe.measure(variant({name: "probe"})[0])["deficit_mean"]
+            sensitivity[name] = base["deficit_mean"] - probe.score(variant({name: "probe"})[0]).deficit_mean
         for name in sorted(sensitivity, key=sensitivity.get, reverse=True):
             if ok(fid) or len(excluded) >= settings.max_excluded:
                 break
             excluded[name] = (f"float removes {sensitivity[name]:.3g} of the mean cosine deficit "
-                              f"{base['deficit_mean']:.3g} on {probe.samples} calibration windows")
+                              f"{base['deficit_mean']:.3g} on {probe.samples['heldout']} calibration windows")
             model, report = variant(excluded)
-            fid = heldout.measure(model)
+            fid = heldout.score(model).to_dict()
             effects[name] = {"calib_deficit_removed": sensitivity[name],
                              "heldout_cosine_min_after": fid["cosine_min"],
                              "heldout_cosine_mean_after": fid["cosine_mean"],

@@ -1,6 +1,6 @@
 """Stage 3 (option): quantization-aware training (QAT) by distillation, exported as Q/DQ ONNX.
 
-Fake quantization goes at the places PTQ (`compiler.quantize`) puts Q/DQ, so the two compare
+Fake quantization goes at the places PTQ (`compiler.quant.quantize`) puts Q/DQ, so the two compare
 one to one: the input of every quantized Linear (MatMul/Gemm in the graph) per tensor, with a
 learnable scale initialised from PTQ calibration (LSQ, Esser et al. 2020), and its weight per
 output channel (scale = absmax / 127 of the current weights, straight-through). The student is
@@ -288,18 +288,6 @@ def _fake_quant_module(linear: Any, act_scale: Any, inv_smooth: Any = None) -> A
     return _FakeQuantLinear()
 
 
-def module_for_node(node_name: str) -> str:
-    """ONNX node name of the exporter -> PyTorch module path.
-
-    `/model/encoder/layer.0/attention/self/query/MatMul` -> `encoder.layer.0.attention.self.query`
-    (the export wrapper holds the Hugging Face model as `model`).
-    """
-    parts = [p for p in node_name.split("/") if p]
-    if parts and parts[0] == "model":
-        parts = parts[1:]
-    return ".".join(parts[:-1])
-
-
 def _is_linear(mod: Any) -> bool:
     import torch
 
@@ -338,7 +326,7 @@ def insert_fake_quant(model: Any, placement: dict[str, tuple[str, str]], thresho
         placement: {module path: (node, activation tensor)} (`linear_placement`).
         thresholds: {tensor: |x| threshold} of the (smoothed) input; the initial scale is
             threshold / 127.
-        smoothing: {tensor: (K,) float32 1/s} SmoothQuant factors of PTQ (`compiler.quantize.
+        smoothing: {tensor: (K,) float32 1/s} SmoothQuant factors of PTQ (`compiler.quant.quantize.
             smooth`): the Linear's weight input channels are multiplied by s in place and the
             wrapper multiplies its input by 1/s, the same function PTQ quantized.
 
@@ -403,7 +391,7 @@ def qat_model(student: Any, teacher: Any, input_names: list[str], onnx_model: An
         smoothing: {tensor: (K,) 1/s} from PTQ's SmoothQuant, or None.
 
     Returns:
-        ({quantized node: learned threshold (scale x 127)} for `compiler.quantize.insert_qdq`
+        ({quantized node: learned threshold (scale x 127)} for `compiler.quant.quantize.insert_qdq`
         on the fine-tuned export, TrainReport).
 
     Raises:
@@ -427,7 +415,7 @@ def qat_model(student: Any, teacher: Any, input_names: list[str], onnx_model: An
 
 
 def smoothing_factors(qdq_model: Any) -> dict[str, np.ndarray]:
-    """{activation tensor: (K,) 1/s} read from a SmoothQuant-ed graph (`compiler.quantize.smooth`
+    """{activation tensor: (K,) 1/s} read from a SmoothQuant-ed graph (`compiler.quant.quantize.smooth`
     names them `<tensor>_smooth_inv_scale`)."""
     from onnx import numpy_helper
 
@@ -442,7 +430,7 @@ def int8_qat(student: Any, teacher: Any, loaded: Any, fp32_path: Any, reference_
              batch_size: int, after_step: Callable[[Any], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """PRECISION=int8-qat: PTQ placement and scales, distillation with fake quantization, Q/DQ export.
 
-    1. PTQ with `quant` (`compiler.quantize.quantize_within_budget`, SmoothQuant and the
+    1. PTQ with `quant` (`compiler.quant.quantize.quantize_within_budget`, SmoothQuant and the
        budget loop included): the placement (quantized MatMuls, nodes left float), the
        smoothing factors and thresholds QAT starts from, and the PTQ figure QAT is compared with.
     2. `qat_model`: the same smoothing applied to `student` (an exact transform), then
@@ -455,7 +443,7 @@ def int8_qat(student: Any, teacher: Any, loaded: Any, fp32_path: Any, reference_
 
     Args:
         student: PyTorch model to fine-tune (in place); `teacher`: the dense FP32 model.
-        loaded: `compiler.models.LoadedModel` (tokenizer, input names, key).
+        loaded: `compiler.training.models.LoadedModel` (tokenizer, input names, key).
         fp32_path: the student's FP32 ONNX export (opset >= 19); reference_path: the dense one.
         calib, heldout, train_tokens: disjoint `calibration.TokenizedSet`s of real text.
         quant: `QuantSettings`; train: `TrainSettings`; float_precision: `PrecisionSettings`
@@ -476,9 +464,10 @@ def int8_qat(student: Any, teacher: Any, loaded: Any, fp32_path: Any, reference_
 
     import onnx
 
-    from compiler.export import onnx_from_torch
-    from compiler.precision import convert_precision
-    from compiler.quantize import FidelityProbe, insert_qdq, quantize_within_budget
+    from compiler.training.export import onnx_from_torch
+    from compiler.passes.precision import convert_precision
+    from compiler.eval.fidelity import FidelityProbe
+    from compiler.quant.quantize import insert_qdq, quantize_within_budget
     from compiler.settings import settings_hash
 
     input_names = loaded.input_names
@@ -493,7 +482,7 @@ def int8_qat(student: Any, teacher: Any, loaded: Any, fp32_path: Any, reference_
         thresholds[t] = ptq.thresholds[f"{t}_smoothed" if t in smoothing else t]
     learned, training = qat_model(student, teacher, input_names, light, ptq.quantized_nodes, thresholds,
                                   train_tokens, train, after_step, smoothing)
-    from compiler.onnx_io import onnx_sha256
+    from compiler.graph.onnx_io import onnx_sha256
 
     tuned = replace(loaded, module=student, key=settings_hash("qat-v2", loaded.key, onnx_sha256(fp32_path), quant,
                                                                train, calib.key, train_tokens.key))
@@ -506,9 +495,9 @@ def int8_qat(student: Any, teacher: Any, loaded: Any, fp32_path: Any, reference_
     if sorted(rep.quantized_nodes) != sorted(ptq.quantized_nodes):
         raise ValueError("QAT placement differs from PTQ's: "
                          f"{sorted(set(rep.quantized_nodes) ^ set(ptq.quantized_nodes))[:5]}")
-    probe = FidelityProbe(reference_path, heldout, input_names, output_names[0], batch_size)
-    fid_ptq = probe.measure(convert_precision(ptq_model, float_precision)[0])
-    fid_qat = probe.measure(convert_precision(model, float_precision)[0])
+    probe = FidelityProbe.on_tokens(reference_path, heldout, input_names, output_names[0], batch_size)
+    fid_ptq = probe.score(convert_precision(ptq_model, float_precision)[0]).to_dict()
+    fid_qat = probe.score(convert_precision(model, float_precision)[0]).to_dict()
     rep.method, rep.smoothquant_alpha = ptq.method, ptq.smoothquant_alpha
     rep.fidelity = {**fid_qat, "heldout_samples": len(heldout)}
     parity = max(p.max_abs_diff for p in export_report.parity)

@@ -1,0 +1,236 @@
+"""The one fidelity probe: a variant graph against the FP32 reference, per output, per input set.
+
+Used by the verify stage (`compiler.eval.verify`), the `auto` precision budget
+(`compiler.passes.auto_precision`), the INT8 budget (`compiler.quant.budget`), QAT's report
+and the benchmarks. The reference outputs are computed once, on ONNX Runtime CPU (FP32 graph,
+graph optimizations on); each variant then runs on:
+
+- the faithful FP16 reference (`compiler.eval.fp16_reference`) when it holds any FP16 tensor:
+  ONNX Runtime's CPU provider runs FP16 chains in FP32 and hides overflow, the emulation does not;
+- ONNX Runtime CPU with graph optimizations off otherwise (`optimize=False`, the default), so
+  QuantizeLinear / DequantizeLinear run as written (round half to even, saturate to [-128, 127]);
+  `optimize=True` lets ONNX Runtime fuse them (what its own INT8 kernels compute).
+
+Per sample and output, at the sample's valid (unpadded) positions: cosine similarity of the
+flattened values, max |variant - reference|, and the count of NaN/Inf values.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from compiler.eval.fp16_reference import REFERENCE_NAME, fp16_emulation, has_fp16, session
+
+Batch = tuple[dict[str, np.ndarray], np.ndarray]  # (feeds of (batch, sequence) int64, valid lengths (batch,))
+ORT_FP32_NAME = "onnxruntime CPU (FP32 graph)"
+
+
+def valid_positions(x: np.ndarray, i: int, length: int) -> np.ndarray:
+    """Sample i's values at its `length` valid positions of a (batch, sequence, ...) output, or
+    its row of a (batch, ...) output of rank 2 or less (pooled outputs have no sequence axis)."""
+    return x[i, :length] if x.ndim >= 3 else x[i]
+
+
+def sample_fidelity(ref: np.ndarray, got: np.ndarray, i: int, length: int) -> tuple[float, int, float]:
+    """(cosine, non-finite count, max abs error) of sample `i` of one output at its valid positions.
+
+    Args:
+        ref, got: the same output of the reference and the variant, (batch, sequence, ...) or
+            (batch, ...), any float dtype (compared in float64).
+        i: the sample's row. length: its valid tokens.
+
+    Returns:
+        A sample with a non-finite value scores cosine -1 and max error nan; a zero vector
+        matches only a zero vector (cosine 1 or 0).
+    """
+    g = valid_positions(got, i, length).astype(np.float64).ravel()
+    r = valid_positions(ref, i, length).astype(np.float64).ravel()
+    bad = g.size - int(np.count_nonzero(np.isfinite(g)))
+    if bad:
+        return -1.0, bad, float("nan")
+    denom = np.linalg.norm(g) * np.linalg.norm(r)
+    cosine = float(g @ r / denom) if denom else float(np.array_equal(g, r))
+    return cosine, 0, float(np.max(np.abs(g - r))) if g.size else 0.0
+
+
+@dataclass
+class OutputFidelity:
+    """One output of a variant against the reference over one input set.
+
+    Attributes:
+        name: the graph output.
+        cosine_min / cosine_mean: over samples; a sample with a non-finite value scores -1.
+        deficit_mean: mean of (1 - cosine): the error a budget search ranks nodes by.
+        max_abs_err: largest |variant - reference| over the samples without a non-finite value.
+        nonfinite_count: NaN/Inf values of the variant at valid positions.
+        samples: samples compared.
+    """
+
+    name: str
+    cosine_min: float
+    cosine_mean: float
+    deficit_mean: float
+    max_abs_err: float
+    nonfinite_count: int
+    samples: int
+
+    def report(self) -> dict[str, Any]:
+        """The verify report's view: cosine and error are None (JSON null) once any value is
+        non-finite, so a NaN never reads as a figure."""
+        clean = not self.nonfinite_count
+        return {"cosine_min": self.cosine_min if clean else None,
+                "cosine_mean": self.cosine_mean if clean else None,
+                "max_abs_err": self.max_abs_err if clean else None,
+                "nonfinite_count": self.nonfinite_count, "samples": self.samples}
+
+
+@dataclass
+class Fidelity:
+    """A variant against the reference over one input set: every output, the first one headline.
+
+    Attributes:
+        outputs: one entry per probed output, in the probe's order.
+        seconds: wall time of the variant's runs.
+    """
+
+    outputs: list[OutputFidelity]
+    seconds: float
+
+    @property
+    def first(self) -> OutputFidelity:
+        return self.outputs[0]
+
+    @property
+    def cosine_min(self) -> float:
+        return self.first.cosine_min
+
+    @property
+    def cosine_mean(self) -> float:
+        return self.first.cosine_mean
+
+    @property
+    def deficit_mean(self) -> float:
+        return self.first.deficit_mean
+
+    @property
+    def max_abs_err(self) -> float:
+        return self.first.max_abs_err
+
+    @property
+    def nonfinite_count(self) -> int:
+        """NaN/Inf values over every probed output."""
+        return sum(o.nonfinite_count for o in self.outputs)
+
+    @property
+    def samples(self) -> int:
+        return self.first.samples
+
+    def within(self, min_cosine: float, max_nonfinite: int = 0) -> bool:
+        """The budget test: cosine_min >= min_cosine and nonfinite_count <= max_nonfinite."""
+        return self.cosine_min >= min_cosine and self.nonfinite_count <= max_nonfinite
+
+    def to_dict(self) -> dict[str, Any]:
+        """Headline figures (first output; cosine -1 for a non-finite sample) and `deficit_mean`."""
+        return {"cosine_min": self.cosine_min, "cosine_mean": self.cosine_mean,
+                "deficit_mean": self.deficit_mean, "max_abs_err": self.max_abs_err,
+                "nonfinite_count": self.nonfinite_count, "samples": self.samples}
+
+    def report(self) -> dict[str, Any]:
+        """The verify report's view: the first output's figures (None once it has a non-finite
+        value), non-finite values over every output, and each output's own figures."""
+        head = self.first.report()
+        head["nonfinite_count"] = self.nonfinite_count
+        return {**head, "seconds": self.seconds, "outputs": {o.name: o.report() for o in self.outputs}}
+
+
+class FidelityProbe:
+    """Variants against one FP32 reference; the reference outputs computed once per input set.
+
+    Args:
+        reference: the FP32 onnx.ModelProto, or its path (cheaper: ONNX Runtime reads the file).
+        output_names: outputs to compare; the first is the headline (cosine, error).
+        sets: {set name: (feeds, lengths) batches}, e.g. {"real": tokens.batches(8, names)}.
+            Each iterable is read once, here.
+
+    Attributes:
+        samples: {set name: samples}. evaluations: variants measured so far.
+
+    Raises:
+        ValueError: no set, or a set without a sample.
+    """
+
+    def __init__(self, reference: Any, output_names: list[str], sets: Mapping[str, Iterable[Batch]]) -> None:
+        self.output_names = list(output_names)
+        self.batches = {name: list(b) for name, b in sets.items()}
+        if not self.batches or not all(self.batches.values()):
+            raise ValueError(f"FidelityProbe needs at least one non-empty input set, got {list(self.batches)}")
+        ref = session(reference, faithful_fp16=False)
+        self.reference = {name: [ref.run(self.output_names, feeds) for feeds, _ in batches]
+                          for name, batches in self.batches.items()}
+        del ref
+        self.samples = {name: int(sum(len(n) for _, n in b)) for name, b in self.batches.items()}
+        self.evaluations = 0
+
+    @classmethod
+    def on_tokens(cls, reference: Any, tokens: Any, input_names: list[str], output_name: str,
+                  batch_size: int) -> FidelityProbe:
+        """A probe of one output over one token set (`calibration.TokenizedSet`), the set named
+        "heldout": what the accuracy budgets use."""
+        return cls(reference, [output_name], {"heldout": tokens.batches(batch_size, input_names)})
+
+    def session_for(self, variant: Any, optimize: bool = False, consume: bool = False) -> Any:
+        """The ONNX Runtime session a variant (ModelProto) runs on: the faithful FP16 reference
+        when it holds FP16 tensors, else ORT CPU with optimizations off unless `optimize`."""
+        if has_fp16(variant):
+            return session(fp16_emulation(variant), faithful_fp16=True, consume=True)
+        return session(variant, faithful_fp16=not optimize, consume=consume)
+
+    def measure(self, variant: Any, optimize: bool = False, consume: bool = False) -> dict[str, Fidelity]:
+        """{set name: Fidelity} of `variant` (a ModelProto with the reference's inputs and outputs).
+
+        Args:
+            optimize: let ONNX Runtime optimize a graph without FP16 tensors (fuses Q/DQ).
+            consume: let a large ModelProto give its weights to the session.
+        """
+        sess = self.session_for(variant, optimize, consume)
+        self.evaluations += 1
+        return {name: self._compare(sess, name) for name in self.batches}
+
+    def score(self, variant: Any, optimize: bool = False, consume: bool = False) -> Fidelity:
+        """`measure` of a probe with one input set: that set's Fidelity."""
+        if len(self.batches) != 1:
+            raise ValueError(f"score() needs a probe of one input set, this one has {list(self.batches)}")
+        return next(iter(self.measure(variant, optimize, consume).values()))
+
+    def _compare(self, sess: Any, name: str) -> Fidelity:
+        start = time.perf_counter()
+        k_out = len(self.output_names)
+        cosines: list[list[float]] = [[] for _ in range(k_out)]
+        max_err, nonfinite = [0.0] * k_out, [0] * k_out
+        for (feeds, lengths), ref in zip(self.batches[name], self.reference[name]):
+            got = sess.run(self.output_names, feeds)
+            for k in range(k_out):
+                for i, n in enumerate(lengths):
+                    cosine, bad, err = sample_fidelity(ref[k], got[k], i, int(n))
+                    cosines[k].append(cosine)
+                    nonfinite[k] += bad
+                    if not bad:
+                        max_err[k] = max(max_err[k], err)
+        outputs = []
+        for k, out in enumerate(self.output_names):
+            c = np.array(cosines[k])
+            outputs.append(OutputFidelity(out, float(c.min()), float(c.mean()), float(np.mean(1.0 - c)),
+                                          float(max_err[k]), nonfinite[k], len(c)))
+        return Fidelity(outputs, round(time.perf_counter() - start, 2))
+
+
+def reference_name(variant: Any, optimize: bool = False) -> str:
+    """What the variant runs on in `FidelityProbe` (for reports)."""
+    if has_fp16(variant):
+        return REFERENCE_NAME
+    return ORT_FP32_NAME if optimize else "onnxruntime CPU (graph optimizations off)"
+

@@ -1,0 +1,48 @@
+"""The verify stage: a precision variant against the FP32 graph on real text and random ids.
+
+The FP32 graph runs on ONNX Runtime's CPU provider; an FP16 variant runs on the faithful FP16
+reference (`compiler.eval.fp16_reference`: every FP16 tensor really rounded to FP16), an FP32
+or FP32 + Q/DQ variant on ONNX Runtime CPU. Both through `compiler.eval.fidelity.FidelityProbe`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from compiler.eval.fidelity import FidelityProbe, reference_name
+
+log = logging.getLogger(__name__)
+
+
+def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str], tokens: Any,
+                   batch_size: int, vocab_size: int, seed: int = 0) -> dict[str, Any]:
+    """Fidelity of `variant_model` against `fp32_model` on real text and on random token ids.
+
+    Args:
+        fp32_model: onnx.ModelProto, or its path (ONNX Runtime then reads the file itself,
+            which saves a copy of the weights in memory).
+        variant_model: onnx.ModelProto with the same inputs/outputs (its weights are handed to
+            the session: do not use it afterwards).
+        output_names: graph outputs; the first is the one cosine and max error are measured on,
+            NaN/Inf are counted over all of them.
+        tokens: a `calibration.TokenizedSet` of real text.
+        batch_size: samples per batch (padded to the batch's longest sample).
+        vocab_size: random ids are uniform in [0, vocab_size), at the real samples' shapes.
+        seed: RNG seed of the random ids.
+
+    Returns:
+        {"real": Fidelity.report(), "random": Fidelity.report(), "reference": what the variant
+        ran on}: cosine min/mean and max abs error of the first output (None once it has a
+        non-finite value), nonfinite_count, samples, seconds, and per output the same.
+    """
+    names = [i.name for i in variant_model.graph.input]
+    rng = np.random.default_rng(seed)
+    probe = FidelityProbe(fp32_model, output_names,
+                          {"real": tokens.batches(batch_size, names),
+                           "random": tokens.batches(batch_size, names, rng=rng, vocab_size=vocab_size)})
+    engine = reference_name(variant_model, optimize=True)
+    result = probe.measure(variant_model, optimize=True, consume=True)
+    return {"real": result["real"].report(), "random": result["random"].report(), "reference": engine}

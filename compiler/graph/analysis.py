@@ -1,0 +1,117 @@
+"""Graph analysis shared by every stage: tensor types, shapes, MAC counts, node consumers.
+
+Reads ONNX graphs, never rewrites them. Passes (`compiler.passes`), calibration, evaluation and
+the TensorRT builder read graphs through this module and `compiler.graph.onnx_io`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable
+
+import numpy as np
+
+from compiler.errors import PrecisionError as GraphError
+from compiler.graph.onnx_io import ort_session, without_weights
+
+FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT / FLOAT16
+FP16_MAX = 65504.0
+FP16_SMALLEST_NORMAL = 2.0**-14
+# The ops that multiply two matrices: what INT8 quantizes, 2:4 sparsity prunes and MACs count.
+GEMM_OPS = ("MatMul", "Gemm")
+
+
+def tensor_consumers(nodes: list[Any]) -> dict[str, list[int]]:
+    """{tensor name: indices of the nodes in `nodes` that read it}."""
+    out: dict[str, list[int]] = defaultdict(list)
+    for i, n in enumerate(nodes):
+        for t in n.input:
+            if t:
+                out[t].append(i)
+    return out
+
+
+def array(t: Any) -> np.ndarray:
+    """An initializer (TensorProto) as a numpy array."""
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(t)
+
+
+def matmul_macs(model: Any, nodes: list[Any], mac_shape: tuple[int, int]) -> dict[int, int]:
+    """{node index: multiply-accumulates} of every MatMul/Gemm in `nodes` at (batch, sequence).
+
+    `nodes` must still carry `model`'s tensor names (call before rewriting them).
+    """
+    names = {n.output[0]: i for i, n in enumerate(nodes) if n.op_type in GEMM_OPS}
+    shapes = tensor_shapes(model, [t for i in names.values() for t in nodes[i].input[:1]] + list(names),
+                           mac_shape)
+    macs = {}
+    for out, i in names.items():
+        a, y = shapes.get(nodes[i].input[0]), shapes.get(out)
+        if a is None or y is None:
+            raise GraphError(f"no shape for MatMul {nodes[i].name!r} at {mac_shape}")
+        k = a[-2] if nodes[i].op_type == "Gemm" and attr(nodes[i], "transA") else a[-1]
+        macs[i] = int(np.prod(y, dtype=np.int64)) * int(k)
+    return macs
+
+
+def attr(node: Any, name: str, default: int = 0) -> int:
+    """Integer attribute `name` of an ONNX node, `default` when absent."""
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def tensor_shapes(model: Any, names: Iterable[str], shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of `names` with every (batch, sequence) input fixed to `shape`.
+
+    Uses ONNX shape inference with data propagation; tensors it cannot resolve (shapes computed
+    at run time) are read from one ONNX Runtime run on the FP32-cast graph.
+    """
+    import onnx
+
+    names = list(dict.fromkeys(names))
+    fixed = without_weights(model)
+    originals = {i.name for i in model.graph.input}
+    for inp in [i for i in fixed.graph.input if i.name in originals]:
+        for axis, d in enumerate(inp.type.tensor_type.shape.dim[:2]):
+            if d.dim_param or not d.dim_value:
+                d.Clear()
+                d.dim_value = shape[axis]
+    fixed.graph.ClearField("value_info")
+    inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    found: dict[str, tuple[int, ...]] = {}
+    for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        dims = v.type.tensor_type.shape.dim
+        known = [d.HasField("dim_value") for d in dims]
+        if v.name in names and dims and all(known[1:]) and (known[0] or len(dims) >= 3):
+            # ONNX inference often loses the batch dim behind Gather/Expand ("unk__0"); with
+            # every other dim of a (batch, sequence, ...) tensor resolved, the leading one is the
+            # batch. A rank-2 tensor with an unknown leading dim may be flattened (GPT-2's Gemm
+            # on (batch x sequence, hidden)): it is measured by running instead.
+            found[v.name] = (dims[0].dim_value if known[0] else shape[0], *(d.dim_value for d in dims[1:]))
+    missing = [n for n in names if n not in found]
+    if missing:
+        found.update(_shapes_by_running(fixed, missing, originals, shape))
+    return found
+
+
+def _shapes_by_running(light: Any, names: list[str], originals: set[str],
+                       shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """Shapes of `names` from one ONNX Runtime run of `light` (weights as graph inputs, fed with
+    np.zeros: untouched zero pages cost no memory, so this is cheap for any model size)."""
+    import onnx
+
+    present = {o.name for o in light.graph.output}
+    for n in names:
+        if n not in present:
+            light.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    sess = ort_session(light)
+    declared = {v.name: v.type.tensor_type.elem_type for v in light.graph.input}
+    feeds = {}
+    for i in sess.get_inputs():
+        np_type = onnx.helper.tensor_dtype_to_np_dtype(declared[i.name])
+        # symbolic dims 0 and 1 take (batch, sequence); static dims are kept
+        dims = [d if isinstance(d, int) else shape[k] if k < 2 else 1 for k, d in enumerate(i.shape)]
+        feeds[i.name] = (np.ones if i.name in originals else np.zeros)(dims, dtype=np_type)
+    outs = sess.run(names, feeds)
+    return {n: tuple(o.shape) for n, o in zip(names, outs)}
