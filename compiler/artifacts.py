@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -32,11 +35,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600: artifacts follow the umask
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
     return dest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -76,6 +86,36 @@ def read_key(path: str | os.PathLike) -> str | None:
 def write_key(path: str | os.PathLike, key: str) -> None:
     """Record the content key that produced the artifact at `path` (for reuse checks)."""
     write_bytes(f"{path}.key", (key + "\n").encode())
+
+
+def cached(key: str, artifacts: Sequence[str | os.PathLike], compute: Callable[[], None], what: str) -> bool:
+    """Run `compute` unless the artifacts it writes are already there for this content key.
+
+    The one reuse rule of every stage: `compute()` writes each path of `artifacts` (atomically);
+    afterwards `key` is recorded beside the first (`<artifact>.key`). A later call with the same
+    key finds every artifact present and the recorded key equal, and skips `compute`. The key is
+    a `compiler.settings.settings_hash` of everything the artifacts depend on (input bytes,
+    settings, texts), so only what a content hash shows unchanged is reused.
+
+    Args:
+        key: the content key (hex string).
+        artifacts: the files `compute` writes; the first carries the key.
+        compute: writes them; on an exception no key is recorded and nothing counts as cached.
+        what: a name for the log line ("export", "precision", ...).
+
+    Returns:
+        True when the artifacts were reused, False when `compute` ran.
+    """
+    paths = [Path(a) for a in artifacts]
+    if read_key(paths[0]) == key and all(p.is_file() for p in paths):
+        log.info("%s: reused %s (content key %s)", what, paths[0], key[:12])
+        return True
+    compute()
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"{what}: compute() did not write {missing}")
+    write_key(paths[0], key)
+    return False
 
 
 def release_freed_memory() -> None:
