@@ -1,6 +1,6 @@
 """Benchmark: MiniLM through the pipeline's INT8 and 2:4 options, held-out WikiText-2 fidelity.
 
-    python benchmarks/int8_minilm.py [--samples 64] [--calib-samples 128] [--train-samples 2048]
+    python -m benchmarks.int8_minilm [--samples 64] [--calib-samples 128] [--train-samples 2048]
                                      [--qat-steps 200] [--recover-steps 1000] [--sparsity-method magnitude]
                                      [--only NAME ...]
 
@@ -23,8 +23,9 @@ FP16 reference. Rows:
   text after its held-out lines: `--train-text DEPLOY --train-text CALIB` in the CLI), each an
   even share of `--train-samples`.
 
-Prints a markdown table, writes `<out>/int8_minilm.json` and the ONNX paths per row (input of
-benchmarks/sst2_probe.py and benchmarks/ort_latency.py).
+Prints a markdown table, writes `<out>/int8_minilm.json` with the ONNX path per row (input of
+`python -m benchmarks.sst2_probe` and `python -m benchmarks.ort_latency`); rows not rerun
+(`--only`) keep their figures from the JSON already there.
 """
 
 from __future__ import annotations
@@ -32,20 +33,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import add_out_argument, markdown_table, write_result
+from calibration.text import default_text_path, shared_data_path
+from compiler.pipeline import run_pipeline
+from compiler.settings import (BuildSettings, DataSettings, ModelSettings, PrecisionSettings, QuantSettings,
+                               SparsitySettings, TrainSettings)
 
-from calibration.text import default_text_path, shared_data_path  # noqa: E402
-from compiler.pipeline import run_pipeline  # noqa: E402
-from compiler.settings import (BuildSettings, DataSettings, ModelSettings, PrecisionSettings,  # noqa: E402
-                               QuantSettings, SparsitySettings, TrainSettings)
+TRAINING_LOGGERS = ("compiler.training.qat", "compiler.training.distill")  # a line per 5 % of the steps
 
 
-def rows(args) -> dict[str, BuildSettings]:
+def rows(args: argparse.Namespace) -> dict[str, BuildSettings]:
+    """{row name: the pipeline settings of that row} (see the module docstring for the rows)."""
     base = BuildSettings(model=ModelSettings(name="minilm"),
                          data=DataSettings(samples=args.samples, calib_samples=args.calib_samples,
                                            train_samples=args.train_samples),
@@ -83,7 +86,9 @@ def rows(args) -> dict[str, BuildSettings]:
     }
 
 
-def summarize(name: str, state, seconds: float, settings: BuildSettings) -> dict:
+def summarize(name: str, state: Any, seconds: float, settings: BuildSettings) -> dict[str, Any]:
+    """One row from a pipeline run's state (`report`, `variant_onnx`): held-out and random-id
+    fidelity, INT8 and 2:4 figures, fine-tuning steps and seconds."""
     r = state.report
     real, rand = r["fidelity"]["real"], r["fidelity"]["random"]
     q = r.get("quantization") or {}
@@ -107,8 +112,9 @@ def summarize(name: str, state, seconds: float, settings: BuildSettings) -> dict
     return row
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--train-samples", type=int, default=DataSettings.train_samples)
@@ -124,13 +130,45 @@ def main() -> int:
                     help="recovery text of the sparse-mixed rows, repeatable (default: SST-2 train + WikiText-2 test)")
     ap.add_argument("--only", nargs="*", default=None, help="row names to run")
     ap.add_argument("--engines", default="engines")
-    ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))
-    args = ap.parse_args()
+    add_out_argument(ap)
+    return ap.parse_args(argv)
+
+
+def rows_on_disk(path: Path) -> dict[str, dict[str, Any]]:
+    """{row name: row} of an earlier `int8_minilm.json`, or {} when there is none."""
+    return {r["row"]: r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = []
+    for r in results:
+        steps = r.get("training_steps") or r.get("recover_steps")
+        secs = r.get("training_seconds") or r.get("recover_seconds")
+        lines.append([r["row"], fmt(r["cosine_min"], ".5f"), fmt(r["cosine_mean"], ".5f"), fmt(r["max_abs_err"], ".4f"),
+                      r["nonfinite"], r["quantized_matmuls"], fmt(r["int8_mac_fraction"], ".3f"),
+                      fmt(r.get("sparse_eligible_gemms"), "d"), fmt(r.get("sparse_mac_fraction"), ".3f"),
+                      f"{steps} / {secs}" if steps else "-"])
+    print("\n" + markdown_table(["row", "cosine min", "cosine mean", "max abs err", "nonfinite", "INT8 MatMuls",
+                                 "INT8 MAC share", "sparse GEMMs", "sparse MAC share", "fine-tune steps / s"], lines))
+
+
+def merged(results: list[dict[str, Any]], on_disk: dict[str, dict[str, Any]], only: list[str] | None) -> list[dict]:
+    """This run's rows, with the rows it did not run taken from what is on disk now (another
+    run may have written them meanwhile), and the rows only on disk appended."""
+    ran = {r["row"] for r in results if not only or r["row"] in only}
+    results = [r if r["row"] in ran else on_disk.get(r["row"], r) for r in results]
+    return results + [r for name, r in on_disk.items() if name not in {x["row"] for x in results}]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("compiler.training.qat").setLevel(logging.INFO)  # training progress: a line per 5% of the steps
-    results = []
+    for name in TRAINING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
     out_json = args.out / "int8_minilm.json"
-    previous = {r["row"]: r for r in json.loads(out_json.read_text())["rows"]} if out_json.is_file() else {}
+    previous = rows_on_disk(out_json)
+    results = []
     for name, settings in rows(args).items():
         if args.only and name not in args.only:
             if name in previous:
@@ -140,27 +178,10 @@ def main() -> int:
         state = run_pipeline(settings, until="verify")
         results.append(summarize(name, state, time.perf_counter() - start, settings))
         print(f"  {name}: cosine_min {results[-1]['cosine_min']:.5f} ({results[-1]['seconds']} s)", flush=True)
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    print("\n| row | cosine min | cosine mean | max abs err | nonfinite | INT8 MatMuls | INT8 MAC share "
-          "| sparse GEMMs | sparse MAC share | fine-tune steps / s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        steps = r.get("training_steps") or r.get("recover_steps")
-        secs = r.get("training_seconds") or r.get("recover_seconds")
-        print(f"| {r['row']} | {fmt(r['cosine_min'], '.5f')} | {fmt(r['cosine_mean'], '.5f')} | "
-              f"{fmt(r['max_abs_err'], '.4f')} | {r['nonfinite']} | {r['quantized_matmuls']} | "
-              f"{fmt(r['int8_mac_fraction'], '.3f')} | {fmt(r.get('sparse_eligible_gemms'), 'd')} | "
-              f"{fmt(r.get('sparse_mac_fraction'), '.3f')} | {f'{steps} / {secs}' if steps else '-'} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    # merge with what is on disk now (another run may have written rows meanwhile)
-    on_disk = {r["row"]: r for r in json.loads(out_json.read_text())["rows"]} if out_json.is_file() else {}
-    ran = {r["row"] for r in results if not args.only or r["row"] in args.only}
-    results = [r if r["row"] in ran else on_disk.get(r["row"], r) for r in results]
-    results += [r for name, r in on_disk.items() if name not in {x["row"] for x in results}]
-    out_json.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": results}, indent=2) + "\n")
-    print(f"\nwrote {out_json}")
-    return 0
+    print_table(results)
+    results = merged(results, rows_on_disk(out_json), args.only)
+    write_result(args.out, "int8_minilm", {"settings": vars(args) | {"out": str(args.out)}, "rows": results})
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,6 +1,6 @@
 """Benchmark: ONNX Runtime CPU latency and throughput of ONNX graphs on real token ids.
 
-    python benchmarks/ort_latency.py \
+    python -m benchmarks.ort_latency \
         --onnx fp32=engines/minilm/pretrained/model.fp32.onnx \
         --onnx hybrid=engines/minilm/pretrained/hybrid/model.onnx [--onnx int8=PATH] \
         [--batch 1 8] [--seq 128] [--runs 20] [--warmup 5] [--threads N] \
@@ -10,10 +10,11 @@ Each graph gets one ONNX Runtime CPU session (graph optimizations ORT_ENABLE_ALL
 Q/DQ pairs around MatMul fuse into INT8 kernels where ORT supports the pattern;
 `--threads` intra-op threads, default ONNX Runtime's own). Inputs are real WikiText-2
 test text (`calibration.load_texts`) tokenized with the model's tokenizer and packed
-into rows of exactly `--seq` tokens ([CLS] + text + [SEP] for BERT tokenizers; each row
-different text), attention mask all ones. After `--warmup` untimed runs, `--runs` runs
-are timed one by one: median, p90 and p99 latency (ms; with few runs p99 is about the
-slowest run) and samples/s at the median.
+into rows of exactly `--seq` tokens (`compiler.quant.calibrate.calibration_windows`:
+[CLS] + text + [SEP] for BERT tokenizers; each row different text), attention mask all
+ones (`compiler.quant.calibrate.window_feeds`). After `--warmup` untimed runs, `--runs`
+runs are timed one by one: median, p90 and p99 latency (ms; with few runs p99 is about
+the slowest run) and samples/s at the median.
 
 FP16 graphs run as they are, and their rows say so: ONNX Runtime's CPU provider has no
 FP16 MatMul/GELU/LayerNorm kernels on x86, inserts Casts and computes those ops in FP32,
@@ -23,7 +24,8 @@ shows).
 Graphs are measured one after the other; with `--interleave` all sessions stay open and
 each timed round runs every graph once in turn, so a drifting load on a shared machine
 hits them alike (the JSON records the 1-minute load average per row). Prints a markdown
-table and writes `<out>/ort_latency.json` with the CPU model and core count.
+table, writes `<out>/ort_latency.json` with the CPU model and core count, and (with
+matplotlib) `<out>/ort_latency.png`: median latency per graph and batch shape.
 """
 
 from __future__ import annotations
@@ -31,31 +33,22 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from compiler.artifacts import write_json  # noqa: E402
-from compiler.errors import CompilerError  # noqa: E402
-from compiler.graph.onnx_io import onnx_sha256  # noqa: E402
+from benchmarks.common import (add_out_argument, graph_without_weights, grouped_bars, load_tokenizer,
+                               markdown_table, named_path, run_main, save_plot, write_result)
 
 FP16_NOTE = ("FP16 graph: ORT CPU has no FP16 MatMul kernels (Cast + FP32 fallback), "
              "not representative")
 QDQ_NOTE = "INT8 Q/DQ (ORT_ENABLE_ALL fuses the patterns it supports into INT8 kernels)"
 
 
-def named_path(spec: str) -> tuple[str, Path]:
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected NAME=PATH")
-    return name, Path(path)
-
-
 def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -67,17 +60,22 @@ def cpu_model() -> str:
 
 
 def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask), else all of them."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
 
 
-def packed_ids(tokenizer, seq: int, rows: int) -> np.ndarray:
+def packed_ids(tokenizer: Any, seq: int, rows: int) -> np.ndarray:
     """(rows, seq) int64 ids of WikiText-2 text, each row [CLS] body [SEP] (special tokens where
-    the tokenizer has them), no padding: `compiler.quant.quantize.calibration_windows`."""
+    the tokenizer has them), no padding: `compiler.quant.calibrate.calibration_windows`.
+
+    Raises:
+        compiler.errors.DataError: the text holds fewer than rows x seq tokens.
+    """
     from calibration import load_texts, tokenized_set
-    from compiler.quant.quantize import calibration_windows
+    from compiler.quant.calibrate import calibration_windows
     from compiler.settings import DataSettings
 
     lines = 16
@@ -88,34 +86,63 @@ def packed_ids(tokenizer, seq: int, rows: int) -> np.ndarray:
         lines *= 2
 
 
-def feeds_for(session, ids: np.ndarray) -> dict[str, np.ndarray]:
-    positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
-    known = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-             "token_type_ids": np.zeros_like(ids), "position_ids": positions.copy()}
-    names = [i.name for i in session.get_inputs()]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SystemExit(f"graph inputs {unknown} cannot be filled from text; "
-                         f"known: {sorted(known)}")
-    return {n: known[n] for n in names}
+def feeds_for(session: Any, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The session's feeds for (batch, seq) ids (`compiler.quant.calibrate.window_feeds`).
+
+    Raises:
+        compiler.errors.DataError: a graph input that text cannot fill.
+    """
+    from compiler.quant.calibrate import window_feeds
+
+    return window_feeds(ids, [i.name for i in session.get_inputs()])
 
 
-def describe(path: Path) -> tuple[bool, int]:
-    """(has FP16 tensors, number of Q/DQ nodes) of the graph; its weights unread."""
-    import onnx
+def describe(name: str, path: Path) -> dict[str, Any]:
+    """One graph's entry: path, sha256, FP16 tensors or not, Q/DQ node count, notes (weights unread).
 
+    Raises:
+        compiler.errors.InvalidOnnxError: no file at `path`.
+    """
     from compiler.eval.fp16_reference import has_fp16
-    from compiler.graph.onnx_io import load_onnx
+    from compiler.graph.onnx_io import onnx_sha256
 
-    if not path.is_file():
-        load_onnx(path, check=False)  # InvalidOnnxError with the next step
-    light = onnx.load(str(path), load_external_data=False)
-    qdq_ops = ("QuantizeLinear", "DequantizeLinear")
-    qdq = sum(n.op_type in qdq_ops for n in light.graph.node)
-    return has_fp16(light), qdq
+    light = graph_without_weights(path)
+    qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in light.graph.node)
+    fp16 = has_fp16(light)
+    notes = [FP16_NOTE] if fp16 else []
+    notes += [f"{QDQ_NOTE}, {qdq} Q/DQ nodes"] if qdq else []
+    return {"name": name, "path": str(path), "sha256": onnx_sha256(path), "fp16": fp16, "qdq_nodes": qdq,
+            "notes": notes}
 
 
-def timed(session, feeds, runs: int) -> list[float]:
+def machine_info(threads: int | None) -> dict[str, Any]:
+    """CPU model, cores, platform and ONNX Runtime settings of this run."""
+    import onnxruntime as ort
+
+    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "usable_cores": usable_cores(),
+            "platform": platform.platform(), "onnxruntime": ort.__version__,
+            "provider": "CPUExecutionProvider", "optimization": "ORT_ENABLE_ALL",
+            "intra_op_threads": threads if threads else "ORT default"}
+
+
+def open_session(model: Any, threads: int | None) -> tuple[Any, float]:
+    """(ONNX Runtime CPU session of `model` (a path or onnx.ModelProto) with ORT_ENABLE_ALL and
+    `threads` intra-op threads (None: ONNX Runtime's default), seconds it took to open)."""
+    import onnxruntime as ort
+
+    from compiler.graph.onnx_io import ort_session
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    start = time.perf_counter()
+    session = ort_session(model, opts)
+    return session, round(time.perf_counter() - start, 2)
+
+
+def timed(session: Any, feeds: dict[str, np.ndarray], runs: int) -> list[float]:
     """Milliseconds of `runs` runs, one by one."""
     times = []
     for _ in range(runs):
@@ -125,7 +152,8 @@ def timed(session, feeds, runs: int) -> list[float]:
     return times
 
 
-def summarize(times: list[float]) -> dict:
+def summarize(times: list[float]) -> dict[str, float | int]:
+    """Median, p90, p99, mean and min (ms, 3 decimals) of run times, and their count."""
     t = np.asarray(times)
     ms = lambda v: round(float(v), 3)  # noqa: E731
     return {"median_ms": ms(np.median(t)), "p90_ms": ms(np.percentile(t, 90)),
@@ -133,7 +161,74 @@ def summarize(times: list[float]) -> dict:
             "min_ms": ms(t.min()), "runs": len(t)}
 
 
-def parse_args() -> argparse.Namespace:
+def latency_row(graph: dict[str, Any], batch: int, seq: int, times: list[float]) -> dict[str, Any]:
+    """One table / JSON row: the graph's entry, the shape, latency statistics and samples/s."""
+    stats = summarize(times)
+    print(f"  {graph['name']:<12} batch {batch:>3}: median {stats['median_ms']:9.2f} ms", flush=True)
+    return {"name": graph["name"], "path": graph["path"], "sha256": graph["sha256"],
+            "batch": batch, "seq": seq, **stats,
+            "samples_per_s": round(batch / stats["median_ms"] * 1e3, 2),
+            "fp16": graph["fp16"], "qdq_nodes": graph["qdq_nodes"], "notes": graph["notes"],
+            "session_load_s": graph["session_load_s"],
+            "load_average_1min": round(os.getloadavg()[0], 2)}
+
+
+def time_interleaved(graphs: list[dict[str, Any]], ids: np.ndarray, args: argparse.Namespace) -> list[dict]:
+    """Every session open; each timed round runs each graph once, per batch size."""
+    sessions = []
+    for g in graphs:
+        sess, g["session_load_s"] = open_session(Path(g["path"]), args.threads)
+        sessions.append(sess)
+    rows = []
+    for batch in args.batch:
+        feeds = [feeds_for(sess, ids[:batch]) for sess in sessions]
+        for sess, f in zip(sessions, feeds):
+            timed(sess, f, args.warmup)
+        times: list[list[float]] = [[] for _ in graphs]
+        for _ in range(args.runs):
+            for k, (sess, f) in enumerate(zip(sessions, feeds)):
+                times[k] += timed(sess, f, 1)
+        rows += [latency_row(g, batch, args.seq, t) for g, t in zip(graphs, times)]
+    return rows
+
+
+def time_in_turn(graphs: list[dict[str, Any]], ids: np.ndarray, args: argparse.Namespace) -> list[dict]:
+    """One graph after the other, one session open at a time."""
+    rows = []
+    for g in graphs:
+        sess, g["session_load_s"] = open_session(Path(g["path"]), args.threads)
+        for batch in args.batch:
+            feeds = feeds_for(sess, ids[:batch])
+            timed(sess, feeds, args.warmup)
+            rows.append(latency_row(g, batch, args.seq, timed(sess, feeds, args.runs)))
+        del sess
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("\n" + markdown_table(
+        ["graph", "batch", "seq", "median ms", "p90 ms", "p99 ms", "samples/s", "load avg", "note"],
+        [[r["name"], r["batch"], r["seq"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
+          f"{r['samples_per_s']:.1f}", r["load_average_1min"], "; ".join(r["notes"]) or "-"] for r in rows],
+        align="lrrrrrrrl"))
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Median latency (ms) per graph, one bar group per shape (batch x seq)."""
+    shapes = list(dict.fromkeys(f"{r['batch']}x{r['seq']}" for r in rows))
+    median = {(r["name"], f"{r['batch']}x{r['seq']}"): r["median_ms"] for r in rows}
+    series = {name: [median[name, s] for s in shapes] for name in dict.fromkeys(r["name"] for r in rows)}
+
+    def draw(ax: Any) -> None:
+        grouped_bars(ax, shapes, series)
+        ax.set_xlabel("batch x sequence")
+        ax.set_ylabel("median latency (ms)")
+        ax.set_title("ONNX Runtime CPU latency per shape")
+
+    save_plot(path, draw)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--onnx", type=named_path, action="append", required=True,
@@ -151,8 +246,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--model", default="minilm",
                     help="model whose tokenizer makes the token ids")
     ap.add_argument("--weights", default="pretrained", choices=("pretrained", "random"))
-    ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))
-    args = ap.parse_args()
+    add_out_argument(ap)
+    args = ap.parse_args(argv)
     names = [n for n, _ in args.onnx]
     if len(set(names)) != len(names):
         ap.error(f"graph names must be unique: {names}")
@@ -162,104 +257,27 @@ def parse_args() -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    import onnxruntime as ort
-
-    from compiler.training.models import load_model
-    from compiler.graph.onnx_io import ort_session
-    from compiler.settings import ModelSettings
-
     start = time.perf_counter()
-    loaded = load_model(ModelSettings(name=args.model, weights=args.weights))
-    tokenizer = loaded.tokenizer
-    del loaded
-    ids = packed_ids(tokenizer, args.seq, max(args.batch))
-    threads = args.threads if args.threads else "ORT default"
-    machine = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-               "usable_cores": usable_cores(), "platform": platform.platform(),
-               "onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
-               "optimization": "ORT_ENABLE_ALL", "intra_op_threads": threads}
+    ids = packed_ids(load_tokenizer(args.model, args.weights), args.seq, max(args.batch))
+    machine = machine_info(args.threads)
     print(f"{machine['cpu_model']}, {machine['usable_cores']} usable cores of "
-          f"{machine['cpu_count']}; ONNX Runtime {ort.__version__} CPU, "
-          f"ORT_ENABLE_ALL, threads {threads}; sequence {args.seq}, {args.warmup} "
+          f"{machine['cpu_count']}; ONNX Runtime {machine['onnxruntime']} CPU, "
+          f"ORT_ENABLE_ALL, threads {machine['intra_op_threads']}; sequence {args.seq}, {args.warmup} "
           f"warm-up + {args.runs} timed runs", flush=True)
-
-    def open_session(path: Path):
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if args.threads:
-            opts.intra_op_num_threads = args.threads
-        t0 = time.perf_counter()
-        session = ort_session(path, opts)
-        return session, round(time.perf_counter() - t0, 2)
-
-    graphs = []
-    for name, path in args.onnx:
-        fp16, qdq = describe(path)
-        notes = [FP16_NOTE] if fp16 else []
-        notes += [f"{QDQ_NOTE}, {qdq} Q/DQ nodes"] if qdq else []
-        graphs.append({"name": name, "path": str(path), "sha256": onnx_sha256(path),
-                       "fp16": fp16, "qdq_nodes": qdq, "notes": notes})
-
-    def row(g: dict, batch: int, times: list[float]) -> dict:
-        stats = summarize(times)
-        median = stats["median_ms"]
-        print(f"  {g['name']:<12} batch {batch:>3}: median {median:9.2f} ms",
-              flush=True)
-        return {"name": g["name"], "path": g["path"], "sha256": g["sha256"],
-                "batch": batch, "seq": args.seq, **stats,
-                "samples_per_s": round(batch / stats["median_ms"] * 1e3, 2),
-                "fp16": g["fp16"], "qdq_nodes": g["qdq_nodes"], "notes": g["notes"],
-                "session_load_s": g["session_load_s"],
-                "load_average_1min": round(os.getloadavg()[0], 2)}
-
-    rows = []
-    if args.interleave:  # every session open; each timed round runs each graph once
-        sessions = []
-        for g in graphs:
-            sess, g["session_load_s"] = open_session(Path(g["path"]))
-            sessions.append(sess)
-        for batch in args.batch:
-            feeds = [feeds_for(sess, ids[:batch]) for sess in sessions]
-            for sess, f in zip(sessions, feeds):
-                timed(sess, f, args.warmup)
-            times: list[list[float]] = [[] for _ in graphs]
-            for _ in range(args.runs):
-                for k, (sess, f) in enumerate(zip(sessions, feeds)):
-                    times[k] += timed(sess, f, 1)
-            rows += [row(g, batch, t) for g, t in zip(graphs, times)]
-        del sessions
-    else:  # one graph after the other, one session at a time
-        for g in graphs:
-            sess, g["session_load_s"] = open_session(Path(g["path"]))
-            for batch in args.batch:
-                feeds = feeds_for(sess, ids[:batch])
-                timed(sess, feeds, args.warmup)
-                rows.append(row(g, batch, timed(sess, feeds, args.runs)))
-            del sess
-
-    print("\n| graph | batch | seq | median ms | p90 ms | p99 ms | samples/s "
-          "| load avg | note |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for r in rows:
-        print(f"| {r['name']} | {r['batch']} | {r['seq']} | {r['median_ms']:.2f} "
-              f"| {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['samples_per_s']:.1f} "
-              f"| {r['load_average_1min']} | {'; '.join(r['notes']) or '-'} |")
+    graphs = [describe(name, path) for name, path in args.onnx]
+    rows = (time_interleaved if args.interleave else time_in_turn)(graphs, ids, args)
+    print_table(rows)
     result = {"machine": machine, "model": args.model, "weights": args.weights,
               "inputs": "WikiText-2 test, packed to exactly seq tokens per row, "
                         "attention mask all ones",
               "runs": args.runs, "warmup": args.warmup, "interleave": args.interleave,
               "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
-    write_json(args.out / "ort_latency.json", result)
-    print(f"\nwrote {args.out / 'ort_latency.json'} ({result['seconds']} s)")
+    write_result(args.out, "ort_latency", result)
+    plot(rows, args.out / "ort_latency.png")
 
 
-def main() -> None:
-    args = parse_args()
-    try:
-        run(args)
-    except CompilerError as e:  # missing text or ONNX file: one clear message
-        sys.exit(f"error: {e}")
+def main(argv: list[str] | None = None) -> None:
+    run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,25 +4,28 @@
 (activation statistics do), the memory that counts is parent + children at the same moment.
 This samples /proc every 0.2 s and sums RSS over the tree (Linux only).
 
-    python benchmarks/peak_memory.py --json engines/benchmarks/auto_bert_large.json -- \
+    python -m benchmarks.peak_memory --json engines/benchmarks/auto_bert_large.json -- \
         make onnx MODEL=bert-large WEIGHTS=random PRECISION=auto ARGS="--calib-samples 256"
 
-Prints one table row and writes JSON: command, exit status, wall_s, peak_tree_rss_mib,
-peak_single_rss_mib.
+Prints one table row and writes JSON (`--json FILE`, default `<out>/peak_memory.json`): command,
+exit status, wall_s, peak_tree_rss_mib, peak_single_rss_mib.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import add_out_argument, markdown_table
+from compiler.artifacts import write_json
 
-def _tree_rss_kib(root: int) -> tuple[int, int]:
+
+def tree_rss_kib(root: int) -> tuple[int, int]:
+    """(sum of VmRSS over `root` and all its descendants, largest single VmRSS), KiB, from /proc."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for d in os.listdir("/proc"):
@@ -46,30 +49,35 @@ def _tree_rss_kib(root: int) -> tuple[int, int]:
     return total, largest
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", type=Path, help="write the result here")
-    ap.add_argument("--interval", type=float, default=0.2, help="sampling interval, s")
-    ap.add_argument("command", nargs=argparse.REMAINDER)
-    args = ap.parse_args()
-    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not cmd:
-        ap.error("give the command after --")
+def measure(cmd: list[str], interval: float) -> dict[str, object]:
+    """Run `cmd`, sampling the process tree's RSS every `interval` s until it exits."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd)
     peak_tree = peak_single = 0
     while proc.poll() is None:
-        tree, single = _tree_rss_kib(proc.pid)
+        tree, single = tree_rss_kib(proc.pid)
         peak_tree, peak_single = max(peak_tree, tree), max(peak_single, single)
-        time.sleep(args.interval)
-    wall = time.perf_counter() - start
-    result = {"command": cmd, "returncode": proc.returncode, "wall_s": round(wall, 1),
-              "peak_tree_rss_mib": peak_tree // 1024, "peak_single_rss_mib": peak_single // 1024}
-    print(f"| {' '.join(cmd)} | exit {proc.returncode} | {wall / 60:.1f} min | "
-          f"peak tree RSS {peak_tree / 1024:.0f} MiB | largest process {peak_single / 1024:.0f} MiB |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        time.sleep(interval)
+    return {"command": cmd, "returncode": proc.returncode, "wall_s": round(time.perf_counter() - start, 1),
+            "peak_tree_rss_mib": peak_tree // 1024, "peak_single_rss_mib": peak_single // 1024}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, help="write the result here (default <out>/peak_memory.json)")
+    add_out_argument(ap)
+    ap.add_argument("--interval", type=float, default=0.2, help="sampling interval, s")
+    ap.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not cmd:
+        ap.error("give the command after --")
+    r = measure(cmd, args.interval)
+    print(markdown_table(["command", "exit", "wall", "peak tree RSS", "largest process"],
+                         [[" ".join(cmd), r["returncode"], f"{r['wall_s'] / 60:.1f} min",
+                           f"{r['peak_tree_rss_mib']} MiB", f"{r['peak_single_rss_mib']} MiB"]]))
+    print(f"wrote {write_json(args.json or args.out / 'peak_memory.json', r)}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Benchmark: SST-2 accuracy of a linear probe on mean-pooled embeddings, per graph.
 
-    python benchmarks/sst2_probe.py --fp32 engines/minilm/pretrained/model.fp32.onnx \
+    python -m benchmarks.sst2_probe --fp32 engines/minilm/pretrained/model.fp32.onnx \
         --variant hybrid=engines/minilm/pretrained/hybrid/model.onnx \
         [--variant int8=PATH ...] [--retrain hybrid] [--train-samples 2000] \
         [--dev-samples 872] [--model minilm] [--out engines/benchmarks]
@@ -13,9 +13,9 @@ points against FP32, so a difference comes from the variant's embeddings alone.
 much of a loss a retrained head wins back). Graphs with FP16 tensors run on the faithful
 FP16 reference, the others on ONNX Runtime CPU.
 
-Embeddings are cached as .npy under `<out>/cache/`, keyed by the ONNX file's sha256, the
-split, the sample count, the tokenizer and max_length, so a rerun only scores. Prints a
-markdown table and writes `<out>/sst2_probe.json`.
+Embeddings are cached as .npy under `<out>/cache/` (`compiler.artifacts.cached`), keyed by
+the ONNX file's sha256, the split, the sample count, the tokenizer and max_length, so a
+rerun only scores. Prints a markdown table and writes `<out>/sst2_probe.json`.
 """
 
 from __future__ import annotations
@@ -25,55 +25,41 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from compiler.artifacts import atomic_write, write_json  # noqa: E402
-from compiler.errors import CompilerError  # noqa: E402
-from compiler.eval.fp16_reference import REFERENCE_NAME  # noqa: E402
-from compiler.graph.onnx_io import onnx_sha256  # noqa: E402
-from compiler.eval.task_accuracy import (  # noqa: E402
-    ProbeResult,
-    embedding_session,
-    load_sst2,
-    nonfinite_rows,
-    probe_accuracy,
-    sentence_embeddings,
-    train_probe,
-)
+from benchmarks.common import (add_out_argument, graph_without_weights, load_tokenizer, markdown_table,
+                               named_path, run_main, write_result)
+from compiler.eval.fp16_reference import REFERENCE_NAME
+from compiler.eval.task_accuracy import (ProbeResult, embedding_session, load_sst2, nonfinite_rows,
+                                         probe_accuracy, sentence_embeddings, train_probe)
 
 ORT_NAME = "onnxruntime CPU (ORT_ENABLE_ALL)"
 
 
-def named_path(spec: str) -> tuple[str, Path]:
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected NAME=PATH")
-    return name, Path(path)
-
-
-def tokenizer_key(tokenizer) -> str:
+def tokenizer_key(tokenizer: Any) -> str:
+    """12 hex digits of sha256 over the tokenizer's class name and vocabulary (a cache key part)."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     text = f"{type(tokenizer).__name__}\n{vocab}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append .npy to a path
+    """np.save to exactly `path` (through a file object: np.save would append .npy to a path)."""
+    with open(path, "wb") as f:
         np.save(f, array)
 
 
 def graph_inputs(path: Path) -> list[str]:
-    import onnx
+    """The graph's inputs that are not initializers (weights unread).
 
-    from compiler.graph.onnx_io import load_onnx
-
-    if not path.is_file():
-        load_onnx(path, check=False)  # InvalidOnnxError with the next step
-    light = onnx.load(str(path), load_external_data=False)
+    Raises:
+        compiler.errors.InvalidOnnxError: no file at `path`.
+    """
+    light = graph_without_weights(path)
     weights = {t.name for t in light.graph.initializer}
     return [i.name for i in light.graph.input if i.name not in weights]
 
@@ -81,7 +67,9 @@ def graph_inputs(path: Path) -> list[str]:
 class Graph:
     """One ONNX graph: its embeddings per split, cached on disk, made on first need."""
 
-    def __init__(self, name: str, path: Path, args, tokenizer, tok_key: str) -> None:
+    def __init__(self, name: str, path: Path, args: argparse.Namespace, tokenizer: Any, tok_key: str) -> None:
+        from compiler.graph.onnx_io import onnx_sha256
+
         self.name, self.path, self.args, self.tokenizer = name, path, args, tokenizer
         self.inputs = graph_inputs(path)  # first: a missing file gets a clear error
         self.sha256 = onnx_sha256(path)
@@ -97,12 +85,26 @@ class Graph:
         return self.args.out / "cache" / f"sst2-{key}.npy"
 
     def embeddings(self, split: str, texts: list[str]) -> np.ndarray:
+        """(len(texts), hidden) float32 mean-pooled embeddings, from the cache when it has them."""
+        from compiler.artifacts import cached
+        from compiler.settings import settings_hash
+
         file = self.cache_file(split, len(texts))
         meta = file.with_suffix(".json")
-        if file.is_file() and meta.is_file():
+        key = settings_hash("sst2-embeddings-v1", self.sha256, split, len(texts), self.tok_key,
+                            self.args.max_length)
+        fresh: dict[str, np.ndarray] = {}
+        if cached(key, [file, meta], lambda: fresh.update(emb=self.compute(split, texts, file, meta)),
+                  f"sst2 {self.name} {split}"):
             self.faithful = json.loads(meta.read_text())["faithful_fp16"]
             self.cached.append(split)
             return np.load(file)
+        return fresh["emb"]
+
+    def compute(self, split: str, texts: list[str], file: Path, meta: Path) -> np.ndarray:
+        """Run the graph over `texts` and write the embeddings to `file` and their record to `meta`."""
+        from compiler.artifacts import atomic_write, write_json
+
         start = time.perf_counter()
         if self.session is None:
             self.session, self.faithful = embedding_session(self.path)
@@ -129,7 +131,28 @@ class Graph:
         return REFERENCE_NAME if self.faithful else ORT_NAME
 
 
-def parse_args() -> argparse.Namespace:
+@dataclass
+class Sst2:
+    """The SST-2 sentences and labels of both splits; labels (N,) int 0/1."""
+
+    train_texts: list[str]
+    train_labels: np.ndarray
+    dev_texts: list[str]
+    dev_labels: np.ndarray
+
+
+@dataclass
+class FixedProbe:
+    """The probe trained on FP32 train embeddings, with what the report says of it."""
+
+    probe: Any
+    fp32_train: np.ndarray
+    kept: int
+    hidden: int
+    train_accuracy: float
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fp32", type=Path,
@@ -156,8 +179,8 @@ def parse_args() -> argparse.Namespace:
                          "the median std (0: keep all non-constant features)")
     ap.add_argument("--sst2", type=Path, default=None,
                     help="folder with train.tsv/dev.tsv (default ../shared/data/sst2)")
-    ap.add_argument("--out", type=Path, default=Path("engines/benchmarks"))
-    args = ap.parse_args()
+    add_out_argument(ap)
+    args = ap.parse_args(argv)
     names = [n for n, _ in args.variant]
     if "fp32" in names or len(set(names)) != len(names):
         ap.error(f"variant names must be unique and not 'fp32': {names}")
@@ -169,20 +192,8 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace) -> None:
-    from compiler.training.models import load_model
-    from compiler.settings import ModelSettings
-
-    start = time.perf_counter()
-    loaded = load_model(ModelSettings(name=args.model, weights=args.weights))
-    tokenizer = loaded.tokenizer
-    del loaded
-    tok_key = tokenizer_key(tokenizer)
-    train_texts, train_labels = load_sst2("train", args.train_samples, args.sst2)
-    dev_texts, dev_labels = load_sst2("dev", args.dev_samples, args.sst2)
-    print(f"SST-2: {len(train_texts)} train / {len(dev_texts)} dev sentences; "
-          f"tokenizer of {args.model} ({args.weights}), max_length {args.max_length}")
-
+def open_graphs(args: argparse.Namespace, tokenizer: Any, tok_key: str) -> list[Graph]:
+    """The FP32 graph first, then the variants; exits when a variant's inputs differ from FP32's."""
     graphs = [Graph("fp32", args.fp32, args, tokenizer, tok_key)]
     graphs += [Graph(n, p, args, tokenizer, tok_key) for n, p in args.variant]
     fp32 = graphs[0]
@@ -190,84 +201,107 @@ def run(args: argparse.Namespace) -> None:
         if sorted(g.inputs) != sorted(fp32.inputs):
             sys.exit(f"{g.name}: graph inputs {g.inputs} differ from the FP32 graph's "
                      f"{fp32.inputs}")
+    return graphs
 
-    fp32_train = fp32.embeddings("train", train_texts)
-    probe = train_probe(fp32_train, train_labels, seed=args.seed,
-                        min_relative_std=args.min_relative_std)
-    kept, hidden = int(probe[0].get_support().sum()), int(probe[0].n_features_in_)
-    train_acc = probe_accuracy(probe, fp32_train, train_labels)
+
+def fit_fixed_probe(fp32: Graph, data: Sst2, args: argparse.Namespace) -> FixedProbe:
+    """Train the probe on the FP32 graph's train embeddings (`train_probe`)."""
+    fp32_train = fp32.embeddings("train", data.train_texts)
+    probe = train_probe(fp32_train, data.train_labels, seed=args.seed, min_relative_std=args.min_relative_std)
+    return FixedProbe(probe, fp32_train, int(probe[0].get_support().sum()), int(probe[0].n_features_in_),
+                      probe_accuracy(probe, fp32_train, data.train_labels))
+
+
+def retrained_accuracy(g: Graph, fixed: FixedProbe, dev: np.ndarray, data: Sst2,
+                       args: argparse.Namespace) -> float | None:
+    """Dev accuracy of a probe trained on the graph's own train embeddings (None when non-finite)."""
+    train = fixed.fp32_train if g.name == "fp32" else g.embeddings("train", data.train_texts)
+    if nonfinite_rows(train):
+        print(f"  {g.name}: {nonfinite_rows(train)} non-finite train embeddings, no retrained probe")
+        return None
+    own = train_probe(train, data.train_labels, seed=args.seed, min_relative_std=args.min_relative_std)
+    return probe_accuracy(own, dev, data.dev_labels)
+
+
+def score_graphs(graphs: list[Graph], fixed: FixedProbe, data: Sst2, args: argparse.Namespace) -> list[ProbeResult]:
+    """Each graph's dev accuracy with the fixed probe, its change against FP32 (the first graph)
+    in points, and the retrained probe's accuracy where `--retrain` asks for it."""
     rows: list[ProbeResult] = []
     base = None
     for g in graphs:
         t0 = time.perf_counter()
-        dev = g.embeddings("dev", dev_texts)
-        acc = probe_accuracy(probe, dev, dev_labels)
+        dev = g.embeddings("dev", data.dev_texts)
+        acc = probe_accuracy(fixed.probe, dev, data.dev_labels)
         base = acc if base is None else base
-        retrained = None
-        if g.name in args.retrain:
-            train = fp32_train if g is fp32 else g.embeddings("train", train_texts)
-            if nonfinite_rows(train):
-                print(f"  {g.name}: {nonfinite_rows(train)} non-finite train "
-                      "embeddings, no retrained probe")
-            else:
-                own = train_probe(train, train_labels, seed=args.seed,
-                                  min_relative_std=args.min_relative_std)
-                retrained = probe_accuracy(own, dev, dev_labels)
+        retrained = retrained_accuracy(g, fixed, dev, data, args) if g.name in args.retrain else None
         g.release()
         seconds = round(time.perf_counter() - t0, 1)
         rows.append(ProbeResult(g.name, str(g.path), g.sha256, g.reference, acc,
                                 round((acc - base) * 100, 2), retrained,
                                 nonfinite_rows(dev), seconds))
+    return rows
 
-    majority = float(max(dev_labels.mean(), 1 - dev_labels.mean()))
-    print(f"\nprobe: VarianceThreshold ({kept} of {hidden} features kept) + "
+
+def print_table(rows: list[ProbeResult], fixed: FixedProbe, majority: float) -> None:
+    print(f"\nprobe: VarianceThreshold ({fixed.kept} of {fixed.hidden} features kept) + "
           "StandardScaler + LogisticRegression(C=1.0, lbfgs, max_iter 2000) on FP32 "
-          f"train embeddings; train accuracy {train_acc:.4f}; dev majority class "
+          f"train embeddings; train accuracy {fixed.train_accuracy:.4f}; dev majority class "
           f"{majority:.4f}\n")
-    print("| graph | dev accuracy (FP32 probe) | vs FP32 (points) | retrained probe "
-          "| non-finite dev rows | runs on | seconds | sha256 |")
-    print("|---|---:|---:|---:|---:|---|---:|---|")
-    for r in rows:
-        ret = "-" if r.retrained_accuracy is None else f"{r.retrained_accuracy:.4f}"
-        where = "FP16 reference" if r.reference == REFERENCE_NAME else "ORT CPU"
-        print(f"| {r.name} | {r.accuracy:.4f} | {r.delta_points:+.2f} | {ret} "
-              f"| {r.nonfinite_rows} | {where} | {r.seconds} | {r.sha256[:12]} |")
+    print(markdown_table(
+        ["graph", "dev accuracy (FP32 probe)", "vs FP32 (points)", "retrained probe", "non-finite dev rows",
+         "runs on", "seconds", "sha256"],
+        [[r.name, f"{r.accuracy:.4f}", f"{r.delta_points:+.2f}",
+          "-" if r.retrained_accuracy is None else f"{r.retrained_accuracy:.4f}", r.nonfinite_rows,
+          "FP16 reference" if r.reference == REFERENCE_NAME else "ORT CPU", r.seconds, r.sha256[:12]]
+         for r in rows],
+        align="lrrrrlrl"))
 
+
+def result_json(args: argparse.Namespace, tok_key: str, data: Sst2, fixed: FixedProbe, majority: float,
+                rows: list[ProbeResult], graphs: list[Graph]) -> dict[str, Any]:
     import onnxruntime
     import sklearn
 
-    result = {
+    return {
         "model": args.model, "weights": args.weights, "tokenizer_key": tok_key,
         "max_length": args.max_length,
         "data": {"train": "SST-2 train.tsv, first rows",
                  "dev": "SST-2 dev.tsv, first rows",
-                 "train_samples": len(train_texts), "dev_samples": len(dev_texts),
-                 "train_positive": int(train_labels.sum()),
-                 "dev_positive": int(dev_labels.sum())},
+                 "train_samples": len(data.train_texts), "dev_samples": len(data.dev_texts),
+                 "train_positive": int(data.train_labels.sum()),
+                 "dev_positive": int(data.dev_labels.sum())},
         "probe": {"kind": "VarianceThreshold + StandardScaler + LogisticRegression",
                   "C": 1.0, "solver": "lbfgs", "max_iter": 2000, "seed": args.seed,
-                  "min_relative_std": args.min_relative_std, "features_kept": kept,
-                  "features": hidden, "trained_on": "fp32",
-                  "train_accuracy": train_acc},
+                  "min_relative_std": args.min_relative_std, "features_kept": fixed.kept,
+                  "features": fixed.hidden, "trained_on": "fp32",
+                  "train_accuracy": fixed.train_accuracy},
         "dev_majority_class_accuracy": majority,
-        "rows": [{**r.to_dict(), "cached": g.cached,
-                  "embedding_seconds": round(g.seconds, 1)}
+        "rows": [{**r.to_dict(), "cached": g.cached, "embedding_seconds": round(g.seconds, 1)}
                  for r, g in zip(rows, graphs)],
-        "versions": {"onnxruntime": onnxruntime.__version__,
-                     "scikit-learn": sklearn.__version__},
+        "versions": {"onnxruntime": onnxruntime.__version__, "scikit-learn": sklearn.__version__},
         "cache": str(args.out / "cache"),
-        "seconds": round(time.perf_counter() - start, 1),
     }
-    write_json(args.out / "sst2_probe.json", result)
-    print(f"\nwrote {args.out / 'sst2_probe.json'} ({result['seconds']} s)")
 
 
-def main() -> None:
-    args = parse_args()
-    try:
-        run(args)
-    except CompilerError as e:  # missing data or ONNX file: one clear message
-        sys.exit(f"error: {e}")
+def run(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(args.model, args.weights)
+    tok_key = tokenizer_key(tokenizer)
+    data = Sst2(*load_sst2("train", args.train_samples, args.sst2), *load_sst2("dev", args.dev_samples, args.sst2))
+    print(f"SST-2: {len(data.train_texts)} train / {len(data.dev_texts)} dev sentences; "
+          f"tokenizer of {args.model} ({args.weights}), max_length {args.max_length}")
+    graphs = open_graphs(args, tokenizer, tok_key)
+    fixed = fit_fixed_probe(graphs[0], data, args)
+    rows = score_graphs(graphs, fixed, data, args)
+    majority = float(max(data.dev_labels.mean(), 1 - data.dev_labels.mean()))
+    print_table(rows, fixed, majority)
+    result = result_json(args, tok_key, data, fixed, majority, rows, graphs)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    write_result(args.out, "sst2_probe", result)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,16 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import dataclasses
 import os
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from compiler.errors import CompilerError
 from compiler.settings import (LR_SCHEDULES, PRECISION_MODES, QUANT_METHODS, SPARSITY_METHODS, WEIGHT_MODES,
-                               BuildSettings, DataSettings,
-                               EngineSettings, ExportSettings, ModelSettings, PrecisionSettings, ProfileSettings,
-                               QuantSettings, SparsitySettings, TrainSettings)
+                               BuildSettings, DataSettings, EngineSettings, ExportSettings, ModelSettings,
+                               PrecisionSettings, ProfileSettings, QuantSettings, SparsitySettings, TrainSettings)
 
 log = logging.getLogger("compiler")
 
@@ -38,180 +39,159 @@ def _shape(text: str) -> tuple[int, int]:
     return b, s
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="minilm",
-                   help="bert-base, bert-large, gpt2, minilm, a Hugging Face id or a local directory")
-    p.add_argument("--weights", choices=WEIGHT_MODES, default="pretrained",
-                   help="random: the published architecture with seeded random weights")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
-    p.add_argument("--opset", type=int, default=ExportSettings.opset)
-    p.add_argument("--parity-atol", type=float, default=ExportSettings.parity_atol)
-    p.add_argument("--calib", default=None,
-                   help="text file (one sample a line), TSV/CSV with a header, or a HF dataset name; "
-                        "default ../shared/data/wikitext-2/test.txt")
-    p.add_argument("--text-column", default=None)
-    p.add_argument("--samples", type=int, default=DataSettings.samples,
-                   help="held-out samples for verification and the auto budget")
-    p.add_argument("--calib-samples", type=int, default=DataSettings.calib_samples,
-                   help="calibration samples (activation statistics for --precision auto)")
-    p.add_argument("--max-length", type=int, default=DataSettings.max_length)
-    p.add_argument("--batch-size", type=int, default=DataSettings.batch_size)
-    p.add_argument("--output-dir", default="engines")
-
-
-def _add_precision_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=PRECISION_MODES, default="hybrid")
-    p.add_argument("--min-cosine", type=float, default=None,
-                   help="auto: cosine similarity budget on held-out real text")
-    p.add_argument("--max-nonfinite", type=int, default=PrecisionSettings.max_nonfinite,
-                   help="auto: NaN/Inf values allowed on held-out real text")
-    p.add_argument("--overflow-margin", type=float, default=PrecisionSettings.overflow_margin,
-                   help="auto: pin a node when absmax x margin >= 65504")
-
-
-def _add_option_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("INT8 (--precision int8 / int8-qat) and 2:4 sparsity")
-    g.add_argument("--quant-method", choices=QUANT_METHODS, default=QuantSettings.method,
-                   help="activation calibration (ONNX Runtime's calibrators)")
-    g.add_argument("--smoothquant-alpha", type=_alpha, default=QuantSettings.smoothquant_alpha,
-                   help="SmoothQuant strength, or 'off' (default %(default)s)")
-    g.add_argument("--quantize-attention-bmm", action="store_true",
-                   help="also quantize the Q.K^T and probs.V batched matmuls")
-    g.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="fnmatch pattern on node names kept float (repeatable)")
-    g.add_argument("--max-excluded", type=int, default=QuantSettings.max_excluded,
-                   help="MatMuls the INT8 budget loop may leave float")
-    g.add_argument("--float-mode", choices=("fp32", "fp16", "hybrid"), default=QuantSettings.float_mode,
-                   help="precision of what INT8 does not cover")
-    g.add_argument("--train-samples", type=int, default=DataSettings.train_samples,
-                   help="fine-tuning samples, at most (after the calibration and held-out ones, or from --train-text)")
-    g.add_argument("--train-text", action="append", default=None, metavar="PATH",
-                   help="text/TSV file for fine-tuning (default: the rest of --calib's text); repeat it to mix "
-                        "texts, e.g. the deployment text and the calibration text (read after its held-out lines)")
-    g.add_argument("--train-steps", type=int, default=TrainSettings.steps, help="QAT distillation steps")
-    g.add_argument("--lr", type=float, default=TrainSettings.lr, help="fine-tuning learning rate")
-    g.add_argument("--train-bf16", action="store_true",
-                   help="QAT and 2:4 recovery under bfloat16 autocast (FP32 master weights): recovery ~1.4x faster "
-                        "on CPUs with AVX512-BF16/AMX and on Ampere+ GPUs; no gain for QAT")
-    g.add_argument("--train-device", default=TrainSettings.device, metavar="DEVICE",
-                   help="where QAT and 2:4 recovery train: cpu, cuda, cuda:N, or auto (a GPU when PyTorch sees one)")
-    g.add_argument("--sparsity", choices=("2:4",), default=None, help="2:4 structured sparsity of block linears")
-    g.add_argument("--sparsity-method", choices=SPARSITY_METHODS, default=SparsitySettings.method,
-                   help="which 2 of every 4 weights stay: magnitude |w|, or wanda |w| x input norm")
-    g.add_argument("--sparse-layers", action="append", default=[], metavar="PATTERN",
-                   help="fnmatch pattern on module names to prune (default: every block linear)")
-    g.add_argument("--recover-steps", type=int, default=SparsitySettings.recover_steps,
-                   help="distillation steps after pruning, masks held (0: none)")
-    g.add_argument("--recover-lr", type=float, default=SparsitySettings.recover_lr,
-                   help="peak learning rate of the recovery")
-    g.add_argument("--recover-from", default=None, metavar="SAFETENSORS",
-                   help="start the 2:4 recovery from the student.safetensors of an earlier 2:4 run (its zeros are the masks)")
-    g.add_argument("--recover-schedule", choices=LR_SCHEDULES, default=SparsitySettings.recover_schedule,
-                   help="learning-rate schedule of the recovery")
-
-
 def _alpha(text: str) -> float | None:
     if text.lower() in ("off", "none", "0"):
         return None
     return float(text)
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--min-shape", type=_shape, default=ProfileSettings.min_shape, help="BxS, default 1x1")
-    p.add_argument("--opt-shape", type=_shape, default=ProfileSettings.opt_shape, help="BxS, default 1x128")
-    p.add_argument("--max-shape", type=_shape, default=ProfileSettings.max_shape, help="BxS, default 32x512")
-    p.add_argument("--workspace-mib", type=int, default=EngineSettings.workspace_mib)
-    p.add_argument("--optimization-level", type=int, default=EngineSettings.optimization_level)
-    p.add_argument("--sparse-weights", action="store_true",
-                   help="force BuilderFlag.SPARSE_WEIGHTS (default: set exactly when the graph has 2:4 weights)")
+# The settings section each option fills. Defaults live in the dataclasses only: an option not
+# given is not in the namespace (argparse.SUPPRESS), so the field keeps its default.
+SECTIONS = {"model": ModelSettings, "export": ExportSettings, "precision": PrecisionSettings,
+            "data": DataSettings, "quant": QuantSettings, "train": TrainSettings,
+            "sparsity": SparsitySettings, "profile": ProfileSettings, "engine": EngineSettings,
+            "build": BuildSettings}
+
+# (flag, targets "section.field" (several for one flag), argparse keywords)
+MODEL_OPTIONS = [
+    ("--model", "model.name", {"help": "bert-base, bert-large, gpt2, minilm, a Hugging Face id or a local directory"}),
+    ("--weights", "model.weights", {"choices": WEIGHT_MODES,
+                                    "help": "random: the published architecture with seeded random weights"}),
+    ("--seed", "model.seed", {"type": int}),
+    ("--trust-remote-code", "model.trust_remote_code", {"action": "store_true", "help": "allow the checkpoint's own code"}),
+    ("--opset", "export.opset", {"type": int}),
+    ("--parity-atol", "export.parity_atol", {"type": float}),
+    ("--calib", "data.path", {"help": "text file (one sample a line), TSV/CSV with a header, or a HF dataset name; "
+                                      "None: ../shared/data/wikitext-2/test.txt"}),
+    ("--text-column", "data.text_column", {}),
+    ("--samples", "data.samples", {"type": int, "help": "held-out samples for verification and the budgets"}),
+    ("--calib-samples", "data.calib_samples", {"type": int, "help": "calibration samples"}),
+    ("--max-length", "data.max_length", {"type": int}),
+    ("--batch-size", "data.batch_size", {"type": int}),
+    ("--output-dir", "build.output_dir", {}),
+]
+PRECISION_OPTIONS = [
+    ("--precision", "precision.mode", {"choices": PRECISION_MODES}),
+    ("--min-cosine", "precision.min_cosine quant.min_cosine",
+     {"type": float, "help": "cosine similarity budget on held-out real text (auto; INT8 default 0.99)"}),
+    ("--max-nonfinite", "precision.max_nonfinite", {"type": int, "help": "auto: NaN/Inf values allowed"}),
+    ("--overflow-margin", "precision.overflow_margin",
+     {"type": float, "help": "auto: pin a node when absmax x margin >= 65504"}),
+]
+OPTION_OPTIONS = [
+    ("--quant-method", "quant.method", {"choices": QUANT_METHODS, "help": "activation calibration (ONNX Runtime's)"}),
+    ("--smoothquant-alpha", "quant.smoothquant_alpha", {"type": _alpha, "help": "SmoothQuant strength, or 'off'"}),
+    ("--quantize-attention-bmm", "quant.quantize_attention_bmm",
+     {"action": "store_true", "help": "also quantize the Q.K^T and probs.V batched matmuls"}),
+    ("--exclude", "quant.exclude", {"action": "append", "metavar": "PATTERN",
+                                    "help": "fnmatch pattern on node names kept float (repeatable)"}),
+    ("--max-excluded", "quant.max_excluded", {"type": int, "help": "MatMuls the INT8 budget loop may leave float"}),
+    ("--float-mode", "quant.float_mode", {"choices": ("fp32", "fp16", "hybrid"),
+                                          "help": "precision of what INT8 does not cover"}),
+    ("--train-samples", "data.train_samples", {"type": int, "help": "fine-tuning samples, at most"}),
+    ("--train-text", "data.train_path",
+     {"action": "append", "metavar": "PATH", "help": "text/TSV file for fine-tuning (default: the rest of --calib's "
+                                                     "text); repeat it to mix texts in even shares"}),
+    ("--train-steps", "train.steps", {"type": int, "help": "QAT distillation steps"}),
+    ("--lr", "train.lr", {"type": float, "help": "fine-tuning learning rate"}),
+    ("--train-bf16", "train.bf16", {"action": "store_true",
+                                    "help": "QAT and 2:4 recovery under bfloat16 autocast (FP32 master weights)"}),
+    ("--train-device", "train.device", {"metavar": "DEVICE", "help": "cpu, cuda, cuda:N, or auto"}),
+    ("--sparsity", "sparsity.pattern", {"choices": ("2:4",), "help": "2:4 structured sparsity of block linears"}),
+    ("--sparsity-method", "sparsity.method", {"choices": SPARSITY_METHODS,
+                                              "help": "which 2 of every 4 weights stay: magnitude or wanda"}),
+    ("--sparse-layers", "sparsity.layers", {"action": "append", "metavar": "PATTERN",
+                                            "help": "fnmatch pattern on module names to prune (repeatable)"}),
+    ("--recover-steps", "sparsity.recover_steps", {"type": int, "help": "distillation steps after pruning (0: none)"}),
+    ("--recover-lr", "sparsity.recover_lr", {"type": float, "help": "peak learning rate of the recovery"}),
+    ("--recover-from", "sparsity.recover_from", {"metavar": "SAFETENSORS",
+                                                 "help": "student.safetensors of an earlier 2:4 run to recover from"}),
+    ("--recover-schedule", "sparsity.recover_schedule", {"choices": LR_SCHEDULES}),
+]
+ENGINE_OPTIONS = [
+    ("--min-shape", "profile.min_shape", {"type": _shape, "help": "BxS"}),
+    ("--opt-shape", "profile.opt_shape", {"type": _shape, "help": "BxS"}),
+    ("--max-shape", "profile.max_shape", {"type": _shape, "help": "BxS"}),
+    ("--workspace-mib", "engine.workspace_mib", {"type": int}),
+    ("--optimization-level", "engine.optimization_level", {"type": int}),
+    ("--sparse-weights", "engine.sparse_weights",
+     {"action": "store_true", "help": "force BuilderFlag.SPARSE_WEIGHTS (default: set exactly when the graph has 2:4 weights)"}),
+]
+
+
+def _default(target: str) -> Any:
+    section, name = target.split(".")
+    f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _add(p: argparse.ArgumentParser | Any, options: list[tuple[str, str, dict[str, Any]]]) -> None:
+    for flag, targets, kw in options:
+        kw = dict(kw)
+        if kw.get("action") not in ("store_true", "append"):
+            kw["help"] = f"{kw.get('help', '')} (default: {_default(targets.split()[0])})".lstrip()
+        p.add_argument(flag, default=argparse.SUPPRESS, **kw)
+
+
+def _value(target: str, value: Any) -> Any:
+    if isinstance(value, list):  # repeatable options fill tuples
+        return tuple(value)
+    if target == "engine.sparse_weights":  # the flag forces it on; absent means "decide from the graph"
+        return True if value else None
+    return value
 
 
 def settings_from_args(args: argparse.Namespace) -> BuildSettings:
-    """One BuildSettings from parsed arguments (defaults live in the dataclasses)."""
-    get = lambda name, default: getattr(args, name, default)  # noqa: E731  (subcommands differ)
+    """One BuildSettings from parsed arguments: each given option fills its field, every other
+    field keeps its dataclass default.
+
+    Raises:
+        CompilerError: a value the settings reject (their `__post_init__` checks), with the reason.
+    """
+    given = vars(args)
+    parts: dict[str, dict[str, Any]] = defaultdict(dict)
+    for flag, targets, _ in MODEL_OPTIONS + PRECISION_OPTIONS + OPTION_OPTIONS + ENGINE_OPTIONS:
+        dest = flag.lstrip("-").replace("-", "_")
+        if dest in given:
+            for target in targets.split():
+                section, name = target.split(".")
+                parts[section][name] = _value(target, given[dest])
     try:
-        return BuildSettings(
-            model=ModelSettings(name=get("model", "minilm"), weights=get("weights", "pretrained"),
-                                seed=get("seed", 0), trust_remote_code=get("trust_remote_code", False)),
-            export=ExportSettings(opset=get("opset", ExportSettings.opset),
-                                  parity_atol=get("parity_atol", ExportSettings.parity_atol)),
-            precision=PrecisionSettings(mode=get("precision", "hybrid"),
-                                        min_cosine=_or(get("min_cosine", None), PrecisionSettings.min_cosine),
-                                        max_nonfinite=get("max_nonfinite", PrecisionSettings.max_nonfinite),
-                                        overflow_margin=get("overflow_margin", PrecisionSettings.overflow_margin)),
-            data=DataSettings(path=get("calib", None), text_column=get("text_column", None),
-                              samples=get("samples", DataSettings.samples),
-                              calib_samples=get("calib_samples", DataSettings.calib_samples),
-                              train_samples=get("train_samples", DataSettings.train_samples),
-                              train_path=get("train_text", None) or (),
-                              max_length=get("max_length", DataSettings.max_length),
-                              batch_size=get("batch_size", DataSettings.batch_size)),
-            quant=QuantSettings(method=get("quant_method", QuantSettings.method),
-                                smoothquant_alpha=get("smoothquant_alpha", QuantSettings.smoothquant_alpha),
-                                quantize_attention_bmm=get("quantize_attention_bmm", False),
-                                exclude=tuple(get("exclude", [])),
-                                min_cosine=_or(get("min_cosine", None), QuantSettings.min_cosine),
-                                max_excluded=get("max_excluded", QuantSettings.max_excluded),
-                                float_mode=get("float_mode", QuantSettings.float_mode)),
-            train=TrainSettings(steps=get("train_steps", TrainSettings.steps), lr=get("lr", TrainSettings.lr),
-                                bf16=get("train_bf16", TrainSettings.bf16),
-                                device=get("train_device", TrainSettings.device)),
-            sparsity=SparsitySettings(pattern=get("sparsity", None),
-                                      method=get("sparsity_method", SparsitySettings.method),
-                                      layers=tuple(get("sparse_layers", [])),
-                                      recover_steps=get("recover_steps", SparsitySettings.recover_steps),
-                                      recover_lr=get("recover_lr", SparsitySettings.recover_lr),
-                                      recover_schedule=get("recover_schedule", SparsitySettings.recover_schedule),
-                                      recover_from=get("recover_from", None)),
-            engine=EngineSettings(
-                profiles=(ProfileSettings(get("min_shape", ProfileSettings.min_shape),
-                                          get("opt_shape", ProfileSettings.opt_shape),
-                                          get("max_shape", ProfileSettings.max_shape)),),
-                workspace_mib=get("workspace_mib", EngineSettings.workspace_mib),
-                optimization_level=get("optimization_level", EngineSettings.optimization_level),
-                sparse_weights=True if get("sparse_weights", False) else None),
-            output_dir=get("output_dir", "engines"),
-        )
+        engine = EngineSettings(profiles=(ProfileSettings(**parts.pop("profile", {})),), **parts.pop("engine", {}))
+        top = parts.pop("build", {})
+        return BuildSettings(**{s: SECTIONS[s](**kw) for s, kw in parts.items()}, engine=engine, **top)
     except ValueError as e:
         raise CompilerError(f"invalid settings: {e}") from e
-
-
-def _or(value: Any, default: Any) -> Any:
-    return default if value is None else value
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m compiler",
                                      description="Compile a PyTorch transformer into a TensorRT engine.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="DEBUG logs (the settings, each step)")
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="PyTorch -> FP32 ONNX with dynamic batch/sequence, parity-checked")
-    _add_model_args(p)
+    _add(p, MODEL_OPTIONS)
 
     p = sub.add_parser("precision", help="ONNX -> strongly typed FP32/FP16 ONNX")
     p.add_argument("--onnx", type=Path, required=True, help="FP32 ONNX file")
     p.add_argument("--out", type=Path, default=None, help="default: <onnx stem>.<precision>.onnx beside it")
-    _add_precision_args(p)
+    _add(p, PRECISION_OPTIONS)
 
     p = sub.add_parser("verify", help="export + precision + fidelity on real text and random ids")
-    _add_model_args(p)
-    _add_precision_args(p)
-    _add_option_args(p)
+    _add(p, MODEL_OPTIONS + PRECISION_OPTIONS)
+    _add(p.add_argument_group("INT8 (--precision int8 / int8-qat) and 2:4 sparsity"), OPTION_OPTIONS)
 
     p = sub.add_parser("build", help="TensorRT engine from a TensorRT-ready ONNX file")
     p.add_argument("--onnx", type=Path, required=True)
-    p.add_argument("--model", default="unknown", help="model name for the manifest")
-    _add_precision_args(p)
-    _add_engine_args(p)
-    p.add_argument("--output-dir", default="engines")
+    _add(p, [o for o in MODEL_OPTIONS if o[0] in ("--model", "--output-dir")] + PRECISION_OPTIONS + ENGINE_OPTIONS)
 
     p = sub.add_parser("compile", help="the whole pipeline: export, precision, verify, build")
-    _add_model_args(p)
-    _add_precision_args(p)
-    _add_option_args(p)
-    _add_engine_args(p)
+    _add(p, MODEL_OPTIONS + PRECISION_OPTIONS)
+    _add(p.add_argument_group("INT8 (--precision int8 / int8-qat) and 2:4 sparsity"), OPTION_OPTIONS)
+    _add(p.add_argument_group("TensorRT engine"), ENGINE_OPTIONS)
     p.add_argument("--no-build", action="store_true", help="stop after verify (exit 0)")
     return parser
 
@@ -255,15 +235,22 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, 1 for a CompilerError, 2 where TensorRT
+    or a GPU is missing: see compiler.errors)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")  # an unreachable hub fails fast
     try:
         return _run(args)
     except CompilerError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+
+
+def _print_variant(run: Any) -> None:
+    print(format_table(run.report))
+    print(f"TensorRT-ready ONNX: {run.variant_onnx}\nreport: {run.settings.variant_dir() / 'report.json'}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -277,27 +264,22 @@ def _run(args: argparse.Namespace) -> int:
 
         report_path = args.onnx.parent / "report.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        if "model" not in vars(args):  # the manifest names the model the report names
+            name = report.get("model", {}).get("name", "unknown")
+            settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, name=name))
         plan, _ = engine_from_onnx(args.onnx, settings, report)
         print(f"engine: {plan}")
         return 0
-    until = {"export": "export", "verify": "verify", "compile": "build"}[args.command]
-    if args.command == "compile" and args.no_build:
-        until = "verify"
-    if until == "build":
-        state = pipeline.run_pipeline(settings, until="verify")
-        print(format_table(state.report))
-        print(f"TensorRT-ready ONNX: {state.variant_onnx}\nreport: {settings.variant_dir() / 'report.json'}")
-        pipeline.stage_build(settings, state)
-        print(f"engine: {state.plan}")
-        return 0
-    state = pipeline.run_pipeline(settings, until=until)
+    until = {"export": "export", "verify": "verify", "compile": "verify" if args.no_build else "build"}[args.command]
+    # the table is printed as soon as verify is done: a build that stops (exit 2) still shows it
+    run = pipeline.run_pipeline(settings, until=until,
+                                after={"verify": _print_variant} if until != "export" else None)
     if until == "export":
-        parity = state.report["export"]["parity"]
+        parity = run.report["export"]["parity"]
         worst = max(p["max_abs_diff"] for p in parity)
-        print(f"FP32 ONNX: {state.fp32_onnx} (parity: {len(parity)} checks, worst max abs diff {worst:.3g})")
-    else:
-        print(format_table(state.report))
-        print(f"TensorRT-ready ONNX: {state.variant_onnx}\nreport: {settings.variant_dir() / 'report.json'}")
+        print(f"FP32 ONNX: {run.fp32_onnx} (parity: {len(parity)} checks, worst max abs diff {worst:.3g})")
+    if run.plan is not None:
+        print(f"engine: {run.plan}")
     return 0
 
 

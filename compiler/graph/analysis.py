@@ -31,6 +31,31 @@ def tensor_consumers(nodes: list[Any]) -> dict[str, list[int]]:
     return out
 
 
+def tensor_types(model: Any) -> dict[str, int]:
+    """ONNX elem_type of every tensor of `model` (graph I/O, node outputs, initializers).
+
+    From ONNX shape inference on a copy without the large weights (works past 2 GiB).
+
+    Raises:
+        GraphError: shape inference fails, or leaves a node output without a type.
+    """
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model), strict_mode=False)
+    except Exception as e:
+        raise GraphError(f"ONNX shape inference failed ({e}); the precision pass needs "
+                         "every tensor's type") from e
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    missing = [t for n in g.node for t in n.output if t and t not in types]
+    if missing:
+        raise GraphError(f"shape inference gives no type for {missing[:5]} (of {len(missing)}); "
+                         "export with a standard opset so every tensor is typed")
+    return types
+
+
 def array(t: Any) -> np.ndarray:
     """An initializer (TensorProto) as a numpy array."""
     from onnx import numpy_helper

@@ -28,8 +28,6 @@ KEEP = 2  # nonzeros allowed per group (so at least GROUP - KEEP zeros)
 PASS_THROUGH = ("Cast", "DequantizeLinear", "Identity")  # ops between a weight and its GEMM that keep zeros
 
 
-
-
 @dataclass
 class GemmSparsity:
     """One MatMul/Gemm with a constant weight.
@@ -120,7 +118,16 @@ def _reduction_axis(node: Any, k: int, rank: int) -> int:
 
 
 def groups_check(w: np.ndarray, axis: int) -> str:
-    """"" when every group of 4 along `axis` has >= 2 zeros, else the reason."""
+    """Whether array `w` has the 2:4 pattern along `axis`: "" when it has, else the reason.
+
+    Args:
+        w: a weight of any rank (any dtype; 0 is a zero weight).
+        axis: the reduction axis K; groups are the 4 consecutive values w[..., 4g:4g+4, ...].
+
+    Returns:
+        "" when K % 4 == 0 and every group holds >= 2 exact zeros; else `K=<k> not a multiple
+        of 4`, or how many groups have fewer than 2 zeros and the index of the first one's start.
+    """
     k = w.shape[axis]
     if k % GROUP:
         return f"K={k} not a multiple of {GROUP}"
@@ -202,7 +209,7 @@ def require_2_4(model: Any, names: Iterable[str] | None = None,
 
     Args:
         model: onnx.ModelProto (weights loaded) or a path.
-        names: PyTorch module names (`SparsityPruneReport.pruned`) or ONNX node names of the GEMMs
+        names: PyTorch module names (`compiler.training.prune.SparsityPruneReport.pruned`) or ONNX node names of the GEMMs
             that must be eligible. None: at least one GEMM must be.
 
     Returns:
@@ -229,7 +236,8 @@ def require_2_4(model: Any, names: Iterable[str] | None = None,
         raise CompilerError(
             "2:4 sparsity lost: these GEMMs should have at least 2 zeros in every 4 weights along "
             "their reduction axis but do not:\n" + "\n".join(problems)
-            + "\nRe-run the pruning (compiler.training.prune.prune_2_4) and do not change the weights after it "
-            "(fine-tune only through compiler.training.prune.recover, which holds the masks), then export again; "
-            "or build without --sparse-weights.")
+            + "\nPrune with compiler.training.prune.prune_2_4 (--sparsity 2:4) and change the weights after it "
+            "only through a loop that holds the masks (compiler.training.prune.recover, or "
+            "compiler.training.distill.distill with after_step=compiler.training.prune.hold_masks(masks, model)), "
+            "then export again; or build dense (without --sparsity 2:4).")
     return check

@@ -31,15 +31,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import onnx
 
+from calibration.stats import cached_activation_stats, exposed_outputs, float_activations
+from compiler.artifacts import run_in_child
+from compiler.eval.fidelity import FidelityProbe
 from compiler.eval.fp16_reference import fp16_emulation, session
-from compiler.graph.analysis import (FLOAT, FP16_MAX, FP16_SMALLEST_NORMAL, GEMM_OPS, array,
-                                     tensor_consumers)
-from compiler.passes.precision import HYBRID_RULES, MASK_FILL_MIN, PrecisionReport, convert_precision
+from compiler.graph.analysis import FLOAT, FP16_MAX, FP16_SMALLEST_NORMAL, GEMM_OPS, array, tensor_consumers
+from compiler.graph.onnx_io import load_onnx, session_with_outputs, without_weights
+from compiler.passes.precision import PrecisionReport, convert_precision
+from compiler.passes.precision_rules import HYBRID_RULES, MASK_FILL_MIN
 from compiler.settings import PrecisionSettings
 
 log = logging.getLogger(__name__)
@@ -100,9 +105,6 @@ def node_sensitivity(fp32_model: Any, variant: Any, batches: list[tuple[dict, np
     err(output) - max err(float activation inputs); a non-finite output whose inputs are finite
     scores inf.
     """
-    from calibration.stats import exposed_outputs, float_activations
-    from compiler.graph.onnx_io import session_with_outputs
-
     names = float_activations(fp32_model)
     emu = fp16_emulation(variant)
     emu_names = {t for n in emu.graph.node for t in n.output}
@@ -145,10 +147,6 @@ def node_sensitivity(fp32_model: Any, variant: Any, batches: list[tuple[dict, np
 
 def merge_islands(model: Any, pins: Pins) -> Pins:
     """FP16 nodes (not MatMul/Gemm) whose float producers and consumers are all FP32 join them."""
-    import onnx
-
-    from compiler.graph.onnx_io import without_weights
-
     g = onnx.shape_inference.infer_shapes(without_weights(model)).graph
     is_float = {v.name for v in [*g.value_info, *g.output, *g.input] if v.type.tensor_type.elem_type == FLOAT}
     inits = {t.name for t in model.graph.initializer}
@@ -172,6 +170,49 @@ def merge_islands(model: Any, pins: Pins) -> Pins:
     return merged
 
 
+@dataclass
+class Variant:
+    """One FP32/FP16 assignment of the search, converted and measured.
+
+    Attributes:
+        pins: {node name: (rule, detail)} kept in FP32.
+        model: the converted onnx.ModelProto. report: its PrecisionReport.
+        fidelity: {"cosine_min", "cosine_mean", "nonfinite_count", "ok"} on the held-out text;
+            `ok` says whether the budget holds.
+    """
+
+    pins: Pins
+    model: Any
+    report: PrecisionReport
+    fidelity: dict[str, Any]
+
+
+class Evaluator:
+    """Converts the FP32 graph with given pins and measures it on held-out text.
+
+    Args:
+        fp32_model: the FP32 onnx.ModelProto, or None when `fp32_path` is read per conversion.
+        fp32_path: the FP32 ONNX file, or None.
+        settings: the budget (`min_cosine`, `max_nonfinite`); conversions run in mode `auto`.
+        probe: a `FidelityProbe` of one held-out set (its FP32 outputs computed once).
+    """
+
+    def __init__(self, fp32_model: Any, fp32_path: Any, settings: PrecisionSettings,
+                 probe: FidelityProbe) -> None:
+        self.fp32_model, self.fp32_path, self.probe = fp32_model, fp32_path, probe
+        self.settings = settings
+        self.conv = replace(settings, mode="auto")
+
+    def __call__(self, pins: Pins) -> Variant:
+        source = load_onnx(self.fp32_path, check=False) if self.fp32_path else self.fp32_model
+        model, report = convert_precision(source, self.conv, fp32_nodes=pins)
+        del source
+        f = self.probe.score(model, consume=True)
+        return Variant(pins, model, report, {
+            "cosine_min": f.cosine_min, "cosine_mean": f.cosine_mean, "nonfinite_count": f.nonfinite_count,
+            "ok": f.within(self.settings.min_cosine, self.settings.max_nonfinite)})
+
+
 def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: Any, heldout_tokens: Any,
                    input_names: list[str], output_names: list[str], batch_size: int, vocab_size: int,
                    graph_sha256: str, cache_dir: str | None, seed: int = 0) -> tuple[Any, PrecisionReport]:
@@ -187,84 +228,45 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
         batch_size: held-out batch size; statistics run one sample at a time.
         vocab_size: random ids for the real-vs-random statistics are drawn below it.
         graph_sha256, cache_dir: key and folder for cached activation statistics.
+        seed: seed of the random ids.
 
     Returns:
         (converted model, PrecisionReport whose `search` holds the statistics summary, the
         budget, every step with its measured fidelity, and the rules that declined).
     """
-    from calibration.stats import cached_activation_stats
-
-    from compiler.graph.onnx_io import load_onnx
-
     start = time.perf_counter()
     fp32_path = fp32_model if isinstance(fp32_model, (str, os.PathLike)) else None
-    stats_args = (fp32_model, graph_sha256, calib_tokens, input_names, cache_dir)
-    stats_kw = {"percentile": settings.percentile, "vocab_size": vocab_size, "seed": seed}
-    if isinstance(fp32_model, (str, os.PathLike)) and cache_dir:
-        _stats_in_child(stats_args, stats_kw)  # fills the cache; read back below
-    stats = {src: cached_activation_stats(*stats_args, src, **stats_kw) for src in ("real", "random")}
+    stats = _activation_stats(fp32_model, graph_sha256, calib_tokens, input_names, cache_dir,
+                              settings, vocab_size, seed)
     init_pins = rule_initializer_underflow(load_onnx(fp32_path, check=False) if fp32_path else fp32_model)
     if fp32_path is not None:  # the graph without its weights; they are read per conversion
-        import onnx
-
         fp32_model = onnx.load(str(fp32_path), load_external_data=False)
     overflow, declined = rule_overflow(fp32_model, stats["real"], settings.overflow_margin)
     random_overflow, _ = rule_overflow(fp32_model, stats["random"], settings.overflow_margin)
     pins: Pins = {**init_pins, **overflow}
     fixed = set(pins)  # measured hazards: never tried back in FP16
-    conv = replace(settings, mode="auto")
     probe = FidelityProbe.on_tokens(fp32_path or fp32_model, heldout_tokens, input_names, output_names[0],
                                     batch_size)
+    evaluate = Evaluator(None if fp32_path else fp32_model, fp32_path, settings, probe)
     sens_batches = list(calib_tokens.batches(1, input_names))[: settings.sensitivity_samples]
 
-    def evaluate(p: Pins) -> tuple[Any, PrecisionReport, dict[str, float]]:
-        source = load_onnx(fp32_path, check=False) if fp32_path else fp32_model
-        model, report = convert_precision(source, conv, fp32_nodes=p)
-        del source
-        f = probe.score(model, consume=True)
-        return model, report, {"cosine_min": f.cosine_min, "cosine_mean": f.cosine_mean,
-                               "nonfinite_count": f.nonfinite_count,
-                               "ok": f.within(settings.min_cosine, settings.max_nonfinite)}
-
-    model, report, fid = evaluate(pins)
-    steps = [{"action": "start: FP16 except measured hazards", "fp32_nodes": len(pins), **fid}]
-    added: list[str] = []
-    while not fid["ok"] and len(added) < settings.max_search_steps:
-        candidates = {n.name for n in fp32_model.graph.node if n.name not in pins}
-        scores = node_sensitivity(fp32_model, model, sens_batches, candidates, fp32_path)
-        if not scores:
-            break
-        name = max(scores, key=scores.get)
-        pins[name] = ("sensitivity", f"adds relative error {scores[name]:.4g} in FP16")
-        added.append(name)
-        model, report, fid = evaluate(pins)
-        steps.append({"action": f"to FP32: {name}", "score": scores[name], "fp32_nodes": len(pins), **fid})
-    budget_met = fid["ok"]
-    if not budget_met:
+    best = evaluate(pins)
+    steps = [{"action": "start: FP16 except measured hazards", "fp32_nodes": len(pins), **best.fidelity}]
+    best, added = _add_sensitive_nodes(evaluate, best, fp32_model, fp32_path, sens_batches,
+                                       settings.max_search_steps, steps)
+    if best.fidelity["ok"]:  # step 5: move back to FP16 whatever the budget does not need
+        names = [*reversed(added), *sorted(_op_rule_nodes(fp32_model) & set(best.pins) - fixed)]
+        best = _try_fp16_again(evaluate, best, names, steps)
+    else:
         log.warning("auto: budget min_cosine %.6g / max_nonfinite %d not met after %d steps (%s)",
-                    settings.min_cosine, settings.max_nonfinite, len(added), fid)
-
-    # Step 5: move back to FP16 whatever the budget does not need.
-    op_rule = {name for rule in HYBRID_RULES
-               for name in (fp32_model.graph.node[i].name for i in rule(list(fp32_model.graph.node),
-                                                                        tensor_consumers(list(fp32_model.graph.node))))}
-    for name in [*reversed(added), *sorted(op_rule & set(pins) - fixed)]:
-        if not budget_met:
-            break
-        if name not in pins:
-            continue
-        trial = {k: v for k, v in pins.items() if k != name}
-        t_model, t_report, t_fid = evaluate(trial)
-        steps.append({"action": f"try FP16: {name}", "kept": t_fid["ok"], "fp32_nodes": len(trial), **t_fid})
-        if t_fid["ok"]:
-            pins, model, report, fid = trial, t_model, t_report, t_fid
-
-    merged = merge_islands(fp32_model, pins)
+                    settings.min_cosine, settings.max_nonfinite, len(added), best.fidelity)
+    merged = merge_islands(fp32_model, best.pins)
     if merged:
-        pins.update(merged)
-        model, report, fid = evaluate(pins)
-        steps.append({"action": f"merge islands: {len(merged)} nodes", "fp32_nodes": len(pins), **fid})
+        best = evaluate({**best.pins, **merged})
+        steps.append({"action": f"merge islands: {len(merged)} nodes", "fp32_nodes": len(best.pins),
+                      **best.fidelity})
 
+    report, fid = best.report, best.fidelity
     report.mode = "auto"
     report.search = {
         "budget": {"min_cosine": settings.min_cosine, "max_nonfinite": settings.max_nonfinite,
@@ -277,14 +279,66 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
         "overflow_pins": {"real": len(overflow), "random": len(random_overflow)},
         "seconds": round(time.perf_counter() - start, 1),
     }
-    log.info("auto: %d FP32 nodes, %d Casts, budget %s after %d evaluations", len(pins),
+    log.info("auto: %d FP32 nodes, %d Casts, budget %s after %d evaluations", len(best.pins),
              report.casts_inserted, "met" if fid["ok"] else "NOT met", probe.evaluations)
-    return model, report
+    return best.model, report
+
+
+def _activation_stats(fp32_model: Any, graph_sha256: str, calib_tokens: Any, input_names: list[str],
+                      cache_dir: str | None, settings: PrecisionSettings, vocab_size: int,
+                      seed: int) -> dict[str, Any]:
+    """{"real": ActivationStats, "random": ActivationStats} of the FP32 graph (step 1)."""
+    args = (fp32_model, graph_sha256, calib_tokens, input_names, cache_dir)
+    kw = {"percentile": settings.percentile, "vocab_size": vocab_size, "seed": seed}
+    if isinstance(fp32_model, (str, os.PathLike)) and cache_dir:
+        _stats_in_child(args, kw)  # fills the cache; read back below
+    return {src: cached_activation_stats(*args, src, **kw) for src in ("real", "random")}
+
+
+def _add_sensitive_nodes(evaluate: Evaluator, current: Variant, fp32_model: Any, fp32_path: Any,
+                         batches: list[tuple[dict, np.ndarray]], max_steps: int,
+                         steps: list[dict[str, Any]]) -> tuple[Variant, list[str]]:
+    """Step 4: while the budget fails, move the most sensitive FP16 node to FP32.
+
+    Returns:
+        (the last variant measured, the names moved in order); each step is appended to `steps`.
+    """
+    added: list[str] = []
+    while not current.fidelity["ok"] and len(added) < max_steps:
+        candidates = {n.name for n in fp32_model.graph.node if n.name not in current.pins}
+        scores = node_sensitivity(fp32_model, current.model, batches, candidates, fp32_path)
+        if not scores:
+            break
+        name = max(scores, key=scores.get)
+        added.append(name)
+        current = evaluate({**current.pins, name: ("sensitivity", f"adds relative error {scores[name]:.4g} in FP16")})
+        steps.append({"action": f"to FP32: {name}", "score": scores[name], "fp32_nodes": len(current.pins),
+                      **current.fidelity})
+    return current, added
+
+
+def _try_fp16_again(evaluate: Evaluator, current: Variant, names: list[str],
+                    steps: list[dict[str, Any]]) -> Variant:
+    """Step 5: each of `names` still in FP32 goes back to FP16 when the budget still holds."""
+    for name in names:
+        if name not in current.pins:
+            continue
+        trial = evaluate({k: v for k, v in current.pins.items() if k != name})
+        steps.append({"action": f"try FP16: {name}", "kept": trial.fidelity["ok"], "fp32_nodes": len(trial.pins),
+                      **trial.fidelity})
+        if trial.fidelity["ok"]:
+            current = trial
+    return current
+
+
+def _op_rule_nodes(fp32_model: Any) -> set[str]:
+    """Names of the nodes the hybrid op-type rules (layer norm, softmax, reduction) pin."""
+    nodes = list(fp32_model.graph.node)
+    consumers = tensor_consumers(nodes)
+    return {nodes[i].name for rule in HYBRID_RULES for i in rule(nodes, consumers)}
 
 
 def _collect_both(args: tuple, kw: dict) -> None:
-    from calibration.stats import cached_activation_stats
-
     for src in ("real", "random"):
         cached_activation_stats(*args, src, **kw)
 
@@ -295,8 +349,6 @@ def _stats_in_child(args: tuple, kw: dict) -> None:
     Exposing every activation makes ONNX Runtime and the allocator touch ~2.3 GB for BERT-large
     and leaves the heap fragmented; a child returns all of it to the OS when it exits.
     """
-    from compiler.artifacts import run_in_child
-
     run_in_child(_collect_both, args, kw, what="activation statistics")
 
 

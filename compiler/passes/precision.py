@@ -39,22 +39,15 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from compiler.errors import PrecisionError
-from compiler.graph.analysis import (FLOAT, FLOAT16, FP16_MAX, FP16_SMALLEST_NORMAL, GEMM_OPS, array, attr,
-                                     matmul_macs, tensor_consumers, tensor_shapes)
-from compiler.graph.onnx_io import graph_copy, without_weights
+from compiler.graph.analysis import FLOAT, FLOAT16, FP16_MAX, array, matmul_macs, tensor_consumers, tensor_types
+from compiler.graph.onnx_io import graph_copy
+from compiler.passes.precision_rules import HYBRID_RULES, MASK_FILL_MIN, constant_absmax, rule_fp16_range
 from compiler.settings import PrecisionSettings
 
 log = logging.getLogger(__name__)
 
-MASK_FILL_MIN = 1e30  # |v| >= this in an FP32 constant means "minus infinity" (a mask fill value)
-
 DTYPE_NAME = {FLOAT: "fp32", FLOAT16: "fp16"}
 
-SOFTMAX_OPS = {"Softmax", "LogSoftmax"}
-NORM_OPS = {"LayerNormalization", "GroupNormalization", "InstanceNormalization",
-            "BatchNormalization", "RMSNormalization", "LpNormalization", "MeanVarianceNormalization"}
-REDUCTION_OPS = {"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum",
-                 "ReduceLogSumExp", "ReduceProd", "CumSum"}
 # Inputs that accept any type: these never get a Cast in front.
 ANY_TYPE_INPUTS = {"Shape": {0}, "Size": {0}, "Cast": {0}, "CastLike": {0}}
 # Inputs / outputs whose type the ONNX spec fixes to float32 whatever the node computes in.
@@ -120,83 +113,32 @@ class PrecisionReport:
                 "matmul_fp16_fraction": round(self.matmul_fp16_fraction, 4)}
 
 
-# --------------------------------------------------------------------------------------------
-# Rules: each returns {node_index: (rule, detail)} for the nodes it pins to FP32.
+@dataclass
+class Assignment:
+    """The precision each node computes in, before the graph is rewritten.
 
+    Attributes:
+        pins: {node index: (rule, detail)} of the nodes kept in FP32 and the rule that did it.
+        precision: {node index: FLOAT or FLOAT16} of every node that produces floats.
+        follows: per node, True when it only reads floats (Shape, Cast to int, comparisons): it
+            takes the type its first float input ends up with.
+        out_of_range: {constant: a node it keeps in FP32} for the fp16-range rule.
+    """
 
-def rule_softmax(nodes: list[Any], consumers: dict[str, list[int]]) -> dict[int, tuple[str, str]]:
-    # Softmax(x) -> FP32; Exp(x) -> ReduceSum -> Div(exp, sum)  (decomposed softmax) -> FP32
-    pins = {i: ("softmax", f"{n.op_type} exponentiates and normalizes over a row")
-            for i, n in enumerate(nodes) if n.op_type in SOFTMAX_OPS}
-    for i, n in enumerate(nodes):
-        if n.op_type != "Exp":
-            continue
-        users = consumers.get(n.output[0], [])
-        sums = [j for j in users if nodes[j].op_type == "ReduceSum"]
-        divs = [j for j in users if nodes[j].op_type == "Div"]
-        if sums and divs:
-            for j in [i, *sums, *divs]:
-                pins[j] = ("softmax", "decomposed softmax: Exp -> ReduceSum -> Div")
-    return pins
-
-
-def rule_layer_norm(nodes: list[Any], consumers: dict[str, list[int]]) -> dict[int, tuple[str, str]]:
-    # LayerNormalization & co -> FP32; decomposed: mean=ReduceMean(x); d=Sub(x, mean);
-    # var=ReduceMean(Pow(d, 2)); Div(d, Sqrt(Add(var, eps))) [-> Mul(gamma) -> Add(beta)] -> FP32
-    pins = {i: ("layer-norm", f"{n.op_type}: mean and variance over the hidden size")
-            for i, n in enumerate(nodes) if n.op_type in NORM_OPS}
-
-    def only(tensor: str, op_types: set[str]) -> list[int]:
-        return [j for j in consumers.get(tensor, []) if nodes[j].op_type in op_types]
-
-    for i, n in enumerate(nodes):
-        if n.op_type != "ReduceMean":
-            continue
-        for sub in only(n.output[0], {"Sub"}):
-            if nodes[sub].input[0] != n.input[0]:
-                continue
-            d = nodes[sub].output[0]
-            for sq in only(d, {"Pow", "Mul"}):
-                for var in only(nodes[sq].output[0], {"ReduceMean"}):
-                    chain = [i, sub, sq, var]
-                    cur = nodes[var].output[0]
-                    for op in ("Add", "Sqrt"):
-                        nxt = only(cur, {op})
-                        if not nxt:
-                            break
-                        chain.append(nxt[0])
-                        cur = nodes[nxt[0]].output[0]
-                    divs = [j for j in only(cur, {"Div"}) if nodes[j].input[0] == d]
-                    if len(chain) < 6 or not divs:
-                        continue
-                    chain.append(divs[0])
-                    cur = nodes[divs[0]].output[0]
-                    for op in ("Mul", "Add"):  # the affine gamma / beta, when they follow
-                        nxt = only(cur, {op})
-                        if len(nxt) != 1 or len(consumers.get(cur, [])) != 1:
-                            break
-                        chain.append(nxt[0])
-                        cur = nodes[nxt[0]].output[0]
-                    for j in chain:
-                        pins[j] = ("layer-norm", "decomposed layer norm: ReduceMean/Sub/Pow/Sqrt/Div")
-    return pins
-
-
-def rule_reduction(nodes: list[Any], consumers: dict[str, list[int]]) -> dict[int, tuple[str, str]]:
-    # ReduceSum / ReduceMean / ... -> FP32: a sum over many elements loses FP16's 11-bit mantissa
-    return {i: ("reduction", f"{n.op_type} accumulates over a whole axis")
-            for i, n in enumerate(nodes) if n.op_type in REDUCTION_OPS}
-
-
-HYBRID_RULES = (rule_softmax, rule_layer_norm, rule_reduction)
-
-
-# --------------------------------------------------------------------------------------------
+    pins: dict[int, tuple[str, str]]
+    precision: dict[int, int]
+    follows: list[bool]
+    out_of_range: dict[str, str]
 
 
 def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[int, int] = (1, 128),
                       fp32_nodes: Mapping[str, tuple[str, str]] | None = None) -> tuple[Any, PrecisionReport]:
     """Rewrite an FP32 ONNX model into a strongly typed FP32/FP16 graph.
+
+    The steps: a working copy (`working_copy`), a precision per node by the mode's rules
+    (`choose_precisions`), the nodes retyped with Casts at island borders (`CastInserter`),
+    float initializers retyped (`retype_initializers`), graph outputs cast back to their
+    declared type (`cast_graph_outputs`), and the report.
 
     Args:
         model: onnx.ModelProto with FP32 float tensors (not modified).
@@ -212,53 +154,100 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
         (new ModelProto, PrecisionReport). Graph inputs/outputs keep their dtypes.
 
     Raises:
-        PrecisionError: the graph has control flow (If/Loop/Scan) or tensors whose type shape
-            inference cannot tell.
+        PrecisionError: the graph has control flow (If/Loop/Scan), tensors whose type shape
+            inference cannot tell, or `fp32_nodes` names a node that is not in the graph.
+    """
+    work, all_inits = working_copy(model, settings.mode)
+    graph = work.graph
+    nodes = list(graph.node)
+    types = tensor_types(model)
+    inits = {t.name: t for t in all_inits}
+    macs_by_node = matmul_macs(model, nodes, mac_shape)  # while node tensors keep their FP32 names
+    choice = choose_precisions(nodes, types, inits, settings.mode, fp32_nodes)
+    if settings.mode == "fp32":  # the graph unchanged (a copy)
+        return work, _report(settings.mode, nodes, choice, macs_by_node, mac_shape)
+
+    cast = CastInserter(graph.input, types, inits, settings.fp16_clamp)
+    for i, n in enumerate(nodes):
+        cast.add_node(n, choice.precision.get(i), choice.follows[i])
+    constants, underflow = retype_initializers(graph, all_inits, cast.init_names, settings.fp16_clamp)
+    kept = _kept_fp32_constants(choice.out_of_range, inits)
+    output_casts = cast_graph_outputs(graph, types, cast.dtype_of, cast.nodes)
+
+    graph.ClearField("node")
+    graph.node.extend(cast.nodes)
+    graph.ClearField("value_info")  # stale types (TensorRT and ONNX Runtime infer their own)
+    report = _report(settings.mode, nodes, choice, macs_by_node, mac_shape,
+                     constants=[*cast.clamped, *constants, *kept], underflow=underflow,
+                     casts=cast.casts_inserted + output_casts)
+    log.info("precision %s: %s, %d Casts inserted, matmul_fp16_fraction %.3f", settings.mode,
+             report.nodes, report.casts_inserted, report.matmul_fp16_fraction)
+    return work, report
+
+
+def working_copy(original: Any, mode: str) -> tuple[Any, list[Any]]:
+    """The model the pass rewrites, and every initializer a node may read.
+
+    Args:
+        original: the FP32 onnx.ModelProto (not modified).
+        mode: `fp32` copies the whole model, which is then returned unchanged. Otherwise the
+            copy has no weights: Constant nodes become initializers, the graph's initializer
+            list is emptied, and `retype_initializers` refills it one tensor at a time.
+
+    Returns:
+        (copy whose nodes all have unique names, [original's initializers, then the former
+        Constant nodes']).
+
+    Raises:
+        PrecisionError: a node holds a subgraph (If, Loop, Scan).
     """
     import onnx
 
-    original = model
-    if settings.mode == "fp32":  # fp32 returns the graph unchanged (a copy)
+    if mode == "fp32":
         model = onnx.ModelProto()
         model.CopyFrom(original)
-    else:  # the graph without weights; initializers are added back one by one at the end
+    else:
         model = graph_copy(original)
         _constants_to_initializers(model)
     graph = model.graph
     for i, n in enumerate(graph.node):  # rules and reports address nodes by unique names
         if not n.name:
             n.name = f"{n.op_type}_{i}"
-    nodes = list(graph.node)
-    for n in nodes:
+    for n in graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
             raise PrecisionError(f"node {n.name!r} ({n.op_type}) has a subgraph; the precision pass "
                                  "handles straight-line graphs only (export without control flow)")
-    types = _tensor_types(original)
-    if settings.mode == "fp32":
-        all_inits = list(graph.initializer)
-    else:
-        constants_as_inits = []
-        for t in graph.initializer:  # small: Constant nodes turned initializers
-            c = onnx.TensorProto()
-            c.CopyFrom(t)
-            constants_as_inits.append(c)
-        graph.ClearField("initializer")
-        all_inits = [*original.graph.initializer, *constants_as_inits]
-    inits = {t.name: t for t in all_inits}
-    consumers = tensor_consumers(nodes)
-    if settings.mode != "fp32":  # shapes from the FP32 graph, while node tensors keep their names
-        macs_by_node = matmul_macs(original, nodes, mac_shape)
+    if mode == "fp32":
+        return model, list(graph.initializer)
+    constants_as_inits = []
+    for t in graph.initializer:  # small: Constant nodes turned initializers
+        c = onnx.TensorProto()
+        c.CopyFrom(t)
+        constants_as_inits.append(c)
+    graph.ClearField("initializer")
+    return model, [*original.graph.initializer, *constants_as_inits]
 
-    def is_float(name: str) -> bool:
-        return bool(name) and types.get(name) == FLOAT
 
-    # Nodes that produce floats get a precision. Nodes that only read floats (Shape, Cast to
-    # int, comparisons) follow the type their first float input ends up with.
-    computes = [n.op_type != "Constant" and any(is_float(t) for t in n.output) for n in nodes]
-    follows = [not c and any(is_float(t) for t in n.input) for c, n in zip(computes, nodes)]
+def choose_precisions(nodes: list[Any], types: dict[str, int], inits: dict[str, Any], mode: str,
+                      fp32_nodes: Mapping[str, tuple[str, str]] | None) -> Assignment:
+    """Pin nodes to FP32 by the mode's rules; every other node that produces floats runs FP16.
 
+    Args:
+        nodes: the working copy's nodes (unique names). types: {tensor: ONNX elem_type}.
+        inits: {name: TensorProto} of every initializer. mode: fp32 / fp16 / hybrid / auto.
+        fp32_nodes: {node name: (rule, detail)} pinned besides the mode's rules.
+
+    Returns:
+        The Assignment; in `fp32` mode every float node is FLOAT.
+
+    Raises:
+        PrecisionError: `fp32_nodes` names a node that is not in `nodes`.
+    """
+    computes = [n.op_type != "Constant" and any(_is_float(types, t) for t in n.output) for n in nodes]
+    follows = [not c and any(_is_float(types, t) for t in n.input) for c, n in zip(computes, nodes)]
     pins: dict[int, tuple[str, str]] = {}
-    if settings.mode == "hybrid":
+    if mode == "hybrid":
+        consumers = tensor_consumers(nodes)
         for rule in HYBRID_RULES:
             pins.update(rule(nodes, consumers))
     if fp32_nodes:
@@ -267,139 +256,186 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
         if unknown:
             raise PrecisionError(f"fp32_nodes names nodes that are not in the graph: {unknown[:5]}")
         pins.update({index[name]: why for name, why in fp32_nodes.items()})
-    constants: list[ClampedConstant] = []
     out_of_range: dict[str, str] = {}  # constant -> a node it keeps in FP32
-    if settings.mode != "fp32":
-        for i, n in enumerate(nodes):  # rule fp16-range: big finite constants stay FP32
-            for t in n.input:
-                if t in inits and inits[t].data_type == FLOAT:
-                    absmax = _absmax(inits[t], below=MASK_FILL_MIN)
-                    if absmax > FP16_MAX:
-                        pins[i] = ("fp16-range", f"constant {t} holds |v| = {absmax:.4g} > {FP16_MAX:g}")
-                        out_of_range[t] = nodes[i].name
+    if mode != "fp32":
+        range_pins, out_of_range = rule_fp16_range(nodes, inits)
+        pins.update(range_pins)
+    precision = {i: FLOAT if mode == "fp32" or i in pins else FLOAT16
+                 for i in range(len(nodes)) if computes[i]}
+    return Assignment(pins, precision, follows, out_of_range)
 
-    precision = {}  # node index -> FLOAT / FLOAT16 for nodes that compute floats
-    for i, n in enumerate(nodes):
-        if computes[i]:
-            precision[i] = FLOAT if settings.mode == "fp32" or i in pins else FLOAT16
 
-    report = PrecisionReport(settings.mode, {}, {})
-    if settings.mode == "fp32":
-        report.nodes = {"fp32": len(precision), "fp16": 0}
-        report.by_op = _by_op(nodes, precision)
-        _count_macs(matmul_macs(original, nodes, mac_shape), precision, mac_shape, report)
-        return model, report
+class CastInserter:
+    """Retypes nodes one at a time, in graph order, inserting Casts where precisions meet.
 
-    new_nodes: list[Any] = []
-    cast_cache: dict[tuple[str, int], str] = {}
-    init_cache: dict[tuple[str, int], str] = {}
-    dtype_of: dict[str, int] = {}  # final dtype of float tensors
-    for inp in graph.input:
-        if is_float(inp.name):
-            dtype_of[inp.name] = FLOAT
-    for name, t in inits.items():
-        if t.data_type == FLOAT:
-            dtype_of[name] = FLOAT
-    casts = 0
+    A tensor read in a type other than its producer's gets one Cast per target type, shared by
+    all its readers, so adjacent FP32 nodes form one island with Casts only at its borders.
+    Initializers are never cast: a reader gets the FP32 original or an FP16 copy
+    (`init_names`), which `retype_initializers` writes.
 
-    def value_as(name: str, target: int) -> str:
-        nonlocal casts
-        if name in inits:
-            key = (name, target)
-            if key not in init_cache:
-                init_cache[key] = name if target == FLOAT else f"{name}__fp16"
-            return init_cache[key]
-        if dtype_of.get(name, target) == target:
-            return name
+    Args:
+        graph_inputs: the graph's input ValueInfos (they keep their types).
+        types: {tensor: ONNX elem_type} of the FP32 graph. inits: {name: TensorProto}.
+        clamp: |value| that mask fill values in ConstantOfShape nodes are clamped to in FP16.
+
+    Attributes:
+        nodes: the rewritten node list, Casts included. casts_inserted: Casts added.
+        dtype_of: {float tensor: FLOAT or FLOAT16} as rewritten so far.
+        init_names: {(initializer, FLOAT or FLOAT16): the name its readers use}.
+        clamped: ClampedConstants of the ConstantOfShape nodes retyped to FP16.
+    """
+
+    def __init__(self, graph_inputs: Iterable[Any], types: dict[str, int], inits: dict[str, Any],
+                 clamp: float) -> None:
+        self.types, self.inits, self.clamp = types, inits, clamp
+        self.nodes: list[Any] = []
+        self.casts_inserted = 0
+        self.init_names: dict[tuple[str, int], str] = {}
+        self.clamped: list[ClampedConstant] = []
+        self._cast_outputs: dict[tuple[str, int], str] = {}
+        self.dtype_of = {inp.name: FLOAT for inp in graph_inputs if _is_float(types, inp.name)}
+        self.dtype_of.update({name: FLOAT for name, t in inits.items() if t.data_type == FLOAT})
+
+    def value_as(self, name: str, target: int) -> str:
+        """The name under which tensor `name` reads as `target` (a Cast output when needed)."""
+        import onnx
+
         key = (name, target)
-        if key not in cast_cache:
+        if name in self.inits:
+            if key not in self.init_names:
+                self.init_names[key] = name if target == FLOAT else f"{name}__fp16"
+            return self.init_names[key]
+        if self.dtype_of.get(name, target) == target:
+            return name
+        if key not in self._cast_outputs:
             out = f"{name}__to_{DTYPE_NAME[target]}"
-            new_nodes.append(onnx.helper.make_node("Cast", [name], [out], to=target,
-                                                   name=f"{name}__cast_{DTYPE_NAME[target]}"))
-            cast_cache[key] = out
-            dtype_of[out] = target
-            casts += 1
-        return cast_cache[key]
+            self.nodes.append(onnx.helper.make_node("Cast", [name], [out], to=target,
+                                                    name=f"{name}__cast_{DTYPE_NAME[target]}"))
+            self._cast_outputs[key] = out
+            self.dtype_of[out] = target
+            self.casts_inserted += 1
+        return self._cast_outputs[key]
 
-    for i, n in enumerate(nodes):
-        if follows[i]:
-            first = next(t for t in n.input if is_float(t))
-            p = FLOAT if first in inits else dtype_of.get(first, FLOAT)
-        elif i in precision:
-            p = precision[i]
+    def add_node(self, n: Any, precision: int | None, follows: bool) -> None:
+        """Append node `n` computing in `precision` (None: it computes no floats), its float
+        inputs read in that type; a `follows` node takes its first float input's type."""
+        if follows:
+            first = next(t for t in n.input if _is_float(self.types, t))
+            p = FLOAT if first in self.inits else self.dtype_of.get(first, FLOAT)
+        elif precision is not None:
+            p = precision
         else:
-            new_nodes.append(n)
-            continue
+            self.nodes.append(n)
+            return
         any_type = ANY_TYPE_INPUTS.get(n.op_type, set())
         fixed = FIXED_FP32_INPUTS.get(n.op_type, set())
         for k, t in enumerate(n.input):
-            if not is_float(t) or k in any_type:
-                if k in any_type and t in inits and is_float(t):
-                    n.input[k] = value_as(t, FLOAT)
+            if not _is_float(self.types, t) or k in any_type:
+                if k in any_type and t in self.inits and _is_float(self.types, t):
+                    n.input[k] = self.value_as(t, FLOAT)
                 continue
-            n.input[k] = value_as(t, FLOAT if k in fixed else p)
+            n.input[k] = self.value_as(t, FLOAT if k in fixed else p)
         out_fixed = FIXED_FP32_OUTPUTS.get(n.op_type, set())
         for k, t in enumerate(n.output):
-            if is_float(t):
-                dtype_of[t] = FLOAT if k in out_fixed else p
-        clamped = _retype_attributes(n, p, settings.fp16_clamp)
+            if _is_float(self.types, t):
+                self.dtype_of[t] = FLOAT if k in out_fixed else p
+        clamped = _retype_attributes(n, p, self.clamp)
         if clamped:
-            constants.append(ClampedConstant(
-                f"{n.name}.value", 1, clamped, f"clamped to +-{settings.fp16_clamp:g}",
-                f"mask fill value (|v| >= {MASK_FILL_MIN:g}) beyond FP16's range; "
-                f"+-{settings.fp16_clamp:g} keeps score + mask finite"))
-        new_nodes.append(n)
+            self.clamped.append(_mask_fill_clamped(f"{n.name}.value", 1, clamped, self.clamp))
+        self.nodes.append(n)
 
-    # Initializers: FP16 copies for FP16 users, FP32 originals dropped when unused.
-    used_fp32 = {name for (name, target) in init_cache if target == FLOAT}
-    used = {name for name, _ in init_cache}
+
+def retype_initializers(graph: Any, all_inits: list[Any], init_names: dict[tuple[str, int], str],
+                        clamp: float) -> tuple[list[ClampedConstant], int]:
+    """Refill `graph.initializer`: FP16 copies for FP16 readers, FP32 originals only when read
+    in FP32 (or never read as float), other types unchanged.
+
+    Copied one tensor at a time: peak memory is the input model plus the output.
+
+    Args:
+        graph: the working copy's GraphProto (initializer list empty).
+        all_inits: every initializer, in order (`working_copy`).
+        init_names: `CastInserter.init_names`. clamp: |value| mask fill values are clamped to.
+
+    Returns:
+        (ClampedConstants of the mask fill values clamped, nonzero values FP16 flushed to zero).
+    """
+    used_fp32 = {name for (name, target) in init_names if target == FLOAT}
+    used = {name for name, _ in init_names}
+    constants: list[ClampedConstant] = []
     underflow = 0
-    for t in all_inits:  # copied one tensor at a time: peak memory is the input + the output
+    for t in all_inits:
         if t.data_type != FLOAT or t.name in used_fp32 or t.name not in used:
             graph.initializer.add().CopyFrom(t)
-        if t.data_type == FLOAT and (t.name, FLOAT16) in init_cache:
-            half, clamped, lost = _to_fp16(t, init_cache[(t.name, FLOAT16)], settings.fp16_clamp)
+        if t.data_type == FLOAT and (t.name, FLOAT16) in init_names:
+            half, clamped, lost = _to_fp16(t, init_names[(t.name, FLOAT16)], clamp)
             underflow += lost
             if clamped:
-                constants.append(ClampedConstant(
-                    t.name, clamped[0], clamped[1], f"clamped to +-{settings.fp16_clamp:g}",
-                    f"mask fill value (|v| >= {MASK_FILL_MIN:g}) beyond FP16's range; "
-                    f"+-{settings.fp16_clamp:g} keeps score + mask finite"))
+                constants.append(_mask_fill_clamped(t.name, clamped[0], clamped[1], clamp))
             graph.initializer.add().CopyFrom(half)
-    for t, node_name in out_of_range.items():
-        v = np.abs(array(inits[t]))
-        constants.append(ClampedConstant(t, int(np.sum((v > FP16_MAX) & (v < MASK_FILL_MIN))), _absmax(inits[t]),
-                                         "kept FP32", f"finite values beyond FP16's range; {node_name} stays FP32"))
+    return constants, underflow
 
-    # Graph outputs keep their types: an FP16 output is renamed inside the graph and Cast back.
+
+def cast_graph_outputs(graph: Any, types: dict[str, int], dtype_of: dict[str, int], nodes: list[Any]) -> int:
+    """Graph outputs keep their types: an FP32 output computed in FP16 is renamed inside the
+    graph (`<name>__fp16`, in every node of `nodes`) and Cast back to FP32 under its own name.
+
+    Returns:
+        The number of Casts appended to `nodes`.
+    """
+    import onnx
+
+    casts = 0
     for out in graph.output:
         if types.get(out.name) == FLOAT and dtype_of.get(out.name) == FLOAT16:
             inner = f"{out.name}__fp16"
-            for node in new_nodes:
+            for node in nodes:
                 for lst in (node.input, node.output):
                     for k, t in enumerate(lst):
                         if t == out.name:
                             lst[k] = inner
-            new_nodes.append(onnx.helper.make_node("Cast", [inner], [out.name], to=FLOAT,
-                                                   name=f"{out.name}__output_cast_fp32"))
+            nodes.append(onnx.helper.make_node("Cast", [inner], [out.name], to=FLOAT,
+                                               name=f"{out.name}__output_cast_fp32"))
             casts += 1
+    return casts
 
-    graph.ClearField("node")
-    graph.node.extend(new_nodes)
-    graph.ClearField("value_info")  # stale types (TensorRT and ONNX Runtime infer their own)
 
-    report.nodes = {"fp32": sum(v == FLOAT for v in precision.values()),
-                    "fp16": sum(v == FLOAT16 for v in precision.values())}
-    report.by_op = _by_op(nodes, precision)
-    report.fp32_nodes = [PinnedNode(nodes[i].name, nodes[i].op_type, *pins[i])
-                         for i in sorted(pins) if precision.get(i) == FLOAT]
-    report.constants = constants
+def _report(mode: str, nodes: list[Any], choice: Assignment, macs_by_node: dict[int, int],
+            mac_shape: tuple[int, int], constants: list[ClampedConstant] | None = None,
+            underflow: int = 0, casts: int = 0) -> PrecisionReport:
+    """The PrecisionReport of `choice` (FP32 pins listed except in `fp32` mode)."""
+    precision = choice.precision
+    report = PrecisionReport(mode, {"fp32": sum(v == FLOAT for v in precision.values()),
+                                    "fp16": sum(v == FLOAT16 for v in precision.values())},
+                             _by_op(nodes, precision))
+    if mode != "fp32":
+        report.fp32_nodes = [PinnedNode(nodes[i].name, nodes[i].op_type, *choice.pins[i])
+                             for i in sorted(choice.pins) if precision.get(i) == FLOAT]
+    report.constants = constants or []
     report.underflow_values = underflow
     report.casts_inserted = casts
     _count_macs(macs_by_node, precision, mac_shape, report)
-    log.info("precision %s: %s, %d Casts inserted, matmul_fp16_fraction %.3f", settings.mode,
-             report.nodes, casts, report.matmul_fp16_fraction)
-    return model, report
+    return report
+
+
+def _is_float(types: dict[str, int], name: str) -> bool:
+    return bool(name) and types.get(name) == FLOAT
+
+
+def _mask_fill_clamped(tensor: str, count: int, absmax: float, clamp: float) -> ClampedConstant:
+    return ClampedConstant(tensor, count, absmax, f"clamped to +-{clamp:g}",
+                           f"mask fill value (|v| >= {MASK_FILL_MIN:g}) beyond FP16's range; "
+                           f"+-{clamp:g} keeps score + mask finite")
+
+
+def _kept_fp32_constants(out_of_range: dict[str, str], inits: dict[str, Any]) -> list[ClampedConstant]:
+    """The fp16-range rule's constants: kept FP32 with the node that reads them."""
+    kept = []
+    for t, node_name in out_of_range.items():
+        v = np.abs(array(inits[t]))
+        kept.append(ClampedConstant(t, int(np.sum((v > FP16_MAX) & (v < MASK_FILL_MIN))), constant_absmax(inits[t]),
+                                    "kept FP32", f"finite values beyond FP16's range; {node_name} stays FP32"))
+    return kept
 
 
 def _constants_to_initializers(model: Any) -> None:
@@ -429,25 +465,6 @@ def _constants_to_initializers(model: Any) -> None:
     model.graph.node.extend(keep)
 
 
-def _tensor_types(model: Any) -> dict[str, int]:
-    """elem_type of every tensor, from shape inference (raises PrecisionError on gaps)."""
-    import onnx
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(without_weights(model), strict_mode=False)
-    except Exception as e:
-        raise PrecisionError(f"ONNX shape inference failed ({e}); the precision pass needs "
-                             "every tensor's type") from e
-    g = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
-    types.update({t.name: t.data_type for t in model.graph.initializer})
-    missing = [t for n in g.node for t in n.output if t and t not in types]
-    if missing:
-        raise PrecisionError(f"shape inference gives no type for {missing[:5]} (of {len(missing)}); "
-                             "export with a standard opset so every tensor is typed")
-    return types
-
-
 def _retype_attributes(node: Any, p: int, clamp: float) -> float:
     """Cast(to=FLOAT) and ConstantOfShape(value: float) produce the node's precision.
 
@@ -470,13 +487,6 @@ def _retype_attributes(node: Any, p: int, clamp: float) -> float:
                 v = np.where(fill, np.sign(v) * clamp, v).astype(np.float16)
             a.t.CopyFrom(numpy_helper.from_array(v, a.t.name))
     return clamped
-
-
-def _absmax(t: Any, below: float = np.inf) -> float:
-    """Largest finite |v| of a float initializer, ignoring values >= `below`."""
-    v = np.abs(array(t).astype(np.float64))
-    v = v[np.isfinite(v) & (v < below)]
-    return float(v.max()) if v.size else 0.0
 
 
 def _to_fp16(t: Any, name: str, clamp: float) -> tuple[Any, tuple[int, float] | None, int]:

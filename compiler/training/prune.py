@@ -1,4 +1,4 @@
-"""2:4 structured sparsity: magnitude pruning in PyTorch, recovery by distillation, ONNX check.
+"""2:4 structured sparsity in PyTorch: choose the layers, prune, hold the masks, recover.
 
 2:4 ("two of four") sparsity means at least 2 zeros in every group of 4 consecutive weights
 along a GEMM's reduction dimension K (the input features of a linear layer). NVIDIA's sparse
@@ -16,13 +16,12 @@ The stage, run in PyTorch before export:
    place, by |w| x input norm over calibration text (Wanda, the default) or by |w|, and returns
    the masks.
 2. `recover` fine-tunes the pruned model against the dense one with the project's one training
-   loop (`compiler.training.qat.distill`), the masks re-applied after every optimizer step (`hold_masks`).
-3. After export (and FP16 conversion or INT8 Q/DQ), `check_2_4` reads the ONNX graph and says
-   which MatMul/Gemm weights TensorRT can run sparse and what share of the MACs they carry;
-   `require_2_4` turns a lost pattern into a `CompilerError`.
+   loop (`compiler.training.distill.distill`), the masks re-applied after every optimizer step
+   (`hold_masks`).
+3. After export (and FP16 conversion or INT8 Q/DQ), `compiler.graph.sparsity.check_2_4` reads
+   the ONNX graph and says which MatMul/Gemm weights TensorRT can run sparse.
 
-`check_2_4` and `require_2_4` need only numpy and onnx; the PyTorch functions import torch when
-called.
+torch is imported when a function is called.
 """
 
 from __future__ import annotations
@@ -30,23 +29,12 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
-import numpy as np
-
-from compiler.errors import CompilerError
+from compiler.graph.sparsity import GROUP, KEEP
 from compiler.settings import SparsitySettings, TrainSettings
-
-if TYPE_CHECKING:
-    from compiler.training.qat import TrainReport
-
-from compiler.graph.sparsity import GROUP, KEEP, groups_check
-
-# --------------------------------------------------------------------------------------------
-# PyTorch: choose, prune, hold, recover
-
+from compiler.training.distill import TrainReport, distill
 
 @dataclass
 class SparsityPruneReport:
@@ -72,11 +60,13 @@ class SparsityPruneReport:
         return asdict(self)
 
 
-def _is_linear(m: Any) -> bool:
+def is_linear(module: Any) -> bool:
+    """Whether `module` is a linear layer: `torch.nn.Linear` (weight (out, in)) or transformers'
+    `Conv1D` (GPT-2; weight (in, out)), by isinstance (a lookalike class of the same name is not)."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(m, (torch.nn.Linear, Conv1D))
+    return isinstance(module, (torch.nn.Linear, Conv1D))
 
 
 def block_linears(module: Any, layers: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -99,7 +89,7 @@ def block_linears(module: Any, layers: tuple[str, ...] = ()) -> dict[str, Any]:
     """
     import torch
 
-    linears = {n: m for n, m in module.named_modules() if _is_linear(m)}
+    linears = {n: m for n, m in module.named_modules() if is_linear(m)}
     if layers:
         chosen = {n: m for n, m in linears.items() if any(fnmatch.fnmatchcase(n, p) for p in layers)}
         if not chosen:
@@ -121,7 +111,12 @@ def block_linears(module: Any, layers: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def input_axis(m: Any) -> int:
-    """Axis of the weight that is the layer's input (reduction) dimension."""
+    """Axis of the weight of linear layer `m` that is its input (reduction) dimension.
+
+    Returns:
+        1 for `torch.nn.Linear` (weight (out, in)), 0 for anything else, i.e. transformers'
+        `Conv1D` (weight (in, out)); the output-channel axis is `1 - input_axis(m)`.
+    """
     import torch
 
     return 1 if isinstance(m, torch.nn.Linear) else 0  # Linear (out, in); Conv1D (in, out)
@@ -249,7 +244,7 @@ def prune_2_4(module: Any, settings: SparsitySettings, tokens: Any = None,
 
 
 def hold_masks(masks: dict[str, Any], module: Any) -> Callable[[Any], None]:
-    """An `after_step` for `compiler.training.qat.distill` that re-applies `masks` (pruned weights = 0).
+    """An `after_step` for `compiler.training.distill.distill` that re-applies `masks` (pruned weights = 0).
 
     Args:
         masks: {module name: bool mask}, as returned by `prune_2_4`.
@@ -289,7 +284,7 @@ def recover(student: Any, teacher: Any, masks: dict[str, Any], tokens: Any, inpu
             train: TrainSettings, steps: int) -> TrainReport:
     """Distillation recovery of a pruned `student` with its 2:4 masks held fixed.
 
-    Runs `compiler.training.qat.distill` (MSE of last_hidden_state against the dense `teacher` at valid
+    Runs `compiler.training.distill.distill` (MSE of last_hidden_state against the dense `teacher` at valid
     tokens) for `steps` optimizer steps with `train`'s learning rate, schedule, batch size and
     seed; the masks are applied before the first step and after every step.
 
@@ -301,13 +296,11 @@ def recover(student: Any, teacher: Any, masks: dict[str, Any], tokens: Any, inpu
         input_names: model inputs (`LoadedModel.input_names`).
 
     Returns:
-        compiler.training.qat.TrainReport.
+        compiler.training.distill.TrainReport.
 
     Raises:
         ValueError: the student has no trainable parameter, or a mask does not fit it.
     """
-    from compiler.training.qat import distill
-
     if not any(p.requires_grad for p in student.parameters()):
         raise ValueError("recover: no parameter of the student requires grad (a copy of a teacher that "
                          "distill already froze?); copy the model before the first distill run")

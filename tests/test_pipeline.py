@@ -1,5 +1,9 @@
-"""The pipeline's options end to end on a tiny BERT checkpoint: INT8 PTQ, INT8 QAT, 2:4 sparsity,
-and sparse QAT (the TensorRT 8 recipe), each through `compiler.pipeline.run_pipeline`."""
+"""compiler/pipeline.py end to end on a tiny BERT checkpoint: auto precision, INT8 PTQ, INT8 QAT,
+2:4 sparsity and sparse QAT (the TensorRT 8 recipe), each through `run_pipeline`.
+
+Fidelity figures are checked against an independent measure: the verify stage and the budgets
+that chose the variant (auto's search, the INT8 loop, QAT's report) measure the same graph on the
+same held-out text against the same dense FP32 reference, so their figures must agree."""
 
 from __future__ import annotations
 
@@ -81,6 +85,10 @@ def test_int8_qat_keeps_ptq_placement(tiny_bert, tmp_path):
     assert state.report["quantization"]["method"] == "qat"
     counts = ops(onnx.load(str(state.variant_onnx)))
     assert counts["DequantizeLinear"] >= saved["summary"]["quantized_matmuls"]
+    # QAT's own report and verify measure the same graph on the same text
+    real = state.report["fidelity"]["real"]
+    assert real["cosine_min"] == pytest.approx(saved["heldout"]["qat"]["cosine_min"], abs=1e-6)
+    assert real["cosine_mean"] > 0.9 and real["nonfinite_count"] == 0
 
 
 def test_sparsity_2_4_sets_sparse_weights_and_keeps_dense_reference(tiny_bert, tmp_path):
@@ -94,6 +102,10 @@ def test_sparsity_2_4_sets_sparse_weights_and_keeps_dense_reference(tiny_bert, t
     assert state.reference_onnx.parent == settings.model_dir()  # fidelity against the dense model
     assert settings.variant_dir() == settings.model_dir() / "sparse24" / "fp16"
     assert sp["recovery"]["steps"] == 2
+    # the sparse FP16 variant against the DENSE FP32 model: pruning half the weights moves the
+    # outputs (cosine below 1), two recovery steps do not make them non-finite
+    real = state.report["fidelity"]["real"]
+    assert 0.3 < real["cosine_min"] < 0.9999 and real["nonfinite_count"] == 0
 
 
 def test_sparse_weights_flag_follows_the_graph(tiny_bert, tmp_path):
@@ -117,6 +129,8 @@ def test_sparse_int8_qat_keeps_the_pattern_in_int8_weights(tiny_bert, tmp_path):
     check = state.report["sparsity"]["variant_check"]
     assert check["eligible"] == LAYERS * LINEARS_PER_LAYER and check["sparse_weights_flag"] is True
     assert state.report["quantization"]["quantized_matmuls"] >= LAYERS * LINEARS_PER_LAYER
+    real = state.report["fidelity"]["real"]
+    assert 0.3 < real["cosine_min"] < 0.9999 and real["nonfinite_count"] == 0
 
 
 def test_sparse_recovery_continues_from_an_earlier_student(tiny_bert, tmp_path):
@@ -146,7 +160,7 @@ def test_sparse_recovery_continues_from_an_earlier_student(tiny_bert, tmp_path):
     bad = replace(more, recover_from=str(tmp_path / "dense.safetensors"))
     with pytest.raises(CompilerError, match="is not 2:4"):
         run_pipeline(settings_for(tiny_bert, tmp_path / "c", "fp16", sparsity=bad), until="sparsity")
-    with pytest.raises(CompilerError, match="another --engines"):
+    with pytest.raises(CompilerError, match="another --output-dir"):
         run_pipeline(settings_for(tiny_bert, tmp_path / "a", "fp16", sparsity=replace(more, recover_from=saved)),
                      until="sparsity")
     with pytest.raises(CompilerError, match="no such file"):
@@ -165,3 +179,34 @@ def test_qat_with_zero_steps_starts_where_ptq_ends(tiny_bert, tmp_path):
     ptq, qat = saved["heldout"]["ptq_same_placement"], saved["heldout"]["qat"]
     assert abs(qat["cosine_mean"] - ptq["cosine_mean"]) < 1e-3
     assert abs(qat["cosine_min"] - ptq["cosine_min"]) < 2e-3
+
+
+def test_auto_meets_its_budget_and_verify_agrees(tiny_bert, tmp_path):
+    settings = settings_for(tiny_bert, tmp_path, "auto")
+    state = run_pipeline(settings, until="verify")
+    search = state.report["precision"]["search"]
+    assert search["budget"]["met"] is True and search["evaluations"] >= 1
+    real = state.report["fidelity"]["real"]
+    # auto's budget and verify: the same variant, text and reference
+    assert real["cosine_min"] == pytest.approx(search["heldout_fidelity"]["cosine_min"], abs=1e-9)
+    assert real["cosine_min"] >= settings.precision.min_cosine and real["nonfinite_count"] == 0
+    report = json.loads((settings.variant_dir() / "report.json").read_text())
+    assert report["settings"]["precision"]["mode"] == "auto" and report["variant"] == "auto"
+
+
+def test_token_sets_are_built_once_per_run(tiny_bert, tmp_path, monkeypatch):
+    import calibration.layout as layout
+
+    calls = []
+    real_tokenized_set = layout.tokenized_set
+    monkeypatch.setattr(layout, "tokenized_set", lambda texts, *a, **k: calls.append(tuple(texts))
+                        or real_tokenized_set(texts, *a, **k))
+    run_pipeline(settings_for(tiny_bert, tmp_path, "int8"), until="verify")
+    # calibration (INT8 thresholds) and held-out (budget, verify): one tokenization each
+    assert len(calls) == 2 and len(set(calls)) == 2
+    assert sorted(len(c) for c in calls) == [8, 16]
+
+
+def test_unknown_stage_is_refused():
+    with pytest.raises(ValueError, match="until='deploy'"):
+        run_pipeline(BuildSettings(), until="deploy")

