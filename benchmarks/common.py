@@ -118,14 +118,21 @@ def save_plot(path: Path, draw: Callable[[Any], None], size: tuple[float, float]
     return path
 
 
-def grouped_bars(ax: Any, groups: Sequence[str], series: Mapping[str, Sequence[float]]) -> None:
-    """Bars of several series side by side over `groups` on `ax` (a matplotlib Axes)."""
+def grouped_bars(ax: Any, groups: Sequence[str], series: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """Bars of several series side by side over `groups` on `ax` (a matplotlib Axes); a NaN
+    value draws no bar.
+
+    Returns:
+        {series label: its bars' x offset from the group's tick} (to annotate a bar).
+    """
     width = 0.8 / max(len(series), 1)
-    for k, (label, values) in enumerate(series.items()):
-        ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))], values, width, label=label)
+    offsets = {label: (k - (len(series) - 1) / 2) * width for k, label in enumerate(series)}
+    for label, values in series.items():
+        ax.bar([i + offsets[label] for i in range(len(groups))], values, width, label=label)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=20, ha="right")
     ax.legend()
+    return offsets
 
 
 def run_main(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:

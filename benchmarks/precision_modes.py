@@ -5,7 +5,7 @@
 For each model and mode it runs the pipeline up to verify (export, precision, verify on held-out
 WikiText-2 and on random ids of the same shapes, FP16 measured on the faithful reference), prints
 one table, writes `<out>/precision_modes.json` and (with matplotlib) `<out>/precision_modes.png`:
-cosine min per model and mode, real text against random ids. The planted model
+1 - cosine min per model and mode (log scale), real text against random ids. The planted model
 (`tests/models.py`, `planted_hazard_bert`: a 4-layer BERT whose layer-1 feed-forward output
 reaches ~1.2e5 on frequent tokens) is saved as a local checkpoint first, so it goes through the
 same CLI path a user's checkpoint does.
@@ -69,15 +69,22 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Cosine min per model and mode, real text next to random ids (no bar: a non-finite output)."""
-    groups = [f"{r['model']}\n{r['mode']}" for r in rows]
-    nan = float("nan")
-    series = {key: [nan if r[key]["cosine_min"] is None else r[key]["cosine_min"] for r in rows] for key in SETS}
+    """1 - cosine min per model and mode (log scale), real text next to random ids; a set with a
+    non-finite output has no bar and a `non-finite` label instead."""
+    groups = [f"{r['model']} {r['mode']}" for r in rows]
+    deficit = lambda c: float("nan") if c is None else max(1.0 - c, 1e-9)  # noqa: E731
+    series = {key: [deficit(r[key]["cosine_min"]) for r in rows] for key in SETS}
 
     def draw(ax: Any) -> None:
-        grouped_bars(ax, groups, series)
-        ax.set_ylabel("cosine min vs FP32")
+        offsets = grouped_bars(ax, groups, series)
+        ax.set_yscale("log")
+        ax.set_ylabel("1 - cosine min vs FP32 (lower is better)")
         ax.set_title("Precision modes: held-out text (real) vs random ids")
+        for i, r in enumerate(rows):
+            for key in SETS:
+                if r[key]["cosine_min"] is None:
+                    ax.annotate("non-finite", (i + offsets[key], 0.02), xycoords=("data", "axes fraction"),
+                                ha="center", rotation=90, fontsize=8)
 
     save_plot(path, draw)
 

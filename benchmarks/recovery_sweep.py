@@ -98,11 +98,14 @@ def run_config(cfg: str, sd: SweepData, args: argparse.Namespace) -> dict[str, A
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    def text(r: dict[str, Any]) -> str:
+        return " + ".join(Path(p).name for p in r["train_text"]) or "WikiText-2 rest"
+
     print("\n" + markdown_table(
-        ["method", "lr", "steps", "train text", "cosine min", "cosine mean", "SST-2 dev cosine mean", "final loss", "s"],
-        [[r["method"], f"{r['lr']:g}", r["steps"], " + ".join(Path(p).name for p in r["train_text"]) or "WikiText-2 rest",
-          f"{r['cosine_min']:.4f}", f"{r['cosine_mean']:.4f}", f"{r['sst2_cosine_mean']:.4f}", f"{r['loss_last']:.4f}",
-          r["seconds"]] for r in rows]))
+        ["method", "lr", "steps", "train text", "cosine min", "cosine mean", "SST-2 dev cosine mean", "final loss",
+         "s"],
+        [[r["method"], f"{r['lr']:g}", r["steps"], text(r), f"{r['cosine_min']:.4f}", f"{r['cosine_mean']:.4f}",
+          f"{r['sst2_cosine_mean']:.4f}", f"{r['loss_last']:.4f}", r["seconds"]] for r in rows]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,8 +7,8 @@ so memory stays at one batch's activations whatever the number of samples (Model
 keeps every tensor of every sample: 18 GB for BERT-large with 16 samples). Integer tensors
 (token ids, shapes) are not activations and are never collected.
 
-The result is cached as JSON in the calibration cache, keyed by the graph's sha256, the token
-set's key and the collection settings.
+`cached_activation_stats` keeps the result as JSON in `DataSettings.cache_dir`, keyed by the
+graph's sha256, the token set's key and the collection settings (`compiler.artifacts.cached`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from compiler.artifacts import fix_mmap_threshold, release_freed_memory, write_json
+from compiler.artifacts import cached, fix_mmap_threshold, release_freed_memory, write_json
+from compiler.graph.analysis import FLOAT
+from compiler.graph.onnx_io import ort_session, session_with_outputs, without_weights
 from compiler.settings import settings_hash
 
 log = logging.getLogger(__name__)
@@ -103,12 +105,10 @@ def float_activations(model: Any) -> list[str]:
     """Names of the FP32 tensors produced by nodes (initializers and integer tensors excluded)."""
     import onnx
 
-    from compiler.graph.onnx_io import without_weights
-
     g = onnx.shape_inference.infer_shapes(without_weights(model)).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output]}
     return [t for n in model.graph.node if n.op_type != "Constant"
-            for t in n.output if t and types.get(t) == onnx.TensorProto.FLOAT]
+            for t in n.output if t and types.get(t) == FLOAT]
 
 
 @contextlib.contextmanager
@@ -144,9 +144,6 @@ def collect_activation_stats(model: Any, batches: Iterator[tuple[dict[str, np.nd
         ActivationStats with one TensorStats per tensor.
     """
     import onnx
-
-    from compiler.graph.onnx_io import ort_session, session_with_outputs
-
     import onnxruntime as ort
 
     fix_mmap_threshold()  # one array per tensor per sample: keep freed ones from staying resident
@@ -189,18 +186,39 @@ def cached_activation_stats(model: Any, graph_sha256: str, tokens: Any, input_na
                             seed: int = 0) -> ActivationStats:
     """`collect_activation_stats` over a token set, reused from `cache_dir` when unchanged.
 
-    `source="random"` replaces the token ids by uniform random ids in [0, vocab_size) at the
-    same shapes (seeded), for the real-vs-random comparison.
+    Args:
+        model: as `collect_activation_stats` (a ModelProto or an ONNX path).
+        graph_sha256: content hash of `model` (`compiler.graph.onnx_io.onnx_sha256`).
+        tokens: a `calibration.TokenizedSet`; its `key` enters the cache key.
+        input_names: graph inputs to feed.
+        cache_dir: folder of `stats-<key>.json` (`compiler.artifacts.cached`; the key is a
+            `settings_hash` of the graph hash, `tokens.key`, `source` and the arguments below);
+            None: no cache.
+        source: `real`, or `random` to replace the token ids by uniform random ids in
+            [0, vocab_size) at the same shapes (seeded), for the real-vs-random comparison.
+        batch_size, percentile: as `TokenizedSet.batches` and `collect_activation_stats`.
+        vocab_size, seed: the random ids' range and seed.
+
+    Returns:
+        ActivationStats, computed or read back (the same values: JSON keeps every float).
     """
     key = settings_hash("activation-stats-v1", graph_sha256, tokens.key, source, batch_size,
                         percentile, vocab_size, seed)
-    path = Path(cache_dir) / f"stats-{key[:32]}.json" if cache_dir else None
-    if path is not None and path.is_file():
-        log.info("activation statistics (%s) reused from %s", source, path)
-        return ActivationStats.from_dict(json.loads(path.read_text()))
-    rng = np.random.default_rng(seed) if source == "random" else None
-    batches = tokens.batches(batch_size, input_names, rng=rng, vocab_size=vocab_size)
-    stats = collect_activation_stats(model, batches, source, percentile)
-    if path is not None:
-        write_json(path, stats.to_dict())
-    return stats
+
+    def collect() -> ActivationStats:
+        rng = np.random.default_rng(seed) if source == "random" else None
+        batches = tokens.batches(batch_size, input_names, rng=rng, vocab_size=vocab_size)
+        return collect_activation_stats(model, batches, source, percentile)
+
+    if not cache_dir:
+        return collect()
+    path = Path(cache_dir) / f"stats-{key[:32]}.json"
+    computed: list[ActivationStats] = []
+
+    def compute() -> None:
+        computed.append(collect())
+        write_json(path, computed[0].to_dict())
+
+    if not cached(key, [path], compute, f"activation statistics ({source})"):
+        return computed[0]
+    return ActivationStats.from_dict(json.loads(path.read_text()))

@@ -16,11 +16,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from compiler.artifacts import atomic_write
+from compiler.artifacts import atomic_write, cached
 from compiler.errors import DataError
 from compiler.settings import DataSettings
 
 log = logging.getLogger(__name__)
+
 
 def shared_data_path(relative: str) -> Path | None:
     """`shared/data/<relative>` beside the cwd or this checkout (the project is checked out next
@@ -181,28 +182,49 @@ class TokenizedSet:
 def tokenized_set(texts: list[str], tokenizer: Any, max_length: int, cache_dir: str | Path | None) -> TokenizedSet:
     """Tokenize `texts` (truncated to `max_length` tokens), reusing a cached result.
 
-    The cache file is `<cache_dir>/<sha256>.npz`, keyed by the texts, the tokenizer's
-    vocabulary and class, and `max_length`; a changed input gives a new key.
+    Args:
+        texts: the samples. tokenizer: a Hugging Face tokenizer (`get_vocab`, `pad_token_id`).
+        max_length: tokens per sample at most.
+        cache_dir: folder of `<sha256>.npz` (`compiler.artifacts.cached`), keyed by the texts,
+            the tokenizer's vocabulary and class, and `max_length`: a changed input gives a new
+            key. None: no cache.
+
+    Returns:
+        The TokenizedSet (int64 ids; `key` is the content key).
     """
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     key = hashlib.sha256(json.dumps([texts, type(tokenizer).__name__, max_length]).encode()
                          + hashlib.sha256(vocab.encode()).digest()).hexdigest()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    path = Path(cache_dir) / f"{key[:32]}.npz" if cache_dir else None
-    if path is not None and path.is_file():
-        with np.load(path) as z:
-            lengths = z["lengths"]
-            splits = np.cumsum(lengths)[:-1]
-            ids = np.split(z["input_ids"], splits)
-            types = np.split(z["token_type_ids"], splits) if "token_type_ids" in z else None
-        log.info("tokenized set %s reused from %s", key[:12], path)
-        return TokenizedSet(ids, types, pad_id, key)
-    enc = tokenizer(texts, truncation=True, max_length=max_length)
-    ids = [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]]
-    types = [np.asarray(x, dtype=np.int64) for x in enc["token_type_ids"]] if "token_type_ids" in enc else None
-    if path is not None:
+
+    def tokenize() -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        enc = tokenizer(texts, truncation=True, max_length=max_length)
+        ids = [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]]
+        types = [np.asarray(x, dtype=np.int64) for x in enc["token_type_ids"]] if "token_type_ids" in enc else None
+        return ids, types
+
+    if not cache_dir:
+        return TokenizedSet(*tokenize(), pad_id, key)
+    path = Path(cache_dir) / f"{key[:32]}.npz"
+    made: list[tuple[list[np.ndarray], list[np.ndarray] | None]] = []
+
+    def compute() -> None:
+        made.append(tokenize())
+        ids, types = made[0]
         arrays = {"input_ids": np.concatenate(ids), "lengths": np.array([len(x) for x in ids])}
         if types is not None:
             arrays["token_type_ids"] = np.concatenate(types)
-        atomic_write(path, lambda p: np.savez(open(p, "wb"), **arrays))
+
+        def write(p: Path) -> None:
+            with open(p, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+                np.savez(f, **arrays)
+
+        atomic_write(path, write)
+
+    if not cached(key, [path], compute, "tokenized set"):
+        return TokenizedSet(*made[0], pad_id, key)
+    with np.load(path) as z:
+        splits = np.cumsum(z["lengths"])[:-1]
+        ids = np.split(z["input_ids"], splits)
+        types = np.split(z["token_type_ids"], splits) if "token_type_ids" in z else None
     return TokenizedSet(ids, types, pad_id, key)

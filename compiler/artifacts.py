@@ -110,6 +110,7 @@ def cached(key: str, artifacts: Sequence[str | os.PathLike], compute: Callable[[
     if read_key(paths[0]) == key and all(p.is_file() for p in paths):
         log.info("%s: reused %s (content key %s)", what, paths[0], key[:12])
         return True
+    log.debug("%s: computing %s (recorded key %s, new %s)", what, paths[0], read_key(paths[0]), key[:12])
     compute()
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:

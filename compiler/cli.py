@@ -270,7 +270,8 @@ def _run(args: argparse.Namespace) -> int:
         plan, _ = engine_from_onnx(args.onnx, settings, report)
         print(f"engine: {plan}")
         return 0
-    until = {"export": "export", "verify": "verify", "compile": "verify" if args.no_build else "build"}[args.command]
+    until = "build" if args.command == "compile" and not args.no_build else \
+        "verify" if args.command in ("compile", "verify") else "export"
     # the table is printed as soon as verify is done: a build that stops (exit 2) still shows it
     run = pipeline.run_pipeline(settings, until=until,
                                 after={"verify": _print_variant} if until != "export" else None)

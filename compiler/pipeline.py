@@ -391,6 +391,10 @@ def stage_verify(settings: BuildSettings, export: ExportResult, precision: Preci
     fidelity["data"] = {"path": data.path or "wikitext-2/test.txt (default)", "samples": len(tokens.heldout),
                         "max_length": data.max_length,
                         "tokens": int(sum(len(x) for x in tokens.heldout.input_ids))}
+    for which in ("real", "random"):
+        f = fidelity[which]
+        log.info("verify %s: cosine min %s mean %s, max abs error %s, %d non-finite over %d samples", which,
+                 f["cosine_min"], f["cosine_mean"], f["max_abs_err"], f["nonfinite_count"], f["samples"])
     check = None
     if settings.sparsity.pattern is not None:  # FP16 and Q/DQ must keep the 2:4 pattern
         from compiler.build.engine import sparse_weights_flag

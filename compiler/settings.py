@@ -131,7 +131,10 @@ class DataSettings:
         min_words: lines with fewer whitespace-separated words are skipped (WikiText-2 has
             empty lines and `= Heading =` lines).
         batch_size: samples per inference batch (padded to the longest in the batch).
-        cache_dir: where tokenized sets are cached by content hash.
+        cache_dir: where tokenized sets, activation statistics and INT8 thresholds are cached
+            by content hash. None: `<BuildSettings.output_dir>/cache` inside a `BuildSettings`
+            (beside the artifacts, never in the code folder), no cache when used alone. Where
+            the caches lie does not change what they hold, so it is left out of cache keys.
     """
 
     path: str | None = None
@@ -143,7 +146,7 @@ class DataSettings:
     max_length: int = 128
     min_words: int = 8
     batch_size: int = 8
-    cache_dir: str = "calibration/cache"
+    cache_dir: str | None = field(default=None, metadata={"hash": False})  # where, not what
 
     def __post_init__(self) -> None:
         if (self.samples < 1 or self.calib_samples < 1 or self.train_samples < 1 or self.max_length < 2
@@ -161,8 +164,8 @@ class DataSettings:
 class QuantSettings:
     """INT8 post-training quantization (`PRECISION=int8`, and the PTQ start of `int8-qat`).
 
-    Defaults are the measured best on MiniLM (compiler/quantize.py's docstring; the benchmark
-    benchmarks/int8_ptq.py).
+    Defaults are the measured best on MiniLM (compiler/quant/budget.py's docstring and
+    docs/int8.md; `python -m benchmarks.int8_ptq`).
 
     Attributes:
         method: activation threshold per tensor: `max` (absolute maximum), `entropy` (the
@@ -242,7 +245,7 @@ class QuantSettings:
 class TrainSettings:
     """Distillation fine-tuning against the FP32 model on real text (QAT and sparsity recovery).
 
-    One loop (`compiler.training.qat.distill`) serves both. The loss is the mean squared error of the
+    One loop (`compiler.training.distill.distill`) serves both. The loss is the mean squared error of the
     student's `last_hidden_state` against the FP32 teacher's at valid tokens (no labels).
 
     Attributes:
@@ -253,7 +256,7 @@ class TrainSettings:
         seed: shuffling seed.
         layerwise: add the MSE of every intermediate block output to the loss (TinyBERT-style
             layer-wise distillation, Jiao et al. 2020): the student must match the teacher's
-            hidden states, not only its last one. Measured (`benchmarks/recovery_sweep.py
+            hidden states, not only its last one. Measured (`python -m benchmarks.recovery_sweep
             --steps 250 wanda,1e-3 [--no-layerwise]`, MiniLM 2:4): held-out cosine mean 0.9387
             with it, 0.9233 without.
         schedule: learning-rate schedule of every parameter group: `constant`, or `linear`
@@ -261,7 +264,7 @@ class TrainSettings:
             BERT's fine-tuning recipe, Devlin et al. 2019).
         group_by_length: batch samples of similar length together (shuffled in chunks, then
             sorted; the batch order shuffled again), so padding wastes little compute. Off by
-            default, from measurement (`benchmarks/recovery_sweep.py`, MiniLM 2:4 Wanda, 250
+            default, from measurement (`python -m benchmarks.recovery_sweep`, MiniLM 2:4 Wanda, 250
             recovery steps, lr 1e-3): on WikiText-2 it saved 5% of the time and cost 0.011 of
             held-out cosine (0.9281 vs 0.9387); on WikiText-2 mixed with SST-2 it saved 43% and
             cost 0.012 (0.9181 vs 0.9296): the loss averages over the tokens of a batch, so
@@ -271,12 +274,12 @@ class TrainSettings:
             al. 2018, `torch.autocast`), as Hugging Face Trainer's `bf16`. The teacher and the
             loss stay FP32, and QAT's fake quantizers compute in FP32. Needs BF16 matrix
             multiply in hardware (CPUs with AVX512-BF16 or AMX, GPUs from Ampere on) to pay.
-            Measured (`benchmarks/recovery_sweep.py --steps 250 wanda,1e-3 [--bf16]`, MiniLM 2:4,
+            Measured (`python -m benchmarks.recovery_sweep --steps 250 wanda,1e-3 [--bf16]`, MiniLM 2:4,
             2 cores of an AVX512-BF16 CPU): 177 s against 248 s, held-out cosine mean 0.9386
             against 0.9387. It does not pay for QAT, whose quantized layers leave autocast:
             200 QAT steps took 239 s and 366 s in two runs with it, 245 s without.
         teacher_cache_mib: memory (MiB, CPU) for the teacher's outputs on the training
-            samples, computed in the first epoch and reused after (`compiler.training.qat.TeacherCache`);
+            samples, computed in the first epoch and reused after (`compiler.training.distill.TeacherCache`);
             0 turns it off. It saves the teacher's forward pass on every later epoch and changes
             nothing else, so it is left out of cache keys. MiniLM on 6,093 samples of mixed text
             (412k tokens, 7 states of 384) needs ~4.2 GiB for all of them.
@@ -412,7 +415,12 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class BuildSettings:
-    """Everything that decides the artifacts of one `compiler` run."""
+    """Everything that decides the artifacts of one `compiler` run.
+
+    Attributes:
+        model, export, precision, data, quant, train, sparsity, engine: each stage's settings.
+        output_dir: the artifacts' root (`engines/`); `data.cache_dir` defaults below it.
+    """
 
     model: ModelSettings = field(default_factory=ModelSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
@@ -423,6 +431,10 @@ class BuildSettings:
     sparsity: SparsitySettings = field(default_factory=SparsitySettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     output_dir: str = "engines"
+
+    def __post_init__(self) -> None:
+        if self.data.cache_dir is None:  # caches live beside the artifacts
+            object.__setattr__(self, "data", dataclasses.replace(self.data, cache_dir=str(Path(self.output_dir) / "cache")))
 
     def model_dir(self) -> Path:
         """`engines/<model-slug>/<weights>`: where this model's artifacts live (the dense FP32

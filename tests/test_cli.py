@@ -17,12 +17,11 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 
 def has_tensorrt_and_gpu() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    """TensorRT imports and the NVIDIA driver reports a GPU (found as the builder finds it, no PyTorch)."""
+    from compiler.build.device import GpuInfo, find_gpu
+    from compiler.build.engine import tensorrt_problem
+
+    return tensorrt_problem() is None and isinstance(find_gpu(), GpuInfo)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,7 @@ def compiled(tmp_path_factory):
 def test_compile_stops_at_build_with_status_2(compiled):
     out, result = compiled
     if has_tensorrt_and_gpu():
-        pytest.skip("TensorRT and a GPU are present: the build runs (see tests/test_build_gpu.py)")
+        pytest.skip("TensorRT and a GPU are present: the build runs (see tests/build/test_gpu.py)")
     variant = out / "minilm" / "pretrained" / "hybrid"
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -62,16 +61,18 @@ def test_report_fields(compiled):
 
 def test_no_build_exits_0_and_reuses(compiled):
     out, _ = compiled
-    result = run_cli("compile", "--no-build", "--model", "minilm", "--precision", "hybrid",
+    result = run_cli("-v", "compile", "--no-build", "--model", "minilm", "--precision", "hybrid",
                      "--samples", "16", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "reused" in result.stderr  # export and precision pass unchanged by content hash
+    assert "settings: BuildSettings(" in result.stderr  # -v: the settings at DEBUG
 
 
 def test_unknown_model_error_without_traceback(tmp_path):
-    result = run_cli("export", "--model", "no-such-model-xyz", "--output-dir", str(tmp_path))
+    result = run_cli("-q", "export", "--model", "no-such-model-xyz", "--output-dir", str(tmp_path))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
+    assert "stage export: start" not in result.stderr  # -q: no INFO lines
     assert "Known names: minilm, bert-base, bert-large, gpt2" in result.stderr
     assert "--weights random" in result.stderr
 
@@ -109,6 +110,54 @@ def test_sparsity_and_fine_tuning_flags_reach_the_settings():
     assert defaults.sparsity.recover_from is None
 
 
+def test_every_option_reaches_its_settings_field():
+    """Each CLI option of the table fills exactly the field it names; absent, the field keeps the
+    dataclass default (the CLI restates no default)."""
+    import dataclasses
+
+    from compiler import cli
+    from compiler.settings import BuildSettings
+
+    assert cli.settings_from_args(cli.build_parser().parse_args(["compile"])) == BuildSettings()
+    for flag, targets, kw in cli.MODEL_OPTIONS + cli.PRECISION_OPTIONS + cli.OPTION_OPTIONS + cli.ENGINE_OPTIONS:
+        if kw.get("action") == "store_true":
+            argv = [flag]
+        elif "choices" in kw:
+            argv = [flag, [c for c in kw["choices"] if c != cli._default(targets.split()[0])][0]]
+        elif kw.get("type") is cli._shape:
+            argv = [flag, "2x64"]
+        elif flag == "--smoothquant-alpha":
+            argv = [flag, "off"]
+        elif flag == "--train-device":
+            argv = [flag, "auto"]
+        elif flag == "--precision":
+            continue
+        else:
+            default = cli._default(targets.split()[0])
+            kind = kw.get("type")
+            value = (default or 2) + 1 if kind is int else (0.25 if default == 0.5 else 0.5) if kind is float else "x"
+            argv = [flag, str(value)]
+        if flag in ("--min-shape", "--opt-shape"):
+            argv += ["--max-shape", "8x512"] if flag == "--opt-shape" else ["--opt-shape", "2x128"]
+        try:
+            settings = cli.settings_from_args(cli.build_parser().parse_args(["compile", *argv]))
+        except cli.CompilerError:
+            continue  # a value the settings refuse for this field (checked elsewhere)
+        changed = {f"{s}.{f.name}" for s in ("model", "export", "precision", "data", "quant", "train", "sparsity")
+                   for f in dataclasses.fields(getattr(settings, s))
+                   if getattr(getattr(settings, s), f.name) != getattr(getattr(BuildSettings(), s), f.name)}
+        if settings.output_dir != BuildSettings().output_dir:
+            changed.add("build.output_dir")
+        engine, default_engine = settings.engine, BuildSettings().engine
+        changed |= {f"engine.{f.name}" for f in dataclasses.fields(engine)
+                    if f.name != "profiles" and getattr(engine, f.name) != getattr(default_engine, f.name)}
+        changed |= {f"profile.{k}" for k in ("min_shape", "opt_shape", "max_shape")
+                    if getattr(engine.profiles[0], k) != getattr(default_engine.profiles[0], k)}
+        want = set(targets.split()) | ({"profile.max_shape"} if flag == "--opt-shape" else set()) | (
+            {"profile.opt_shape"} if flag == "--min-shape" else set())
+        assert changed == want, (flag, changed)
+
+
 def test_makefile_train_text_reaches_the_settings():
     """`make ... TRAIN_TEXT="a b"` passes one --train-text per file, in order."""
     import shlex
@@ -121,8 +170,9 @@ def test_makefile_train_text_reaches_the_settings():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     root = Path(__file__).resolve().parent.parent
-    line = subprocess.run(["make", "-s", "-n", "onnx", "SPARSITY=2:4", "TRAIN_TEXT=deploy.tsv general.txt"],
-                          cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(["make", "-s", "-n", "onnx", "SPARSITY=2:4", "TRAIN_TEXT=deploy.tsv general.txt"],
+                         cwd=root, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if " -m compiler " in x)  # after any install-stamp lines
     argv = shlex.split(line)
     settings = settings_from_args(build_parser().parse_args(argv[argv.index("compiler") + 1:]))
     assert settings.data.train_path == ("deploy.tsv", "general.txt")

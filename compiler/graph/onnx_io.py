@@ -1,4 +1,5 @@
-"""Loading and crash-safe saving of ONNX models (external data above 2 GiB)."""
+"""Loading and crash-safe saving of ONNX models (external data above 2 GiB), light copies of
+their graphs, and ONNX Runtime sessions over them."""
 
 from __future__ import annotations
 
@@ -90,6 +91,39 @@ def graph_copy(model):
     light.graph.CopyFrom(onnx.GraphProto(name=g.name, node=g.node, input=g.input, output=g.output,
                                          value_info=g.value_info))
     return light
+
+
+def constants_to_initializers(model) -> None:
+    """Turn the Constant nodes of `model` into initializers, in place (same tensor names).
+
+    Handles `value` (any tensor), `value_float(s)` (float32) and `value_int(s)` (int64);
+    Constants holding sparse tensors or strings, and Constants of other domains, stay nodes.
+    The precision pass runs this first so that one code path converts every constant.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    keep = []
+    for n in model.graph.node:
+        if n.op_type != "Constant" or n.domain not in ("", "ai.onnx"):
+            keep.append(n)
+            continue
+        a = n.attribute[0]
+        if a.name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(a.t)
+        elif a.name in ("value_float", "value_floats"):
+            t = numpy_helper.from_array(np.array(helper.get_attribute_value(a), np.float32))
+        elif a.name in ("value_int", "value_ints"):
+            t = numpy_helper.from_array(np.array(helper.get_attribute_value(a), np.int64))
+        else:  # sparse_value, strings: leave as a node
+            keep.append(n)
+            continue
+        t.name = n.output[0]
+        model.graph.initializer.append(t)
+    model.graph.ClearField("node")
+    model.graph.node.extend(keep)
 
 
 def without_weights(model, min_bytes: int = 1024):

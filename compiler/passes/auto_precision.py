@@ -80,7 +80,18 @@ def rule_overflow(model: Any, stats: Any, margin: float) -> tuple[Pins, list[str
 
 
 def rule_initializer_underflow(model: Any, share: float = 0.5) -> Pins:
-    """Nodes with a float constant whose nonzero values are mostly below FP16's smallest normal."""
+    """Nodes with a float constant whose nonzero values are mostly below FP16's smallest normal.
+
+    FP16 keeps fewer mantissa bits below 2**-14 (subnormals) and flushes |v| < 2**-24 to zero.
+
+    Args:
+        model: FP32 onnx.ModelProto (its initializers are read).
+        share: a constant pins its readers when more than this share of its nonzero values is
+            below 2**-14; constants with fewer than 16 nonzero values are never judged.
+
+    Returns:
+        {node name: ("initializer-underflow", detail)}.
+    """
     inits = {t.name: t for t in model.graph.initializer if t.data_type == FLOAT}
     pins: Pins = {}
     for n in model.graph.node:
@@ -104,6 +115,16 @@ def node_sensitivity(fp32_model: Any, variant: Any, batches: list[tuple[dict, np
     variant's FP16 reference run: err(t) = ||x16 - x32|| / ||x32||. A node's sensitivity is
     err(output) - max err(float activation inputs); a non-finite output whose inputs are finite
     scores inf.
+
+    Args:
+        fp32_model: the FP32 onnx.ModelProto (weights may be absent when `fp32_path` is given).
+        variant: the converted model (FP16 tensors), run on the faithful FP16 reference.
+        batches: (feeds, lengths) pairs, as `TokenizedSet.batches` yields.
+        candidates: names of the nodes to score (the FP16 ones).
+        fp32_path: the FP32 ONNX file; ONNX Runtime then reads its weights from the file.
+
+    Returns:
+        {node name: sensitivity} for the candidates with a float output (relative errors, no unit).
     """
     names = float_activations(fp32_model)
     emu = fp16_emulation(variant)
@@ -146,7 +167,14 @@ def node_sensitivity(fp32_model: Any, variant: Any, batches: list[tuple[dict, np
 
 
 def merge_islands(model: Any, pins: Pins) -> Pins:
-    """FP16 nodes (not MatMul/Gemm) whose float producers and consumers are all FP32 join them."""
+    """FP16 nodes (not MatMul/Gemm) whose float producers and consumers are all FP32 join them.
+
+    Args:
+        model: the FP32 onnx.ModelProto. pins: {node name: (rule, detail)} kept in FP32.
+
+    Returns:
+        {node name: ("island-merge", detail)} of the nodes to add (graph outputs never join).
+    """
     g = onnx.shape_inference.infer_shapes(without_weights(model)).graph
     is_float = {v.name for v in [*g.value_info, *g.output, *g.input] if v.type.tensor_type.elem_type == FLOAT}
     inits = {t.name for t in model.graph.initializer}

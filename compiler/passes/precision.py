@@ -1,4 +1,4 @@
-"""Stage 2: the precision pass, an ONNX-to-ONNX rewrite into a strongly typed graph.
+"""The precision pass (stage 4 of `compiler.results.STAGES`): ONNX -> strongly typed ONNX.
 
 TensorRT 11 networks are strongly typed: the builder runs each layer in the type its tensors
 carry, so precision is decided here, in the graph (TensorRT 11 docs, "Strongly Typed Networks").
@@ -7,14 +7,14 @@ The pass assigns every node that computes floats a precision, then makes the typ
 1. `fp32`: the graph is returned unchanged.
 2. `fp16`: every float node computes in FP16 (the naive baseline).
 3. `hybrid`: the published rule (softmax and layer norm in FP32, linear layers in FP16; BERT-base
-   and GPT-2 kept cosine >= 0.9998 with no NaN, where full FP16 produced NaN). The rules, each
-   a pattern, a check and the reason it reports:
+   and GPT-2 kept cosine >= 0.9998 with no NaN, where full FP16 produced NaN). The rules live
+   in `compiler.passes.precision_rules`, each a pattern, a check and the reason it reports:
    - `softmax`: Softmax / LogSoftmax, and the decomposed Exp -> ReduceSum -> Div pattern.
    - `layer-norm`: LayerNormalization and other normalization ops, and the decomposed
      ReduceMean -> Sub -> Pow -> ReduceMean -> Add -> Sqrt -> Div (-> Mul -> Add) pattern.
    - `reduction`: accumulating reductions (ReduceSum, ReduceMean, ReduceL2, ...).
-   - `fp16-range`: a node whose constant input holds finite values beyond FP16's range that
-     are not mask fill values (see below) stays FP32 with that constant.
+   - `fp16-range` (every mode but fp32): a node whose constant input holds finite values
+     beyond FP16's range that are not mask fill values (see below) stays FP32 with it.
    Everything else (MatMul, Gemm, GELU, residual Add, ...) runs in FP16.
 4. `auto`: only the nodes `compiler.passes.auto_precision` measured a need for (passed as `fp32_nodes`).
 
@@ -40,7 +40,7 @@ import numpy as np
 
 from compiler.errors import PrecisionError
 from compiler.graph.analysis import FLOAT, FLOAT16, FP16_MAX, array, matmul_macs, tensor_consumers, tensor_types
-from compiler.graph.onnx_io import graph_copy
+from compiler.graph.onnx_io import constants_to_initializers, graph_copy
 from compiler.passes.precision_rules import HYBRID_RULES, MASK_FILL_MIN, constant_absmax, rule_fp16_range
 from compiler.settings import PrecisionSettings
 
@@ -208,7 +208,7 @@ def working_copy(original: Any, mode: str) -> tuple[Any, list[Any]]:
         model.CopyFrom(original)
     else:
         model = graph_copy(original)
-        _constants_to_initializers(model)
+        constants_to_initializers(model)
     graph = model.graph
     for i, n in enumerate(graph.node):  # rules and reports address nodes by unique names
         if not n.name:
@@ -436,33 +436,6 @@ def _kept_fp32_constants(out_of_range: dict[str, str], inits: dict[str, Any]) ->
         kept.append(ClampedConstant(t, int(np.sum((v > FP16_MAX) & (v < MASK_FILL_MIN))), constant_absmax(inits[t]),
                                     "kept FP32", f"finite values beyond FP16's range; {node_name} stays FP32"))
     return kept
-
-
-def _constants_to_initializers(model: Any) -> None:
-    """Constant nodes -> initializers, so that one code path converts every constant."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    keep = []
-    for n in model.graph.node:
-        if n.op_type != "Constant" or n.domain not in ("", "ai.onnx"):
-            keep.append(n)
-            continue
-        a = n.attribute[0]
-        if a.name == "value":
-            t = onnx.TensorProto()
-            t.CopyFrom(a.t)
-        elif a.name in ("value_float", "value_floats"):
-            t = numpy_helper.from_array(np.array(helper.get_attribute_value(a), np.float32))
-        elif a.name in ("value_int", "value_ints"):
-            t = numpy_helper.from_array(np.array(helper.get_attribute_value(a), np.int64))
-        else:  # sparse_value, strings: leave as a node
-            keep.append(n)
-            continue
-        t.name = n.output[0]
-        model.graph.initializer.append(t)
-    model.graph.ClearField("node")
-    model.graph.node.extend(keep)
 
 
 def _retype_attributes(node: Any, p: int, clamp: float) -> float:

@@ -130,7 +130,8 @@ def magnitude_mask_2_4(weight: Any, in_axis: int) -> Any:
             must be a multiple of 4.
 
     Returns:
-        torch.bool tensor of `weight`'s shape with exactly 2 True per group (ties: lower index).
+        torch.bool tensor of `weight`'s shape with exactly 2 True per group (among equal |w|,
+        the ones `torch.topk` returns first; its order of ties is not specified).
     """
     import torch
 

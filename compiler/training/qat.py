@@ -30,9 +30,9 @@ from compiler.eval.fidelity import FidelityProbe
 from compiler.graph.modules import module_for_node
 from compiler.graph.onnx_io import onnx_sha256
 from compiler.passes.precision import convert_precision
-from compiler.passes.qdq import insert_qdq
-from compiler.quant.budget import QuantReport, quantize_within_budget
-from compiler.settings import ExportSettings, PrecisionSettings, QuantSettings, TrainSettings, settings_hash
+from compiler.passes.qdq import QuantReport, insert_qdq
+from compiler.quant.budget import quantize_within_budget
+from compiler.settings import BuildSettings, ExportSettings, QuantSettings, TrainSettings, settings_hash
 from compiler.training.distill import TrainReport, distill
 from compiler.training.export import ExportReport, onnx_from_torch
 from compiler.training.prune import input_axis, is_linear
@@ -235,12 +235,12 @@ class QatInputs:
         student: PyTorch model to fine-tune (in place): a copy of the teacher, or the 2:4 student.
         teacher: the dense FP32 PyTorch model (not modified).
         loaded: `compiler.training.models.LoadedModel` (tokenizer, input names, key).
-        fp32_onnx: the student's FP32 ONNX export (opset >= 19).
-        reference_onnx: the dense FP32 export, the reference of every fidelity figure.
-        calib, heldout, train_tokens: disjoint `calibration.TokenizedSet`s of real text.
+        fp32_path: the student's FP32 ONNX export (opset >= 19).
+        reference_path: the dense FP32 export, the reference of every fidelity figure.
+        calib, heldout, train: disjoint `calibration.TokenizedSet`s of real text (calibration,
+            held-out fidelity, fine-tuning).
         output_names: graph outputs; fidelity is measured on the first.
-        parity_texts: real text for the fine-tuned export's parity check.
-        qat_onnx: where the fine-tuned FP32 export goes.
+        texts: real text for the fine-tuned export's parity check.
         after_step: called after each optimizer step (`compiler.training.prune.hold_masks` for a
             2:4 student), or None.
     """
@@ -248,52 +248,39 @@ class QatInputs:
     student: Any
     teacher: Any
     loaded: Any
-    fp32_onnx: Path
-    reference_onnx: Path
+    fp32_path: Path
+    reference_path: Path
     calib: Any
     heldout: Any
-    train_tokens: Any
+    train: Any
     output_names: list[str]
-    parity_texts: list[str]
-    qat_onnx: Path
+    texts: list[str]
     after_step: Callable[[Any], None] | None = None
 
 
-@dataclass(frozen=True)
-class QatSettings:
-    """The settings `int8_qat` reads.
-
-    Attributes:
-        quant: PTQ placement, calibration and budget (`QuantSettings`).
-        train: the fine-tuning (`TrainSettings`).
-        float_precision: what is not quantized, e.g. `PrecisionSettings(mode="hybrid")`
-            (the pipeline: `settings.precision` with `mode=settings.quant.float_mode`).
-        export: the fine-tuned model's export (opset >= 19: Q/DQ with FP16 scales).
-        cache_dir: cache folder for thresholds and channel statistics (None: no cache).
-        batch_size: held-out samples per ONNX Runtime run.
-    """
-
-    quant: QuantSettings
-    train: TrainSettings
-    float_precision: PrecisionSettings
-    export: ExportSettings
-    cache_dir: str | None
-    batch_size: int
-
-
-def int8_qat(inputs: QatInputs, settings: QatSettings) -> tuple[Any, dict[str, Any]]:
+def int8_qat(inputs: QatInputs, settings: BuildSettings, export: ExportSettings,
+             qat_onnx: Path) -> tuple[Any, dict[str, Any]]:
     """PRECISION=int8-qat: PTQ placement and scales, distillation with fake quantization, Q/DQ export.
 
     1. PTQ with `settings.quant` (`compiler.quant.budget.quantize_within_budget`, SmoothQuant and
        the budget loop included): the placement (quantized MatMuls, nodes left float), the
        smoothing factors and thresholds QAT starts from, and the PTQ figure QAT is compared with.
     2. `qat_model`: the same smoothing applied to the student (an exact transform), then
-       fine-tuning against the teacher on `train_tokens` with fake quantization at exactly PTQ's
-       MatMuls, scales starting from PTQ's thresholds: QAT starts where PTQ ends.
+       fine-tuning (`settings.train`) against the teacher on `inputs.train` with fake
+       quantization at exactly PTQ's MatMuls, scales starting from PTQ's thresholds: QAT starts
+       where PTQ ends.
     3. Export the fine-tuned student (FP32, parity-checked against itself) to `qat_onnx` and
        place Q/DQ with the learned thresholds and the same exclusions (`insert_qdq`).
-    4. Held-out fidelity of PTQ and QAT side by side, both through `float_precision` (e.g.
-       hybrid FP16 on the faithful FP16 reference) against `reference_onnx` (dense FP32).
+    4. Held-out fidelity of PTQ and QAT side by side, both with what is not quantized in
+       `settings.quant.float_mode` (e.g. hybrid FP16 on the faithful FP16 reference), against
+       `inputs.reference_path` (dense FP32).
+
+    Args:
+        inputs: the models, graphs and token sets.
+        settings: reads `quant`, `train`, `precision` (with `mode=quant.float_mode`), and
+            `data.cache_dir` / `data.batch_size` (calibration cache, held-out batch size).
+        export: the fine-tuned model's export settings (opset >= 19: Q/DQ with FP16 scales).
+        qat_onnx: where the fine-tuned FP32 export goes.
 
     Returns:
         (FP32 + Q/DQ onnx.ModelProto of the fine-tuned model, report dict with `summary`,
@@ -304,22 +291,25 @@ def int8_qat(inputs: QatInputs, settings: QatSettings) -> tuple[Any, dict[str, A
             placement that differs from PTQ's.
         compiler.errors.ExportParityError: the fine-tuned model's export disagrees with PyTorch.
     """
-    ptq_model, ptq = quantize_within_budget(
-        inputs.fp32_onnx, inputs.calib, inputs.heldout, inputs.loaded.input_names, inputs.output_names,
-        settings.quant, settings.cache_dir, settings.batch_size, precision=settings.float_precision)
+    float_precision = replace(settings.precision, mode=settings.quant.float_mode)
+    input_names, data = inputs.loaded.input_names, settings.data
+    ptq_model, ptq = quantize_within_budget(inputs.fp32_path, inputs.calib, inputs.heldout, input_names,
+                                            inputs.output_names, settings.quant, data.cache_dir, data.batch_size,
+                                            precision=float_precision)
     smoothing = smoothing_factors(ptq_model)
-    light = onnx.load(str(inputs.fp32_onnx), load_external_data=False)
-    learned, training = qat_model(inputs.student, inputs.teacher, inputs.loaded.input_names, light,
-                                  ptq.quantized_nodes, ptq_thresholds(light, ptq, smoothing),
-                                  inputs.train_tokens, settings.train, inputs.after_step, smoothing)
-    model, rep, export_report = _qdq_of_tuned(inputs, settings, ptq, learned)
-    probe = FidelityProbe.on_tokens(inputs.reference_onnx, inputs.heldout, inputs.loaded.input_names,
-                                    inputs.output_names[0], settings.batch_size)
-    fid_ptq = probe.score(convert_precision(ptq_model, settings.float_precision)[0]).to_dict()
-    fid_qat = probe.score(convert_precision(model, settings.float_precision)[0]).to_dict()
+    light = onnx.load(str(inputs.fp32_path), load_external_data=False)
+    learned, training = qat_model(inputs.student, inputs.teacher, input_names, light, ptq.quantized_nodes,
+                                  ptq_thresholds(light, ptq, smoothing), inputs.train, settings.train,
+                                  inputs.after_step, smoothing)
+    model, rep, export_report = _qdq_of_tuned(inputs, settings, export, qat_onnx, ptq, learned)
+    probe = FidelityProbe.on_tokens(inputs.reference_path, inputs.heldout, input_names, inputs.output_names[0],
+                                    data.batch_size)
+    fid_ptq = probe.score(convert_precision(ptq_model, float_precision)[0]).to_dict()
+    fid_qat = probe.score(convert_precision(model, float_precision)[0]).to_dict()
     rep.method, rep.smoothquant_alpha = ptq.method, ptq.smoothquant_alpha
     rep.fidelity = {**fid_qat, "heldout_samples": len(inputs.heldout)}
-    report = _qat_report(inputs, settings, ptq, rep, training, export_report, fid_ptq, fid_qat)
+    report = _qat_report(inputs, settings.quant, float_precision.mode, ptq, rep, training, export_report,
+                         fid_ptq, fid_qat)
     log.info("QAT: held-out cosine_min %.5f (PTQ at the same placement %.5f)", fid_qat["cosine_min"],
              fid_ptq["cosine_min"])
     return model, report
@@ -342,19 +332,19 @@ def ptq_thresholds(light: Any, ptq: QuantReport, smoothing: dict[str, np.ndarray
     return thresholds
 
 
-def _qdq_of_tuned(inputs: QatInputs, settings: QatSettings, ptq: QuantReport,
-                  learned: dict[str, float]) -> tuple[Any, QuantReport, ExportReport]:
+def _qdq_of_tuned(inputs: QatInputs, settings: BuildSettings, export: ExportSettings, qat_onnx: Path,
+                  ptq: QuantReport, learned: dict[str, float]) -> tuple[Any, QuantReport, ExportReport]:
     """Export the fine-tuned student and place Q/DQ with the learned thresholds and PTQ's
     sensitivity exclusions; raises ValueError when the placement differs from PTQ's."""
-    loaded = inputs.loaded
+    loaded, quant = inputs.loaded, settings.quant
     tuned = replace(loaded, module=inputs.student,
-                    key=settings_hash("qat-v2", loaded.key, onnx_sha256(inputs.fp32_onnx), settings.quant,
-                                      settings.train, inputs.calib.key, inputs.train_tokens.key))
-    path, export_report = onnx_from_torch(tuned, settings.export, Path(inputs.qat_onnx), inputs.parity_texts)
+                    key=settings_hash("qat-v2", loaded.key, onnx_sha256(inputs.fp32_path), quant,
+                                      settings.train, inputs.calib.key, inputs.train.key))
+    path, export_report = onnx_from_torch(tuned, export, Path(qat_onnx), inputs.texts)
     exported = onnx.load(str(path))
     act = {n.input[0]: learned[n.name] for n in exported.graph.node if n.name in learned}
     exclude = {e.name: "sensitivity" for e in ptq.excluded if e.reason == "sensitivity"}
-    model, rep = insert_qdq(exported, act, replace(settings.quant, smoothquant_alpha=None), exclude_nodes=exclude)
+    model, rep = insert_qdq(exported, act, replace(quant, smoothquant_alpha=None), exclude_nodes=exclude)
     del exported
     if sorted(rep.quantized_nodes) != sorted(ptq.quantized_nodes):
         raise ValueError("QAT placement differs from PTQ's: "
@@ -362,11 +352,10 @@ def _qdq_of_tuned(inputs: QatInputs, settings: QatSettings, ptq: QuantReport,
     return model, rep, export_report
 
 
-def _qat_report(inputs: QatInputs, settings: QatSettings, ptq: QuantReport, rep: QuantReport,
+def _qat_report(inputs: QatInputs, quant: QuantSettings, float_mode: str, ptq: QuantReport, rep: QuantReport,
                 training: TrainReport, export_report: ExportReport, fid_ptq: dict[str, Any],
                 fid_qat: dict[str, Any]) -> dict[str, Any]:
     """The report dict of `int8_qat` (fields as before the split: report.json readers rely on them)."""
-    quant, float_mode = settings.quant, settings.float_precision.mode
     summary = {"method": "qat", "calibration_method": ptq.method, "smoothquant_alpha": ptq.smoothquant_alpha,
                "quantized_matmuls": rep.quantized_matmuls, "excluded": [e.name for e in rep.excluded],
                "int8_mac_fraction": round(rep.int8_mac_fraction, 4),
@@ -375,7 +364,7 @@ def _qat_report(inputs: QatInputs, settings: QatSettings, ptq: QuantReport, rep:
                and fid_qat["nonfinite_count"] == 0, "float_mode": float_mode,
                "training_steps": training.steps, "training_seconds": training.seconds}
     return {"summary": summary,
-            "heldout": {"reference": str(inputs.reference_onnx), "graph": f"{float_mode} + INT8",
+            "heldout": {"reference": str(inputs.reference_path), "graph": f"{float_mode} + INT8",
                         "ptq_same_placement": fid_ptq, "qat": fid_qat},
             "ptq": ptq.to_dict(), "qat": rep.to_dict(), "training": training.to_dict(),
             "qat_export": {"onnx": export_report.onnx_path,

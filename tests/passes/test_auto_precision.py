@@ -1,4 +1,4 @@
-"""`PRECISION=auto`: activation statistics, the rules, the budgeted search, the planted hazard."""
+"""compiler/passes/auto_precision.py: the rules, the budgeted search, island merging, the planted hazard."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from calibration import TokenizedSet, load_texts, tokenized_set
-from calibration.stats import ActivationStats, TensorStats, collect_activation_stats, float_activations
+from calibration.stats import ActivationStats, TensorStats
 from compiler.passes.auto_precision import auto_precision, merge_islands, rule_initializer_underflow, rule_overflow
 from compiler.training.export import onnx_from_torch
 from compiler.training.models import LoadedModel
@@ -31,27 +31,6 @@ def token_set(rows, key="t"):
     return TokenizedSet([np.asarray(r, np.int64) for r in rows], None, 0, key)
 
 
-def test_statistics_stream_and_skip_padding_and_integers():
-    # y = x * 2: absmax is 2 * the largest valid id; padded positions (id 0 -> but mask them with
-    # a huge id) must not count.
-    model = ids_graph([helper.make_node("Mul", ["x", "two"], ["last_hidden_state"], name="mul")],
-                      {"two": np.array(2.0, np.float32)})
-    assert float_activations(model) == ["x", "last_hidden_state"]  # int input_ids excluded
-    tokens = TokenizedSet([np.array([1, 2, 3]), np.array([7])], None, pad_id=1000, key="k")
-    stats = collect_activation_stats(model, tokens.batches(2, IDS), "real")
-    assert stats.samples == 2
-    assert stats.tensors["last_hidden_state"].absmax == 14.0  # not 2000: padding excluded
-    assert stats.tensors["x"].elements == 4
-
-    rng = np.random.default_rng(0)
-    values = rng.lognormal(0, 2, size=(4, 5000)).astype(np.int64) + 1
-    big = TokenizedSet(list(values), None, 0, "big")
-    s = collect_activation_stats(model, big.batches(1, IDS), "real", percentile=99.0)
-    exact = np.percentile(2.0 * values, 99.0)
-    assert s.tensors["last_hidden_state"].absmax == 2.0 * values.max()
-    assert abs(s.tensors["last_hidden_state"].percentile / exact - 1) < 0.1  # one histogram bin is 4.4 %
-
-
 def test_overflow_rule_fires_with_margin_and_declines_mask_fill():
     model = ids_graph([helper.make_node("Mul", ["x", "w"], ["y"], name="big"),
                        helper.make_node("Add", ["y", "m"], ["last_hidden_state"], name="next")],
@@ -69,21 +48,29 @@ def test_overflow_rule_fires_with_margin_and_declines_mask_fill():
     assert pins == {} and len(declined) == 2 and all("mask fill value" in d for d in declined)
 
 
+def underflow_graph(values):
+    """x * s with the constant `s` (values as float32, broadcast over the sequence)."""
+    return ids_graph([helper.make_node("Mul", ["x", "s"], ["last_hidden_state"], name="scale")],
+                     {"s": np.asarray(values, np.float32)})
+
+
 def test_initializer_underflow_rule():
-    tiny = np.full(64, 1e-6, np.float32)
-    model = ids_graph([helper.make_node("Mul", ["x", "tiny"], ["last_hidden_state"], name="scale")],
-                      {"tiny": tiny.reshape(64, 1)[:1, :1].repeat(1, 0)})
-    assert rule_initializer_underflow(model) == {}  # too few values to judge
-    model = ids_graph([helper.make_node("Mul", ["x", "s"], ["y"], name="scale"),
-                       helper.make_node("ReduceSum", ["y"], ["z"], name="sum", keepdims=1),
-                       helper.make_node("Add", ["x", "z"], ["last_hidden_state"], name="add")],
-                      {"s": tiny.reshape(1, 64)[:, :1].repeat(1, 1)})
-    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.full((1, 1), 1e-6, np.float32), "s"))
+    tiny, normal = 1e-6, 0.5  # FP16's smallest normal is 2**-14 = 6.1e-5
+    detail = "s: {} of nonzero values below 6.1e-05"
+    assert rule_initializer_underflow(underflow_graph([tiny] * 15)) == {}  # 15 nonzero values: too few to judge
+    assert rule_initializer_underflow(underflow_graph([tiny] * 16)) == {
+        "scale": ("initializer-underflow", detail.format("100%"))}
+    assert rule_initializer_underflow(underflow_graph([tiny] * 8 + [normal] * 8)) == {}  # 8/16 is no majority
+    pins = rule_initializer_underflow(underflow_graph([tiny] * 9 + [normal] * 7 + [0.0] * 100))
+    assert pins == {"scale": ("initializer-underflow", detail.format("56%"))}  # 9/16: zeros do not count
+    assert rule_initializer_underflow(underflow_graph([2.0**-14] * 16)) == {}  # the smallest normal is normal
+    assert rule_initializer_underflow(underflow_graph([tiny] * 8 + [normal] * 8), share=0.4) == {
+        "scale": ("initializer-underflow", detail.format("50%"))}
     wide = ids_graph([helper.make_node("MatMul", ["x", "W"], ["last_hidden_state"], name="mm")],
-                     {"W": np.where(np.arange(64 * 64).reshape(64, 64) % 4, 1e-6, 0.5).astype(np.float32)[:, :64]})
+                     {"W": np.where(np.arange(64 * 64).reshape(64, 64) % 4, 1e-6, 0.5).astype(np.float32)})
     wide.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 64
     pins = rule_initializer_underflow(wide)
-    assert pins["mm"][0] == "initializer-underflow" and "75%" in pins["mm"][1]
+    assert pins == {"mm": ("initializer-underflow", "W: 75% of nonzero values below 6.1e-05")}  # 3 of every 4
 
 
 def test_merge_islands_joins_fp16_node_between_fp32_nodes():

@@ -1,0 +1,46 @@
+"""calibration/layout.py: the text layout [calibration | held-out | training], never overlapping."""
+
+from __future__ import annotations
+
+import pytest
+
+from calibration import default_text_path, load_texts
+from calibration.layout import calibration_texts, heldout_texts, training_texts
+from compiler.errors import DataError
+from compiler.settings import DataSettings
+
+
+def test_training_text_layout_separate_file_and_shortfall(tmp_path, caplog):
+    data = DataSettings(samples=16, calib_samples=32, train_samples=64)
+    assert calibration_texts(data) == load_texts(data, count=32)
+    assert heldout_texts(data) == load_texts(data, count=16, skip=32)
+    assert training_texts(data, 8) == load_texts(data, count=64, skip=48)  # [calibration | held-out | training]
+    sst2 = default_text_path().parent.parent / "sst2" / "train.tsv"
+    separate = DataSettings(train_samples=40, train_path=str(sst2), min_words=1)
+    assert training_texts(separate, 8) == load_texts(DataSettings(path=str(sst2), min_words=1), count=40)
+    # fewer lines than train_samples: all of them, with a warning; fewer than a batch: an error
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(f"line {i} has more than eight words in it" for i in range(10)))
+    short = DataSettings(train_samples=100, train_path=str(small))
+    with caplog.at_level("WARNING", logger="calibration"):
+        assert len(training_texts(short, 8)) == 10
+    assert "10 samples available" in caplog.text
+    with pytest.raises(DataError, match="need 16"):
+        training_texts(short, 16)
+
+
+def test_mixed_training_texts_interleave_and_keep_held_out_lines_out():
+    """Two texts share train_samples evenly and alternate; the verification text named as a
+    training text is read after its calibration and held-out lines, never from its start."""
+    wiki = default_text_path()
+    sst2 = wiki.parent.parent / "sst2" / "train.tsv"
+    data = DataSettings(samples=16, calib_samples=32, train_samples=41, train_path=(str(sst2), str(wiki)))
+    mixed = training_texts(data, 8)
+    own_sst2 = load_texts(DataSettings(path=str(sst2)), count=21)
+    own_wiki = load_texts(DataSettings(), count=20, skip=48)  # after calibration and held-out lines
+    assert len(mixed) == 41
+    assert mixed[0::2] == own_sst2 and mixed[1::2] == own_wiki
+    assert not set(mixed) & set(load_texts(DataSettings(), count=48))
+    assert DataSettings(train_path="one.txt").train_path == ("one.txt",)
+    with pytest.raises(ValueError, match="at least one sample per text"):
+        DataSettings(train_samples=1, train_path=("a.txt", "b.txt"))

@@ -1,0 +1,107 @@
+"""calibration/text.py: reading real text, tokenizing with a content-hash cache, batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calibration import default_text_path, load_texts, tokenized_set
+from calibration.text import TokenizedSet
+from compiler.errors import DataError
+from compiler.settings import DataSettings, ModelSettings
+from compiler.training.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_model(ModelSettings(name="minilm")).tokenizer
+
+
+class CountingTokenizer:
+    """A tokenizer that counts its calls: a cache hit must not tokenize again."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.pad_token_id = inner.pad_token_id
+
+    def get_vocab(self):
+        return self.inner.get_vocab()
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+def test_wikitext_default_skips_short_lines():
+    assert default_text_path() is not None
+    texts = load_texts(DataSettings(samples=20))
+    assert len(texts) == 20 and all(len(t.split()) >= 8 for t in texts)
+    held_out = load_texts(DataSettings(samples=5), skip=20)
+    assert not set(held_out) & set(texts)
+    assert load_texts(DataSettings(samples=25))[20:] == held_out  # skip counts kept samples
+
+
+def test_tsv_column(tmp_path):
+    sst2 = default_text_path().parent.parent / "sst2" / "dev.tsv"
+    texts = load_texts(DataSettings(path=str(sst2), samples=10, min_words=1))
+    assert texts[0].startswith("it 's a charming and often affecting journey")
+    with pytest.raises(DataError, match="--text-column"):
+        load_texts(DataSettings(path=str(sst2), text_column="review", samples=10))
+
+
+def test_csv_named_column_and_min_words(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("id,body\n1,one two three\n2,a b\n3,four five six seven\n")
+    data = DataSettings(path=str(table), text_column="body", samples=2, min_words=3)
+    assert load_texts(data) == ["one two three", "four five six seven"]  # "a b" has 2 words
+    with pytest.raises(DataError, match="no column"):
+        load_texts(DataSettings(path=str(table), samples=1, min_words=1))  # no sentence/text column
+
+
+def test_missing_file_and_too_few_samples(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_texts(DataSettings(path=str(tmp_path / "nope.txt")))
+    small = tmp_path / "small.txt"
+    small.write_text("one two three four five six seven eight\nshort\n")
+    with pytest.raises(DataError, match="found 1 samples"):
+        load_texts(DataSettings(path=str(small), samples=2))
+    assert load_texts(DataSettings(path=str(small), samples=2), minimum=1) == [
+        "one two three four five six seven eight"]
+
+
+def test_tokenized_set_cache_reused_and_keyed(tmp_path, tokenizer):
+    texts = load_texts(DataSettings(samples=10))
+    counting = CountingTokenizer(tokenizer)
+    first = tokenized_set(texts, counting, 32, tmp_path)
+    assert counting.calls == 1 and len(list(tmp_path.glob("*.npz"))) == 1
+    again = tokenized_set(texts, counting, 32, tmp_path)
+    assert counting.calls == 1  # read back from the cache, not tokenized again
+    assert again.key == first.key
+    assert all(np.array_equal(a, b) for a, b in zip(first.input_ids, again.input_ids, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(first.token_type_ids, again.token_type_ids, strict=True))
+    direct = tokenizer(texts, truncation=True, max_length=32)["input_ids"]
+    assert [list(x) for x in again.input_ids] == direct  # the reference: the tokenizer itself
+    other = tokenized_set(texts, counting, 16, tmp_path)  # changed input -> new key, a second file
+    assert counting.calls == 2 and other.key != first.key and len(list(tmp_path.glob("*.npz"))) == 2
+    assert max(len(x) for x in other.input_ids) == 16
+    uncached = tokenized_set(texts, counting, 32, None)
+    assert counting.calls == 3 and uncached.key == first.key
+
+
+def test_batches_pad_mask_and_random_ids():
+    tokens = TokenizedSet([np.array([5, 6, 7]), np.array([8])], [np.array([0, 0, 1]), np.array([1])], 0, "k")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    (feeds, lengths), = list(tokens.batches(4, names))
+    np.testing.assert_array_equal(feeds["input_ids"], [[5, 6, 7], [8, 0, 0]])
+    np.testing.assert_array_equal(feeds["attention_mask"], [[1, 1, 1], [1, 0, 0]])
+    np.testing.assert_array_equal(feeds["token_type_ids"], [[0, 0, 1], [1, 0, 0]])
+    np.testing.assert_array_equal(lengths, [3, 1])
+    assert [len(l) for _, l in tokens.batches(1, names)] == [1, 1]  # one sample a batch
+    rng = np.random.default_rng(0)
+    (rand, _), = list(tokens.batches(4, names, rng=rng, vocab_size=1000))
+    np.testing.assert_array_equal(rand["attention_mask"], feeds["attention_mask"])
+    np.testing.assert_array_equal(rand["input_ids"][rand["attention_mask"] == 0], [0, 0])  # padding kept
+    expected = np.random.default_rng(0)
+    np.testing.assert_array_equal(rand["input_ids"][0], expected.integers(0, 1000, 3))
+    with pytest.raises(DataError, match="cannot be filled"):
+        next(tokens.batches(1, ["pixel_values"]))

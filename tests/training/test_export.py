@@ -1,0 +1,129 @@
+"""Stage 1 (`compiler.training.export`): dynamic axes, parity against PyTorch, reuse by content key.
+
+The parity check is the exporter's own; these tests compare ONNX Runtime with PyTorch themselves,
+at a (batch, sequence) outside the parity set, and make sure a broken export is caught.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from calibration import load_texts
+from compiler.errors import ExportParityError
+from compiler.settings import DataSettings, ExportSettings, ModelSettings
+from compiler.training.export import onnx_from_torch, output_names
+from compiler.training.models import REGISTRY, load_model
+from tests.models import minilm, minilm_dir, minilm_export, minilm_tokenizer, tiny_bert, tiny_gpt2, tiny_loaded
+
+# A tiny checkpoint per family in REGISTRY, saved to a local directory and loaded from there.
+TINY = {"encoder": tiny_bert, "decoder": tiny_gpt2}
+UNSEEN = (2, 21)  # (batch, sequence): in no ExportSettings.parity_batches x parity_sequences
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return load_texts(DataSettings(samples=3))
+
+
+def ort_against_torch(loaded, path, texts, batch: int, sequence: int) -> dict[str, float]:
+    """{output: max abs difference} of ONNX Runtime (CPU, FP32) against PyTorch on `batch - 1`
+    texts and a short line, padded / truncated to `sequence` tokens."""
+    samples = [*texts[: batch - 1], "A short line."]  # the others are truncated, this one padded
+    enc = loaded.tokenizer(samples, padding="max_length", truncation=True, max_length=sequence,
+                           return_tensors="np")
+    feeds = {n: enc[n].astype(np.int64) for n in loaded.input_names}
+    assert (feeds["attention_mask"] == 0).any() and feeds["attention_mask"][0].all()  # padded and truncated
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(names, feeds)))
+    with torch.no_grad():
+        kwargs = {n: torch.from_numpy(v) for n, v in feeds.items()}
+        if loaded.family == "decoder":
+            kwargs["use_cache"] = False
+        ref = loaded.module(**kwargs, return_dict=True)
+    assert set(got) == set(output_names(loaded))
+    out = {}
+    for name, value in got.items():
+        assert value.shape == tuple(ref[name].shape), name
+        out[name] = float(np.abs(value - ref[name].numpy()).max())
+    return out
+
+
+def test_every_registered_family_has_a_tiny_model():
+    assert {spec.family for spec in REGISTRY.values()} <= set(TINY)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_export_dynamic_axes_and_parity(tmp_path, family, texts):
+    TINY[family]().save_pretrained(tmp_path / "ckpt")
+    minilm_tokenizer().save_pretrained(tmp_path / "ckpt")
+    loaded = load_model(ModelSettings(name=str(tmp_path / "ckpt")))
+    assert loaded.family == family
+    settings = ExportSettings()
+    path, report = onnx_from_torch(loaded, settings, tmp_path / "model.onnx", texts)
+    model = onnx.load(path)
+    assert model.opset_import[0].version >= 17
+    assert any(n.op_type == "LayerNormalization" for n in model.graph.node)
+    for v in [*model.graph.input, *model.graph.output]:
+        dims = v.type.tensor_type.shape.dim
+        assert dims[0].dim_param == "batch", v.name
+        if v.name != "pooler_output":
+            assert dims[1].dim_param == "sequence", v.name
+    shapes = {(p.batch, p.sequence) for p in report.parity}
+    assert shapes == {(b, s) for b in (1, 3) for s in (8, 33, 128)}
+    assert {p.output for p in report.parity} == set(report.outputs)
+    # independent of the exporter's own check: another shape, our own comparison
+    assert UNSEEN not in shapes
+    diffs = ort_against_torch(loaded, path, texts, *UNSEEN)
+    assert set(diffs) == set(report.outputs) and max(diffs.values()) < 1e-4
+
+    # Unchanged model and settings: the export is reused; a tighter tolerance fails with the names.
+    _, again = onnx_from_torch(loaded, settings, path, texts)
+    assert again.reused
+    with pytest.raises(ExportParityError) as err:
+        onnx_from_torch(loaded, dataclasses.replace(settings, parity_atol=1e-12), path, texts)
+    assert "last_hidden_state at batch=" in str(err.value)
+
+
+class ShapeBranch(torch.nn.Module):
+    """Doubles its states when the sequence is longer than 16 tokens: the tracer records the
+    branch the (2, 16) export dummy takes, so the graph never doubles (a broken export)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(30522, 8)
+
+    def forward(self, input_ids, attention_mask, return_dict=True):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        h = self.embed(input_ids) * attention_mask.unsqueeze(-1)
+        if input_ids.shape[1] > 16:
+            h = h * 2
+        return BaseModelOutput(last_hidden_state=h)
+
+
+def test_broken_export_raises_parity_error_naming_the_output(tmp_path, texts):
+    loaded = tiny_loaded(ShapeBranch().eval(), "export-shape-branch-v1", ["input_ids", "attention_mask"])
+    with pytest.raises(ExportParityError) as err:
+        onnx_from_torch(loaded, ExportSettings(), tmp_path / "broken.onnx", texts)
+    failed = {(name, b, s) for name, b, s, _diff in err.value.failures}
+    # every shape longer than 16 fails, every shorter one agrees
+    assert failed == {("last_hidden_state", b, s) for b in (1, 3) for s in (33, 128)}
+    assert "last_hidden_state at batch=1 sequence=33" in str(err.value)
+    assert all(diff > 0.1 for *_, diff in err.value.failures)
+
+
+def test_minilm_export_matches_pytorch_at_an_unseen_shape(tmp_path_factory, texts):
+    loaded = minilm()
+    assert loaded.input_names == ["input_ids", "attention_mask", "token_type_ids"]
+    path, outputs = minilm_export(minilm_dir(tmp_path_factory))
+    assert outputs[0] == "last_hidden_state"
+    diffs = ort_against_torch(loaded, path, texts, 2, 50)
+    assert set(diffs) == set(outputs) and max(diffs.values()) < 1e-4
