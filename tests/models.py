@@ -279,3 +279,16 @@ def training_tokens(count: int, max_length: int = 32, skip: int | None = None) -
     data = DataSettings()
     start = data.calib_samples + data.samples if skip is None else skip
     return tokenized_set(load_texts(data, count=count, skip=start), minilm_tokenizer(), max_length, None)
+
+
+def pruned_tiny_bert() -> tuple[Any, Any, dict[str, Any], Any]:
+    """(dense `tiny_bert()`, a copy pruned 2:4 by magnitude, its masks, the prune report)."""
+    import copy
+
+    from compiler.settings import SparsitySettings
+    from compiler.training.prune import prune_2_4
+
+    dense = tiny_bert()
+    module = copy.deepcopy(dense)
+    masks, report = prune_2_4(module, SparsitySettings(pattern="2:4", method="magnitude"))
+    return dense, module, masks, report

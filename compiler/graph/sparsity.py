@@ -209,8 +209,8 @@ def require_2_4(model: Any, names: Iterable[str] | None = None,
 
     Args:
         model: onnx.ModelProto (weights loaded) or a path.
-        names: PyTorch module names (`compiler.training.prune.SparsityPruneReport.pruned`) or ONNX node names of the GEMMs
-            that must be eligible. None: at least one GEMM must be.
+        names: PyTorch module names (`compiler.training.prune.SparsityPruneReport.pruned`) or
+            ONNX node names of the GEMMs that must be eligible. None: at least one GEMM must be.
 
     Returns:
         the SparsityCheck, when every named GEMM is eligible.

@@ -2,16 +2,14 @@
 
 TensorRT 11 builds INT8 kernels only where the ONNX graph says so: a QuantizeLinear ->
 DequantizeLinear pair on each input of a MatMul/Gemm ("explicit quantization", TensorRT docs
-"Working with Quantized Types"); it fuses the DQ -> MatMul <- DQ pattern into one INT8 GEMM.
-`QdqPlacer` (and its one-call form `insert_qdq`) places those pairs, symmetric INT8 with zero
-point 0. The rules, in the order `QdqPlacer.plan` applies them to each MatMul/Gemm:
+"Working with Quantized Types"); it fuses DQ -> MatMul <- DQ into one INT8 GEMM. `QdqPlacer`
+(one call: `insert_qdq`) places those pairs, symmetric INT8 with zero point 0, by these rules
+in order (`QdqPlacer.plan`), each MatMul/Gemm left float reporting the rule's name:
 
-1. `not-eligible`: a node whose inputs are not FP32, whose constant input has rank < 2 (no
-   output-channel axis), or whose inputs are both constants stays float.
-2. `sensitivity`: a node named in `exclude_nodes` (the budget loop's measured exclusions) stays
-   float.
-3. `pattern`: a node whose name matches a `QuantSettings.exclude` fnmatch pattern stays float.
-4. `attention-bmm`: a node whose two inputs are activations (Q.K^T, probs.V) stays float unless
+1. `not-eligible`: inputs not FP32, a constant input of rank < 2, or two constants.
+2. `sensitivity`: named in `exclude_nodes` (the budget loop's measured exclusions).
+3. `pattern`: the name matches a `QuantSettings.exclude` fnmatch pattern.
+4. `attention-bmm`: both inputs are activations (Q.K^T, probs.V), unless
    `QuantSettings.quantize_attention_bmm`.
 5. Every other node is quantized:
    - activations: one Q/DQ pair per tensor, per tensor scale threshold / 127, shared by every
@@ -51,11 +49,8 @@ class ExcludedNode:
     """A MatMul/Gemm left unquantized, and why.
 
     Attributes:
-        name / op_type: the node.
-        macs: its multiply-accumulates at the report's `mac_shape`.
-        reason: `attention-bmm` (setting off), `pattern` (matched `QuantSettings.exclude`),
-            `sensitivity` (the budget loop), `not-eligible` (non-FP32 inputs, a constant of
-            rank < 2, or two constants).
+        name / op_type: the node. macs: its multiply-accumulates at the report's `mac_shape`.
+        reason: the rule that left it float (the module's rules 1-4, by name).
         detail: the pattern, or the measurement.
         effect: measured effect of leaving it float (budget loop only): the calibration-set
             cosine deficit it removes and the held-out fidelity after excluding it.
@@ -74,26 +69,20 @@ class QuantReport:
     """What `insert_qdq` (and `compiler.quant.budget.quantize_within_budget`) did.
 
     Attributes:
-        method: calibration method of the activation thresholds.
-        quantize_attention_bmm: the attention bmm setting.
+        method / quantize_attention_bmm: the calibration method and the attention bmm setting.
         smoothquant_alpha: SmoothQuant strength `quantize_within_budget` applied; None when the
             graph was not smoothed (`insert_qdq` itself never smooths).
-        quantized_matmuls: MatMul/Gemm nodes with INT8 inputs.
-        quantized_nodes: their names.
+        quantized_matmuls / quantized_nodes: MatMul/Gemm nodes with INT8 inputs; their names.
         excluded: every MatMul/Gemm left float, with reason and (budget loop) measured effect.
-        activation_qdq: Q/DQ pairs on activations (one per tensor).
-        int8_weights: weight initializers stored as INT8.
-        matmul_macs: {"int8": MACs, "float": MACs} at `mac_shape`.
-        mac_shape: {"batch", "sequence"} the MACs are counted at.
-        int8_mac_fraction: share of MatMul/Gemm MACs that run in INT8.
-        calibration: calibration summary (windows, tokens, seconds, cache hit).
-        fidelity: held-out fidelity vs FP32 (`quantize_within_budget`).
-        budget: the budget and whether it was met.
-        steps: the budget loop's steps with their held-out fidelity.
-        sensitivity: per candidate node, the calibration-set cosine deficit its exclusion removes.
-        smoothquant: per smoothed activation tensor, the channel scale range.
-        thresholds: calibrated |x| threshold (maps to 127) per activation tensor
-            (`quantize_within_budget`; QAT starts from these).
+        activation_qdq / int8_weights: Q/DQ pairs on activations (one per tensor); weight
+            initializers stored as INT8.
+        matmul_macs: {"int8": MACs, "float": MACs} at `mac_shape` ({"batch", "sequence"});
+            int8_mac_fraction: share of MatMul/Gemm MACs that run in INT8.
+        Filled by `quantize_within_budget`: calibration (windows, tokens, seconds); fidelity
+            (held-out, vs FP32); budget (and whether it was met); steps (the loop's, with their
+            held-out fidelity); sensitivity (per node, the calibration-set cosine deficit its
+            exclusion removes); smoothquant (per smoothed tensor, the channel scale range);
+            thresholds (calibrated |x| mapping to 127 per activation; QAT starts from these).
     """
 
     method: str
@@ -133,18 +122,10 @@ class QuantReport:
 
 @dataclass
 class MatMulSite:
-    """One MatMul/Gemm and how it would be quantized.
-
-    Attributes:
-        index: position of the node in `model.graph.node`.
-        name / op_type: the node.
-        activations: input positions (0, 1) holding activations; [] when not eligible.
-        weight: input position of the weight initializer, or None.
-        axis: output-channel axis of the weight (the DequantizeLinear's `axis`).
-        macs: multiply-accumulates at the `mac_shape` of `matmul_nodes`.
-        bmm: both inputs are activations (an attention batched matmul).
-        not_eligible: why the node cannot be quantized ("" when it can).
-    """
+    """One MatMul/Gemm and how it would be quantized: its position in `model.graph.node`,
+    the input positions of its activations ([] when not eligible) and of its weight (or None),
+    the weight's output-channel axis, its MACs, whether both inputs are activations (`bmm`),
+    and why it cannot be quantized (`not_eligible`, "" when it can)."""
 
     index: int
     name: str
@@ -200,8 +181,7 @@ def matmul_nodes(model: Any, mac_shape: tuple[int, int] = (1, 128)) -> list[MatM
 
     Args:
         model: onnx.ModelProto (not modified).
-        mac_shape: (batch, sequence) at which MACs are counted
-            (`compiler.graph.analysis.matmul_macs`).
+        mac_shape: (batch, sequence) at which MACs are counted (`graph.analysis.matmul_macs`).
 
     Returns:
         One `MatMulSite` per MatMul/Gemm, in graph order.
@@ -352,13 +332,9 @@ class _Rewrite:
 
 @dataclass
 class QdqResult:
-    """What one `QdqPlacer.call` returns.
-
-    Attributes:
-        model: the new onnx.ModelProto (FP32 + INT8 Q/DQ); the placer's graph is not modified.
-        report: counts, exclusions and MACs (`QuantReport`; its fidelity fields stay empty).
-        modified: at least one MatMul/Gemm was quantized.
-    """
+    """What one `QdqPlacer.call` returns: the new onnx.ModelProto (FP32 + INT8 Q/DQ; the
+    placer's graph is not modified), its `QuantReport` (counts, exclusions and MACs; the budget
+    fields stay empty), and whether at least one MatMul/Gemm was quantized (`modified`)."""
 
     model: Any
     report: QuantReport
@@ -375,8 +351,7 @@ class QdqPlacer:
 
     Args:
         model: FP32 onnx.ModelProto (not modified).
-        mac_shape: (batch, sequence) at which MACs are counted for `int8_mac_fraction`.
-            Defaults to (1, 128).
+        mac_shape: (batch, sequence) for `int8_mac_fraction`'s MAC counts. Defaults to (1, 128).
 
     Attributes:
         model: the named copy. matmuls: its `MatMulSite`s. by_name: {node name: MatMulSite}.
@@ -460,27 +435,15 @@ class QdqPlacer:
                              "(compiler.quant.calibrate.calibrate)")
         return QdqResult(rw.emit(self.model, nodes), self._report(settings, quantized, excluded, rw), bool(quantized))
 
-    def build(self, act_scales: Mapping[str, float], settings: QuantSettings,
-              weight_scales: Mapping[str, np.ndarray] | None = None,
-              exclude_nodes: Mapping[str, str] | None = None) -> tuple[Any, QuantReport]:
-        """`call` as a (model, report) pair."""
-        result = self.call(act_scales, settings, weight_scales, exclude_nodes)
-        return result.model, result.report
-
     def _report(self, settings: QuantSettings, quantized: list[MatMulSite], excluded: list[ExcludedNode],
                 rw: _Rewrite) -> QuantReport:
-        total = sum(m.macs for m in self.matmuls)
-        int8 = sum(m.macs for m in quantized)
-        report = QuantReport(settings.method, settings.quantize_attention_bmm)
-        report.quantized_matmuls = len(quantized)
-        report.quantized_nodes = [m.name for m in quantized]
-        report.excluded = excluded
-        report.activation_qdq = len(rw.act_dq)
-        report.int8_weights = len(rw.weight_dq)
-        report.matmul_macs = {"int8": int8, "float": total - int8}
-        report.mac_shape = {"batch": self.mac_shape[0], "sequence": self.mac_shape[1]}
-        report.int8_mac_fraction = int8 / total if total else 0.0
-        return report
+        total, int8 = sum(m.macs for m in self.matmuls), sum(m.macs for m in quantized)
+        return QuantReport(settings.method, settings.quantize_attention_bmm, quantized_matmuls=len(quantized),
+                           quantized_nodes=[m.name for m in quantized], excluded=excluded,
+                           activation_qdq=len(rw.act_dq), int8_weights=len(rw.weight_dq),
+                           matmul_macs={"int8": int8, "float": total - int8},
+                           mac_shape={"batch": self.mac_shape[0], "sequence": self.mac_shape[1]},
+                           int8_mac_fraction=int8 / total if total else 0.0)
 
 
 def insert_qdq(model: Any, act_scales: Mapping[str, float], settings: QuantSettings,
@@ -515,20 +478,14 @@ def insert_qdq(model: Any, act_scales: Mapping[str, float], settings: QuantSetti
         ValueError: opset below 19, a missing or invalid activation threshold, `weight_scales`
             naming a non-initializer or of the wrong shape, or non-positive scales.
     """
-    return QdqPlacer(model, mac_shape).build(act_scales, settings, weight_scales, exclude_nodes)
+    result = QdqPlacer(model, mac_shape).call(act_scales, settings, weight_scales, exclude_nodes)
+    return result.model, result.report
 
 
 def upgrade_opset(model: Any, opset: int = MIN_OPSET) -> Any:
-    """The graph at default-domain `opset` (for graphs exported below 19).
-
-    Args:
-        model: onnx.ModelProto (not modified).
-        opset: the wanted default-domain opset. Defaults to `MIN_OPSET` (19).
-
-    Returns:
-        `model` itself when already at `opset` or above, else a new model from
-        `onnx.version_converter.convert_version`.
-    """
+    """The onnx.ModelProto `model` (not modified) at default-domain `opset` (for graphs exported
+    below 19): `model` itself when already at `opset` or above, else a new model from
+    `onnx.version_converter.convert_version`."""
     import onnx
 
     current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))

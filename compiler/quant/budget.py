@@ -123,7 +123,8 @@ def _variants(cal: _Calibrated, settings: QuantSettings, precision: Any) -> Vari
     """{excluded node: reason} -> (the graph as measured, its QuantReport)."""
 
     def variant(exclude: Mapping[str, str]) -> tuple[Any, QuantReport]:
-        model, rep = cal.placer.build(cal.scales, settings, exclude_nodes=exclude)
+        placed = cal.placer.call(cal.scales, settings, exclude_nodes=exclude)
+        model, rep = placed.model, placed.report
         if precision is not None:
             from compiler.passes.precision import convert_precision
 
@@ -241,7 +242,8 @@ def quantize_within_budget(fp32_path: str | os.PathLike, calib_tokens: Any, held
     loop = _exclude_until_met(variant, heldout, probe, settings)
     model, report = loop.model, loop.report
     if precision is not None:  # the returned graph is the FP32 + Q/DQ one
-        model, report = cal.placer.build(cal.scales, settings, exclude_nodes=loop.excluded)
+        placed = cal.placer.call(cal.scales, settings, exclude_nodes=loop.excluded)
+        model, report = placed.model, placed.report
     _fill_report(report, loop, cal, calib_tokens, heldout_tokens, heldout, settings, precision, start)
     if not report.budget["met"]:
         log.warning("INT8 budget min_cosine %.4g not met (held-out cosine_min %.4g) after %d exclusions",

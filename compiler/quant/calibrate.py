@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
 import tempfile
 import time
@@ -35,8 +34,6 @@ import numpy as np
 from compiler.artifacts import cached
 from compiler.passes.qdq import calibration_tensors
 from compiler.settings import QuantSettings, settings_hash
-
-log = logging.getLogger(__name__)
 
 CALIBRATION_VERSION = "int8-calibration-v1"
 MARKER_OP = "IsNaN"  # float in, bool out: marks a tensor for ORT's op-type based selection

@@ -23,7 +23,7 @@ from compiler.passes.qdq import calibration_tensors, insert_qdq
 from compiler.settings import DataSettings, ExportSettings, PrecisionSettings, QuantSettings, SparsitySettings
 from compiler.training.export import onnx_from_torch
 from compiler.training.prune import block_linears, prune_2_4
-from tests.models import TINY_HIDDEN, TINY_LAYERS, f32, make_model, tiny_bert, tiny_gpt2, tiny_loaded
+from tests.models import pruned_tiny_bert, TINY_HIDDEN, TINY_LAYERS, f32, make_model, tiny_gpt2, tiny_loaded
 
 S24 = SparsitySettings(pattern="2:4", method="magnitude")
 SEQ = 128  # check_2_4's default mac_shape (1, 128)
@@ -38,10 +38,7 @@ def export(module, name: str, directory, opset: int = 17):
 
 @pytest.fixture(scope="module")
 def pruned_bert():
-    dense = tiny_bert()
-    module = copy.deepcopy(dense)
-    masks, report = prune_2_4(module, S24)
-    return dense, module, masks, report
+    return pruned_tiny_bert()
 
 
 @pytest.fixture(scope="module")

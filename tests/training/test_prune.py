@@ -18,7 +18,7 @@ from compiler.settings import SparsitySettings, TrainSettings
 from compiler.training.distill import distill
 from compiler.training.prune import (SparsityPruneReport, block_linears, hold_masks, input_axis, input_norms,
                                      is_linear, magnitude_mask_2_4, prune_2_4, recover)
-from tests.models import BERT_INPUTS, TINY_LAYERS, tiny_bert, tiny_gpt2, training_tokens
+from tests.models import pruned_tiny_bert, BERT_INPUTS, TINY_LAYERS, tiny_bert, tiny_gpt2, training_tokens
 
 S24 = SparsitySettings(pattern="2:4", method="magnitude")
 
@@ -31,10 +31,7 @@ def groups_along(w: np.ndarray, axis: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def pruned_bert():
-    dense = tiny_bert()
-    module = copy.deepcopy(dense)
-    masks, report = prune_2_4(module, S24)
-    return dense, module, masks, report
+    return pruned_tiny_bert()
 
 
 # --------------------------------------------------------------------------------------------

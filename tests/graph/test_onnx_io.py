@@ -1,0 +1,122 @@
+"""compiler/graph/onnx_io.py: loading, atomic saving with external data, light copies, sessions."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compiler.errors import InvalidOnnxError
+from compiler.graph.onnx_io import (constants_to_initializers, graph_copy, load_onnx, onnx_sha256, ort_session,
+                                    save_onnx, session_with_outputs, without_weights)
+from tests.models import f32, make_model
+
+W = np.arange(64 * 32, dtype=np.float32).reshape(64, 32) / 100  # 8 KiB: goes to external data
+B = np.array([1.0, -2.0], np.float32)  # 8 bytes: below the 1 KiB threshold, stays inline
+
+
+def linear():
+    """X (batch, 64) -> MatMul W (64, 32) -> h -> Slice first two columns -> Add B -> Y (batch, 2)."""
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["h"], name="mm"),
+             helper.make_node("Slice", ["h", "starts", "ends", "axes"], ["h2"], name="slice"),
+             helper.make_node("Add", ["h2", "B"], ["Y"], name="add")]
+    inits = {"W": W, "B": B, "starts": np.array([0], np.int64), "ends": np.array([2], np.int64),
+             "axes": np.array([1], np.int64)}
+    return make_model(nodes, [f32("X", ["batch", 64])], [f32("Y", ["batch", 2])], inits)
+
+
+X = np.linspace(-1, 1, 3 * 64, dtype=np.float32).reshape(3, 64)
+Y = (X @ W)[:, :2] + B  # the reference, in NumPy
+
+
+def weights(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("external", [True, False])
+def test_save_load_round_trip(tmp_path, external):
+    path = save_onnx(linear(), tmp_path / "m.onnx", external=external)
+    data = tmp_path / "m.onnx.data"
+    assert path == tmp_path / "m.onnx" and data.is_file() == external
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"][: 1 + external]  # no temp left
+    loaded = load_onnx(path)
+    got = weights(loaded)
+    np.testing.assert_array_equal(got["W"], W)
+    np.testing.assert_array_equal(got["B"], B)
+    assert [n.name for n in loaded.graph.node] == ["mm", "slice", "add"]
+    (y,) = ort_session(path).run(None, {"X": X})
+    np.testing.assert_allclose(y, Y, rtol=1e-6)
+    if external:  # the big weight lies in the data file, the small one inline
+        light = onnx.load(str(path), load_external_data=False)
+        where = {t.name: t.data_location for t in light.graph.initializer}
+        assert where["W"] == TensorProto.EXTERNAL and where["B"] == TensorProto.DEFAULT
+        assert data.stat().st_size == W.nbytes
+
+
+def test_resave_inline_removes_stale_data_and_hash_follows_data(tmp_path):
+    path = save_onnx(linear(), tmp_path / "m.onnx", external=True)
+    external_hash = onnx_sha256(path)
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")  # the graph file is unchanged
+    assert onnx_sha256(path) != external_hash
+    save_onnx(linear(), path, external=False)
+    assert not data.exists()  # a stale data file would be read by nothing and mislead
+    np.testing.assert_array_equal(weights(load_onnx(path))["W"], W)
+
+
+def test_invalid_files_raise_invalid_onnx_error(tmp_path):
+    with pytest.raises(InvalidOnnxError, match="no such ONNX file"):
+        load_onnx(tmp_path / "missing.onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\xff\xfe not a protobuf \x00" * 10)
+    with pytest.raises(InvalidOnnxError, match="not a readable ONNX model"):
+        load_onnx(garbage)
+    path = save_onnx(linear(), tmp_path / "m.onnx", external=True)
+    (tmp_path / "m.onnx.data").unlink()
+    with pytest.raises(InvalidOnnxError, match="not a readable ONNX model"):
+        load_onnx(path)
+    broken = linear()
+    broken.graph.node[2].input[0] = "nowhere"  # reads a tensor no node produces
+    onnx.save(broken, str(tmp_path / "broken.onnx"))
+    with pytest.raises(InvalidOnnxError, match="fails onnx.checker"):
+        load_onnx(tmp_path / "broken.onnx")
+    assert load_onnx(tmp_path / "broken.onnx", check=False).graph.node[2].input[0] == "nowhere"
+
+
+def test_light_copies_keep_the_graph_not_the_weights():
+    model = linear()
+    copy = graph_copy(model)
+    assert len(copy.graph.initializer) == 0 and copy.graph.node == model.graph.node
+    light = without_weights(model)
+    assert sorted(t.name for t in light.graph.initializer) == ["B", "axes", "ends", "starts"]
+    big = [i for i in light.graph.input if i.name == "W"]
+    assert len(big) == 1 and [d.dim_value for d in big[0].type.tensor_type.shape.dim] == [64, 32]
+    assert len(model.graph.initializer) == 5  # the original keeps its weights
+
+
+def test_constants_to_initializers():
+    nodes = [helper.make_node("Constant", [], ["a"], value=numpy_helper.from_array(np.float32(2.0))),
+             helper.make_node("Constant", [], ["b"], value_floats=[1.0, 3.0]),
+             helper.make_node("Constant", [], ["c"], value_ints=[4, 5]),
+             helper.make_node("Constant", [], ["s"], value_string="kept"),
+             helper.make_node("Mul", ["X", "a"], ["m"]), helper.make_node("Add", ["m", "b"], ["Y"])]
+    model = make_model(nodes, [f32("X", [2])], [f32("Y", [2])])
+    constants_to_initializers(model)
+    assert [n.op_type for n in model.graph.node] == ["Constant", "Mul", "Add"]  # the string stays a node
+    got = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert got["a"] == np.float32(2.0) and got["a"].dtype == np.float32
+    np.testing.assert_array_equal(got["b"], np.array([1.0, 3.0], np.float32))
+    assert got["c"].dtype == np.int64 and got["c"].tolist() == [4, 5]
+    (y,) = ort_session(model).run(None, {"X": np.array([1.0, 2.0], np.float32)})
+    np.testing.assert_array_equal(y, [3.0, 7.0])  # 2x + [1, 3]
+
+
+def test_session_with_outputs_reads_external_weights(tmp_path):
+    path = save_onnx(linear(), tmp_path / "m.onnx", external=True)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    sess = session_with_outputs(path, ["h"])
+    h, y = sess.run(["h", "Y"], {"X": X})
+    np.testing.assert_allclose(h, X @ W, rtol=1e-5)
+    np.testing.assert_allclose(y, Y, rtol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # its light graph copy is gone
