@@ -61,15 +61,6 @@ def mean_deficit(fp32, variant, windows) -> float:
     return float(np.mean(1.0 - np.array(cos)))
 
 
-def test_settings_validate():
-    QuantSettings()
-    for bad in (dict(method="mse"), dict(percentile=0.0), dict(percentile=100.5), dict(num_bins=128),
-                dict(exclude=["*"]), dict(exclude=("",)), dict(min_cosine=1.5), dict(max_excluded=-1),
-                dict(smoothquant_alpha=1.2), dict(calib_windows=0), dict(sensitivity_samples=0)):
-        with pytest.raises(ValueError):
-            QuantSettings(**bad)
-
-
 def test_budget_loop_leaves_the_sensitive_node_float(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(_outlier_model(0.0), path)
