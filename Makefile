@@ -66,4 +66,4 @@ $(VENV)/bin/python:
 
 clean:
 	find engines -mindepth 1 ! -name README.md -exec rm -rf {} +
-	rm -rf calibration/cache
+	rm -rf calibration/cache engines/cache

@@ -28,7 +28,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from calibration.layout import TokenSets, heldout_texts
-from compiler.artifacts import cached, fix_mmap_threshold, run_in_child, write_json
+from compiler.artifacts import atomic_write, cached, fix_mmap_threshold, run_in_child, write_json
+from compiler.build.engine import engine_from_onnx, sparse_weights_flag
+from compiler.eval.verify import verify_variant
+from compiler.graph.onnx_io import load_onnx, onnx_sha256, save_onnx
+from compiler.graph.sparsity import groups_check, require_2_4
+from compiler.passes.auto_precision import auto_precision
+from compiler.passes.precision import convert_precision
+from compiler.quant.budget import quantize_within_budget
+from compiler.training.export import onnx_from_torch
+from compiler.training.models import load_model
+from compiler.training.prune import hold_masks, input_axis, prune_2_4, recover
 from compiler.errors import CompilerError
 from compiler.settings import INT8_MODES, BuildSettings, settings_hash
 
@@ -109,8 +119,6 @@ def fp32_name(settings: BuildSettings) -> str:
 
 def _export(settings: BuildSettings, in_child: bool = False) -> tuple[Any, list[str], Path, Any]:
     """Load the model and held-out text, export FP32 ONNX, check parity (see `stage_export`)."""
-    from compiler.training.export import onnx_from_torch
-    from compiler.training.models import load_model
 
     if in_child:
         # The exporter copies every weight several times (constant folding, serialization); with
@@ -179,13 +187,12 @@ def _start_from(student: Any, src: Path, names: list[str]) -> dict[str, Any]:
     Raises:
         CompilerError: the file does not fit the model, or a chosen layer is not 2:4 in it.
     """
-    from safetensors.torch import load_model
 
-    from compiler.graph.sparsity import groups_check
-    from compiler.training.prune import input_axis
+
+    import safetensors.torch as safetensors_torch  # torch: only where a sparse run needs it
 
     try:
-        load_model(student, str(src))
+        safetensors_torch.load_model(student, str(src))
     except (RuntimeError, KeyError) as e:
         raise CompilerError(f"--recover-from {src}: does not fit this model ({str(e)[:300]})") from e
     masks = {}
@@ -201,7 +208,6 @@ def _start_from(student: Any, src: Path, names: list[str]) -> dict[str, Any]:
 def _prune_and_recover(settings: BuildSettings, export: ExportResult, tokens: TokenSets, student: Any,
                        start: tuple[Path, str] | None) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """Prune `student` in place (or load the earlier student), recover it; (masks, prune, recovery)."""
-    from compiler.training.prune import prune_2_4, recover
 
     sp = settings.sparsity
     calib = tokens.calibration if sp.method == "wanda" and not start else None
@@ -235,12 +241,9 @@ def stage_sparsity(settings: BuildSettings, export: ExportResult, tokens: TokenS
     """
     if settings.sparsity.pattern is None:
         return None
-    from safetensors.torch import load_model, save_model
 
-    from compiler.artifacts import atomic_write
-    from compiler.graph.onnx_io import load_onnx
-    from compiler.graph.sparsity import require_2_4
-    from compiler.training.export import onnx_from_torch
+
+    import safetensors.torch as safetensors_torch  # torch: only where a sparse run needs it
 
     sp = settings.sparsity
     weights_path, report_path = settings.base_dir() / "student.safetensors", settings.base_dir() / "sparsity_report.json"
@@ -256,11 +259,11 @@ def stage_sparsity(settings: BuildSettings, export: ExportResult, tokens: TokenS
     def compute() -> None:
         masks, prune, recovery = _prune_and_recover(settings, export, tokens, student, start)
         computed["masks"] = masks
-        atomic_write(weights_path, lambda p: save_model(student, str(p)))
+        atomic_write(weights_path, lambda p: safetensors_torch.save_model(student, str(p)))
         write_json(report_path, {"prune": prune, "recovery": recovery})
 
     if cached(key, [weights_path, report_path], compute, "sparsity"):
-        load_model(student, str(weights_path))
+        safetensors_torch.load_model(student, str(weights_path))
     saved = json.loads(report_path.read_text())
     prune, recovery = saved["prune"], saved["recovery"]
     # reused: the masks are what pruning zeroed (a kept weight that is exactly 0 stays 0: still 2:4)
@@ -290,7 +293,6 @@ def stage_quantize(settings: BuildSettings, export: ExportResult, sparsity: Spar
     mode = settings.precision.mode
     if mode not in INT8_MODES:
         return None
-    from compiler.graph.onnx_io import onnx_sha256, save_onnx
 
     fp32_onnx = sparsity.onnx if sparsity else export.onnx
     out, report_path = settings.variant_dir() / "model.qdq.onnx", settings.variant_dir() / "quant_report.json"
@@ -313,7 +315,6 @@ def _quantize(settings: BuildSettings, export: ExportResult, sparsity: SparsityR
               tokens: TokenSets, fp32_onnx: Path) -> tuple[Any, dict[str, Any]]:
     float_precision = replace(settings.precision, mode=settings.quant.float_mode)
     if settings.precision.mode == "int8":
-        from compiler.quant.budget import quantize_within_budget
 
         data = settings.data
         model, rep = quantize_within_budget(fp32_onnx, tokens.calibration, tokens.heldout,
@@ -322,7 +323,6 @@ def _quantize(settings: BuildSettings, export: ExportResult, sparsity: SparsityR
         summary = {**rep.summary(), "budget_min_cosine": settings.quant.min_cosine, "budget_met": rep.budget["met"],
                    "float_mode": float_precision.mode, "smoothquant_alpha": rep.smoothquant_alpha}
         return model, {"summary": summary, "ptq": rep.to_dict()}
-    from compiler.training.prune import hold_masks
     from compiler.training.qat import QatInputs, int8_qat
 
     loaded = export.loaded
@@ -346,8 +346,6 @@ def stage_precision(settings: BuildSettings, export: ExportResult, fp32_onnx: Pa
     Raises:
         compiler.errors.PrecisionError: the graph cannot be typed (see `compiler.passes.precision`).
     """
-    from compiler.graph.onnx_io import load_onnx, onnx_sha256, save_onnx
-    from compiler.passes.precision import convert_precision
 
     out, report_path = settings.variant_dir() / "model.onnx", settings.variant_dir() / "precision_report.json"
     source = qdq_onnx or fp32_onnx
@@ -359,7 +357,6 @@ def stage_precision(settings: BuildSettings, export: ExportResult, fp32_onnx: Pa
 
     def compute() -> None:
         if auto:
-            from compiler.passes.auto_precision import auto_precision
 
             data, loaded = settings.data, export.loaded
             # auto takes the path: it reads the weights through ONNX Runtime where it can.
@@ -382,8 +379,6 @@ def stage_verify(settings: BuildSettings, export: ExportResult, precision: Preci
 
     A 2:4 run also checks that the variant (FP16, Q/DQ) kept the pattern.
     """
-    from compiler.eval.verify import verify_variant
-    from compiler.graph.onnx_io import load_onnx
 
     data = settings.data
     fidelity = verify_variant(export.onnx, load_onnx(precision.onnx, check=False), export.output_names,
@@ -397,7 +392,6 @@ def stage_verify(settings: BuildSettings, export: ExportResult, precision: Preci
                  f["cosine_min"], f["cosine_mean"], f["max_abs_err"], f["nonfinite_count"], f["samples"])
     check = None
     if settings.sparsity.pattern is not None:  # FP16 and Q/DQ must keep the 2:4 pattern
-        from compiler.build.engine import sparse_weights_flag
 
         flag, found = sparse_weights_flag(precision.onnx, settings.engine)
         check = {**found, "sparse_weights_flag": flag}
@@ -406,7 +400,6 @@ def stage_verify(settings: BuildSettings, export: ExportResult, precision: Preci
 
 def stage_build(settings: BuildSettings, precision: PrecisionResult, report: dict[str, Any]) -> BuildResult:
     """Build the TensorRT engine (stops with exit status 2 where TensorRT or a GPU is missing)."""
-    from compiler.build.engine import engine_from_onnx
 
     plan, manifest = engine_from_onnx(precision.onnx, settings, report)
     return BuildResult(plan, manifest)

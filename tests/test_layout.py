@@ -138,7 +138,8 @@ def test_modules_and_functions_stay_readable():
     assert not long_functions, long_functions
 
 
-@pytest.mark.parametrize("name", ["compiler", "compiler.build.engine", "compiler.settings", "compiler.cli"])
+@pytest.mark.parametrize("name", ["compiler", "compiler.build.engine", "compiler.settings", "compiler.cli",
+                                  "compiler.pipeline"])
 def test_light_modules_import_neither_torch_nor_tensorrt(name):
     import subprocess
     import sys

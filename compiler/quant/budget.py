@@ -13,7 +13,7 @@
    is left unquantized.
 
 Defaults, measured on MiniLM (128 calibration / 64 held-out WikiText-2 samples; SmoothQuant's
-alpha chosen on a third, disjoint slice; see benchmarks/int8_ptq.py): `max` thresholds,
+alpha chosen on a third, disjoint slice; see `python -m benchmarks.int8_ptq`): `max` thresholds,
 attention bmm float (quantizing them costs 0.003 of cosine min for 5 % of the MACs), SmoothQuant
 alpha 0.8 (cosine min 0.962 -> 0.993 with 94.7 % of MatMul MACs in INT8 and no node left float).
 
