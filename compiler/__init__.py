@@ -1,9 +1,10 @@
 """Model compilation toolchain for NVIDIA TensorRT 11.
 
-Stages (one module each, run in this order by `compiler.pipeline`):
-`export` (PyTorch -> ONNX), `precision` (strongly typed FP32/FP16 ONNX), `verify` (fidelity
-against FP32 on real text), `build` (TensorRT engine + manifest). Importing this package
-imports neither torch nor TensorRT.
+The stages, in the order `compiler.pipeline.run_pipeline` runs them:
+export -> sparsity -> quantize -> precision -> verify -> build. One folder per kind of work:
+`graph` (reading ONNX), `passes` (ONNX -> ONNX rewrites), `quant` (calibration, the INT8
+budget), `training` (PyTorch: loading, export, pruning, QAT), `eval` (the fidelity probe,
+verification), `build` (TensorRT). Importing this package imports neither torch nor TensorRT.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Stage 6 (build): a TensorRT engine (`model.plan`) from the TensorRT-ready ONNX.
+"""The build stage: a TensorRT engine (`model.plan`) from the TensorRT-ready ONNX.
 
 The ONNX written by the precision stage already carries every tensor's type (FP32, FP16, a
 hybrid of both, or INT8 Q/DQ), so the network is parsed as a strongly typed network: TensorRT 11

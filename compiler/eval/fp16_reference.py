@@ -13,7 +13,8 @@ optimizations off, so no Cast pair is removed. Each FP16 tensor therefore holds 
 FP16 value (an overflow past 65504 becomes inf and propagates), and each op computes as a
 TensorRT FP16 kernel with FP32 accumulation does, rounding once at its output.
 
-Used by the verifier (stage 5) and by the `auto` precision search (stage 2).
+Used through `compiler.eval.fidelity.FidelityProbe` by the verify stage, the `auto` precision
+search and the INT8 budget.
 """
 
 from __future__ import annotations

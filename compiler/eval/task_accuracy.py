@@ -1,4 +1,4 @@
-"""Stage 5 (verify and measure): task accuracy, measured with a linear probe on SST-2.
+"""Task accuracy (beside the verify stage, for `benchmarks.sst2_probe`), measured with a linear probe on SST-2.
 
 Cosine similarity against FP32 (`compiler.eval.verify`) says how far a variant's outputs
 moved; this module says whether the move matters for a downstream task. Sentence

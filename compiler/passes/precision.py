@@ -1,4 +1,4 @@
-"""The precision pass (stage 4 of `compiler.results.STAGES`): ONNX -> strongly typed ONNX.
+"""The precision pass (the `precision` stage of `compiler.results.STAGES`): ONNX -> strongly typed ONNX.
 
 TensorRT 11 networks are strongly typed: the builder runs each layer in the type its tensors
 carry, so precision is decided here, in the graph (TensorRT 11 docs, "Strongly Typed Networks").

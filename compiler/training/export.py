@@ -1,4 +1,4 @@
-"""Stage 1: PyTorch -> ONNX with dynamic `batch` and `sequence` axes, checked against PyTorch.
+"""The export stage: PyTorch -> ONNX with dynamic `batch` and `sequence` axes, checked against PyTorch.
 
 The graph is exported with the TorchScript-based exporter at opset >= 17 (native
 LayerNormalization), constants folded, eager attention (explicit MatMul/Softmax, which the
