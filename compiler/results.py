@@ -13,10 +13,15 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from compiler.artifacts import release_freed_memory
 from compiler.settings import BuildSettings
+
+if TYPE_CHECKING:  # annotations only: importing them here would load torch
+    import torch
+
+    from compiler.training.models import LoadedModel
 
 log = logging.getLogger("compiler.pipeline")
 
@@ -36,7 +41,7 @@ class ExportResult:
         report: the `model` and `export` sections of report.json.
     """
 
-    loaded: Any
+    loaded: LoadedModel
     onnx: Path
     output_names: list[str]
     heldout_texts: list[str]
@@ -55,8 +60,8 @@ class SparsityResult:
     """
 
     onnx: Path
-    student: Any
-    masks: dict[str, Any]
+    student: torch.nn.Module | None
+    masks: dict[str, torch.Tensor]
     report: dict[str, Any]
 
 
@@ -106,7 +111,7 @@ class PipelineRun:
     peak_rss_mib: dict[str, int] = field(default_factory=dict)
 
     @property
-    def loaded(self) -> Any:
+    def loaded(self) -> LoadedModel | None:
         return self.export.loaded if self.export else None
 
     @property

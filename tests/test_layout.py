@@ -148,3 +148,15 @@ def test_light_modules_import_neither_torch_nor_tensorrt(name):
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'tensorrt', 'transformers'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", f"{name} imports {out.stdout.strip()}"
+
+
+def test_no_source_file_is_git_ignored():
+    """An ignore rule must not hide a module from the commit (a `build/` rule once hid compiler/build/)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    hidden = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard", "--", *PACKAGES,
+                             "tests"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert not [p for p in hidden if p.endswith((".py", ".md"))], hidden
