@@ -8,6 +8,7 @@
 #   make engine MODEL=minilm PRECISION=int8-qat SPARSITY=2:4
 #   make engine MODEL=minilm SPARSITY=2:4 TRAIN_TEXT="deploy.tsv ../shared/data/wikitext-2/test.txt"
 #                (fine-tuning text for QAT / 2:4 recovery: files mixed in even shares)
+#   make onnx MODEL=minilm VOCAB_TEXT=../shared/data/sst2/train.tsv   (vocabulary pruning to a domain's tokens)
 #   make benchmark BENCH=precision_modes ARGS="--samples 32"
 VENV      ?= .venv
 PYTHON    ?= $(VENV)/bin/python
@@ -18,12 +19,13 @@ SAMPLES   ?= 64
 CALIB     ?=
 SPARSITY  ?=
 TRAIN_TEXT ?=
+VOCAB_TEXT ?=
 BENCH     ?= precision_modes
 ARGS      ?=
 
 COMMON = --model $(MODEL) --weights $(WEIGHTS) --precision $(PRECISION) --samples $(SAMPLES) \
          $(if $(CALIB),--calib $(CALIB)) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
-         $(foreach t,$(TRAIN_TEXT),--train-text $(t)) $(ARGS)
+         $(foreach t,$(TRAIN_TEXT),--train-text $(t)) $(foreach t,$(VOCAB_TEXT),--prune-vocab $(t)) $(ARGS)
 
 # The install stamp: one file per Python environment, `<env>/.trt-compiler-installed` (the folder
 # above PYTHON's bin/), so `PYTHON=python` inside an activated .venv (what .ci/run does) finds the

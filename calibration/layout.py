@@ -22,7 +22,7 @@ from typing import Any
 
 from calibration.text import TokenizedSet, default_text_path, load_texts, tokenized_set
 from compiler.errors import DataError
-from compiler.settings import DataSettings
+from compiler.settings import DataSettings, VocabSettings
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,19 @@ def training_texts(data: DataSettings, batch_size: int) -> list[str]:
     if len(texts) < batch_size:
         raise DataError(f"fine-tuning text: {len(texts)} samples in all, need {batch_size} (one "
                         "batch). Give a longer --train-text or a smaller --batch-size.")
+    return texts
+
+
+def vocabulary_texts(vocab: VocabSettings, data: DataSettings) -> list[str]:
+    """Every line (sample) of the domain texts `vocab.texts`, whole, in order: vocabulary pruning
+    counts tokens over all of them (no `min_words` filter: short lines count too).
+
+    Raises:
+        DataError: a text is missing or holds no sample.
+    """
+    texts: list[str] = []
+    for path in vocab.texts:
+        texts += load_texts(replace(data, path=path, min_words=1), count=1 << 30, minimum=1)
     return texts
 
 

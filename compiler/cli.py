@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from compiler.errors import CompilerError
-from compiler.settings import (LR_SCHEDULES, PRECISION_MODES, QUANT_METHODS, SPARSITY_METHODS, WEIGHT_MODES,
+from compiler.settings import (FLOAT_MODES, LR_SCHEDULES, PRECISION_MODES, QUANT_METHODS, SPARSITY_METHODS, WEIGHT_MODES,
                                BuildSettings, DataSettings, EngineSettings, ExportSettings, ModelSettings,
-                               PrecisionSettings, ProfileSettings, QuantSettings, SparsitySettings, TrainSettings)
+                               PrecisionSettings, ProfileSettings, QuantSettings, SparsitySettings, TrainSettings,
+                               VocabSettings)
 
 log = logging.getLogger("compiler")
 
@@ -49,7 +50,8 @@ def _alpha(text: str) -> float | None:
 # given is not in the namespace (argparse.SUPPRESS), so the field keeps its default.
 SECTIONS = {"model": ModelSettings, "export": ExportSettings, "precision": PrecisionSettings,
             "data": DataSettings, "quant": QuantSettings, "train": TrainSettings,
-            "sparsity": SparsitySettings, "profile": ProfileSettings, "engine": EngineSettings,
+            "sparsity": SparsitySettings, "vocab": VocabSettings, "profile": ProfileSettings,
+            "engine": EngineSettings,
             "build": BuildSettings}
 
 # (flag, targets "section.field" (several for one flag), argparse keywords)
@@ -86,7 +88,7 @@ OPTION_OPTIONS = [
     ("--exclude", "quant.exclude", {"action": "append", "metavar": "PATTERN",
                                     "help": "fnmatch pattern on node names kept float (repeatable)"}),
     ("--max-excluded", "quant.max_excluded", {"type": int, "help": "MatMuls the INT8 budget loop may leave float"}),
-    ("--float-mode", "quant.float_mode", {"choices": ("fp32", "fp16", "hybrid"),
+    ("--float-mode", "quant.float_mode", {"choices": FLOAT_MODES,
                                           "help": "precision of what INT8 does not cover"}),
     ("--train-samples", "data.train_samples", {"type": int, "help": "fine-tuning samples, at most"}),
     ("--train-text", "data.train_path",
@@ -107,6 +109,12 @@ OPTION_OPTIONS = [
     ("--recover-from", "sparsity.recover_from", {"metavar": "SAFETENSORS",
                                                  "help": "student.safetensors of an earlier 2:4 run to recover from"}),
     ("--recover-schedule", "sparsity.recover_schedule", {"choices": LR_SCHEDULES}),
+    ("--prune-vocab", "vocab.texts", {"action": "append", "metavar": "FILE",
+                                      "help": "keep only the embedding rows this domain text uses (repeatable)"}),
+    ("--vocab-min-count", "vocab.min_count", {"type": int, "help": "keep tokens seen at least this often"}),
+    ("--vocab-keep-top", "vocab.keep_top", {"type": int, "help": "also keep the N most frequent general-text tokens"}),
+    ("--vocab-tied", "vocab.tied", {"action": "store_true",
+                                    "help": "allow pruning an embedding shared with an output head (its logits shrink)"}),
 ]
 ENGINE_OPTIONS = [
     ("--min-shape", "profile.min_shape", {"type": _shape, "help": "BxS"}),
@@ -182,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="export + precision + fidelity on real text and random ids")
     _add(p, MODEL_OPTIONS + PRECISION_OPTIONS)
-    _add(p.add_argument_group("INT8 (--precision int8 / int8-qat) and 2:4 sparsity"), OPTION_OPTIONS)
+    _add(p.add_argument_group("INT8 (--precision int8 / int8-qat), 2:4 sparsity, vocabulary"), OPTION_OPTIONS)
 
     p = sub.add_parser("build", help="TensorRT engine from a TensorRT-ready ONNX file")
     p.add_argument("--onnx", type=Path, required=True)
@@ -190,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="the whole pipeline: export, precision, verify, build")
     _add(p, MODEL_OPTIONS + PRECISION_OPTIONS)
-    _add(p.add_argument_group("INT8 (--precision int8 / int8-qat) and 2:4 sparsity"), OPTION_OPTIONS)
+    _add(p.add_argument_group("INT8 (--precision int8 / int8-qat), 2:4 sparsity, vocabulary"), OPTION_OPTIONS)
     _add(p.add_argument_group("TensorRT engine"), ENGINE_OPTIONS)
     p.add_argument("--no-build", action="store_true", help="stop after verify (exit 0)")
     return parser

@@ -27,14 +27,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from calibration.layout import TokenSets, heldout_texts
+from calibration.layout import TokenSets, heldout_texts, vocabulary_texts
+from calibration.text import tokenized_set
+from calibration.vocabulary import choose_vocabulary, count_tokens, oov_rate, special_token_ids
 from compiler.artifacts import atomic_write, cached, fix_mmap_threshold, run_in_child, write_json
 from compiler.build.engine import engine_from_onnx, sparse_weights_flag
+from compiler.eval.fidelity import FidelityProbe
 from compiler.eval.verify import verify_variant
 from compiler.graph.onnx_io import load_onnx, onnx_sha256, save_onnx
 from compiler.graph.sparsity import groups_check, require_2_4
 from compiler.passes.auto_precision import auto_precision
 from compiler.passes.precision import convert_precision
+from compiler.passes.vocab_prune import prune_vocabulary
 from compiler.quant.budget import quantize_within_budget
 from compiler.training.export import onnx_from_torch
 from compiler.training.models import load_model
@@ -43,7 +47,7 @@ from compiler.errors import CompilerError
 from compiler.settings import INT8_MODES, BuildSettings, settings_hash
 
 from compiler.results import (STAGES, BuildResult, ExportResult, PipelineRun, PrecisionResult, QuantizeResult,
-                              SparsityResult, VerifyResult)
+                              SparsityResult, VerifyResult, VocabResult)
 
 log = logging.getLogger(__name__)
 
@@ -70,33 +74,38 @@ def run_pipeline(settings: BuildSettings, until: str = "build",
         raise ValueError(f"until={until!r}: expected one of {list(STAGES)}")
     log.debug("settings: %s", settings)
     last = STAGES.index(until)
+    runs = lambda stage: STAGES.index(stage) <= last  # noqa: E731
     run = PipelineRun(settings)
     with run.timed("export"):
         run.export = stage_export(settings)
     tokens = TokenSets(settings.data, run.export.loaded.tokenizer, settings.train.batch_size,
                        heldout=run.export.heldout_texts)
-    if last >= 1 and settings.sparsity.pattern is not None:
+    if runs("sparsity") and settings.sparsity.pattern is not None:
         with run.timed("sparsity"):
             run.sparsity = stage_sparsity(settings, run.export, tokens)
         if settings.precision.mode != "int8-qat":
             run.export.loaded.module = None  # only QAT needs PyTorch after this
-    if last >= 2 and settings.precision.mode in INT8_MODES:
+    if runs("quantize") and settings.precision.mode in INT8_MODES:
         with run.timed("quantize"):
             run.quantize = stage_quantize(settings, run.export, run.sparsity, tokens)
-    if last >= 2:
+    if runs("quantize"):
         run.export.loaded.module = None  # no later stage needs PyTorch
         if run.sparsity:
             run.sparsity.student = None
-    if last >= 3:
+    if runs("vocab") and settings.vocab.texts:
+        with run.timed("vocab"):
+            run.vocab = stage_vocab(settings, run.export, run.qdq_onnx or run.fp32_onnx, tokens)
+    if runs("precision"):
         with run.timed("precision"):
-            run.precision = stage_precision(settings, run.export, run.fp32_onnx, run.qdq_onnx, tokens)
-    if last >= 4:
+            source = run.vocab.onnx if run.vocab else run.qdq_onnx or run.fp32_onnx
+            run.precision = stage_precision(settings, run.export, source, run.qdq_onnx is not None, tokens)
+    if runs("verify"):
         with run.timed("verify"):
             run.verify = stage_verify(settings, run.export, run.precision, tokens)
         write_json(settings.variant_dir() / "report.json", run.report)
         if after and "verify" in after:
             after["verify"](run)
-    if last >= 5:
+    if runs("build"):
         with run.timed("build"):
             run.build = stage_build(settings, run.precision, run.report)
     return run
@@ -336,31 +345,85 @@ def _quantize(settings: BuildSettings, export: ExportResult, sparsity: SparsityR
 
 
 # --------------------------------------------------------------------------------------------
+# vocab
+
+
+def _onnx_mib(path: Path) -> float:
+    """Size of an ONNX file and its `<name>.data` external weights, MiB."""
+    data = path.with_name(path.name + ".data")
+    return round((path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 2**20, 2)
+
+
+def stage_vocab(settings: BuildSettings, export: ExportResult, graph: Path, tokens: TokenSets) -> VocabResult:
+    """`--prune-vocab`: keep the embedding rows the domain texts use, remap every other id to [UNK].
+
+    The tokens are counted over every line of `vocab.texts` (`calibration.vocabulary`), the
+    graph rewritten by `compiler.passes.vocab_prune.prune_vocabulary`, then measured against the
+    unpruned `graph` on the first `data.samples` domain lines (all their tokens kept: identical
+    up to rounding) and on the held-out general text (the out-of-vocabulary tokens' effect).
+
+    Raises:
+        compiler.errors.DataError: a domain text is missing or empty.
+        compiler.errors.CompilerError: no embedding Gather fed by the ids, or a tied output head
+            without `vocab.tied`.
+    """
+    vocab, data, loaded = settings.vocab, settings.data, export.loaded
+    out, report_path = settings.variant_dir() / "model.vocab.onnx", settings.variant_dir() / "vocab_report.json"
+    domain = vocabulary_texts(vocab, data)
+    key = settings_hash("vocab-v1", onnx_sha256(graph), vocab, domain, data.max_length,
+                        tokens.calibration_texts if vocab.keep_top else None)
+
+    def compute() -> None:
+        tok = loaded.tokenizer
+        general = count_tokens(tokens.calibration_texts, tok, data.max_length) if vocab.keep_top else None
+        kept = choose_vocabulary(count_tokens(domain, tok, data.max_length), vocab.min_count,
+                                 special_token_ids(tok), general, vocab.keep_top)
+        model, report = prune_vocabulary(load_onnx(graph, check=False), kept, tok.unk_token_id, allow_tied=vocab.tied)
+        save_onnx(model, out, external=True)
+        sample = tokenized_set(domain[: data.samples], tok, data.max_length, data.cache_dir)
+        names = loaded.input_names
+        probe = FidelityProbe(graph, export.output_names, {"domain": sample.batches(data.batch_size, names),
+                                                           "heldout": tokens.heldout.batches(data.batch_size, names)})
+        fidelity = probe.measure(load_onnx(out, check=False))
+        write_json(report_path, {
+            **report.to_dict(), "texts": list(vocab.texts), "domain_samples": len(domain),
+            "min_count": vocab.min_count, "keep_top": vocab.keep_top,
+            "onnx_mib": {"before": _onnx_mib(graph), "after": _onnx_mib(out)},
+            "oov_rate": {"domain": oov_rate(sample, kept), "heldout": oov_rate(tokens.heldout, kept)},
+            "fidelity_vs_unpruned": {name: f.report() for name, f in fidelity.items()}})
+
+    cached(key, [out, report_path], compute, "vocab")
+    report = json.loads(report_path.read_text())
+    log.info("vocab: %d of %d tokens kept, ONNX %.1f -> %.1f MiB, held-out OOV %.2f %%", report["kept"],
+             report["vocab_size"], report["onnx_mib"]["before"], report["onnx_mib"]["after"],
+             100 * report["oov_rate"]["heldout"])
+    return VocabResult(out, report)
+
+
+# --------------------------------------------------------------------------------------------
 # precision, verify, build
 
 
-def stage_precision(settings: BuildSettings, export: ExportResult, fp32_onnx: Path, qdq_onnx: Path | None,
+def stage_precision(settings: BuildSettings, export: ExportResult, source: Path, has_qdq: bool,
                     tokens: TokenSets) -> PrecisionResult:
-    """Rewrite the FP32 (or FP32 + Q/DQ) graph into the requested precision (reused when unchanged).
+    """Rewrite the FP32 graph (with INT8 Q/DQ, with a pruned vocabulary, as the earlier stages
+    left it) into the requested precision; reused when unchanged.
 
     Raises:
         compiler.errors.PrecisionError: the graph cannot be typed (see `compiler.passes.precision`).
     """
-
     out, report_path = settings.variant_dir() / "model.onnx", settings.variant_dir() / "precision_report.json"
-    source = qdq_onnx or fp32_onnx
     graph_sha = onnx_sha256(source)
     prec = settings.precision
-    if qdq_onnx is not None:  # INT8: what is not quantized runs in quant.float_mode
+    if has_qdq:  # INT8: what is not quantized runs in quant.float_mode
         prec = replace(prec, mode=settings.quant.float_mode)
     auto = prec.mode == "auto"
 
     def compute() -> None:
         if auto:
-
             data, loaded = settings.data, export.loaded
             # auto takes the path: it reads the weights through ONNX Runtime where it can.
-            model, report = auto_precision(fp32_onnx, prec, tokens.calibration, tokens.heldout, loaded.input_names,
+            model, report = auto_precision(source, prec, tokens.calibration, tokens.heldout, loaded.input_names,
                                            export.output_names, data.batch_size, loaded.vocab_size,
                                            graph_sha, data.cache_dir, settings.model.seed)
         else:

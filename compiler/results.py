@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # annotations only: importing them here would load torch
 
 log = logging.getLogger("compiler.pipeline")
 
-STAGES = ("export", "sparsity", "quantize", "precision", "verify", "build")
+STAGES = ("export", "sparsity", "quantize", "vocab", "precision", "verify", "build")
 
 
 @dataclass
@@ -74,6 +74,14 @@ class QuantizeResult:
 
 
 @dataclass
+class VocabResult:
+    """`--prune-vocab`: the graph with the smaller embedding table and the id remap in front of it."""
+
+    onnx: Path
+    report: dict[str, Any]  # the `vocabulary` section
+
+
+@dataclass
 class PrecisionResult:
     """The TensorRT-ready, strongly typed graph."""
 
@@ -104,6 +112,7 @@ class PipelineRun:
     export: ExportResult | None = None
     sparsity: SparsityResult | None = None
     quantize: QuantizeResult | None = None
+    vocab: VocabResult | None = None
     precision: PrecisionResult | None = None
     verify: VerifyResult | None = None
     build: BuildResult | None = None
@@ -150,6 +159,8 @@ class PipelineRun:
             out["sparsity"] = dict(self.sparsity.report)
         if self.quantize:
             out["quantization"] = self.quantize.report
+        if self.vocab:
+            out["vocabulary"] = self.vocab.report
         if self.precision:
             out.update({"variant": self.settings.precision.mode, "onnx": str(self.precision.onnx),
                         "precision": self.precision.report})

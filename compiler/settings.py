@@ -1,7 +1,7 @@
 """One frozen settings tree for the whole pipeline.
 
-`BuildSettings` is built once (by the CLI or by a caller of `compiler.pipeline`), logged once,
-and passed down to every stage, which reads only its own nested dataclass. Each default is
+`BuildSettings` is built once (by the CLI or a caller of `compiler.pipeline`), logged at DEBUG
+and written into report.json; each stage reads its own nested dataclass. Each default is
 defined once, in its field. Make variants with `dataclasses.replace`.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 PRECISION_MODES = ("fp32", "fp16", "hybrid", "auto", "int8", "int8-qat")
 INT8_MODES = ("int8", "int8-qat")
-FLOAT_MODES = ("fp32", "fp16", "hybrid", "auto")  # what runs outside Q/DQ in an INT8 variant
+FLOAT_MODES = ("fp32", "fp16", "hybrid")  # what runs outside Q/DQ in an INT8 variant
 SPARSITY_PATTERNS = (None, "2:4")
 SPARSITY_METHODS = ("magnitude", "wanda")
 LR_SCHEDULES = ("constant", "linear")
@@ -121,12 +121,9 @@ class DataSettings:
         train_samples: fine-tuning samples (QAT, sparsity recovery), at most: taken after the
             held-out samples, so the text is laid out [calibration | held-out | training], never
             overlapping; fewer are used (with a warning) when the text runs out first.
-        train_path: separate texts for fine-tuning (same formats as `path`; one path or a
-            tuple of them, stored as a tuple), each read from its start, except that a path that
-            is the verification text itself (`path`, or the default WikiText-2 test) is read after
-            its calibration and held-out samples, so those never enter training. With several
-            texts `train_samples` is split evenly between them and their samples interleaved
-            (deployment text beside general text). Empty: the rest of `path` as above.
+        train_path: separate texts for fine-tuning (formats of `path`), each read from its start;
+            the verification text itself is read after its calibration and held-out samples.
+            Several texts share `train_samples` evenly, interleaved. Empty: the rest of `path`.
         max_length: tokens per sample, after truncation.
         min_words: lines with fewer whitespace-separated words are skipped (WikiText-2 has
             empty lines and `= Heading =` lines).
@@ -228,8 +225,8 @@ class QuantSettings:
             raise ValueError(f"calib_windows={self.calib_windows}: expected None or >= 1")
         if self.calib_batch_size < 1 or self.sensitivity_samples < 1:
             raise ValueError("calib_batch_size and sensitivity_samples must be >= 1")
-        if self.float_mode not in ("fp32", "fp16", "hybrid"):
-            raise ValueError(f"float_mode={self.float_mode!r}: expected fp32, fp16 or hybrid")
+        if self.float_mode not in FLOAT_MODES:
+            raise ValueError(f"float_mode={self.float_mode!r}: expected one of {FLOAT_MODES}")
 
     def calibration_key(self) -> dict[str, Any]:
         """The settings that change calibrated thresholds (the cache key's share)."""
@@ -262,22 +259,14 @@ class TrainSettings:
         schedule: learning-rate schedule of every parameter group: `constant`, or `linear`
             (linear warm-up over the first 5% of the steps, then linear decay to 0, as in
             BERT's fine-tuning recipe, Devlin et al. 2019).
-        group_by_length: batch samples of similar length together (shuffled in chunks, then
-            sorted; the batch order shuffled again), so padding wastes little compute. Off by
-            default, from measurement (`python -m benchmarks.recovery_sweep`, MiniLM 2:4 Wanda, 250
-            recovery steps, lr 1e-3): on WikiText-2 it saved 5% of the time and cost 0.011 of
-            held-out cosine (0.9281 vs 0.9387); on WikiText-2 mixed with SST-2 it saved 43% and
-            cost 0.012 (0.9181 vs 0.9296): the loss averages over the tokens of a batch, so
-            batches of short samples weigh their tokens more. Worth it on short texts only.
-        bf16: run the student's forward and backward under bfloat16 autocast (mixed precision:
-            FP32 master weights and optimizer state, matrix multiplies in BF16; Micikevicius et
-            al. 2018, `torch.autocast`), as Hugging Face Trainer's `bf16`. The teacher and the
-            loss stay FP32, and QAT's fake quantizers compute in FP32. Needs BF16 matrix
-            multiply in hardware (CPUs with AVX512-BF16 or AMX, GPUs from Ampere on) to pay.
-            Measured (`python -m benchmarks.recovery_sweep --steps 250 wanda,1e-3 [--bf16]`, MiniLM 2:4,
-            2 cores of an AVX512-BF16 CPU): 177 s against 248 s, held-out cosine mean 0.9386
-            against 0.9387. It does not pay for QAT, whose quantized layers leave autocast:
-            200 QAT steps took 239 s and 366 s in two runs with it, 245 s without.
+        group_by_length: batch samples of similar length together, so padding wastes little
+            compute. Off by default: measured it cost 0.011-0.012 of held-out cosine for 5-43 %
+            of the time (the loss averages over a batch's tokens; docs/sparsity.md).
+        bf16: the student's forward and backward under bfloat16 autocast (FP32 master weights
+            and optimizer state; Micikevicius et al. 2018, `torch.autocast`), as Hugging Face
+            Trainer's `bf16`; the teacher, the loss and QAT's fake quantizers stay FP32. Pays
+            where BF16 matrix multiply is in hardware: 2:4 recovery 1.4x faster at the same
+            cosine on an AVX512-BF16 CPU; no gain for QAT (docs/sparsity.md, docs/int8.md).
         teacher_cache_mib: memory (MiB, CPU) for the teacher's outputs on the training
             samples, computed in the first epoch and reused after (`compiler.training.distill.TeacherCache`);
             0 turns it off. It saves the teacher's forward pass on every later epoch and changes
@@ -322,17 +311,15 @@ class SparsitySettings:
             layer's input feature j over the calibration text; Sun et al. 2023, "A Simple and
             Effective Pruning Approach for Large Language Models", arXiv:2306.11695; no weight
             update, one forward pass over the calibration samples) or `magnitude` (the 2
-            largest |w|). On MiniLM Wanda starts closer to the dense model (held-out cosine
-            mean 0.776 against 0.659 before recovery) and stays ahead after it (0.933 against
-            0.921 after 250 steps at 5e-4), so it is the default.
+            largest |w|). Wanda is the default: on MiniLM it starts and ends closer to the dense
+            model (docs/sparsity.md).
         layers: fnmatch patterns on module names choosing the pruned linear layers; empty
             means every linear layer inside the transformer blocks (no embeddings, no head).
         recover_steps: distillation steps with the masks held fixed (0: no recovery); the
             loop's other knobs (batch size, seed, layer-wise loss) come from `TrainSettings`.
-        recover_lr: peak learning rate of the recovery. Pruning moves the model much further
-            than quantization does, so it is 100x QAT's `TrainSettings.lr`; on MiniLM (250
-            steps, Wanda start) 1e-3 beat 2e-4, 5e-4 and 2e-3 (cosine mean 0.918, 0.933,
-            0.939, 0.935 at 2e-4, 5e-4, 1e-3, 2e-3).
+        recover_lr: peak learning rate of the recovery, 100x QAT's `TrainSettings.lr`: pruning
+            moves the model much further than quantization; 1e-3 beat 2e-4, 5e-4 and 2e-3 on
+            MiniLM (docs/sparsity.md).
         recover_schedule: the recovery's learning-rate schedule (`TrainSettings.schedule`).
         recover_from: a `student.safetensors` of an earlier 2:4 run of the same model to start
             the recovery from instead of pruning the dense model (e.g. a second, low learning
@@ -359,6 +346,36 @@ class SparsitySettings:
             raise ValueError(f"sparsity method={self.method!r}: expected one of {SPARSITY_METHODS}")
         if not isinstance(self.layers, tuple) or self.recover_steps < 0:
             raise ValueError("layers must be a tuple of fnmatch patterns and recover_steps >= 0")
+
+
+@dataclass(frozen=True)
+class VocabSettings:
+    """Vocabulary pruning (`--prune-vocab FILE`): keep only the embedding rows a deployment's text uses.
+
+    The engine still takes the original tokenizer's ids: an int32 remap table inside the graph
+    sends each kept id to its row of the smaller table and every other id to `[UNK]`'s
+    (`compiler.passes.vocab_prune`). The table is half of MiniLM's parameters (11.7 M of 22.7 M).
+
+    Attributes:
+        texts: domain text files (the formats of `DataSettings.path`), read whole; empty: off.
+        min_count: keep every token seen at least this often in `texts`.
+        keep_top: also keep the N most frequent tokens of the general text (the verification
+            text's calibration samples), for inputs outside the domain.
+        tied: accept pruning an embedding that an output head shares (GPT-2's tied LM head):
+            its logits then cover the kept tokens only. Off: such a model is refused.
+    """
+
+    texts: tuple[str, ...] = ()
+    min_count: int = 1
+    keep_top: int = 0
+    tied: bool = False
+
+    def __post_init__(self) -> None:
+        texts = (self.texts,) if isinstance(self.texts, str) else tuple(str(t) for t in self.texts)
+        object.__setattr__(self, "texts", texts)
+        if self.min_count < 1 or self.keep_top < 0:
+            raise ValueError(f"vocabulary: min_count={self.min_count}, keep_top={self.keep_top}: need "
+                             "min_count >= 1 and keep_top >= 0")
 
 
 @dataclass(frozen=True)
@@ -418,7 +435,7 @@ class BuildSettings:
     """Everything that decides the artifacts of one `compiler` run.
 
     Attributes:
-        model, export, precision, data, quant, train, sparsity, engine: each stage's settings.
+        model, export, precision, data, quant, train, sparsity, vocab, engine: each stage's settings.
         output_dir: the artifacts' root (`engines/`); `data.cache_dir` defaults below it.
     """
 
@@ -429,6 +446,7 @@ class BuildSettings:
     quant: QuantSettings = field(default_factory=QuantSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     sparsity: SparsitySettings = field(default_factory=SparsitySettings)
+    vocab: VocabSettings = field(default_factory=VocabSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     output_dir: str = "engines"
 
@@ -451,8 +469,8 @@ class BuildSettings:
         return self.model_dir() / f"sparse{self.sparsity.pattern.replace(':', '')}"
 
     def variant_dir(self) -> Path:
-        """`<base_dir()>/<precision>`: one variant's artifacts."""
-        return self.base_dir() / self.precision.mode
+        """`<base_dir()>/<precision>` (`<precision>-vocab` with vocabulary pruning): one variant's artifacts."""
+        return self.base_dir() / (f"{self.precision.mode}-vocab" if self.vocab.texts else self.precision.mode)
 
 
 def settings_hash(*parts: object) -> str:

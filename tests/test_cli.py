@@ -143,7 +143,7 @@ def test_every_option_reaches_its_settings_field():
             settings = cli.settings_from_args(cli.build_parser().parse_args(["compile", *argv]))
         except cli.CompilerError:
             continue  # a value the settings refuse for this field (checked elsewhere)
-        changed = {f"{s}.{f.name}" for s in ("model", "export", "precision", "data", "quant", "train", "sparsity")
+        changed = {f"{s}.{f.name}" for s in ("model", "export", "precision", "data", "quant", "train", "sparsity", "vocab")
                    for f in dataclasses.fields(getattr(settings, s))
                    if getattr(getattr(settings, s), f.name) != getattr(getattr(BuildSettings(), s), f.name)}
         if settings.output_dir != BuildSettings().output_dir:
@@ -155,6 +155,8 @@ def test_every_option_reaches_its_settings_field():
                     if getattr(engine.profiles[0], k) != getattr(default_engine.profiles[0], k)}
         want = set(targets.split()) | ({"profile.max_shape"} if flag == "--opt-shape" else set()) | (
             {"profile.opt_shape"} if flag == "--min-shape" else set())
+        if flag == "--output-dir":
+            want.add("data.cache_dir")  # the caches follow the artifacts
         assert changed == want, (flag, changed)
 
 

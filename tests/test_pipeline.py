@@ -210,3 +210,31 @@ def test_token_sets_are_built_once_per_run(tiny_bert, tmp_path, monkeypatch):
 def test_unknown_stage_is_refused():
     with pytest.raises(ValueError, match="until='deploy'"):
         run_pipeline(BuildSettings(), until="deploy")
+
+
+def test_vocabulary_pruning_keeps_domain_outputs_and_the_contract(tiny_bert, tmp_path):
+    """`--prune-vocab`: the engine still takes the original ids; on the domain text (every token
+    kept) the pruned FP32 graph gives the unpruned outputs exactly; general text shows its OOV."""
+    from compiler.settings import VocabSettings
+
+    domain = tmp_path / "domain.txt"
+    domain.write_text("\n".join(["the film is a charming and often affecting journey of the heart ."] * 3
+                                 + ["a dull , lifeless movie that never finds its way ."] * 3) + "\n")
+    settings = settings_for(tiny_bert, tmp_path, "hybrid", vocab=VocabSettings(texts=(str(domain),)))
+    state = run_pipeline(settings, until="verify")
+    v = state.report["vocabulary"]
+    assert settings.variant_dir().name == "hybrid-vocab" and state.variant_onnx.parent == settings.variant_dir()
+    assert 5 < v["kept"] < 40 and v["vocab_size"] == 30522  # the words above, their pieces, the specials
+    # the kept rows of the 32-wide table, plus the int32 remap (one entry per original id)
+    assert v["embedding_params_before"] == 30522 * 32 and v["embedding_params_after"] == v["kept"] * 32 + 30522
+    assert v["onnx_mib"]["after"] < v["onnx_mib"]["before"]
+    assert v["oov_rate"]["domain"] == 0.0 and v["oov_rate"]["heldout"] > 0.3  # WikiText-2 is not this domain
+    dom = v["fidelity_vs_unpruned"]["domain"]
+    # FP32 rounding only: ONNX Runtime optimizes the reference's graph, not the measured one
+    assert dom["max_abs_err"] < 1e-5 and dom["cosine_min"] == pytest.approx(1.0, abs=1e-9)
+    held = v["fidelity_vs_unpruned"]["heldout"]
+    assert held["cosine_min"] < dom["cosine_min"]  # out-of-vocabulary tokens do change outputs
+    model = onnx.load(str(state.variant_onnx))
+    ids = next(i for i in model.graph.input if i.name == "input_ids")
+    assert ids.type.tensor_type.elem_type == onnx.TensorProto.INT64  # the tokenizer's ids, unchanged
+    assert state.report["fidelity"]["real"]["nonfinite_count"] == 0

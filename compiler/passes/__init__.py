@@ -4,4 +4,6 @@
 - `auto_precision`: which nodes `auto` keeps in FP32, measured.
 - `qdq`: explicit INT8 Q/DQ placement on MatMul/Gemm inputs (`QdqPlacer`, `insert_qdq`).
 - `smoothquant`: SmoothQuant, activation outliers moved into the weights (`smooth`).
+- `vocab_prune`: vocabulary pruning, the word-embedding table cut to the kept ids behind an
+  int32 id remap (`prune_vocabulary`).
 """
