@@ -17,6 +17,9 @@ also writes a PNG, when matplotlib is installed (the `bench` extra).
   Writes `sst2_probe.json` and caches embeddings under `cache/`.
 - `ort_latency`: ONNX Runtime CPU latency and throughput per graph and batch shape on real
   token ids. Writes `ort_latency.json`, `ort_latency.png`.
+- `vocab_prune`: MiniLM pruned to SST-2's vocabulary: sizes, fidelity on SST-2 dev and WikiText-2
+  with OOV rates, ORT CPU latency with the remap in the graph and without it; BERT-base's
+  parameter share saved. Writes `vocab_prune.json`, `vocab_prune.png`.
 - `peak_memory`: wall time and peak RSS of a command's whole process tree. Writes
   `peak_memory.json` (or `--json FILE`).
 
@@ -24,4 +27,4 @@ also writes a PNG, when matplotlib is installed (the `bench` extra).
 """
 
 BENCHMARKS = ("precision_modes", "int8_ptq", "int8_minilm", "recovery_sweep", "sst2_probe", "ort_latency",
-              "peak_memory")
+              "peak_memory", "vocab_prune")

@@ -384,7 +384,8 @@ def stage_vocab(settings: BuildSettings, export: ExportResult, graph: Path, toke
         names = loaded.input_names
         probe = FidelityProbe(graph, export.output_names, {"domain": sample.batches(data.batch_size, names),
                                                            "heldout": tokens.heldout.batches(data.batch_size, names)})
-        fidelity = probe.measure(load_onnx(out, check=False))
+        # both graphs on ONNX Runtime with its optimizations, as the reference runs (Q/DQ fused alike)
+        fidelity = probe.measure(load_onnx(out, check=False), optimize=True)
         write_json(report_path, {
             **report.to_dict(), "texts": list(vocab.texts), "domain_samples": len(domain),
             "min_count": vocab.min_count, "keep_top": vocab.keep_top,

@@ -238,3 +238,18 @@ def test_vocabulary_pruning_keeps_domain_outputs_and_the_contract(tiny_bert, tmp
     ids = next(i for i in model.graph.input if i.name == "input_ids")
     assert ids.type.tensor_type.elem_type == onnx.TensorProto.INT64  # the tokenizer's ids, unchanged
     assert state.report["fidelity"]["real"]["nonfinite_count"] == 0
+
+
+def test_vocabulary_pruning_composes_with_int8(tiny_bert, tmp_path):
+    """The vocab stage runs on the Q/DQ graph (the embedding Gather is not quantized)."""
+    from compiler.settings import VocabSettings
+
+    domain = tmp_path / "domain.txt"
+    domain.write_text("a charming and often affecting journey .\nthe film never finds its way .\n")
+    settings = settings_for(tiny_bert, tmp_path, "int8", vocab=VocabSettings(texts=(str(domain),)))
+    state = run_pipeline(settings, until="verify")
+    counts = ops(onnx.load(str(state.variant_onnx)))
+    assert counts["DequantizeLinear"] >= state.report["quantization"]["quantized_matmuls"]  # one per INT8 weight
+    assert state.report["vocabulary"]["kept"] < 40
+    dom = state.report["vocabulary"]["fidelity_vs_unpruned"]["domain"]  # against the unpruned Q/DQ graph
+    assert dom["max_abs_err"] < 1e-5 and state.report["fidelity"]["real"]["nonfinite_count"] == 0

@@ -44,3 +44,16 @@ def test_mixed_training_texts_interleave_and_keep_held_out_lines_out():
     assert DataSettings(train_path="one.txt").train_path == ("one.txt",)
     with pytest.raises(ValueError, match="at least one sample per text"):
         DataSettings(train_samples=1, train_path=("a.txt", "b.txt"))
+
+
+def test_vocabulary_texts_read_every_line_of_every_domain_text(tmp_path):
+    from calibration.layout import vocabulary_texts
+    from compiler.settings import VocabSettings
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.tsv"
+    a.write_text("short line\nanother one\n\n")  # short lines count too; empty ones are no sample
+    b.write_text("sentence\tlabel\ngood film .\t1\n")
+    assert vocabulary_texts(VocabSettings(texts=(str(a), str(b))), DataSettings()) == \
+        ["short line", "another one", "good film ."]
+    with pytest.raises(DataError):
+        vocabulary_texts(VocabSettings(texts=(str(tmp_path / "missing.txt"),)), DataSettings())
