@@ -160,3 +160,15 @@ def test_no_source_file_is_git_ignored():
     hidden = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard", "--", *PACKAGES,
                              "tests"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert not [p for p in hidden if p.endswith((".py", ".md"))], hidden
+
+
+def test_every_test_file_is_collected():
+    """No test folder is skipped by pytest's collection rules (its default skips `build/`)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu or not gpu"],
+                         cwd=ROOT, capture_output=True, text=True).stdout
+    collected = {line.split("::")[0] for line in out.splitlines() if "::" in line}
+    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")}
+    assert on_disk <= collected, sorted(on_disk - collected)
