@@ -128,7 +128,6 @@ def fp32_name(settings: BuildSettings) -> str:
 
 def _export(settings: BuildSettings, in_child: bool = False) -> tuple[Any, list[str], Path, Any]:
     """Load the model and held-out text, export FP32 ONNX, check parity (see `stage_export`)."""
-
     if in_child:
         # The exporter copies every weight several times (constant folding, serialization); with
         # glibc's adaptive threshold the freed copies stay resident and the next ones stack on them.
@@ -217,7 +216,6 @@ def _start_from(student: Any, src: Path, names: list[str]) -> dict[str, Any]:
 def _prune_and_recover(settings: BuildSettings, export: ExportResult, tokens: TokenSets, student: Any,
                        start: tuple[Path, str] | None) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """Prune `student` in place (or load the earlier student), recover it; (masks, prune, recovery)."""
-
     sp = settings.sparsity
     calib = tokens.calibration if sp.method == "wanda" and not start else None
     # with an earlier student, magnitude pruning only chooses the layers (no forward pass)
@@ -443,7 +441,6 @@ def stage_verify(settings: BuildSettings, export: ExportResult, precision: Preci
 
     A 2:4 run also checks that the variant (FP16, Q/DQ) kept the pattern.
     """
-
     data = settings.data
     fidelity = verify_variant(export.onnx, load_onnx(precision.onnx, check=False), export.output_names,
                               tokens.heldout, data.batch_size, export.loaded.vocab_size, settings.model.seed)
@@ -464,6 +461,5 @@ def stage_verify(settings: BuildSettings, export: ExportResult, precision: Preci
 
 def stage_build(settings: BuildSettings, precision: PrecisionResult, report: dict[str, Any]) -> BuildResult:
     """Build the TensorRT engine (stops with exit status 2 where TensorRT or a GPU is missing)."""
-
     plan, manifest = engine_from_onnx(precision.onnx, settings, report)
     return BuildResult(plan, manifest)
