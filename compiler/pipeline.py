@@ -449,8 +449,10 @@ def stage_verify(settings: BuildSettings, export: ExportResult, precision: Preci
                         "tokens": int(sum(len(x) for x in tokens.heldout.input_ids))}
     for which in ("real", "random"):
         f = fidelity[which]
+        num = lambda v: "nan" if v is None else f"{v:.6g}"  # noqa: E731  (None: a non-finite output)
         log.info("verify %s: cosine min %s mean %s, max abs error %s, %d non-finite over %d samples", which,
-                 f["cosine_min"], f["cosine_mean"], f["max_abs_err"], f["nonfinite_count"], f["samples"])
+                 num(f["cosine_min"]), num(f["cosine_mean"]), num(f["max_abs_err"]), f["nonfinite_count"],
+                 f["samples"])
     check = None
     if settings.sparsity.pattern is not None:  # FP16 and Q/DQ must keep the 2:4 pattern
 
