@@ -62,7 +62,7 @@ def load_texts(data: DataSettings, count: int | None = None, skip: int = 0,
         raise DataError(
             f"{data.path or 'default text'}: found {len(picked)} samples with >= {data.min_words} "
             f"words after skipping {skip}, need {need}. Use a larger file (CALIB=path), fewer "
-            "samples (--samples, --train-samples), or a smaller --min-words."
+            "samples (--samples, --calib-samples, --train-samples), or a smaller --min-words."
         )
     return picked
 

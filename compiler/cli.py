@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from compiler.errors import CompilerError
-from compiler.settings import (FLOAT_MODES, LR_SCHEDULES, PRECISION_MODES, QUANT_METHODS, SPARSITY_METHODS, WEIGHT_MODES,
+from compiler.settings import (FLOAT_MODES, INT8_MODES, LR_SCHEDULES, PRECISION_MODES, QUANT_METHODS, SPARSITY_METHODS, WEIGHT_MODES,
                                BuildSettings, DataSettings, EngineSettings, ExportSettings, ModelSettings,
                                PrecisionSettings, ProfileSettings, QuantSettings, SparsitySettings, TrainSettings,
                                VocabSettings)
@@ -69,6 +69,7 @@ MODEL_OPTIONS = [
     ("--samples", "data.samples", {"type": int, "help": "held-out samples for verification and the budgets"}),
     ("--calib-samples", "data.calib_samples", {"type": int, "help": "calibration samples"}),
     ("--max-length", "data.max_length", {"type": int}),
+    ("--min-words", "data.min_words", {"type": int, "help": "text lines with fewer words are skipped"}),
     ("--batch-size", "data.batch_size", {"type": int}),
     ("--output-dir", "build.output_dir", {}),
 ]
@@ -254,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompilerError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: artifacts are written atomically, nothing half-done stays
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _print_variant(run: Any) -> None:
@@ -297,9 +301,10 @@ def _precision_only(args: argparse.Namespace, settings: BuildSettings) -> int:
     from compiler.graph.onnx_io import load_onnx, save_onnx
     from compiler.passes.precision import convert_precision
 
-    if settings.precision.mode == "auto":
-        raise CompilerError("--precision auto measures on real text with the model's tokenizer: run "
-                            "`python -m compiler verify --model NAME --precision auto` instead")
+    if settings.precision.mode in ("auto", *INT8_MODES):
+        raise CompilerError(f"--precision {settings.precision.mode} needs calibration text and the model's "
+                            "tokenizer, which `precision` on a bare ONNX file has not: run `python -m compiler "
+                            f"compile --no-build --model NAME --precision {settings.precision.mode}` instead")
     model = load_onnx(args.onnx)
     out = args.out or args.onnx.with_name(f"{args.onnx.stem}.{settings.precision.mode}.onnx")
     converted, report = convert_precision(model, settings.precision)

@@ -87,6 +87,37 @@ def test_corrupt_onnx_error(tmp_path):
     assert not list(tmp_path.glob("bad.*.onnx"))  # nothing half-written
 
 
+@pytest.mark.parametrize("content", [None, b"", b"\x08\x07 truncated"])
+def test_build_on_a_missing_empty_or_truncated_onnx_is_bad_input(tmp_path, content):
+    """Exit 1 naming the file, not exit 2 ("TensorRT missing, build it later"): the file comes first."""
+    onnx_path = tmp_path / "model.onnx"
+    if content is not None:
+        onnx_path.write_bytes(content)
+    result = run_cli("build", "--onnx", str(onnx_path))
+    assert result.returncode == 1, result.stderr[-1000:]
+    assert str(onnx_path) in result.stderr and "Traceback" not in result.stderr
+    assert "Build it later" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-qat", "auto"])
+def test_precision_on_a_bare_onnx_refuses_modes_that_need_text(tmp_path, mode):
+    result = run_cli("precision", "--onnx", str(tmp_path / "m.onnx"), "--precision", mode)
+    assert result.returncode == 1 and f"compile --no-build --model NAME --precision {mode}" in result.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_too_few_samples_names_flags_that_exist(tmp_path):
+    from compiler.cli import build_parser
+
+    short = tmp_path / "short.txt"
+    short.write_text("one two three four five six seven eight nine\n")
+    result = run_cli("export", "--model", "minilm", "--calib", str(short), "--output-dir", str(tmp_path))
+    assert result.returncode == 1 and "--min-words" in result.stderr
+    flags = {o for a in build_parser()._subparsers._group_actions[0].choices["compile"]._actions
+             for o in a.option_strings}
+    assert {"--samples", "--calib-samples", "--train-samples", "--min-words"} <= flags
+
+
 def test_invalid_profile_is_a_clear_error(tmp_path):
     result = run_cli("build", "--onnx", str(tmp_path / "x.onnx"), "--min-shape", "4x1", "--opt-shape", "1x128")
     assert result.returncode == 1 and "min (4) <= opt (1)" in result.stderr
@@ -179,3 +210,22 @@ def test_makefile_train_text_reaches_the_settings():
     settings = settings_from_args(build_parser().parse_args(argv[argv.index("compiler") + 1:]))
     assert settings.data.train_path == ("deploy.tsv", "general.txt")
     assert settings.sparsity.pattern == "2:4"
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "compiler", "export", "--model", "minilm", "--output-dir",
+                             str(tmp_path)], stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:  # wait until the pipeline runs, then press Ctrl-C
+        lines.append(line)
+        if "stage export: start" in line:
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=300) == 130, "".join(lines) + rest
+    assert "interrupted" in rest and "Traceback" not in rest

@@ -38,8 +38,8 @@ from typing import Any
 from compiler.artifacts import sha256_file, write_bytes, write_json
 from compiler.build.device import GpuInfo, find_gpu
 from compiler.build.profiles import ProfileShapes, profile_shapes
-from compiler.errors import EngineBuildError, InvalidOnnxError, TensorRTUnavailableError
-from compiler.graph.onnx_io import load_onnx
+from compiler.errors import EngineBuildError, TensorRTUnavailableError
+from compiler.graph.onnx_io import check_onnx_file, load_onnx
 from compiler.graph.sparsity import check_2_4
 from compiler.settings import BuildSettings, EngineSettings, ProfileSettings
 
@@ -161,15 +161,15 @@ def engine_from_onnx(
 
     Raises:
         TensorRTUnavailableError: TensorRT or a GPU is missing (see `check_tensorrt`).
-        InvalidOnnxError: `onnx_path` is not a file.
+        InvalidOnnxError: `onnx_path` is missing, empty, truncated or lacks its external data
+            (checked first, before TensorRT: `compiler.graph.onnx_io.check_onnx_file`).
         EngineBuildError: the ONNX parser fails (every error is listed with its node), an
             input has a dynamic axis other than 0 (batch) or 1 (sequence), an optimization
             profile is rejected, or the builder returns no engine.
     """
     onnx_path = Path(onnx_path)
+    check_onnx_file(onnx_path)  # a missing or broken file is bad input (exit 1), whatever the machine
     gpu = check_tensorrt(onnx_path)
-    if not onnx_path.is_file():
-        raise InvalidOnnxError(f"no ONNX file at {onnx_path}: run the export stage first")
 
     import tensorrt as trt
 

@@ -40,6 +40,34 @@ def load_onnx(path: str | os.PathLike, check: bool = True):
     return model
 
 
+def check_onnx_file(path: str | os.PathLike) -> None:
+    """Cheap check that `path` holds an ONNX graph, its external weights beside it, before work
+    that would fail later (the TensorRT build): the graph is read without its weights.
+
+    Raises:
+        InvalidOnnxError: the file is missing, empty, truncated or not ONNX, or holds no node, or
+            an external data file it names is missing.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidOnnxError(f"{path}: no such ONNX file. Run `python -m compiler compile --no-build` "
+                               "(or `make onnx`) first; it writes the TensorRT-ready ONNX.")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError: truncated or not ONNX
+        raise InvalidOnnxError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e}). The file may be "
+                               "truncated or not ONNX; export it again.") from e
+    if not model.graph.node:
+        raise InvalidOnnxError(f"{path}: holds no ONNX graph ({path.stat().st_size} bytes); export it again.")
+    missing = sorted({e.value for t in model.graph.initializer for e in t.external_data
+                      if e.key == "location" and not (path.parent / e.value).is_file()})
+    if missing:
+        raise InvalidOnnxError(f"{path}: its external weights {missing} are not beside it; copy the .data "
+                               "file with the .onnx, or export it again.")
+
+
 def save_onnx(model, path: str | os.PathLike, external: bool | None = None) -> Path:
     """Write `model` to `path` atomically; weights go to `<name>.data` when `external` (default:
     when over 2 GiB). Saving with external data moves the weights out of `model` (consumed).

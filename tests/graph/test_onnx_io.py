@@ -120,3 +120,25 @@ def test_session_with_outputs_reads_external_weights(tmp_path):
     np.testing.assert_allclose(h, X @ W, rtol=1e-5)
     np.testing.assert_allclose(y, Y, rtol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # its light graph copy is gone
+
+
+def test_check_onnx_file_reads_the_graph_not_the_weights(tmp_path):
+    import numpy as np
+    from onnx import helper
+
+    from compiler.errors import InvalidOnnxError
+    from compiler.graph.onnx_io import check_onnx_file, save_onnx
+    from tests.models import f32, make_model
+
+    model = make_model([helper.make_node("Add", ["X", "w"], ["Y"])], [f32("X", [512])], [f32("Y", [512])],
+                       {"w": np.ones(512, np.float32)})
+    path = save_onnx(model, tmp_path / "m.onnx", external=True)
+    check_onnx_file(path)  # fine
+    (tmp_path / "m.onnx.data").unlink()
+    with pytest.raises(InvalidOnnxError, match="external weights"):
+        check_onnx_file(path)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(InvalidOnnxError, match="holds no ONNX graph"):
+        check_onnx_file(tmp_path / "empty.onnx")
+    with pytest.raises(InvalidOnnxError, match="no such ONNX file"):
+        check_onnx_file(tmp_path / "missing.onnx")
