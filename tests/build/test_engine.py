@@ -371,14 +371,17 @@ def test_check_tensorrt_says_why_there_is_no_gpu(tmp_path):
 
 
 @needs_missing_tensorrt_or_gpu
-def test_engine_from_onnx_checks_tensorrt_first_and_writes_nothing(tmp_path):
+def test_engine_from_onnx_checks_the_file_then_tensorrt_and_writes_nothing(tmp_path):
+    from compiler.errors import InvalidOnnxError
+
     settings = BuildSettings(
         engine=EngineSettings(timing_cache_dir=str(tmp_path / "timing_cache")),
         output_dir=str(tmp_path / "engines"),
     )
-    # A missing ONNX is reported as missing TensorRT/GPU (not InvalidOnnxError): checked first.
-    with pytest.raises(TensorRTUnavailableError):
+    # A missing ONNX is bad input (exit 1) on any machine: checked before TensorRT (exit 2).
+    with pytest.raises(InvalidOnnxError, match="no such ONNX file") as missing:
         build.engine_from_onnx(tmp_path / "missing.onnx", settings, {})
+    assert missing.value.exit_code == 1
     onnx_path = _one_gemm_onnx(tmp_path / "model.onnx", np.ones((4, 2), np.float32))
     with pytest.raises(TensorRTUnavailableError):
         build.engine_from_onnx(onnx_path, settings, {})
