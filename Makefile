@@ -23,9 +23,15 @@ VOCAB_TEXT ?=
 BENCH     ?= precision_modes
 ARGS      ?=
 
-COMMON = --model $(MODEL) --weights $(WEIGHTS) --precision $(PRECISION) --samples $(SAMPLES) \
-         $(if $(CALIB),--calib $(CALIB)) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
-         $(foreach t,$(TRAIN_TEXT),--train-text $(t)) $(foreach t,$(VOCAB_TEXT),--prune-vocab $(t)) $(ARGS)
+# Paths reach the CLI shell-quoted, so MODEL="/path/with space" is one argument. TRAIN_TEXT and
+# VOCAB_TEXT are space-separated lists: pass a file whose path has a space through
+# ARGS='--train-text "my text.tsv"' instead.
+quote = '$(subst ','\'',$(1))'
+
+COMMON = --model $(call quote,$(MODEL)) --weights $(WEIGHTS) --precision $(PRECISION) --samples $(SAMPLES) \
+         $(if $(CALIB),--calib $(call quote,$(CALIB))) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
+         $(foreach t,$(TRAIN_TEXT),--train-text $(call quote,$(t))) \
+         $(foreach t,$(VOCAB_TEXT),--prune-vocab $(call quote,$(t))) $(ARGS)
 
 # The install stamp: one file per Python environment, `<env>/.trt-compiler-installed` (the folder
 # above PYTHON's bin/), so `PYTHON=python` inside an activated .venv (what .ci/run does) finds the
@@ -45,7 +51,7 @@ onnx: $(STAMP)     ## the same without the build step
 	$(PYTHON) -m compiler compile --no-build $(COMMON)
 
 export: $(STAMP)
-	$(PYTHON) -m compiler export --model $(MODEL) --weights $(WEIGHTS) $(ARGS)
+	$(PYTHON) -m compiler export --model $(call quote,$(MODEL)) --weights $(WEIGHTS) $(ARGS)
 
 test: $(STAMP)     ## the CPU test tier (what .ci/run runs)
 	$(PYTHON) -m pytest -m "not gpu" -q

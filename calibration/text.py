@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,7 +55,8 @@ def load_texts(data: DataSettings, count: int | None = None, skip: int = 0,
         Stripped strings, each with at least `data.min_words` words, in file order.
 
     Raises:
-        DataError: the file is missing, a TSV/CSV has no usable column, or too few samples.
+        DataError: the file is missing, unreadable or not text (`read_text_file`), a TSV/CSV has
+            no usable column or a malformed line, or too few samples.
     """
     count = data.samples if count is None else count
     texts = _read_source(data)
@@ -77,10 +81,13 @@ def _read_source(data: DataSettings) -> list[str]:
             )
     else:
         path = Path(data.path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory: pass a text file (one sample a line) or a TSV/CSV "
+                        "file with a header.")
     if path.is_file():
         if path.suffix.lower() in (".tsv", ".csv"):
             return _read_table(path, data.text_column)
-        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return read_text_file(path).splitlines()
     if data.path is not None and _looks_like_dataset(data.path):
         return _read_hf_dataset(data.path, data.text_column)
     raise DataError(f"{path}: no such file. Pass a text or TSV file with --calib PATH.")
@@ -93,10 +100,80 @@ def _looks_like_dataset(spec: str) -> bool:
             and Path(name).suffix.lower() not in (".txt", ".tsv", ".csv"))
 
 
+# A control character in more than this share of a file's characters marks it as binary (real
+# text, even with stray form feeds or escape codes, stays far below; random bytes are ~11 %).
+MAX_CONTROL_SHARE = 0.01
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f]")  # C0/C1 controls but \t \n \v \f \r
+
+
+def read_text_file(path: Path) -> str:
+    """The text of `path`: UTF-8 (a BOM dropped), UTF-16 with a BOM, else Windows-1252/Latin-1.
+
+    A file that is not UTF-8 is decoded as cp1252 (latin-1 where cp1252 leaves a byte
+    undefined) with a WARNING naming the file and the encoding; a UTF-8 file with a few stray
+    bytes keeps its UTF-8 and reads each stray byte as U+FFFD, also with a WARNING.
+
+    Raises:
+        DataError: the file cannot be read (permissions), or is not text: it holds NUL bytes
+            (executables, .safetensors, archives) or more than `MAX_CONTROL_SHARE` control
+            characters.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}): check that it exists and is "
+                        "readable, or pass another text or TSV file.") from e
+    text = None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a BOM (Excel's "Unicode text")
+        try:
+            text = raw.decode("utf-16")
+        except UnicodeDecodeError:
+            pass  # not UTF-16 after all: the NUL check decides
+    if text is None:
+        if b"\0" in raw:
+            raise _not_text(path, "NUL bytes")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            text = _decode_non_utf8(path, raw, e.start)
+    controls = len(_CONTROL.findall(text))
+    if controls > MAX_CONTROL_SHARE * len(text):
+        raise _not_text(path, f"{controls} control characters in {len(text)}")
+    return text
+
+
+def _decode_non_utf8(path: Path, raw: bytes, first_bad: int) -> str:
+    lenient = raw.decode("utf-8-sig", errors="replace")
+    if re.search("[\x80-\ufffc\ufffe-\U0010ffff]", lenient):  # real UTF-8 sequences too: keep UTF-8
+        bad = lenient.count("\ufffd")
+        log.warning("%s: UTF-8 with %d invalid byte sequence(s) (the first at byte %d), read as U+FFFD; "
+                    "re-save the file as UTF-8 to read them.", path, bad, first_bad)
+        return lenient
+    try:
+        text, encoding = raw.decode("cp1252"), "cp1252 (Windows Latin-1)"
+    except UnicodeDecodeError:
+        text, encoding = raw.decode("latin-1"), "latin-1 (ISO-8859-1)"
+    log.warning("%s is not UTF-8 (byte 0x%02x at offset %d): read as %s; re-save it as UTF-8 if "
+                "that is not its encoding.", path, raw[first_bad], first_bad, encoding)
+    return text
+
+
+def _not_text(path: Path, why: str) -> DataError:
+    return DataError(f"{path} is not a text file ({why} / binary): pass a text file (one sample a "
+                     "line) or a TSV/CSV file with a header.")
+
+
+# csv's default limit is 131,072 characters a field; a long document in one cell is still text
+# (tokenizing truncates it). The limit is a C long: 2**31 - 1 fits every platform.
+CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
 def _read_table(path: Path, column: str | None) -> list[str]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE)
+    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""), delimiter=delimiter,
+                            quoting=csv.QUOTE_NONE)
+    previous = csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
         fields = reader.fieldnames or []
         name = column or next((c for c in ("sentence", "text") if c in fields), None)
         if name not in fields:
@@ -105,6 +182,10 @@ def _read_table(path: Path, column: str | None) -> list[str]:
                 "choose one with --text-column NAME."
             )
         return [row[name] or "" for row in reader]
+    except csv.Error as e:
+        raise DataError(f"{path}, line {reader.line_num}: {e}; fix that line or pass another file.") from e
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _read_hf_dataset(spec: str, column: str | None) -> list[str]:

@@ -6,41 +6,191 @@ Every artifact is written to a temporary name beside its destination and renamed
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+from compiler.errors import CompilerError
 
 log = logging.getLogger(__name__)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], nbytes: int | None = None) -> Path:
     """Call `write(tmp_path)`, then rename `tmp_path` to `path`.
 
     Args:
         path: destination; its parent directories are created.
         write: writes the whole artifact to the temporary path it is given.
+        nbytes: the artifact's size in bytes when known (named by the full-disk error).
 
     Returns:
         The destination as a Path. On any exception the temporary file is removed and the
         destination is left as it was.
+
+    Raises:
+        compiler.errors.CompilerError: the disk is full, or the folder is not writable
+            (`write_error`); other exceptions of `write` pass through.
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600: artifacts follow the umask
-        os.replace(tmp_path, dest)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with writing(dest, nbytes) as tmp:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: artifacts follow the umask
+        os.replace(tmp, dest)
     return dest
+
+
+@contextlib.contextmanager
+def writing(dest: Path, nbytes: int | None = None, directory: bool = False) -> Iterator[Path]:
+    """A fresh temporary file (or folder) beside `dest`, removed on exit, with disk errors made clear.
+
+    Creates the parent folders, removes temporaries of `dest` that dead processes left
+    (`remove_stale_temps`), and yields `temp_beside(dest, directory)`; the caller writes it and
+    renames it (or its content) into place. An OSError for a full disk or a folder that cannot
+    be written becomes the one-line `write_error`.
+
+    Raises:
+        compiler.errors.CompilerError: see `write_error`.
+    """
+    tmp: Path | None = None
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(dest)
+        tmp = temp_beside(dest, directory)
+        yield tmp
+    except OSError as e:
+        written = _size(tmp)
+        _remove(tmp)  # first: the free space reported is what the disk has without it
+        error = write_error(dest, e, nbytes if nbytes is not None else written, exact=nbytes is not None)
+        if error is None:
+            raise
+        raise error from e
+    finally:
+        _remove(tmp)
+
+
+def _remove(tmp: Path | None) -> None:
+    if tmp is not None and tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif tmp is not None and tmp.exists():
+        tmp.unlink()
+
+
+def temp_beside(dest: Path, directory: bool = False) -> Path:
+    """Create an empty temporary file (or folder) in `dest`'s folder and return its path.
+
+    Named `.<dest name>.<pid>.<random>` (a file gets `.tmp` appended), hidden, so that
+    `remove_stale_temps` can tell whether the process that made it is still alive.
+    """
+    prefix = f".{dest.name}.{os.getpid()}."
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def remove_stale_temps(dest: Path) -> list[Path]:
+    """Remove the temporaries of `dest` (`temp_beside`) whose process is gone; returns them.
+
+    A process killed while writing (kill -9, out of memory, power loss) leaves its temporary
+    file or folder beside the artifact; the next write of the same destination removes it.
+    Temporaries of live processes (a concurrent run into the same folder) are kept. Failures
+    to remove (a read-only folder) are ignored: the write that follows reports the folder.
+    """
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(\d+)\.[A-Za-z0-9_]+(\.tmp)?$")
+    removed = []
+    for p in dest.parent.glob(glob.escape(f".{dest.name}.") + "*"):
+        m = pattern.match(p.name)
+        if not m or process_alive(int(m.group(1))):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        except OSError:
+            continue
+        removed.append(p)
+    if removed:
+        log.info("removed %d temporary file(s) left by ended processes beside %s", len(removed), dest)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (unknown: assumed alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process
+        return True
+    try:  # Linux: a zombie (dead, not yet reaped) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def write_error(dest: Path, e: OSError, nbytes: int | None = None, exact: bool = True) -> CompilerError | None:
+    """The one-line error for an OSError met while writing `dest`, or None for any other error.
+
+    Args:
+        dest: the artifact being written.
+        e: the error.
+        nbytes: the bytes being written (`exact`), or written before the error (not `exact`).
+
+    Returns:
+        A CompilerError (exit 1) for a full disk or quota (ENOSPC, EDQUOT: names the space needed
+        and the space free, from `shutil.disk_usage`) or for a folder that cannot be written
+        (EACCES, EPERM, EROFS on `dest`, a file beside it or a folder above it); else None.
+    """
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        need = (f"{_human(nbytes)} to write" if exact else f"more than the {_human(nbytes)} written") if nbytes \
+            else "more space"
+        return CompilerError(f"{dest}: no space left on the device ({e.strerror}; {need}, "
+                             f"{_human(_free(dest.parent))} free). Free space there, or write to a disk with room "
+                             "(--output-dir; --out for `precision`).")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = Path(e.filename) if e.filename else dest.parent
+        if where == dest or where.parent == dest.parent:  # the artifact, or a temporary beside it
+            folder = dest.parent
+        elif where in dest.parents:  # a folder above: mkdir of `where` failed in its parent
+            folder = where if where.exists() else where.parent
+        else:
+            return None  # about another file (one being read): not the output folder
+        return CompilerError(f"{folder}: cannot write {dest.name} there ({e.strerror}). Make the folder "
+                             "writable, or write to a writable folder (--output-dir; --out for `precision`).")
+    return None
+
+
+def _size(path: Path | None) -> int | None:
+    """Bytes under `path` (a file or a folder), None when there is nothing."""
+    if path is None or not path.exists():
+        return None
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) or None
+
+
+def _free(folder: Path) -> int:
+    """Free bytes on the file system of `folder` (or of its nearest existing parent)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes} bytes"
 
 
 def _umask() -> int:
@@ -50,14 +200,24 @@ def _umask() -> int:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Atomically write `data` to `path`."""
-    return atomic_write(path, lambda p: p.write_bytes(data))
+    """Atomically write `data` to `path` (errors: as `atomic_write`)."""
+    return atomic_write(path, lambda p: p.write_bytes(data), nbytes=len(data))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write `obj` as indented JSON (keys kept in insertion order)."""
+    """Atomically write `obj` as indented JSON (keys kept in insertion order).
+
+    A file that already holds exactly this text is left alone, so a run that changes nothing
+    writes nothing (and works in a read-only output folder). Errors: as `atomic_write`.
+    """
     text = json.dumps(obj, indent=2, default=_json_default) + "\n"
-    return atomic_write(path, lambda p: p.write_text(text))
+    dest = Path(path)
+    try:
+        if dest.is_file() and dest.stat().st_size == len(text.encode()) and dest.read_text() == text:
+            return dest
+    except (OSError, UnicodeDecodeError):
+        pass
+    return atomic_write(dest, lambda p: p.write_text(text), nbytes=len(text.encode()))
 
 
 def _json_default(obj: Any) -> Any:
@@ -152,6 +312,38 @@ def fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
         pass
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Make this (worker) process end when process `parent_pid`, its parent, ends.
+
+    The initializer of `run_in_child`'s worker: without it a worker whose parent was killed
+    (kill -9, out of memory) lives on under PID 1, writes its cache for nobody and blocks
+    forever on the pipe to the dead parent. On Linux the kernel sends SIGKILL when the parent
+    dies (`prctl(PR_SET_PDEATHSIG)`, man 2 prctl); elsewhere a daemon thread polls the parent
+    pid twice a second. A parent that died before this ran is caught by `os.getppid()`.
+    """
+    import ctypes
+    import signal
+    import sys
+    import threading
+    import time
+
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:  # the parent is already gone
+        os._exit(1)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
 def _child_entry(level: int, fn: Any, args: tuple) -> Any:
     import logging
 
@@ -164,8 +356,9 @@ def run_in_child(fn: Any, *args: Any, what: str) -> Any:
 
     For memory-heavy steps whose allocations would otherwise stay resident in the pipeline's
     process (PyTorch and its export; activation statistics): everything the child touched goes
-    back to the OS when it exits. The child logs at the parent's level. `fn`, `args` and the
-    result must be picklable; exceptions raised in the child are re-raised here.
+    back to the OS when it exits. The child logs at the parent's level and dies with the parent
+    (`die_with_parent`). `fn`, `args` and the result must be picklable; exceptions raised in
+    the child are re-raised here.
 
     Raises:
         compiler.errors.CompilerError: the child died (killed, e.g. out of memory).
@@ -179,7 +372,8 @@ def run_in_child(fn: Any, *args: Any, what: str) -> Any:
 
     level = logging.getLogger().getEffectiveLevel()
     try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             return pool.submit(_child_entry, level, fn, args).result()
     except BrokenProcessPool as e:
         raise CompilerError(f"{what}: the worker process died ({e}); it may have run out of memory. "

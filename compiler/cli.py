@@ -8,7 +8,8 @@ Subcommands:
     compile     the whole pipeline; --no-build stops after verify (what `make onnx` runs).
 
 Errors the tool can explain print one message and exit 1 (2 where TensorRT or a GPU is
-missing: the TensorRT-ready ONNX and report are written first).
+missing: the TensorRT-ready ONNX and report are written first); the exit statuses are listed in
+`compiler.errors`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import logging
 import dataclasses
 import os
 import sys
+import traceback
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from compiler.errors import CompilerError
+from compiler.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, CompilerError
 from compiler.settings import (FLOAT_MODES, INT8_MODES, LR_SCHEDULES, PRECISION_MODES, QUANT_METHODS, SPARSITY_METHODS, WEIGHT_MODES,
                                BuildSettings, DataSettings, EngineSettings, ExportSettings, ModelSettings,
                                PrecisionSettings, ProfileSettings, QuantSettings, SparsitySettings, TrainSettings,
@@ -257,7 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C: artifacts are written atomically, nothing half-done stays
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception:  # a bug, not bad input: the traceback helps whoever fixes it
+        traceback.print_exc()
+        print(f"internal error (a bug in trt-compiler, exit {EXIT_INTERNAL}): please report it with the "
+              "traceback above and the command", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def _print_variant(run: Any) -> None:
@@ -274,8 +281,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "build":
         from compiler.build.engine import engine_from_onnx
 
-        report_path = args.onnx.parent / "report.json"
-        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        report = _report_of(args.onnx)
         if "model" not in vars(args):  # the manifest names the model the report names
             name = report.get("model", {}).get("name", "unknown")
             settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, name=name))
@@ -294,6 +300,26 @@ def _run(args: argparse.Namespace) -> int:
     if run.plan is not None:
         print(f"engine: {run.plan}")
     return 0
+
+
+def _report_of(onnx_path: Path) -> dict[str, Any]:
+    """The report.json beside `onnx_path` when it describes that exact graph (its `onnx_sha256`),
+    else {} with a warning: a report from another run never goes into a manifest."""
+    from compiler.graph.onnx_io import check_onnx_file, onnx_sha256
+
+    report_path = onnx_path.parent / "report.json"
+    if not report_path.is_file():
+        return {}
+    check_onnx_file(onnx_path)  # a missing or broken ONNX: exit 1 before hashing
+    try:
+        report = json.loads(report_path.read_text())
+    except ValueError:
+        report = {}
+    if report.get("onnx_sha256") != onnx_sha256(onnx_path):
+        log.warning("%s describes another graph than %s (an earlier run's): left out of the manifest; "
+                    "run `python -m compiler compile` again to verify this graph", report_path, onnx_path)
+        return {}
+    return report
 
 
 def _precision_only(args: argparse.Namespace, settings: BuildSettings) -> int:

@@ -1,15 +1,27 @@
 """Typed errors. Each says what happened, what was expected, and the next step.
 
-The CLI prints `CompilerError`s without a traceback and exits with `exit_code`.
+The CLI prints `CompilerError`s without a traceback and exits with `exit_code`. The exit
+statuses a script can rely on (`python -m compiler ...`; through `make` every failure is 2, so
+`report.json`'s `build` section records the status and code of the last build attempt):
+
+| code | meaning |
+|---|---|
+| 0 | success |
+| 1 | bad input or a refused result: the message names the problem and the fix |
+| 2 | the TensorRT-ready ONNX and report are written, but TensorRT or a GPU is missing here |
+| 3 | internal error (a bug): the traceback is printed; please report it |
+| 130 | interrupted (Ctrl-C); artifacts are written atomically, nothing half-written stays |
 """
 
 from __future__ import annotations
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NO_TENSORRT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class CompilerError(Exception):
     """Base class for errors that the CLI reports as one clear message."""
 
-    exit_code = 1
+    exit_code = EXIT_BAD_INPUT
 
 
 class UnknownModelError(CompilerError, ValueError):
@@ -53,7 +65,7 @@ class PrecisionError(CompilerError):
 class TensorRTUnavailableError(CompilerError):
     """TensorRT's builder or a CUDA GPU is missing; the TensorRT-ready ONNX is still written."""
 
-    exit_code = 2
+    exit_code = EXIT_NO_TENSORRT
 
 
 class EngineBuildError(CompilerError):

@@ -86,6 +86,7 @@ class PrecisionResult:
     """The TensorRT-ready, strongly typed graph."""
 
     onnx: Path
+    sha256: str  # of the ONNX and its external data: ties report.json to this exact graph
     report: dict[str, Any]  # the `precision` section
 
 
@@ -116,6 +117,7 @@ class PipelineRun:
     precision: PrecisionResult | None = None
     verify: VerifyResult | None = None
     build: BuildResult | None = None
+    build_status: dict[str, Any] | None = None  # the last build attempt: status, exit code
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: dict[str, int] = field(default_factory=dict)
 
@@ -163,11 +165,13 @@ class PipelineRun:
             out["vocabulary"] = self.vocab.report
         if self.precision:
             out.update({"variant": self.settings.precision.mode, "onnx": str(self.precision.onnx),
-                        "precision": self.precision.report})
+                        "onnx_sha256": self.precision.sha256, "precision": self.precision.report})
         if self.verify:
             out["fidelity"] = self.verify.fidelity
             if self.verify.variant_check is not None:
                 out["sparsity"]["variant_check"] = self.verify.variant_check
+        if self.build_status:
+            out["build"] = self.build_status
         out["settings"] = dataclasses.asdict(self.settings)
         return out
 

@@ -66,3 +66,147 @@ def test_cached_records_no_key_when_compute_fails_or_writes_nothing(tmp_path):
     assert read_key(a) is None
     with pytest.raises(RuntimeError, match="did not write"):
         cached("k", [tmp_path / "never.onnx"], lambda: None, "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# orphans, leftovers, full disks and read-only folders (issue 16)
+
+import errno  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from compiler import artifacts  # noqa: E402
+from compiler.artifacts import remove_stale_temps, write_bytes  # noqa: E402
+from compiler.errors import CompilerError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def record_pid_and_sleep(path: str) -> None:
+    """Runs in run_in_child's worker: says who it is, then outlives any test."""
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(120)
+    Path(path + ".late").write_text("written after the parent died")
+
+
+def running(pid: int) -> bool:
+    """Independent of compiler.artifacts: /proc says the process exists and is no zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_run_in_child_worker_dies_with_a_killed_parent(tmp_path):
+    marker = tmp_path / "child.pid"
+    script = ("from compiler.artifacts import run_in_child\n"
+              "from tests.test_artifacts import record_pid_and_sleep\n"
+              f"run_in_child(record_pid_and_sleep, {str(marker)!r}, what='sleep')\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+            assert parent.poll() is None, "the parent ended before its worker started"
+            time.sleep(0.1)
+        child = int(marker.read_text())
+        assert running(child)
+        parent.send_signal(signal.SIGKILL)  # kill -9: no cleanup code of the parent runs
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(child), "the worker outlived its parent"
+        assert not Path(f"{marker}.late").exists()
+    finally:
+        parent.kill()
+        if marker.exists() and marker.read_text() and running(int(marker.read_text())):
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temporaries_of_ended_processes_are_removed(tmp_path):
+    dest = tmp_path / "report.json"
+    gone, alive = dead_pid(), os.getppid()
+    stale_file = tmp_path / f".report.json.{gone}.ab12cd_9.tmp"
+    stale_dir = tmp_path / f".report.json.{gone}.x1y2z3w4"
+    live = tmp_path / f".report.json.{alive}.ab12cd_9.tmp"  # a concurrent run's: kept
+    other = tmp_path / f".report.json.key.{gone}.ab12cd_9.tmp"  # another artifact's: not ours to judge
+    for p in (stale_file, live, other):
+        p.write_text("half")
+    stale_dir.mkdir()
+    (stale_dir / "report.json").write_text("half")
+    write_json(dest, {"x": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([dest.name, live.name, other.name])
+    assert remove_stale_temps(tmp_path / "report.json.key") == [other]
+
+
+def test_full_disk_names_the_path_the_size_and_the_fix(tmp_path, monkeypatch):
+    def full(p, data=b""):
+        raise OSError(errno.ENOSPC, "No space left on device", str(p))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    dest = tmp_path / "model.plan"
+    with pytest.raises(CompilerError) as e:
+        write_bytes(dest, b"x" * 3 * 1024 * 1024)
+    msg = str(e.value)
+    assert "\n" not in msg and e.value.exit_code == 1
+    assert msg.startswith(f"{dest}: no space left") and "3.0 MiB to write" in msg and "--output-dir" in msg
+    assert " free)" in msg and sorted(tmp_path.iterdir()) == []  # no temporary left
+
+
+def test_full_disk_with_unknown_size_reports_what_was_written(tmp_path):
+    def half(p):
+        p.write_bytes(b"x" * 2048)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(CompilerError, match=r"more than the 2\.0 KiB written"):
+        atomic_write(tmp_path / "a.bin", half)
+
+
+def read_only(folder: Path, monkeypatch) -> None:
+    """Make `folder` unwritable: chmod 0o555, or (root ignores permissions) refuse its temporaries."""
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        def refuse(dest, directory=False):
+            raise PermissionError(errno.EACCES, "Permission denied", str(dest.parent / f".{dest.name}.tmp"))
+
+        monkeypatch.setattr(artifacts, "temp_beside", refuse)
+
+
+def test_read_only_folder_names_the_folder_and_reuse_writes_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    a = out / "model.onnx"
+    cached("k", [a], lambda: write_bytes(a, b"model"), "test")
+    report = write_json(out / "export_report.json", {"nodes": 3})
+    read_only(out, monkeypatch)
+    try:
+        assert cached("k", [a], lambda: pytest.fail("recomputed"), "test") is True
+        assert write_json(report, {"nodes": 3}) == report  # unchanged: not rewritten
+        with pytest.raises(CompilerError) as e:
+            write_json(report, {"nodes": 4})
+        assert str(e.value).startswith(f"{out}: cannot write export_report.json there (Permission denied)")
+        assert "writable" in str(e.value) and "--output-dir" in str(e.value) and e.value.exit_code == 1
+        assert json.loads(report.read_text()) == {"nodes": 3}
+    finally:
+        out.chmod(0o755)
+
+
+def test_permission_errors_name_the_folder_that_refuses(tmp_path):
+    dest = tmp_path / "ro" / "new" / "x.json"
+    mkdir_refused = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro" / "new"))
+    assert str(artifacts.write_error(dest, mkdir_refused)).startswith(f"{tmp_path / 'ro'}: cannot write x.json")
+    elsewhere = PermissionError(errno.EACCES, "Permission denied", "/etc/some/input.txt")
+    assert artifacts.write_error(dest, elsewhere) is None  # not about the output: passes through
+    assert artifacts.write_error(dest, OSError(errno.EIO, "I/O error")) is None

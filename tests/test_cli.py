@@ -45,6 +45,23 @@ def test_compile_stops_at_build_with_status_2(compiled):
     assert "cosine_min" in result.stdout and "real" in result.stdout and "random" in result.stdout
 
 
+def test_report_records_build_status_graph_hash_and_profile_edge(compiled):
+    """A script behind `make` (every failure exits 2 there) reads the build's status in report.json;
+    the report names the exact graph it describes; verify ran at the profile's max shape."""
+    from compiler.graph.onnx_io import onnx_sha256
+
+    out, result = compiled
+    variant = out / "minilm" / "pretrained" / "hybrid"
+    report = json.loads((variant / "report.json").read_text())
+    if not has_tensorrt_and_gpu():
+        assert report["build"]["status"] == "no-tensorrt" and report["build"]["exit_code"] == 2
+    assert report["onnx_sha256"] == onnx_sha256(variant / "model.onnx")
+    edge = report["fidelity"]["profile_max"]
+    assert report["fidelity"]["shapes_verified"]["profile_max"] == [32, 512] and edge["samples"] == 32
+    assert edge["nonfinite_count"] == 0 and edge["cosine_min"] > 0.999
+    assert report["settings"]["engine"]["profiles"][0]["max_shape"] == [32, 512]
+
+
 def test_report_fields(compiled):
     out, _ = compiled
     report = json.loads((out / "minilm" / "pretrained" / "hybrid" / "report.json").read_text())
@@ -229,3 +246,44 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     rest = proc.stderr.read()
     assert proc.wait(timeout=300) == 130, "".join(lines) + rest
     assert "interrupted" in rest and "Traceback" not in rest
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--max-shape", "64x100000"], "use --max-shape 64x512 or less"),
+    (["--max-length", "600"], "use --max-length 512 or less"),
+])
+def test_shapes_past_the_position_limit_are_refused_before_any_work(tmp_path, flags, expected):
+    result = run_cli("compile", "--model", "minilm", "--output-dir", str(tmp_path), *flags)
+    assert result.returncode == 1 and "minilm has 512 positions" in result.stderr and expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("*.onnx"))  # refused before the export
+
+
+def test_a_report_of_another_graph_is_left_out_of_the_manifest(tmp_path, caplog):
+    from onnx import helper
+
+    from compiler.cli import _report_of
+    from compiler.graph.onnx_io import onnx_sha256, save_onnx
+    from tests.models import f32, make_model
+
+    onnx_path = save_onnx(make_model([helper.make_node("Relu", ["X"], ["Y"])], [f32("X", [2])], [f32("Y", [2])]),
+                          tmp_path / "model.onnx")
+    (tmp_path / "report.json").write_text(json.dumps({"onnx_sha256": "0" * 64, "fidelity": {}}))
+    with caplog.at_level("WARNING"):
+        assert _report_of(onnx_path) == {}
+    assert "another graph" in caplog.text
+    good = {"onnx_sha256": onnx_sha256(onnx_path), "fidelity": {"real": {"cosine_min": 1.0}}}
+    (tmp_path / "report.json").write_text(json.dumps(good))
+    assert _report_of(onnx_path) == good
+
+
+def test_internal_error_exits_3_with_the_traceback(monkeypatch, capsys):
+    from compiler import cli
+
+    def bug(_args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "_run", bug)
+    assert cli.main(["export"]) == 3
+    err = capsys.readouterr().err
+    assert "ZeroDivisionError: a bug" in err and "internal error" in err

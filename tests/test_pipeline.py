@@ -253,3 +253,19 @@ def test_vocabulary_pruning_composes_with_int8(tiny_bert, tmp_path):
     assert state.report["vocabulary"]["kept"] < 40
     dom = state.report["vocabulary"]["fidelity_vs_unpruned"]["domain"]  # against the unpruned Q/DQ graph
     assert dom["max_abs_err"] < 1e-5 and state.report["fidelity"]["real"]["nonfinite_count"] == 0
+
+
+def test_a_stale_report_is_dropped_and_an_unchanged_one_not_rewritten(tmp_path):
+    from compiler.pipeline import _drop_stale_report, write_report
+
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"onnx_sha256": "old"}))
+    _drop_stale_report(path, "new")
+    assert not path.exists()  # an earlier run's report never stays beside a new graph
+    write_report(path, {"onnx_sha256": "new", "fidelity": {"real": {"cosine_min": 0.5, "seconds": 1.0}}})
+    stamp = path.stat().st_mtime_ns
+    _drop_stale_report(path, "new")
+    write_report(path, {"onnx_sha256": "new", "fidelity": {"real": {"cosine_min": 0.5, "seconds": 2.0}}})
+    assert path.stat().st_mtime_ns == stamp  # only a wall time differs: not written (read-only folders)
+    write_report(path, {"onnx_sha256": "new", "fidelity": {"real": {"cosine_min": 0.6, "seconds": 2.0}}})
+    assert json.loads(path.read_text())["fidelity"]["real"]["cosine_min"] == 0.6

@@ -56,12 +56,13 @@ INSTALL_HINT = (
 _DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}
 
 
-def check_tensorrt(onnx_path: str | Path) -> GpuInfo:
+def check_tensorrt(onnx_path: str | Path, profiles: tuple[ProfileSettings, ...] = ()) -> GpuInfo:
     """Check that an engine can be built here: TensorRT imports and the driver reports a GPU.
 
     Args:
         onnx_path: the TensorRT-ready ONNX that would be built; named in the error so that it
             can be built later on another machine.
+        profiles: the requested optimization profiles: the build-later commands carry them.
 
     Returns:
         The GPU the engine will be built for (CUDA device 0).
@@ -82,9 +83,18 @@ def check_tensorrt(onnx_path: str | Path) -> GpuInfo:
         + "\n".join(f"  - {p}" for p in problems if p)
         + f"\nThe TensorRT-ready ONNX is at {onnx_path}\n"
         "Build it later on a machine with TensorRT 11 and an NVIDIA GPU:\n"
-        f"  python -m compiler build --onnx {onnx_path}\n"
+        f"  python -m compiler build --onnx {onnx_path}{_profile_flags(profiles)}\n"
         f"  trtexec --onnx={onnx_path} --stronglyTyped"
     )
+
+
+def _profile_flags(profiles: tuple[ProfileSettings, ...]) -> str:
+    """` --min-shape BxS --opt-shape BxS --max-shape BxS` of the first profile when not the default."""
+    if not profiles or profiles[0] == ProfileSettings():
+        return ""
+    p = profiles[0]
+    return "".join(f" --{k}-shape {v[0]}x{v[1]}" for k, v in
+                   (("min", p.min_shape), ("opt", p.opt_shape), ("max", p.max_shape)))
 
 
 def sparse_weights_flag(
@@ -169,7 +179,7 @@ def engine_from_onnx(
     """
     onnx_path = Path(onnx_path)
     check_onnx_file(onnx_path)  # a missing or broken file is bad input (exit 1), whatever the machine
-    gpu = check_tensorrt(onnx_path)
+    gpu = check_tensorrt(onnx_path, settings.engine.profiles)
 
     import tensorrt as trt
 

@@ -8,17 +8,18 @@ or FP32 + Q/DQ variant on ONNX Runtime CPU. Both through `compiler.eval.fidelity
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-from compiler.eval.fidelity import FidelityProbe, reference_name
+from compiler.eval.fidelity import Batch, FidelityProbe, reference_name
 
 log = logging.getLogger(__name__)
 
 
 def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str], tokens: Any,
-                   batch_size: int, vocab_size: int, seed: int = 0) -> dict[str, Any]:
+                   batch_size: int, vocab_size: int, seed: int = 0,
+                   edges: Mapping[str, list[Batch]] | None = None) -> dict[str, Any]:
     """Fidelity of `variant_model` against `fp32_model` on real text and on random token ids.
 
     Args:
@@ -32,17 +33,21 @@ def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str],
         batch_size: samples per batch (padded to the batch's longest sample).
         vocab_size: random ids are uniform in [0, vocab_size), at the real samples' shapes.
         seed: RNG seed of the random ids.
+        edges: more input sets by name, e.g. {"profile_max": [one batch at the optimization
+            profile's max batch x max sequence]}: real text at the shapes the engine must serve.
 
     Returns:
-        {"real": Fidelity.report(), "random": Fidelity.report(), "reference": what the variant
-        ran on}: cosine min/mean and max abs error of the first output (None once it has a
-        non-finite value), nonfinite_count, samples, seconds, and per output the same.
+        {"real": Fidelity.report(), "random": Fidelity.report(), <each edge set>: the same,
+        "reference": what the variant ran on}: cosine min/mean and max abs error of the first
+        output (None once it has a non-finite value), nonfinite_count, samples, seconds, and per
+        output the same.
     """
     names = [i.name for i in variant_model.graph.input]
     rng = np.random.default_rng(seed)
     probe = FidelityProbe(fp32_model, output_names,
                           {"real": tokens.batches(batch_size, names),
-                           "random": tokens.batches(batch_size, names, rng=rng, vocab_size=vocab_size)})
+                           "random": tokens.batches(batch_size, names, rng=rng, vocab_size=vocab_size),
+                           **(edges or {})})
     engine = reference_name(variant_model, optimize=True)
     result = probe.measure(variant_model, optimize=True, consume=True)
-    return {"real": result["real"].report(), "random": result["random"].report(), "reference": engine}
+    return {**{name: f.report() for name, f in result.items()}, "reference": engine}

@@ -4,7 +4,6 @@ their graphs, and ONNX Runtime sessions over them."""
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -72,17 +71,24 @@ def save_onnx(model, path: str | os.PathLike, external: bool | None = None) -> P
     """Write `model` to `path` atomically; weights go to `<name>.data` when `external` (default:
     when over 2 GiB). Saving with external data moves the weights out of `model` (consumed).
 
-    The model (and data file) are written into a temporary folder beside `path`, then renamed,
-    so a crash leaves the previous artifact, never a half-written one.
+    The model (and data file) are written into a temporary folder beside `path`
+    (`compiler.artifacts.writing`: `.<name>.<pid>.<random>/`, whose leftovers from killed
+    processes the next save of `path` removes), then renamed, so a crash leaves the previous
+    artifact, never a half-written one.
+
+    Raises:
+        compiler.errors.CompilerError: the disk is full (naming the model's size and the free
+            space) or the folder is not writable (`compiler.artifacts.write_error`).
     """
     import onnx
 
+    from compiler.artifacts import writing
+
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    size = model.ByteSize()
+    with writing(dest, nbytes=size, directory=True) as tmp_dir:
         if external is None:
-            external = model.ByteSize() > PROTOBUF_LIMIT
+            external = size > PROTOBUF_LIMIT
         data_name = f"{dest.name}.data"
         onnx.save_model(model, str(tmp_dir / dest.name), save_as_external_data=external,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
@@ -91,8 +97,6 @@ def save_onnx(model, path: str | os.PathLike, external: bool | None = None) -> P
         elif (dest.parent / data_name).exists():
             (dest.parent / data_name).unlink()
         os.replace(tmp_dir / dest.name, dest)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return dest
 
 

@@ -149,9 +149,11 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             source = f"random weights (seed {settings.seed}) on the {settings.name} configuration"
             key = settings_hash(settings, config.to_dict())
         else:
-            module = AutoModel.from_pretrained(str(where), local_files_only=local_only, **kwargs)
+            module = _from_pretrained(settings.name, str(where), local_only, kwargs)
             source = f"pretrained weights from {where}"
             key = settings_hash(settings, module.config.to_dict(), _weights_digest(module))
+    except UnknownModelError:
+        raise  # already says what to do (a corrupt weights file)
     except (OSError, ValueError, KeyError) as e:
         raise _unknown(settings.name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     module = module.float().eval()
@@ -168,6 +170,41 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     if family == "encoder" and "token_type_ids" in params and getattr(config, "type_vocab_size", 0) > 1:
         names.append("token_type_ids")
     return LoadedModel(module, tokenizer, note, names, vocab_size, family, source, key)
+
+
+def _from_pretrained(name: str, where: str, local_only: bool, kwargs: dict[str, Any]) -> Any:
+    """`AutoModel.from_pretrained`, with a corrupt or truncated weights file named in the error."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(where, local_files_only=local_only, **kwargs)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, IndexError) as e:
+        # safetensors: "header too small", "incomplete metadata"; torch.load of a cut .bin:
+        # RuntimeError (zip), EOFError (empty), UnpicklingError/IndexError (garbage)
+        files = ", ".join(str(f) for f in weight_files(where)) or f"the weights of {where}"
+        detail = str(e).splitlines()[0].split(". ")[0][:200] if str(e).strip() else "empty"
+        raise UnknownModelError(
+            f"cannot load model {name!r}: {files} cannot be read ({type(e).__name__}: {detail}); the "
+            "file is corrupt, truncated or not this configuration's weights. Re-download or re-save "
+            "the checkpoint (model.save_pretrained(DIR))."
+        ) from e
+
+
+def weight_files(where: str | Path) -> list[Path]:
+    """The weights files of a checkpoint: `*.safetensors`/`*.bin` in a local directory, else the
+    hub cache's `model.safetensors`/`pytorch_model.bin` for hub id `where` (empty when neither)."""
+    local = Path(where)
+    if local.is_dir():
+        return sorted(f for pattern in ("*.safetensors", "*.bin") for f in local.glob(pattern))
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return []
+    found = (try_to_load_from_cache(str(where), f) for f in ("model.safetensors", "pytorch_model.bin"))
+    return [Path(f) for f in found if isinstance(f, str)]
 
 
 _DECODER_TYPES = {"gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral", "opt", "bloom", "qwen2", "phi"}

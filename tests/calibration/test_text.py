@@ -105,3 +105,85 @@ def test_batches_pad_mask_and_random_ids():
     np.testing.assert_array_equal(rand["input_ids"][0], expected.integers(0, 1000, 3))
     with pytest.raises(DataError, match="cannot be filled"):
         next(tokens.batches(1, ["pixel_values"]))
+
+
+LATIN = "un café très bon, à deux pas de la gare, où l'on mange bien"  # é è à ù: not ASCII
+
+
+@pytest.mark.parametrize("name, header", [("latin.tsv", "sentence\tlabel\n"), ("latin.csv", "text,label\n"),
+                                          ("latin.txt", "")])
+def test_latin1_file_is_read_with_a_warning(tmp_path, caplog, name, header):
+    sep = "" if not header else ("\t1" if name.endswith(".tsv") else ",1")
+    path = tmp_path / name
+    path.write_bytes((header + f"{LATIN.replace(',', ';')}{sep}\n" * 3).encode("cp1252"))
+    with caplog.at_level("WARNING", logger="calibration.text"):
+        texts = load_texts(DataSettings(path=str(path), samples=3, min_words=1))
+    assert texts == [LATIN.replace(",", ";")] * 3  # the reference: the string before encoding
+    warning, = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(path) in warning and "not UTF-8" in warning and "cp1252" in warning
+
+
+def test_utf8_with_a_stray_byte_keeps_utf8_and_warns(tmp_path, caplog):
+    path = tmp_path / "mixed.txt"
+    path.write_bytes("naïve café ok\n".encode() + b"bad \xff byte here\n")
+    with caplog.at_level("WARNING", logger="calibration.text"):
+        texts = load_texts(DataSettings(path=str(path), samples=2, min_words=1))
+    assert texts == ["naïve café ok", "bad \ufffd byte here"]  # not mojibake: UTF-8 kept
+    assert any(str(path) in r.getMessage() and "1 invalid" in r.getMessage() for r in caplog.records)
+
+
+def test_utf8_and_utf16_bom_files_read_without_warning(tmp_path, caplog):
+    (tmp_path / "bom.tsv").write_bytes(("sentence\tlabel\n" + LATIN + "\t1\n").encode("utf-8-sig"))
+    (tmp_path / "excel.tsv").write_bytes(("sentence\tlabel\n" + LATIN + "\t1\n").encode("utf-16"))
+    with caplog.at_level("WARNING", logger="calibration.text"):
+        for name in ("bom.tsv", "excel.tsv"):  # the BOM must not hide the `sentence` column
+            assert load_texts(DataSettings(path=str(tmp_path / name), samples=1, min_words=1)) == [LATIN]
+    assert not caplog.records
+
+
+def test_tsv_field_over_csv_default_limit(tmp_path):
+    import csv
+
+    long = " ".join(["word"] * 40_000)  # 199,999 characters > csv's default 131,072
+    path = tmp_path / "long.tsv"
+    path.write_text(f"sentence\tlabel\n{long}\t1\nshort one\t0\n")
+    limit = csv.field_size_limit()
+    assert load_texts(DataSettings(path=str(path), samples=2, min_words=1)) == [long, "short one"]
+    assert csv.field_size_limit() == limit  # the module-wide limit is restored
+
+
+@pytest.mark.parametrize("content", [
+    b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4,  # an executable's start
+    b"\x08\x00\x00\x00\x00\x00\x00\x00{}" + b"\x00" * 64,  # a .safetensors header
+    bytes(range(1, 32)) * 40,  # control bytes, no NUL
+], ids=["elf", "safetensors", "controls"])
+def test_binary_file_is_refused(tmp_path, content):
+    path = tmp_path / "model.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=r"is not a text file \(.*binary\): pass a text file") as err:
+        load_texts(DataSettings(path=str(path), samples=1, min_words=1))
+    assert str(path) in str(err.value)
+    table = tmp_path / "model.tsv"
+    table.write_bytes(content)
+    with pytest.raises(DataError, match="is not a text file"):
+        load_texts(DataSettings(path=str(table), samples=1, min_words=1))
+
+
+def test_directory_is_refused(tmp_path):
+    with pytest.raises(DataError, match="is a directory"):
+        load_texts(DataSettings(path=str(tmp_path), samples=1))
+
+
+def test_too_few_samples_suggests_only_flags_that_exist(tmp_path):
+    import re
+
+    from compiler.cli import build_parser
+
+    small = tmp_path / "small.txt"
+    small.write_text("one two\n")
+    with pytest.raises(DataError) as err:
+        load_texts(DataSettings(path=str(small), samples=2))
+    suggested = set(re.findall(r"--[a-z][a-z-]+", str(err.value)))
+    compile_parser = build_parser()._subparsers._group_actions[0].choices["compile"]
+    known = {s for a in compile_parser._actions for s in a.option_strings}
+    assert suggested >= {"--min-words", "--samples"} and suggested <= known

@@ -142,3 +142,43 @@ def test_check_onnx_file_reads_the_graph_not_the_weights(tmp_path):
         check_onnx_file(tmp_path / "empty.onnx")
     with pytest.raises(InvalidOnnxError, match="no such ONNX file"):
         check_onnx_file(tmp_path / "missing.onnx")
+
+
+def test_save_removes_temp_folders_left_by_killed_saves(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid whose process has ended: as after kill -9 during a save
+    stale = tmp_path / f".m.onnx.{gone.pid}.k3j_x9q2"
+    stale.mkdir()
+    (stale / "m.onnx.data").write_bytes(b"\0" * 4096)
+    live = tmp_path / f".m.onnx.{os.getppid()}.a1b2c3d4"  # a live process's save in progress: kept
+    live.mkdir()
+    path = save_onnx(linear(), tmp_path / "m.onnx", external=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.onnx", "m.onnx.data", live.name])
+    np.testing.assert_array_equal(weights(load_onnx(path))["W"], W)
+
+
+def test_save_on_a_full_disk_is_one_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    from compiler.errors import CompilerError
+
+    path = save_onnx(linear(), tmp_path / "m.onnx", external=False)
+    before = path.read_bytes()
+
+    def full(model, f, **kw):
+        with open(f, "wb") as out:
+            out.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device", f)
+
+    monkeypatch.setattr(onnx, "save_model", full)
+    model = linear()
+    with pytest.raises(CompilerError) as e:
+        save_onnx(model, path, external=True)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: no space left on the device") and "\n" not in msg
+    assert f"{model.ByteSize() / 1024:.1f} KiB to write" in msg and "--output-dir" in msg
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

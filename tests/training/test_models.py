@@ -45,3 +45,56 @@ def test_unknown_model_lists_known_names(name):
         load_model(ModelSettings(name=name))
     msg = str(err.value)
     assert all(k in msg for k in REGISTRY) and "--weights random" in msg and "local directory" in msg
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_corrupt_safetensors_names_the_file_and_the_fix(tmp_path, damage):
+    directory = save(tiny_bert(), tmp_path / "check point")  # a space in the path, as users have
+    weights = tmp_path / "check point" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x13" * 1000}[damage])
+    with pytest.raises(UnknownModelError) as err:
+        load_model(ModelSettings(name=directory))
+    msg = str(err.value)
+    assert str(weights) in msg and "SafetensorError" in msg and "Re-download or re-save" in msg
+    assert "\n" not in msg  # one line: file, problem, fix
+
+
+def test_corrupt_pytorch_bin_names_the_file(tmp_path):
+    model = tiny_bert()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    minilm_tokenizer().save_pretrained(tmp_path)
+    assert load_model(ModelSettings(name=str(tmp_path))).vocab_size == 30522  # the intact .bin loads
+    data = (tmp_path / "pytorch_model.bin").read_bytes()
+    (tmp_path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UnknownModelError, match=r"pytorch_model\.bin cannot be read .*Re-download"):
+        load_model(ModelSettings(name=str(tmp_path)))
+
+
+def test_makefile_quotes_paths_with_spaces_and_quotes():
+    """`make ... MODEL="/path/with space"` reaches the CLI as one argument (shell-quoted)."""
+    import shlex
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from compiler.cli import build_parser, settings_from_args
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parent.parent.parent
+    model, calib = "/ckpt/my model", "/data/it's here/a b.tsv"
+    for target in ("onnx", "export"):
+        out = subprocess.run(["make", "-s", "-n", target, f"MODEL={model}", f"CALIB={calib}",
+                              "TRAIN_TEXT=a.tsv b&c.txt", "VOCAB_TEXT=v(1).tsv"],
+                             cwd=root, capture_output=True, text=True, check=True).stdout
+        line = next(x for x in out.splitlines() if " -m compiler " in x)  # after any install-stamp lines
+        argv = shlex.split(line)
+        settings = settings_from_args(build_parser().parse_args(argv[argv.index("compiler") + 1:]))
+        assert settings.model.name == model
+        if target == "onnx":
+            assert settings.data.path == calib
+            assert settings.data.train_path == ("a.tsv", "b&c.txt")
+            assert argv[argv.index("--prune-vocab") + 1] == "v(1).tsv"

@@ -1,0 +1,75 @@
+"""The verify stage: the variant against the dense FP32 graph on real text, random ids and real
+text at the optimization profile's max shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from calibration.layout import TokenSets
+from calibration.text import load_texts, tokenized_set
+from compiler.build.engine import sparse_weights_flag
+from compiler.errors import DataError
+from compiler.eval.verify import verify_variant
+from compiler.graph.onnx_io import load_onnx
+from compiler.quant.calibrate import calibration_windows, window_feeds
+from compiler.results import ExportResult, PrecisionResult, VerifyResult
+from compiler.settings import BuildSettings
+
+log = logging.getLogger(__name__)
+
+
+def _profile_edge(settings: BuildSettings, export: ExportResult) -> list[tuple[dict[str, Any], Any]]:
+    """One batch of real text at the first optimization profile's max batch x max sequence:
+    windows of exactly that many tokens (`compiler.quant.calibrate.calibration_windows`) from
+    the text after the calibration samples, read until it holds at least one window."""
+    import numpy as np
+
+    batch, seq = settings.engine.profiles[0].max_shape
+    data, tok = settings.data, export.loaded.tokenizer
+    lines = max(data.samples, 16)
+    while True:  # load_texts raises DataError past the text's end
+        texts = load_texts(data, count=lines, skip=data.calib_samples, minimum=1)
+        tokens = tokenized_set(texts, tok, seq, data.cache_dir)
+        if sum(len(x) for x in tokens.input_ids) >= seq or len(texts) < lines:
+            break
+        lines *= 2
+    try:
+        windows = calibration_windows(tokens, count=batch, length=seq)
+    except ValueError as e:
+        raise DataError(f"verify at the profile's max shape {batch}x{seq}: {e}; give a longer text "
+                        "(--calib) or a smaller --max-shape") from e
+    return [(window_feeds(windows, export.loaded.input_names), np.full(batch, seq))]
+
+
+def stage_verify(settings: BuildSettings, export: ExportResult, precision: PrecisionResult,
+                 tokens: TokenSets) -> VerifyResult:
+    """Fidelity of the variant against the dense FP32 graph on real text and random ids.
+
+    A 2:4 run also checks that the variant (FP16, Q/DQ) kept the pattern.
+    """
+    data = settings.data
+    edge = _profile_edge(settings, export)
+    fidelity = verify_variant(export.onnx, load_onnx(precision.onnx, check=False), export.output_names,
+                              tokens.heldout, data.batch_size, export.loaded.vocab_size, settings.model.seed,
+                              edges={"profile_max": edge})
+    longest = max(len(x) for x in tokens.heldout.input_ids)
+    fidelity["shapes_verified"] = {"real": [min(data.batch_size, len(tokens.heldout)), longest],
+                                   "random": [min(data.batch_size, len(tokens.heldout)), longest],
+                                   "profile_max": list(edge[0][0]["input_ids"].shape)}
+    fidelity["data"] = {"path": data.path or "wikitext-2/test.txt (default)", "samples": len(tokens.heldout),
+                        "max_length": data.max_length,
+                        "tokens": int(sum(len(x) for x in tokens.heldout.input_ids))}
+    for which in ("real", "random"):
+        f = fidelity[which]
+        num = lambda v: "nan" if v is None else f"{v:.6g}"  # noqa: E731  (None: a non-finite output)
+        log.info("verify %s: cosine min %s mean %s, max abs error %s, %d non-finite over %d samples", which,
+                 num(f["cosine_min"]), num(f["cosine_mean"]), num(f["max_abs_err"]), f["nonfinite_count"],
+                 f["samples"])
+    check = None
+    if settings.sparsity.pattern is not None:  # FP16 and Q/DQ must keep the 2:4 pattern
+
+        flag, found = sparse_weights_flag(precision.onnx, settings.engine)
+        check = {**found, "sparse_weights_flag": flag}
+    return VerifyResult(fidelity, check)
