@@ -18,6 +18,7 @@ scikit-learn is needed only by `train_probe` and is imported there.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -26,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from calibration.text import read_text_file
 from compiler.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -208,7 +210,8 @@ def load_sst2(split: str, count: int | None = None,
                         "Pass the folder holding train.tsv/dev.tsv, or the TSV.")
     texts: list[str] = []
     labels: list[int] = []
-    with open(file, encoding="utf-8", newline="") as f:
+    # the project's one text reader: UTF-8/UTF-16/cp1252 with a warning, binary refused
+    with io.StringIO(read_text_file(file), newline="") as f:
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         fields = reader.fieldnames or []
         if "sentence" not in fields or "label" not in fields:

@@ -45,13 +45,12 @@ def _start_from(student: Any, src: Path, names: list[str]) -> dict[str, Any]:
     Raises:
         CompilerError: the file does not fit the model, or a chosen layer is not 2:4 in it.
     """
-
-
     import safetensors.torch as safetensors_torch  # torch: only where a sparse run needs it
+    from safetensors import SafetensorError
 
     try:
         safetensors_torch.load_model(student, str(src))
-    except (RuntimeError, KeyError) as e:
+    except (RuntimeError, KeyError, SafetensorError) as e:
         raise CompilerError(f"--recover-from {src}: does not fit this model ({str(e)[:300]})") from e
     masks = {}
     for name in names:
