@@ -215,10 +215,13 @@ def session_with_outputs(path: str | os.PathLike, names: list[str], options=None
     light = onnx.load(str(path), load_external_data=False)
     present = {o.name for o in light.graph.output}
     light.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in names if t not in present)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=path.parent)
-    os.close(fd)
+    from compiler.artifacts import remove_stale_temps, temp_beside
+
+    marker = path.with_name(f"{path.name}.outputs")  # names the temporaries; never written itself
+    remove_stale_temps(marker)  # left by a killed run
+    tmp = temp_beside(marker)
     try:
-        onnx.save_model(light, tmp)
-        return ort.InferenceSession(tmp, options, providers=["CPUExecutionProvider"])
+        onnx.save_model(light, str(tmp))
+        return ort.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"])
     finally:
-        os.unlink(tmp)
+        tmp.unlink()

@@ -182,3 +182,22 @@ def test_save_on_a_full_disk_is_one_clear_error(tmp_path, monkeypatch):
     assert msg.startswith(f"{path}: no space left on the device") and "\n" not in msg
     assert f"{model.ByteSize() / 1024:.1f} KiB to write" in msg and "--output-dir" in msg
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_session_with_outputs_leaves_no_temporary_and_removes_a_killed_runs(tmp_path):
+    import numpy as np
+    from onnx import helper
+
+    from compiler.graph.onnx_io import save_onnx, session_with_outputs
+    from tests.models import f32, make_model
+
+    model = make_model([helper.make_node("Relu", ["X"], ["h"]), helper.make_node("Neg", ["h"], ["Y"])],
+                       [f32("X", [2])], [f32("Y", [2])])
+    path = save_onnx(model, tmp_path / "m.onnx")
+    stale = tmp_path / ".m.onnx.outputs.999999999.abc.tmp"  # a pid no process has
+    stale.write_bytes(b"left by kill -9")
+    sess = session_with_outputs(path, ["h"])
+    h, y = sess.run(["h", "Y"], {"X": np.array([-1.0, 2.0], np.float32)})
+    np.testing.assert_array_equal(h, [0.0, 2.0])
+    np.testing.assert_array_equal(y, [-0.0, -2.0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
