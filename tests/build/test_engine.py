@@ -60,7 +60,7 @@ NON_TENSORRT_ATTRIBUTES = {
     "util", "find_spec", "CRITICAL", "getLogger", "perf_counter", "join", "strip",
     "is_file", "read_bytes",
     # compiler.settings
-    "sparse_weights", "timing_cache_dir", "workspace_mib",
+    "sparse_weights", "timing_cache_dir", "workspace_mib", "min_shape", "opt_shape", "max_shape",
     # compiler.graph.sparsity.SparsityCheck
     "has_eligible", "to_dict",
     # compiler.build.device.GpuInfo, engine.BuiltEngine
