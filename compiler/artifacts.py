@@ -43,7 +43,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], nbytes:
     dest = Path(path)
     with writing(dest, nbytes) as tmp:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: artifacts follow the umask
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600: artifacts follow the umask
         os.replace(tmp, dest)
     return dest
 
@@ -193,7 +193,8 @@ def _human(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process umask (read without changing it for longer than the call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

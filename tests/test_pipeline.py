@@ -160,6 +160,11 @@ def test_sparse_recovery_continues_from_an_earlier_student(tiny_bert, tmp_path):
     bad = replace(more, recover_from=str(tmp_path / "dense.safetensors"))
     with pytest.raises(CompilerError, match="is not 2:4"):
         run_pipeline(settings_for(tiny_bert, tmp_path / "c", "fp16", sparsity=bad), until="sparsity")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00 not a safetensors file")
+    with pytest.raises(CompilerError, match="does not fit this model"):  # one line, not a SafetensorError
+        run_pipeline(settings_for(tiny_bert, tmp_path / "c", "fp16",
+                                  sparsity=replace(more, recover_from=str(tmp_path / "corrupt.safetensors"))),
+                     until="sparsity")
     with pytest.raises(CompilerError, match="another --output-dir"):
         run_pipeline(settings_for(tiny_bert, tmp_path / "a", "fp16", sparsity=replace(more, recover_from=saved)),
                      until="sparsity")

@@ -82,7 +82,7 @@ def save_onnx(model, path: str | os.PathLike, external: bool | None = None) -> P
     """
     import onnx
 
-    from compiler.artifacts import writing
+    from compiler.artifacts import umask, writing
 
     dest = Path(path)
     size = model.ByteSize()
@@ -92,6 +92,8 @@ def save_onnx(model, path: str | os.PathLike, external: bool | None = None) -> P
         data_name = f"{dest.name}.data"
         onnx.save_model(model, str(tmp_dir / dest.name), save_as_external_data=external,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        for written in tmp_dir.iterdir():  # onnx writes the .data file 0600: follow the umask
+            os.chmod(written, 0o666 & ~umask())
         if external:
             os.replace(tmp_dir / data_name, dest.parent / data_name)
         elif (dest.parent / data_name).exists():

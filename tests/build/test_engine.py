@@ -388,3 +388,16 @@ def test_engine_from_onnx_checks_the_file_then_tensorrt_and_writes_nothing(tmp_p
     # The builder writes model.plan and manifest.json beside the ONNX and a timing cache into
     # timing_cache_dir: none of them exists.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_the_build_later_hint_keeps_the_requested_profile(tmp_path):
+    from compiler.settings import ProfileSettings
+
+    onnx_path = _one_gemm_onnx(tmp_path / "model.onnx", np.ones((4, 2), np.float32))
+    with pytest.raises(TensorRTUnavailableError) as err:
+        build.check_tensorrt(onnx_path, (ProfileSettings(opt_shape=(4, 128), max_shape=(8, 256)),))
+    assert f"python -m compiler build --onnx {onnx_path} --min-shape 1x1 --opt-shape 4x128 --max-shape 8x256" \
+        in str(err.value)
+    with pytest.raises(TensorRTUnavailableError) as err:
+        build.check_tensorrt(onnx_path, (ProfileSettings(),))  # the default profile needs no flags
+    assert f"python -m compiler build --onnx {onnx_path}\n" in str(err.value)

@@ -231,3 +231,19 @@ def test_probe_nonfinite_rows_and_errors():
         probe_accuracy(probe, x, y[:-1])
     with pytest.raises(ValueError, match="constant"):
         train_probe(np.ones_like(x), y)
+
+
+def test_sst2_reader_takes_cp1252_with_a_warning_and_refuses_binary(tmp_path, caplog):
+    from compiler.errors import DataError
+    from compiler.eval.task_accuracy import load_sst2
+
+    latin = tmp_path / "dev.tsv"
+    latin.write_bytes("sentence\tlabel\nun café très bon .\t1\nmauvais .\t0\n".encode("cp1252"))
+    with caplog.at_level("WARNING"):
+        texts, labels = load_sst2("dev", path=latin)
+    assert texts == ["un café très bon .", "mauvais ."] and labels.tolist() == [1, 0]
+    assert "not UTF-8" in caplog.text
+    binary = tmp_path / "bin.tsv"
+    binary.write_bytes(b"\x7fELF\x00\x00" * 50)
+    with pytest.raises(DataError, match="not a text file"):
+        load_sst2("dev", path=binary)

@@ -201,3 +201,25 @@ def test_session_with_outputs_leaves_no_temporary_and_removes_a_killed_runs(tmp_
     np.testing.assert_array_equal(h, [0.0, 2.0])
     np.testing.assert_array_equal(y, [-0.0, -2.0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_saved_onnx_and_its_weights_follow_the_umask(tmp_path):
+    """A bundle copied to a server must be readable by the service user (0644 under umask 022)."""
+    import os
+    import stat
+
+    import numpy as np
+    from onnx import helper
+
+    from compiler.graph.onnx_io import save_onnx
+    from tests.models import f32, make_model
+
+    model = make_model([helper.make_node("Add", ["X", "w"], ["Y"])], [f32("X", [512])], [f32("Y", [512])],
+                       {"w": np.ones(512, np.float32)})
+    old = os.umask(0o022)
+    try:
+        path = save_onnx(model, tmp_path / "m.onnx", external=True)
+    finally:
+        os.umask(old)
+    for p in (path, tmp_path / "m.onnx.data"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
