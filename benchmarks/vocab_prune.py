@@ -35,7 +35,7 @@ from calibration.layout import vocabulary_texts
 from calibration.text import shared_data_path, tokenized_set
 from calibration.vocabulary import oov_rate
 from compiler.eval.fidelity import FidelityProbe
-from compiler.graph.onnx_io import load_onnx
+from compiler.graph.onnx_io import load_onnx, onnx_mib
 from compiler.pipeline import run_pipeline
 from compiler.settings import BuildSettings, DataSettings, ModelSettings, PrecisionSettings, VocabSettings
 
@@ -44,11 +44,6 @@ def settings_for(model: str, weights: str, mode: str, domain: Path | None, args:
     return BuildSettings(model=ModelSettings(name=model, weights=weights), precision=PrecisionSettings(mode=mode),
                          data=DataSettings(samples=args.samples),
                          vocab=VocabSettings(texts=(str(domain),) if domain else ()), output_dir=str(args.out))
-
-
-def onnx_mib(path: Path) -> float:
-    data = path.with_name(path.name + ".data")
-    return round((path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 2**20, 2)
 
 
 def compile_minilm(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,13 +74,12 @@ def without_remap(path: Path) -> tuple[Any, np.ndarray]:
     return model, remap
 
 
-def kept_ids(path: Path, unk_id: int) -> np.ndarray:
+def kept_ids(remap: np.ndarray, unk_id: int) -> np.ndarray:
     """The ids a pruned graph keeps: those its remap sends to their own row, and [UNK]."""
-    remap = without_remap(path)[1]
     return np.union1d(np.flatnonzero(remap != remap[unk_id]), [unk_id])
 
 
-def fidelity(runs: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+def fidelity(runs: dict[str, Any], remap: np.ndarray, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Each variant against the unpruned FP32 graph on SST-2 dev (whole) and held-out WikiText-2."""
     base = runs["fp32"]
     data, tok, names = base.settings.data, base.loaded.tokenizer, base.loaded.input_names
@@ -95,7 +89,7 @@ def fidelity(runs: dict[str, Any], args: argparse.Namespace) -> list[dict[str, A
     sets = {"sst2_dev": dev, "wikitext_heldout": heldout}
     probe = FidelityProbe(base.reference_onnx, base.output_names,
                           {name: t.batches(data.batch_size, names) for name, t in sets.items()})
-    kept = kept_ids(runs["fp32-vocab"].variant_onnx, tok.unk_token_id)
+    kept = kept_ids(remap, tok.unk_token_id)
     oov = {name: round(oov_rate(t, kept), 4) for name, t in sets.items()}
     rows = []
     for name in ("hybrid", "fp32-vocab", "hybrid-vocab"):
@@ -107,11 +101,10 @@ def fidelity(runs: dict[str, Any], args: argparse.Namespace) -> list[dict[str, A
     return rows
 
 
-def latency(runs: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+def latency(runs: dict[str, Any], no_remap: Any, remap: np.ndarray, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Median ORT CPU latency (ms) at batch 1 and 8, sequence 128: unpruned, pruned, pruned without remap."""
     tok = runs["fp32"].loaded.tokenizer
     ids = packed_ids(tok, 128, max(args.batch))
-    no_remap, remap = without_remap(runs["fp32-vocab"].variant_onnx)
     graphs = {"fp32": runs["fp32"].variant_onnx, "fp32-vocab (remap in graph)": runs["fp32-vocab"].variant_onnx,
               "fp32-vocab (pruned tokenizer)": no_remap}
     sessions = {name: open_session(model, args.threads)[0] for name, model in graphs.items()}
@@ -186,8 +179,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     runs = compile_minilm(args)
+    no_remap, remap = without_remap(runs["fp32-vocab"].variant_onnx)  # read once
     result = {"domain": str(args.domain), "minilm_vocabulary": runs["hybrid-vocab"].report["vocabulary"],
-              "sizes": sizes(runs), "fidelity": fidelity(runs, args), "latency": latency(runs, args),
+              "sizes": sizes(runs), "fidelity": fidelity(runs, remap, args),
+              "latency": latency(runs, no_remap, remap, args),
               "bert_base": None if args.skip_bert_base else bert_base(args)}
     result["seconds"] = round(time.perf_counter() - start, 1)
     print_tables(result)

@@ -102,6 +102,13 @@ def save_onnx(model, path: str | os.PathLike, external: bool | None = None) -> P
     return dest
 
 
+def onnx_mib(path: str | os.PathLike) -> float:
+    """Size of an ONNX file and its `<name>.data` external weights, MiB (2 decimals)."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return round((path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 2**20, 2)
+
+
 def onnx_sha256(path: str | os.PathLike) -> str:
     """sha256 over an ONNX file and, when present, its `<name>.data` external weights."""
     import hashlib

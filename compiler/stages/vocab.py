@@ -12,18 +12,12 @@ from calibration.text import tokenized_set
 from calibration.vocabulary import choose_vocabulary, count_tokens, oov_rate, special_token_ids
 from compiler.artifacts import cached, write_json
 from compiler.eval.fidelity import FidelityProbe
-from compiler.graph.onnx_io import load_onnx, onnx_sha256, save_onnx
+from compiler.graph.onnx_io import load_onnx, onnx_mib, onnx_sha256, save_onnx
 from compiler.passes.vocab_prune import prune_vocabulary
 from compiler.results import ExportResult, VocabResult
 from compiler.settings import BuildSettings, settings_hash
 
 log = logging.getLogger(__name__)
-
-
-def _onnx_mib(path: Path) -> float:
-    """Size of an ONNX file and its `<name>.data` external weights, MiB."""
-    data = path.with_name(path.name + ".data")
-    return round((path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 2**20, 2)
 
 
 def stage_vocab(settings: BuildSettings, export: ExportResult, graph: Path, tokens: TokenSets) -> VocabResult:
@@ -61,7 +55,7 @@ def stage_vocab(settings: BuildSettings, export: ExportResult, graph: Path, toke
         write_json(report_path, {
             **report.to_dict(), "texts": list(vocab.texts), "domain_samples": len(domain),
             "min_count": vocab.min_count, "keep_top": vocab.keep_top,
-            "onnx_mib": {"before": _onnx_mib(graph), "after": _onnx_mib(out)},
+            "onnx_mib": {"before": onnx_mib(graph), "after": onnx_mib(out)},
             "oov_rate": {"domain": oov_rate(sample, kept), "heldout": oov_rate(tokens.heldout, kept)},
             "fidelity_vs_unpruned": {name: f.report() for name, f in fidelity.items()}})
 
