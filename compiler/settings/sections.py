@@ -1,18 +1,10 @@
-"""One frozen settings tree for the whole pipeline.
-
-`BuildSettings` is built once (by the CLI or a caller of `compiler.pipeline`), logged at DEBUG
-and written into report.json; each stage reads its own nested dataclass. Each default is
-defined once, in its field. Make variants with `dataclasses.replace`.
-"""
+"""The settings of the stages before the build: model, export, precision, data, quantization,
+training, sparsity, vocabulary. Re-exported by `compiler.settings`."""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 PRECISION_MODES = ("fp32", "fp16", "hybrid", "auto", "int8", "int8-qat")
@@ -376,125 +368,3 @@ class VocabSettings:
         if self.min_count < 1 or self.keep_top < 0:
             raise ValueError(f"vocabulary: min_count={self.min_count}, keep_top={self.keep_top}: need "
                              "min_count >= 1 and keep_top >= 0")
-
-
-@dataclass(frozen=True)
-class ProfileSettings:
-    """One TensorRT optimization profile over (batch, sequence) for every input.
-
-    Attributes:
-        min_shape / opt_shape / max_shape: (batch, sequence) triples; all three are required
-            together and must satisfy min <= opt <= max per axis.
-    """
-
-    min_shape: tuple[int, int] = (1, 1)
-    opt_shape: tuple[int, int] = (1, 128)
-    max_shape: tuple[int, int] = (32, 512)
-
-    def __post_init__(self) -> None:
-        for axis in range(2):
-            lo, mid, hi = self.min_shape[axis], self.opt_shape[axis], self.max_shape[axis]
-            if not 1 <= lo <= mid <= hi:
-                raise ValueError(
-                    f"profile axis {('batch', 'sequence')[axis]}: need 1 <= min ({lo}) <= "
-                    f"opt ({mid}) <= max ({hi})"
-                )
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """TensorRT builder settings.
-
-    Attributes:
-        profiles: optimization profiles, one engine context each.
-        workspace_mib: workspace memory pool limit in MiB.
-        optimization_level: builder optimization level 0..5 (TensorRT default 3).
-        sparse_weights: `BuilderFlag.SPARSE_WEIGHTS` (2:4 structured sparsity): None sets it
-            exactly when the graph has 2:4-eligible GEMM weights (`compiler.graph.sparsity.check_2_4`);
-            True / False force it.
-        timing_cache_dir: timing caches are kept here, one file per GPU and TensorRT version.
-    """
-
-    profiles: tuple[ProfileSettings, ...] = (ProfileSettings(),)
-    workspace_mib: int = 4096
-    optimization_level: int = 3
-    sparse_weights: bool | None = None
-    timing_cache_dir: str = "engines/timing_cache"
-
-    def __post_init__(self) -> None:
-        if not self.profiles:
-            raise ValueError("need at least one optimization profile")
-        if not 0 <= self.optimization_level <= 5:
-            raise ValueError(f"optimization_level={self.optimization_level}: expected 0..5")
-        if self.workspace_mib < 1:
-            raise ValueError("workspace_mib must be >= 1")
-
-
-@dataclass(frozen=True)
-class BuildSettings:
-    """Everything that decides the artifacts of one `compiler` run.
-
-    Attributes:
-        model, export, precision, data, quant, train, sparsity, vocab, engine: each stage's settings.
-        output_dir: the artifacts' root (`engines/`); `data.cache_dir` defaults below it.
-    """
-
-    model: ModelSettings = field(default_factory=ModelSettings)
-    export: ExportSettings = field(default_factory=ExportSettings)
-    precision: PrecisionSettings = field(default_factory=PrecisionSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    quant: QuantSettings = field(default_factory=QuantSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    sparsity: SparsitySettings = field(default_factory=SparsitySettings)
-    vocab: VocabSettings = field(default_factory=VocabSettings)
-    engine: EngineSettings = field(default_factory=EngineSettings)
-    output_dir: str = "engines"
-
-    def __post_init__(self) -> None:
-        if self.data.cache_dir is None:  # caches live beside the artifacts
-            object.__setattr__(self, "data", dataclasses.replace(self.data, cache_dir=str(Path(self.output_dir) / "cache")))
-
-    def model_dir(self) -> Path:
-        """`engines/<model-slug>/<weights>`: where this model's artifacts live (the dense FP32
-        export, the reference of every variant)."""
-        slug = self.model.name.strip("/").replace("/", "--").replace("\\", "--")
-        slug = slug.lstrip(".-") or "model"
-        return Path(self.output_dir) / slug / self.model.weights
-
-    def base_dir(self) -> Path:
-        """Where the FP32 graph the variants derive from lies: `model_dir()`, or its `sparse24`
-        subfolder for a 2:4 sparse model."""
-        if self.sparsity.pattern is None:
-            return self.model_dir()
-        return self.model_dir() / f"sparse{self.sparsity.pattern.replace(':', '')}"
-
-    def variant_dir(self) -> Path:
-        """`<base_dir()>/<precision>` (`<precision>-vocab` with vocabulary pruning): one variant's artifacts."""
-        return self.base_dir() / (f"{self.precision.mode}-vocab" if self.vocab.texts else self.precision.mode)
-
-
-def settings_hash(*parts: object) -> str:
-    """sha256 over dataclasses / JSON-able values, canonicalized (sorted keys) first.
-
-    A dataclass field with `metadata={"hash": False}` is left out (it says where work runs,
-    not what it computes, e.g. `TrainSettings.device`), so caches survive a change of it; one
-    with `metadata={"hash": "if-set"}` counts only when it differs from its default (a knob
-    added later, e.g. `TrainSettings.bf16`: the caches made before it keep their keys).
-    """
-
-    def counts(f: dataclasses.Field, value: object) -> bool:
-        rule = f.metadata.get("hash", True)
-        return rule is True or (rule == "if-set" and value != f.default)
-
-    def canon(obj: object) -> object:
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return {f.name: canon(getattr(obj, f.name)) for f in sorted(dataclasses.fields(obj), key=lambda f: f.name)
-                    if counts(f, getattr(obj, f.name))}
-        if isinstance(obj, (list, tuple)):
-            return [canon(v) for v in obj]
-        if isinstance(obj, dict):
-            return {str(k): canon(v) for k, v in sorted(obj.items())}
-        return obj
-
-    blob = json.dumps([canon(p) for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
