@@ -10,12 +10,13 @@ statuses a script can rely on (`python -m compiler ...`; through `make` every fa
 | 1 | bad input or a refused result: the message names the problem and the fix |
 | 2 | the TensorRT-ready ONNX and report are written, but TensorRT or a GPU is missing here |
 | 3 | internal error (a bug): the traceback is printed; please report it |
+| 4 | refused by a deployment check (`compiler.deploy`): a file's hash, the plan's TensorRT version, the GPU's compute capability, a shape outside the optimization profile, host code not allowed; the message names what was found, what was expected and the fix |
 | 130 | interrupted (Ctrl-C); artifacts are written atomically, nothing half-written stays |
 """
 
 from __future__ import annotations
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_NO_TENSORRT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NO_TENSORRT, EXIT_INTERNAL, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 class CompilerError(Exception):
@@ -70,3 +71,22 @@ class TensorRTUnavailableError(CompilerError):
 
 class EngineBuildError(CompilerError):
     """TensorRT's ONNX parser or builder failed."""
+
+
+class DeploymentRefusedError(CompilerError):
+    """A deployment check refused a bundle, plan or request before anything was loaded.
+
+    Attributes:
+        check: what was checked, e.g. "file hash", "TensorRT version", "compute capability".
+        found / expected: what the check saw and what it needed.
+        fix: the command or step that fixes it.
+    """
+
+    exit_code = EXIT_REFUSED
+
+    def __init__(self, check: str, found: str, expected: str, fix: str) -> None:
+        self.check, self.found, self.expected, self.fix = check, found, expected, fix
+        super().__init__(f"refused ({check}): found {found}; expected {expected}.\nFix: {fix}")
+
+    def __reduce__(self):  # picklable: raised inside Ray tasks and child processes
+        return (type(self), (self.check, self.found, self.expected, self.fix))

@@ -21,8 +21,8 @@ LAYERS = [
     ("compiler.passes", 3),
     ("compiler.quant", 4),
     ("compiler.training", 5), ("compiler.eval", 5),
-    ("compiler.pipeline", 6), ("compiler.results", 6), ("compiler.stages", 6),
-    ("compiler.cli", 7), ("compiler.__main__", 7),
+    ("compiler.pipeline", 6), ("compiler.results", 6), ("compiler.stages", 6), ("compiler.deploy", 6),
+    ("compiler.cli", 7), ("compiler.__main__", 7), ("compiler.matrix", 7),
     ("benchmarks", 8),
 ]
 # The builder runs on a deployment host: graph analysis and the foundation only.
