@@ -10,6 +10,12 @@
 #                (fine-tuning text for QAT / 2:4 recovery: files mixed in even shares)
 #   make onnx MODEL=minilm VOCAB_TEXT=../shared/data/sst2/train.tsv   (vocabulary pruning to a domain's tokens)
 #   make benchmark BENCH=precision_modes ARGS="--samples 32"
+#   make bench MODEL=minilm GRID=paper BACKENDS=cpu   (latency grid; make bench-compile: compile cost)
+#   make bundle MODEL=minilm PRECISION=hybrid      (Triton model repository, docs/deploy.md); then:
+#     python -m compiler build --bundle DIR        (on the GPU host: the plan, one per compute capability)
+#     python -m compiler run DIR --text "..." [--backend tensorrt|onnxruntime] [--check]   (checks first)
+#     python -m compiler inspect FILE|DIR          (a plan header, an ONNX, a bundle; no TensorRT needed)
+#   make matrix SPEC=docs/examples/matrix-minilm.yaml   (models x precisions x GPU targets on Ray, docs/matrix.md)
 VENV      ?= .venv
 PYTHON    ?= $(VENV)/bin/python
 MODEL     ?= minilm
@@ -20,7 +26,11 @@ CALIB     ?=
 SPARSITY  ?=
 TRAIN_TEXT ?=
 VOCAB_TEXT ?=
+TASK      ?=
 BENCH     ?= precision_modes
+GRID      ?= quick
+SPEC      ?= docs/examples/matrix-minilm.yaml
+BACKENDS  ?= cpu
 ARGS      ?=
 
 # Paths reach the CLI shell-quoted, so MODEL="/path/with space" is one argument. TRAIN_TEXT and
@@ -29,6 +39,7 @@ ARGS      ?=
 quote = '$(subst ','\'',$(1))'
 
 COMMON = --model $(call quote,$(MODEL)) --weights $(WEIGHTS) --precision $(PRECISION) --samples $(SAMPLES) \
+         $(if $(TASK),--task $(TASK)) \
          $(if $(CALIB),--calib $(call quote,$(CALIB))) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
          $(foreach t,$(TRAIN_TEXT),--train-text $(call quote,$(t))) \
          $(foreach t,$(VOCAB_TEXT),--prune-vocab $(call quote,$(t))) $(ARGS)
@@ -42,7 +53,7 @@ PYTHON_BIN := $(or $(shell command -v $(PYTHON) 2>/dev/null),$(PYTHON))
 STAMP      := $(abspath $(dir $(abspath $(PYTHON_BIN)))../.trt-compiler-installed)
 NEW_VENV   := $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
 
-.PHONY: engine onnx export test test-gpu install benchmark clean
+.PHONY: engine onnx bundle export matrix test test-gpu install benchmark bench bench-compile clean
 
 engine: $(STAMP)   ## export, precision, verify, TensorRT build (exit 2 with the ONNX kept where TensorRT/GPU are missing)
 	$(PYTHON) -m compiler compile $(COMMON)
@@ -50,8 +61,14 @@ engine: $(STAMP)   ## export, precision, verify, TensorRT build (exit 2 with the
 onnx: $(STAMP)     ## the same without the build step
 	$(PYTHON) -m compiler compile --no-build $(COMMON)
 
+bundle: $(STAMP)   ## Triton model repository in <variant>/bundle/ (the plan is built where TensorRT and a GPU are)
+	$(PYTHON) -m compiler bundle $(COMMON)
+
+matrix: $(STAMP)   ## the build matrix of SPEC on Ray (local by default; ARGS="--address ray://head:10001 --retries 2 --fresh")
+	$(PYTHON) -m compiler matrix $(call quote,$(SPEC)) $(ARGS)
+
 export: $(STAMP)
-	$(PYTHON) -m compiler export --model $(call quote,$(MODEL)) --weights $(WEIGHTS) $(ARGS)
+	$(PYTHON) -m compiler export --model $(call quote,$(MODEL)) --weights $(WEIGHTS) $(if $(TASK),--task $(TASK)) $(ARGS)
 
 test: $(STAMP)     ## the CPU test tier (what .ci/run runs)
 	$(PYTHON) -m pytest -m "not gpu" -q
@@ -61,6 +78,12 @@ test-gpu: $(STAMP) ## tests that need TensorRT and a CUDA GPU (pip install -e '.
 
 benchmark: $(STAMP)  ## python -m benchmarks.$(BENCH) $(ARGS); results under engines/benchmarks/
 	$(PYTHON) -m benchmarks.$(BENCH) $(ARGS)
+
+bench: $(STAMP)      ## latency/throughput over GRID (quick|paper) per backend (BACKENDS: cpu, all, or a,b,...)
+	$(PYTHON) -m benchmarks.latency --model $(call quote,$(MODEL)) --weights $(WEIGHTS) --grid $(GRID) --backends $(BACKENDS) $(ARGS)
+
+bench-compile: $(STAMP)  ## each stage's wall time and peak memory per model x precision, from scratch (compile.json)
+	$(PYTHON) -m benchmarks.compile_cost $(ARGS)
 
 install: $(STAMP)
 

@@ -22,9 +22,29 @@ also writes a PNG, when matplotlib is installed (the `bench` extra).
   parameter share saved. Writes `vocab_prune.json`, `vocab_prune.png`.
 - `peak_memory`: wall time and peak RSS of a command's whole process tree. Writes
   `peak_memory.json` (or `--json FILE`).
+- `latency`: latency and throughput over the paper's batch x sequence grid, every backend side
+  by side (PyTorch, ONNX Runtime FP32 / fused / our INT8 / dynamic INT8, OpenVINO, TensorRT and
+  the CUDA rows where a GPU is), each with its held-out cosine against PyTorch FP32. Writes
+  `<model>/latency.json`, `latency.md`, `latency_p50.png`, `latency_speedup.png`; its parts
+  live in `benchmarks/speed/`.
+- `compile_cost`: each stage's wall time and peak memory per model x precision mode, compiled
+  from scratch in a subprocess (the way to track what compiling costs). Writes `compile.json`,
+  `compile.md`.
+
+- `gpt2_fixture`: trains the small GPT-2 fixture on WikiText-2 (tokenizer and model, seeded) into
+  its `--out` checkpoint folder with `fixture.json`.
+- `gpt2_agreement`: greedy generation of the fixture per precision through the KV cache against
+  FP32 PyTorch `generate`. Writes `gpt2_agreement.json`.
+- `gpt2_generate`: GPT-2 tokens per second on ONNX Runtime CPU with the KV cache and without it.
+  Writes `gpt2_generate.json`.
+- `sst2_classifier`: fine-tunes MiniLM with a classification head on SST-2 train (seeded) into its
+  `--out` checkpoint folder with `fixture.json`.
+- `sst2_tasks`: SST-2 dev accuracy and agreement with FP32 of the classifier per precision.
+  Writes `sst2_tasks.json`.
 
 `benchmarks.common` holds what they share (NAME=PATH arguments, tables, JSON, plots).
 """
 
 BENCHMARKS = ("precision_modes", "int8_ptq", "int8_minilm", "recovery_sweep", "sst2_probe", "ort_latency",
-              "peak_memory", "vocab_prune")
+              "peak_memory", "vocab_prune", "latency", "compile_cost", "gpt2_fixture", "gpt2_agreement",
+              "gpt2_generate", "sst2_classifier", "sst2_tasks")

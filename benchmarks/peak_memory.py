@@ -49,15 +49,33 @@ def tree_rss_kib(root: int) -> tuple[int, int]:
     return total, largest
 
 
-def measure(cmd: list[str], interval: float) -> dict[str, object]:
-    """Run `cmd`, sampling the process tree's RSS every `interval` s until it exits."""
+def measure(cmd: list[str], interval: float, log: Path | None = None, env: dict[str, str] | None = None,
+            timeout_s: float | None = None) -> dict[str, object]:
+    """Run `cmd`, sampling the process tree's RSS every `interval` s until it exits.
+
+    Args:
+        cmd: the command and its arguments.
+        interval: sampling interval, s.
+        log: a file for the command's stdout and stderr (default: this process's).
+        env: the command's environment (default: this process's).
+        timeout_s: kill the command (and record return code -9) after this many seconds.
+    """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    peak_tree = peak_single = 0
-    while proc.poll() is None:
-        tree, single = tree_rss_kib(proc.pid)
-        peak_tree, peak_single = max(peak_tree, tree), max(peak_single, single)
-        time.sleep(interval)
+    out = open(log, "w") if log else None
+    try:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env)
+        peak_tree = peak_single = 0
+        while proc.poll() is None:
+            tree, single = tree_rss_kib(proc.pid)
+            peak_tree, peak_single = max(peak_tree, tree), max(peak_single, single)
+            if timeout_s is not None and time.perf_counter() - start > timeout_s:
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(interval)
+    finally:
+        if out:
+            out.close()
     return {"command": cmd, "returncode": proc.returncode, "wall_s": round(time.perf_counter() - start, 1),
             "peak_tree_rss_mib": peak_tree // 1024, "peak_single_rss_mib": peak_single // 1024}
 

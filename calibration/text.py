@@ -208,6 +208,64 @@ def _read_hf_dataset(spec: str, column: str | None) -> list[str]:
     return [str(t) for t in ds[name_col]]
 
 
+class CacheInput(str):
+    """The name of a KV-cache graph input, (batch, heads, past, head_dim) float32
+    (`past_key_values.{i}.key` / `.value` of `text-generation-with-past`).
+
+    Feed builders (`TokenizedSet.batches`, `compiler.quant.calibrate.window_feeds`) fill it with
+    an empty past (past 0: the context phase, the prompt in one pass), so every pass that runs a
+    graph on text (calibration, `auto`, INT8, fidelity) runs a cache graph as it runs any other.
+    """
+
+    heads: int
+    head_dim: int
+
+    def __new__(cls, name: str, heads: int, head_dim: int) -> CacheInput:
+        self = super().__new__(cls, name)
+        self.heads, self.head_dim = int(heads), int(head_dim)
+        return self
+
+    def __getnewargs__(self) -> tuple[str, int, int]:  # pickling (child processes)
+        return str(self), self.heads, self.head_dim
+
+    def empty(self, batch: int) -> np.ndarray:
+        """An empty past: (batch, heads, 0, head_dim) float32."""
+        return np.zeros((batch, self.heads, 0, self.head_dim), dtype=np.float32)
+
+
+def cache_inputs(model: Any) -> list[CacheInput]:
+    """The KV-cache inputs of an `onnx.ModelProto` (rank-4 float inputs named `past_key_values.*`
+    whose heads and head_dim are static), as `CacheInput`s."""
+    found = []
+    for v in model.graph.input:
+        dims = v.type.tensor_type.shape.dim
+        if v.name.startswith("past_key_values.") and len(dims) == 4 and dims[1].dim_value and dims[3].dim_value:
+            found.append(CacheInput(v.name, dims[1].dim_value, dims[3].dim_value))
+    return found
+
+
+def feed_names(model: Any) -> list[str]:
+    """The graph inputs of an `onnx.ModelProto` (initializers excluded) to feed, cache inputs as
+    `CacheInput`s."""
+    inits = {t.name for t in model.graph.initializer}
+    cache = {c: c for c in cache_inputs(model)}
+    return [cache.get(v.name, v.name) for v in model.graph.input if v.name not in inits]
+
+
+def text_feeds(feeds: dict[str, np.ndarray], input_names: list[str]) -> dict[str, np.ndarray]:
+    """`feeds` (input_ids, attention_mask, token_type_ids, each (batch, sequence) int64) for
+    `input_names`, a `CacheInput` filled with an empty past.
+
+    Raises:
+        DataError: an input that is neither a text input nor a `CacheInput`.
+    """
+    batch = len(feeds["input_ids"])
+    unknown = [n for n in input_names if n not in feeds and not isinstance(n, CacheInput)]
+    if unknown:
+        raise DataError(f"graph inputs {unknown} cannot be filled from text; known: {sorted(feeds)}")
+    return {n: n.empty(batch) if isinstance(n, CacheInput) else feeds[n] for n in input_names}
+
+
 @dataclass
 class TokenizedSet:
     """Unpadded token ids of real-text samples.
@@ -253,11 +311,7 @@ class TokenizedSet:
                 mask[i, : len(x)] = 1
                 if self.token_type_ids is not None:
                     types[i, : len(x)] = self.token_type_ids[start + i]
-            feeds = {"input_ids": batch, "attention_mask": mask, "token_type_ids": types}
-            unknown = [n for n in input_names if n not in feeds]
-            if unknown:
-                raise DataError(f"graph inputs {unknown} cannot be filled from text; known: {sorted(feeds)}")
-            yield {n: feeds[n] for n in input_names}, lengths
+            yield text_feeds({"input_ids": batch, "attention_mask": mask, "token_type_ids": types}, input_names), lengths
 
 
 def tokenized_set(texts: list[str], tokenizer: Any, max_length: int, cache_dir: str | Path | None) -> TokenizedSet:

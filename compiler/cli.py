@@ -6,6 +6,9 @@ Subcommands:
     verify      export + precision + fidelity on real text and random ids (report.json).
     build       TensorRT engine from a TensorRT-ready ONNX file.
     compile     the whole pipeline; --no-build stops after verify (what `make onnx` runs).
+    bundle      the pipeline up to verify, then a Triton model repository (docs/deploy.md);
+                `build --bundle DIR` builds its plan on the GPU host.
+    run         a bundle on TensorRT or ONNX Runtime, after its checks (exit 4 when refused).
 
 Errors the tool can explain print one message and exit 1 (2 where TensorRT or a GPU is
 missing: the TensorRT-ready ONNX and report are written first); the exit statuses are listed in
@@ -19,6 +22,7 @@ import json
 import logging
 import dataclasses
 import os
+import shlex
 import sys
 import traceback
 from collections import defaultdict
@@ -26,10 +30,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from compiler.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, CompilerError
-from compiler.settings import (FLOAT_MODES, INT8_MODES, LR_SCHEDULES, PRECISION_MODES, QUANT_METHODS, SPARSITY_METHODS, WEIGHT_MODES,
+from compiler.settings import (FLOAT_MODES, INT8_MODES, LR_SCHEDULES, PRECISION_MODES, QUANT_METHODS, SPARSITY_METHODS, TASKS, WEIGHT_MODES,
                                BuildSettings, DataSettings, EngineSettings, ExportSettings, ModelSettings,
                                PrecisionSettings, ProfileSettings, QuantSettings, SparsitySettings, TrainSettings,
                                VocabSettings)
+from compiler.settings.engine import HARDWARE_COMPAT_LEVELS
 
 log = logging.getLogger("compiler")
 
@@ -40,6 +45,17 @@ def _shape(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected BATCHxSEQUENCE, e.g. 1x128") from None
     return b, s
+
+
+def _profile(text: str) -> ProfileSettings:
+    try:
+        shapes = [_shape(part) for part in text.split(":")]
+        if len(shapes) != 3:
+            raise argparse.ArgumentTypeError("")
+        return ProfileSettings(*shapes)
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MIN:OPT:MAX shapes BxS, e.g. 1x1:16x128:32x512"
+                                         f"{f' ({e})' if isinstance(e, ValueError) else ''}") from None
 
 
 def _alpha(text: str) -> float | None:
@@ -63,6 +79,8 @@ MODEL_OPTIONS = [
                                     "help": "random: the published architecture with seeded random weights"}),
     ("--seed", "model.seed", {"type": int}),
     ("--trust-remote-code", "model.trust_remote_code", {"action": "store_true", "help": "allow the checkpoint's own code"}),
+    ("--task", "model.task", {"choices": TASKS, "help": "what the graph answers (Optimum's names; docs/tasks.md); "
+                                                        "None: the checkpoint's natural task"}),
     ("--opset", "export.opset", {"type": int}),
     ("--parity-atol", "export.parity_atol", {"type": float}),
     ("--calib", "data.path", {"help": "text file (one sample a line), TSV/CSV with a header, or a HF dataset name; "
@@ -123,10 +141,23 @@ ENGINE_OPTIONS = [
     ("--min-shape", "profile.min_shape", {"type": _shape, "help": "BxS"}),
     ("--opt-shape", "profile.opt_shape", {"type": _shape, "help": "BxS"}),
     ("--max-shape", "profile.max_shape", {"type": _shape, "help": "BxS"}),
+    ("--max-past", "profile.max_past", {"type": int, "help": "KV-cache graphs: the decode profile's longest past "
+                                                            "(0: the --max-shape sequence; docs/tasks.md)"}),
     ("--workspace-mib", "engine.workspace_mib", {"type": int}),
     ("--optimization-level", "engine.optimization_level", {"type": int}),
     ("--sparse-weights", "engine.sparse_weights",
      {"action": "store_true", "help": "force BuilderFlag.SPARSE_WEIGHTS (default: set exactly when the graph has 2:4 weights)"}),
+    ("--profile", "engine.profiles", {"type": _profile, "action": "append", "metavar": "MIN:OPT:MAX",
+                                      "help": "one optimization profile, e.g. 1x1:1x128:1x128 (repeatable: several "
+                                              "profiles; instead of --min/--opt/--max-shape)"}),
+    ("--hardware-compat", "engine.hardware_compat",
+     {"choices": HARDWARE_COMPAT_LEVELS, "help": "GPUs the plan runs on: the build GPU's architecture, every "
+                                                 "compute capability >= 8.0, or the build GPU's compute capability"}),
+    ("--version-compatible", "engine.version_compatible",
+     {"action": "store_true", "help": "BuilderFlag.VERSION_COMPATIBLE: later TensorRT releases load the plan "
+                                      "(it embeds the lean runtime: loading needs --allow-host-code)"}),
+    ("--exclude-lean-runtime", "engine.exclude_lean_runtime",
+     {"action": "store_true", "help": "BuilderFlag.EXCLUDE_LEAN_RUNTIME (with --version-compatible)"}),
 ]
 
 
@@ -168,7 +199,10 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
                 section, name = target.split(".")
                 parts[section][name] = _value(target, given[dest])
     try:
-        engine = EngineSettings(profiles=(ProfileSettings(**parts.pop("profile", {})),), **parts.pop("engine", {}))
+        if "profile" in parts and "profiles" in parts.get("engine", {}):
+            raise CompilerError("give either --profile (repeatable) or --min-shape/--opt-shape/--max-shape, not both")
+        engine_kw = {"profiles": (ProfileSettings(**parts.pop("profile", {})),), **parts.pop("engine", {})}
+        engine = EngineSettings(**engine_kw)
         top = parts.pop("build", {})
         return BuildSettings(**{s: SECTIONS[s](**kw) for s, kw in parts.items()}, engine=engine, **top)
     except ValueError as e:
@@ -195,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, MODEL_OPTIONS + PRECISION_OPTIONS)
     _add(p.add_argument_group("INT8 (--precision int8 / int8-qat), 2:4 sparsity, vocabulary"), OPTION_OPTIONS)
 
-    p = sub.add_parser("build", help="TensorRT engine from a TensorRT-ready ONNX file")
-    p.add_argument("--onnx", type=Path, required=True)
+    p = sub.add_parser("build", help="TensorRT engine from a TensorRT-ready ONNX file, or into a bundle")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--onnx", type=Path)
+    source.add_argument("--bundle", type=Path, help="a bundle (`bundle`): build its plan for this GPU into it")
     _add(p, [o for o in MODEL_OPTIONS if o[0] in ("--model", "--output-dir")] + PRECISION_OPTIONS + ENGINE_OPTIONS)
 
     p = sub.add_parser("compile", help="the whole pipeline: export, precision, verify, build")
@@ -204,6 +240,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p.add_argument_group("INT8 (--precision int8 / int8-qat), 2:4 sparsity, vocabulary"), OPTION_OPTIONS)
     _add(p.add_argument_group("TensorRT engine"), ENGINE_OPTIONS)
     p.add_argument("--no-build", action="store_true", help="stop after verify (exit 0)")
+
+    p = sub.add_parser("bundle", help="a Triton model repository: pipeline up to verify, then the bundle "
+                                      "(built here where TensorRT and a GPU are)")
+    _add(p, MODEL_OPTIONS + PRECISION_OPTIONS)
+    _add(p.add_argument_group("INT8 (--precision int8 / int8-qat), 2:4 sparsity, vocabulary"), OPTION_OPTIONS)
+    _add(p.add_argument_group("TensorRT engine"), ENGINE_OPTIONS)
+    p.add_argument("--out", type=Path, default=None, help="default: <variant folder>/bundle")
+    p.add_argument("--ort-fp32", action="store_true", help="the ONNX Runtime model gets the FP32 graph "
+                                                           "(a CPU-only serving host) instead of the verified one")
+
+    from compiler.deploy.commands import add_run_arguments
+
+    add_run_arguments(sub.add_parser("run", help="run a bundle (TensorRT or ONNX Runtime) after its checks"))
+
+    from compiler.deploy.inspect import add_inspect_arguments
+
+    add_inspect_arguments(sub.add_parser("inspect", help="what a plan, an ONNX or a bundle holds and what this "
+                                                         "host runs of it (no TensorRT needed)"))
+
+    from compiler.eval.generate import add_generate_arguments
+
+    add_generate_arguments(sub.add_parser("generate", help="greedy generation on an ONNX graph (ONNX Runtime CPU), "
+                                                           "with its KV cache when it has one"))
+
+    from compiler.matrix.command import add_matrix_arguments
+
+    add_matrix_arguments(sub.add_parser("matrix", help="models x precisions x GPU targets as Ray tasks "
+                                                       "(local by default; docs/matrix.md)"))
     return parser
 
 
@@ -242,6 +306,16 @@ def format_table(report: dict[str, Any]) -> str:
         if f:
             lines.append(f"{key:<8} {f['samples']:>7} {fmt(f['cosine_min']):>12} {fmt(f['cosine_mean']):>12} "
                          f"{fmt(f['max_abs_err']):>12} {f['nonfinite_count']:>10}")
+    task = fid.get("task")
+    if task:  # compiler.eval.task_agreement
+        metrics = ", ".join(f"{k} {v:.6f}" for k, v in task.items() if isinstance(v, float))
+        lines.append(f"task {task['task']} ({task['samples']} real samples): {metrics}")
+        g = task.get("generation")
+        if g:
+            lines.append(f"greedy generation through the KV cache ({g['prompts']} prompts, {g['prompt_tokens']} + "
+                         f"{g['new_tokens']} tokens): all agree {g['agree_all']:.3f}, token agreement "
+                         f"{g['token_agreement']:.3f}, first divergence {g['first_divergence']}, logits cosine min "
+                         f"{fmt(g['logits_cosine_min'])}")
     return "\n".join(lines)
 
 
@@ -249,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 1 for a CompilerError, 2 where TensorRT
     or a GPU is missing: see compiler.errors)."""
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["python", "-m", "compiler", *(sys.argv[1:] if argv is None else argv)])
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")  # an unreachable hub fails fast
@@ -273,11 +348,40 @@ def _print_variant(run: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "matrix":
+        from compiler.matrix.command import matrix_command
+
+        return matrix_command(args)
+    if args.command == "inspect":
+        from compiler.deploy.inspect import inspect_command
+
+        return inspect_command(args)
     from compiler import pipeline
 
+    if args.command == "generate":
+        from compiler.eval.generate import generate_command
+
+        return generate_command(args)
     settings = settings_from_args(args)
+    if args.command in ("export", "verify", "compile", "bundle"):
+        from compiler.training.models import resolve_task
+
+        settings = resolve_task(settings)  # None: the checkpoint's natural task; KV-cache profiles
     if args.command == "precision":
         return _precision_only(args, settings)
+    if args.command == "run":
+        from compiler.deploy.commands import run_command
+
+        return run_command(args)
+    if args.command == "bundle":
+        from compiler.deploy.commands import bundle_command
+
+        return bundle_command(args, settings, _print_variant)
+    if args.command == "build" and args.bundle is not None:
+        from compiler.deploy.commands import build_bundle_command
+
+        given = {f.lstrip("-").replace("-", "_") for f, _, _ in ENGINE_OPTIONS} & set(vars(args))
+        return build_bundle_command(args, settings, bool(given))
     if args.command == "build":
         from compiler.build.engine import engine_from_onnx
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from calibration.layout import TokenSets
 from compiler.artifacts import write_error, write_json
 from compiler.errors import EXIT_INTERNAL, EXIT_NO_TENSORRT, CompilerError
-from compiler.results import STAGES, BuildResult, PipelineRun
+from compiler.results import STAGES, BuildResult, ExportResult, PipelineRun
 from compiler.settings import INT8_MODES, BuildSettings
 from compiler.stages.build import stage_build
 from compiler.stages.export import stage_export
@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 
 def run_pipeline(settings: BuildSettings, until: str = "build",
-                 after: dict[str, Callable[[PipelineRun], None]] | None = None) -> PipelineRun:
+                 after: dict[str, Callable[[PipelineRun], None]] | None = None,
+                 export: ExportResult | None = None) -> PipelineRun:
     """Run the stages in order up to and including `until`.
 
     Args:
@@ -51,6 +52,9 @@ def run_pipeline(settings: BuildSettings, until: str = "build",
         until: the last stage, one of `STAGES`.
         after: {stage name: callback} called with the run as soon as that stage is done (the CLI
             prints the fidelity table after verify, before a build that may stop).
+        export: a finished export stage of these settings (model, weights, data, export opset)
+            to start from instead of running it (the build matrix's shared stage hands it to
+            every precision variant; `loaded.module` is needed only where 2:4 or QAT follow).
 
     Returns:
         PipelineRun with each stage's result; report.json is written after verify.
@@ -67,7 +71,7 @@ def run_pipeline(settings: BuildSettings, until: str = "build",
     runs = lambda stage: STAGES.index(stage) <= last  # noqa: E731
     run = PipelineRun(settings)
     with run.timed("export"):
-        run.export = stage_export(settings)
+        run.export = export if export is not None else stage_export(settings)
     tokens = TokenSets(settings.data, run.export.loaded.tokenizer, settings.train.batch_size,
                        heldout=run.export.heldout_texts)
     if runs("sparsity") and settings.sparsity.pattern is not None:
@@ -105,7 +109,7 @@ def run_pipeline(settings: BuildSettings, until: str = "build",
 
 def _without_timings(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _without_timings(v) for k, v in obj.items() if k not in ("seconds", "reused")}
+        return {k: _without_timings(v) for k, v in obj.items() if k not in ("seconds", "reused", "timings")}
     if isinstance(obj, list):
         return [_without_timings(v) for v in obj]
     return obj

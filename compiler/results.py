@@ -172,6 +172,8 @@ class PipelineRun:
                 out["sparsity"]["variant_check"] = self.verify.variant_check
         if self.build_status:
             out["build"] = self.build_status
+        # wall time (s) and process peak RSS (MiB) after each stage that ran (benchmarks.compile_cost)
+        out["timings"] = {"seconds": dict(self.seconds), "peak_rss_mib": dict(self.peak_rss_mib)}
         out["settings"] = dataclasses.asdict(self.settings)
         return out
 

@@ -27,8 +27,9 @@ def has_tensorrt_and_gpu() -> bool:
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines")
-    result = run_cli("compile", "--model", "minilm", "--precision", "hybrid", "--samples", "16",
-                     "--output-dir", str(out))
+    # feature-extraction: MiniLM's last_hidden_state graph (its natural task is sentence-embedding)
+    result = run_cli("compile", "--model", "minilm", "--task", "feature-extraction", "--precision", "hybrid",
+                     "--samples", "16", "--output-dir", str(out))
     return out, result
 
 
@@ -78,8 +79,8 @@ def test_report_fields(compiled):
 
 def test_no_build_exits_0_and_reuses(compiled):
     out, _ = compiled
-    result = run_cli("-v", "compile", "--no-build", "--model", "minilm", "--precision", "hybrid",
-                     "--samples", "16", "--output-dir", str(out))
+    result = run_cli("-v", "compile", "--no-build", "--model", "minilm", "--task", "feature-extraction",
+                     "--precision", "hybrid", "--samples", "16", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "reused" in result.stderr  # export and precision pass unchanged by content hash
     assert "settings: BuildSettings(" in result.stderr  # -v: the settings at DEBUG
@@ -174,6 +175,8 @@ def test_every_option_reaches_its_settings_field():
             argv = [flag, [c for c in kw["choices"] if c != cli._default(targets.split()[0])][0]]
         elif kw.get("type") is cli._shape:
             argv = [flag, "2x64"]
+        elif kw.get("type") is cli._profile:  # the whole profile: seen as its shapes below
+            argv = [flag, "1x1:2x64:8x512"]
         elif flag == "--smoothquant-alpha":
             argv = [flag, "off"]
         elif flag == "--train-device":
@@ -199,12 +202,14 @@ def test_every_option_reaches_its_settings_field():
         engine, default_engine = settings.engine, BuildSettings().engine
         changed |= {f"engine.{f.name}" for f in dataclasses.fields(engine)
                     if f.name != "profiles" and getattr(engine, f.name) != getattr(default_engine, f.name)}
-        changed |= {f"profile.{k}" for k in ("min_shape", "opt_shape", "max_shape")
+        changed |= {f"profile.{k}" for k in ("min_shape", "opt_shape", "max_shape", "min_past", "opt_past", "max_past")
                     if getattr(engine.profiles[0], k) != getattr(default_engine.profiles[0], k)}
         want = set(targets.split()) | ({"profile.max_shape"} if flag == "--opt-shape" else set()) | (
             {"profile.opt_shape"} if flag == "--min-shape" else set())
         if flag == "--output-dir":
             want.add("data.cache_dir")  # the caches follow the artifacts
+        if flag == "--profile":
+            want = {"profile.opt_shape", "profile.max_shape"}
         assert changed == want, (flag, changed)
 
 

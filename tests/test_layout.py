@@ -139,7 +139,8 @@ def test_modules_and_functions_stay_readable():
 
 
 @pytest.mark.parametrize("name", ["compiler", "compiler.build.engine", "compiler.settings", "compiler.cli",
-                                  "compiler.pipeline"])
+                                  "compiler.pipeline", "compiler.deploy.runtime", "compiler.deploy.plan",
+                                  "compiler.deploy.checks", "compiler.deploy.triton", "compiler.deploy.bundle"])
 def test_light_modules_import_neither_torch_nor_tensorrt(name):
     import subprocess
     import sys

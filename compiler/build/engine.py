@@ -10,8 +10,9 @@ steps, one function each:
    names the ONNX that can be built later;
 2. parse the ONNX from its file (so external weights beside it are found); every parser error
    is reported with the ONNX node it concerns (`_parse_network`);
-3. configure: workspace limit, optimization level, 2:4 sparse weights when the graph has them
-   (`_configure_builder`);
+3. configure: workspace limit, optimization level, 2:4 sparse weights when the graph has them,
+   and the deployment options: hardware-compatibility level, version compatibility, lean runtime
+   excluded (`_configure_builder`; their manifest record and CLI flags: `compiler.build.options`);
 4. profiles: one optimization profile per `EngineSettings.profiles` entry; a dynamic axis 0
    takes the profile's batch sizes and a dynamic axis 1 its sequence lengths (`_add_profiles`);
 5. timing cache: one file per GPU model, compute capability and TensorRT version
@@ -19,7 +20,8 @@ steps, one function each:
 6. build the serialized engine (`_build_plan`) and read its I/O tensors back (`_engine_io`);
 7. manifest: `model.plan` goes beside the ONNX and, beside it, `manifest.json`: what was built,
    from which ONNX, on which GPU, with which settings, and the engine's I/O tensors as TensorRT
-   stores them (`engine_manifest`).
+   stores them, the plan's header (`compiler.build.plan_header`) and the CUDA version
+   (`engine_manifest`).
 
 TensorRT is imported only inside functions: `import compiler.build.engine` works without it.
 """
@@ -37,6 +39,8 @@ from typing import Any
 
 from compiler.artifacts import sha256_file, write_bytes, write_json
 from compiler.build.device import GpuInfo, find_gpu
+from compiler.build.options import build_flags, build_options, cuda_version
+from compiler.build.plan_header import read_plan_header
 from compiler.build.profiles import ProfileShapes, profile_shapes
 from compiler.errors import EngineBuildError, TensorRTUnavailableError
 from compiler.graph.onnx_io import check_onnx_file, load_onnx
@@ -56,13 +60,15 @@ INSTALL_HINT = (
 _DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}
 
 
-def check_tensorrt(onnx_path: str | Path, profiles: tuple[ProfileSettings, ...] = ()) -> GpuInfo:
+def check_tensorrt(onnx_path: str | Path, profiles: tuple[ProfileSettings, ...] = (),
+                   engine: EngineSettings | None = None) -> GpuInfo:
     """Check that an engine can be built here: TensorRT imports and the driver reports a GPU.
 
     Args:
         onnx_path: the TensorRT-ready ONNX that would be built; named in the error so that it
             can be built later on another machine.
         profiles: the requested optimization profiles: the build-later commands carry them.
+        engine: all the builder settings (profiles and deployment options), instead of `profiles`.
 
     Returns:
         The GPU the engine will be built for (CUDA device 0).
@@ -83,18 +89,14 @@ def check_tensorrt(onnx_path: str | Path, profiles: tuple[ProfileSettings, ...] 
         + "\n".join(f"  - {p}" for p in problems if p)
         + f"\nThe TensorRT-ready ONNX is at {onnx_path}\n"
         "Build it later on a machine with TensorRT 11 and an NVIDIA GPU:\n"
-        f"  python -m compiler build --onnx {onnx_path}{_profile_flags(profiles)}\n"
+        f"  python -m compiler build --onnx {onnx_path}{build_flags(engine) if engine else _profile_flags(profiles)}\n"
         f"  trtexec --onnx={onnx_path} --stronglyTyped"
     )
 
 
 def _profile_flags(profiles: tuple[ProfileSettings, ...]) -> str:
-    """` --min-shape BxS --opt-shape BxS --max-shape BxS` of the first profile when not the default."""
-    if not profiles or profiles[0] == ProfileSettings():
-        return ""
-    p = profiles[0]
-    return "".join(f" --{k}-shape {v[0]}x{v[1]}" for k, v in
-                   (("min", p.min_shape), ("opt", p.opt_shape), ("max", p.max_shape)))
+    """The profile flags of `build_flags` ("" without profiles)."""
+    return build_flags(EngineSettings(profiles=profiles)) if profiles else ""
 
 
 def sparse_weights_flag(
@@ -139,6 +141,8 @@ class BuiltEngine:
         sparsity: the 2:4 check behind it (`sparse_weights_flag`).
         timing_cache: the timing cache file used and updated.
         tensorrt_version: `tensorrt.__version__`. gpu: the GPU it was built on.
+        plan_header: `PlanHeader.to_dict()` of the plan ({"version": [major, minor, patch, build]}).
+        cuda_version: the CUDA runtime version (`compiler.build.options.cuda_version`), or None.
     """
 
     plan_path: Path
@@ -152,6 +156,8 @@ class BuiltEngine:
     timing_cache: Path
     tensorrt_version: str
     gpu: GpuInfo
+    plan_header: dict | None = None
+    cuda_version: str | None = None
 
 
 def engine_from_onnx(
@@ -179,7 +185,7 @@ def engine_from_onnx(
     """
     onnx_path = Path(onnx_path)
     check_onnx_file(onnx_path)  # a missing or broken file is bad input (exit 1), whatever the machine
-    gpu = check_tensorrt(onnx_path, settings.engine.profiles)
+    gpu = check_tensorrt(onnx_path, engine=settings.engine)
 
     import tensorrt as trt
 
@@ -203,6 +209,8 @@ def engine_from_onnx(
         build_seconds=build_seconds, profiles=profiles, inputs=inputs, outputs=outputs,
         sparse_weights=sparse_weights, sparsity=sparsity, timing_cache=cache_path,
         tensorrt_version=trt.__version__, gpu=gpu,
+        plan_header=read_plan_header(plan, name=f"the plan built from {onnx_path}").to_dict(),
+        cuda_version=cuda_version(),
     )
     manifest = engine_manifest(built, onnx_path, settings, report)
     write_json(built.plan_path.parent / MANIFEST_NAME, manifest)
@@ -222,16 +230,19 @@ def engine_manifest(
             (None when absent).
 
     Returns:
-        A JSON-ready dict with the keys model, variant, tensorrt_version, gpu, profiles,
-        inputs, outputs, plan, onnx, build_seconds, builder, precision, quantization, sparsity,
-        fidelity.
+        A JSON-ready dict with the keys model, variant, tensorrt_version, cuda_version, gpu,
+        plan_header, build_options, profiles, inputs, outputs, plan, onnx, build_seconds,
+        builder, precision, quantization, sparsity, fidelity.
     """
     eng = settings.engine
     return {
         "model": {"name": settings.model.name, "weights": settings.model.weights},
         "variant": settings.precision.mode,
         "tensorrt_version": built.tensorrt_version,
+        "cuda_version": built.cuda_version,
         "gpu": built.gpu.to_dict(),
+        "plan_header": built.plan_header,
+        "build_options": build_options(eng),
         "profiles": [
             {name: {k: list(v) for k, v in s.items()} for name, s in shapes.items()}
             for shapes in built.profiles
@@ -367,11 +378,20 @@ def _parse_network(trt: Any, builder: Any, trt_logger: Any, onnx_path: Path) -> 
 def _configure_builder(
     trt: Any, builder: Any, eng: EngineSettings, onnx_path: Path
 ) -> tuple[Any, bool, dict[str, Any]]:
-    """A builder config with the workspace limit, optimization level and, when the graph is
-    2:4 (or `eng.sparse_weights` forces it), `SPARSE_WEIGHTS`; and that flag with its check."""
+    """A builder config with the workspace limit, optimization level, hardware-compatibility
+    level, VERSION_COMPATIBLE / EXCLUDE_LEAN_RUNTIME where `eng` asks for them and, when the
+    graph is 2:4 (or `eng.sparse_weights` forces it), `SPARSE_WEIGHTS`; and that flag with its check."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, eng.workspace_mib << 20)
     config.builder_optimization_level = eng.optimization_level
+    levels = {"ampere+": trt.HardwareCompatibilityLevel.AMPERE_PLUS,
+              "same-cc": trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY}
+    if eng.hardware_compat in levels:
+        config.hardware_compatibility_level = levels[eng.hardware_compat]
+    if eng.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if eng.exclude_lean_runtime:
+        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
     sparse_weights, sparse_check = sparse_weights_flag(onnx_path, eng)
     if sparse_weights:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)

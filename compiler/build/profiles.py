@@ -3,7 +3,10 @@
 A TensorRT engine with dynamic input dims needs an optimization profile that bounds them
 (TensorRT developer guide, "Working with Dynamic Shapes"). The exported transformers take
 (batch, sequence) int64 inputs, so axis 0 takes a profile's batch sizes and axis 1 its sequence
-lengths; any other dynamic axis is an error. TensorRT-free: unit-tested on the CPU.
+lengths. A graph with a KV cache (`text-generation-with-past`) also has `past_key_values.*`
+inputs (batch, heads, past, head_dim), whose axis 2 takes the profile's past lengths, and an
+`attention_mask` whose axis 1 spans past + sequence. Any other dynamic axis is an error.
+TensorRT-free: unit-tested on the CPU.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ def profile_shapes(
 ) -> ProfileShapes:
     """The min/opt/max shape of every input for one optimization profile.
 
-    A dynamic axis 0 takes the profile's batch sizes, a dynamic axis 1 its sequence lengths;
-    static dims are kept as they are.
+    A dynamic axis 0 takes the profile's batch sizes, a dynamic axis 1 its sequence lengths
+    (past + sequence for the `attention_mask` of a graph with a KV cache), axis 2 of a KV-cache
+    input its past lengths; static dims are kept as they are.
 
     Args:
         network_inputs: (name, dims) per input, as TensorRT reports them (-1 = dynamic) or as
@@ -75,21 +79,32 @@ def profile_shapes(
     Raises:
         EngineBuildError: an input has a dynamic dim at an axis other than 0 or 1.
     """
+    has_cache = any(is_cache_input(name, dims) for name, dims in network_inputs)
+    pasts = {"min": profile.min_past, "opt": profile.opt_past, "max": profile.max_past}
     corners = {"min": profile.min_shape, "opt": profile.opt_shape, "max": profile.max_shape}
     shapes: ProfileShapes = {}
     for name, dims in network_inputs:
+        cache = is_cache_input(name, dims)
         for axis, dim in enumerate(dims):
-            if is_dynamic(dim) and axis >= len(PROFILE_AXES):
+            if is_dynamic(dim) and axis >= len(PROFILE_AXES) and not (cache and axis == 2):
                 raise EngineBuildError(
                     f"input {name!r} has a dynamic dimension {dim!r} at axis {axis} (shape "
-                    f"{list(dims)}); only axis 0 (batch) and axis 1 (sequence) may be dynamic. "
+                    f"{list(dims)}); only axis 0 (batch) and axis 1 (sequence) may be dynamic "
+                    "(and axis 2, the past, of a KV-cache input past_key_values.*). "
                     "Export the model with a static size for that axis."
                 )
-        shapes[name] = {
-            corner: tuple(
-                int(values[axis]) if is_dynamic(dim) else int(dim)  # type: ignore[arg-type]
-                for axis, dim in enumerate(dims)
-            )
-            for corner, values in corners.items()
-        }
+        shapes[name] = {}
+        for corner, values in corners.items():
+            sizes = {0: values[0], 1: values[1]}
+            if cache:
+                sizes = {0: values[0], 2: pasts[corner]}
+            elif has_cache and name == "attention_mask":
+                sizes = {0: values[0], 1: values[1] + pasts[corner]}  # the mask spans past + sequence
+            shapes[name][corner] = tuple(int(sizes[axis]) if is_dynamic(dim) else int(dim)  # type: ignore[arg-type]
+                                         for axis, dim in enumerate(dims))
     return shapes
+
+
+def is_cache_input(name: str, dims: Sequence[Dim]) -> bool:
+    """True for a KV-cache input: `past_key_values.*` of rank 4 (batch, heads, past, head_dim)."""
+    return name.startswith("past_key_values.") and len(dims) == 4

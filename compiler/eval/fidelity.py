@@ -30,8 +30,11 @@ ORT_FP32_NAME = "onnxruntime CPU (FP32 graph)"
 
 
 def valid_positions(x: np.ndarray, i: int, length: int) -> np.ndarray:
-    """Sample i's values at its `length` valid positions of a (batch, sequence, ...) output, or
-    its row of a (batch, ...) output of rank 2 or less (pooled outputs have no sequence axis)."""
+    """Sample i's values at its `length` valid positions of a (batch, sequence, ...) output, of a
+    KV cache (batch, heads, sequence, head_dim: rank 4, `present.*`), or its row of a (batch, ...)
+    output of rank 2 or less (pooled outputs, classification logits have no sequence axis)."""
+    if x.ndim == 4:
+        return x[i, :, :length]
     return x[i, :length] if x.ndim >= 3 else x[i]
 
 

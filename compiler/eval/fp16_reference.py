@@ -37,10 +37,9 @@ def fp16_emulation(model: Any) -> Any:
 
     Returns:
         An all-FP32 onnx.ModelProto with a Cast(FP16) -> Cast(FP32) pair after every
-        FP16-typed tensor, same inputs; FP16 graph outputs become FP32 (values already rounded).
-
-    Raises:
-        ValueError: a graph input is FP16 (feed types would change).
+        FP16-typed tensor; FP16 graph outputs become FP32 (values already rounded), and an FP16
+        graph input (a KV cache kept FP16, `compiler.passes.kv_cache`) becomes an FP32 input
+        rounded to FP16 on entry, so every variant takes the FP32 reference's feeds.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -48,11 +47,18 @@ def fp16_emulation(model: Any) -> Any:
     g = onnx.shape_inference.infer_shapes(without_weights(model)).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
     types.update({t.name: t.data_type for t in model.graph.initializer})
-    if any(types.get(i.name) == FLOAT16 for i in model.graph.input):
-        raise ValueError("fp16_emulation needs FP32 graph inputs (the precision pass keeps them)")
 
     out = graph_copy(model)
     graph = out.graph
+    entry = []
+    for i in graph.input:
+        if i.type.tensor_type.elem_type == FLOAT16:
+            i.type.tensor_type.elem_type = FLOAT
+            for n in graph.node:
+                n.input[:] = [f"{i.name}__entry" if t == i.name else t for t in n.input]
+            entry += [helper.make_node("Cast", [i.name], [f"{i.name}__entry16"], to=FLOAT16, name=f"{i.name}__entry_round"),
+                      helper.make_node("Cast", [f"{i.name}__entry16"], [f"{i.name}__entry"], to=FLOAT,
+                                       name=f"{i.name}__entry_widen")]
     for t in model.graph.initializer:  # one tensor at a time: FP16 widened exactly to FP32
         if t.data_type == FLOAT16:
             graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
@@ -80,7 +86,7 @@ def fp16_emulation(model: Any) -> Any:
                       helper.make_node("Cast", [f"{t}__fp16"], [t], to=FLOAT, name=f"{t}__widen")]
         nodes += [n, *pairs]
     graph.ClearField("node")
-    graph.node.extend(nodes)
+    graph.node.extend(entry + nodes)
     graph.ClearField("value_info")
     for o in graph.output:
         if o.type.tensor_type.elem_type == FLOAT16:

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from calibration.text import feed_names
 from compiler.eval.fidelity import Batch, FidelityProbe, reference_name
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str],
         output (None once it has a non-finite value), nonfinite_count, samples, seconds, and per
         output the same.
     """
-    names = [i.name for i in variant_model.graph.input]
+    names = feed_names(variant_model)  # KV-cache inputs get an empty past (the context phase)
     rng = np.random.default_rng(seed)
     probe = FidelityProbe(fp32_model, output_names,
                           {"real": tokens.batches(batch_size, names),

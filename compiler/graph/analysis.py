@@ -135,8 +135,11 @@ def _shapes_by_running(light: Any, names: list[str], originals: set[str],
     feeds = {}
     for i in sess.get_inputs():
         np_type = onnx.helper.tensor_dtype_to_np_dtype(declared[i.name])
-        # symbolic dims 0 and 1 take (batch, sequence); static dims are kept
-        dims = [d if isinstance(d, int) else shape[k] if k < 2 else 1 for k, d in enumerate(i.shape)]
+        # symbolic dims 0 and 1 take (batch, sequence); a KV cache's past (axis 2 of
+        # past_key_values.*) is empty, the context phase; static dims are kept
+        past = i.name.startswith("past_key_values.")
+        dims = [d if isinstance(d, int) else shape[k] if k < 2 else 0 if past and k == 2 else 1
+                for k, d in enumerate(i.shape)]
         feeds[i.name] = (np.ones if i.name in originals else np.zeros)(dims, dtype=np_type)
     outs = sess.run(names, feeds)
     return {n: tuple(o.shape) for n, o in zip(names, outs)}

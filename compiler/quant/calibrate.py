@@ -93,23 +93,19 @@ def window_feeds(windows: np.ndarray, input_names: list[str]) -> dict[str, np.nd
 
     Args:
         windows: (batch, length) int64 token ids.
-        input_names: the graph inputs to fill.
+        input_names: the graph inputs to fill (a `calibration.text.CacheInput` gets an empty past).
 
     Returns:
-        {input name: (batch, length) int64}.
+        {input name: (batch, length) int64}; a KV-cache input (batch, heads, 0, head_dim) float32.
 
     Raises:
         compiler.errors.DataError: an input that is none of input_ids, attention_mask,
             token_type_ids.
     """
-    from compiler.errors import DataError
+    from calibration.text import text_feeds
 
-    feeds = {"input_ids": windows, "attention_mask": np.ones_like(windows),
-             "token_type_ids": np.zeros_like(windows)}
-    unknown = [n for n in input_names if n not in feeds]
-    if unknown:
-        raise DataError(f"graph inputs {unknown} cannot be filled from text; known: {sorted(feeds)}")
-    return {n: feeds[n] for n in input_names}
+    return text_feeds({"input_ids": windows, "attention_mask": np.ones_like(windows),
+                       "token_type_ids": np.zeros_like(windows)}, input_names)
 
 
 def window_set(windows: np.ndarray, key: str) -> Any:

@@ -16,13 +16,13 @@ from pathlib import Path
 from compiler.settings.engine import EngineSettings, ProfileSettings
 from compiler.settings.sections import (
     FLOAT_MODES, INT8_MODES, LR_SCHEDULES, PRECISION_MODES, QUANT_METHODS, SPARSITY_METHODS,
-    SPARSITY_PATTERNS, WEIGHT_MODES, DataSettings, ExportSettings, ModelSettings, PrecisionSettings,
+    SPARSITY_PATTERNS, TASKS, WEIGHT_MODES, DataSettings, ExportSettings, ModelSettings, PrecisionSettings,
     QuantSettings, SparsitySettings, TrainSettings, VocabSettings,
 )
 
 __all__ = [
     "FLOAT_MODES", "INT8_MODES", "LR_SCHEDULES", "PRECISION_MODES", "QUANT_METHODS", "SPARSITY_METHODS",
-    "SPARSITY_PATTERNS", "WEIGHT_MODES", "BuildSettings", "DataSettings", "EngineSettings", "ExportSettings",
+    "SPARSITY_PATTERNS", "TASKS", "WEIGHT_MODES", "BuildSettings", "DataSettings", "EngineSettings", "ExportSettings",
     "ModelSettings", "PrecisionSettings", "ProfileSettings", "QuantSettings", "SparsitySettings",
     "TrainSettings", "VocabSettings", "settings_hash",
 ]
@@ -54,10 +54,12 @@ class BuildSettings:
 
     def model_dir(self) -> Path:
         """`engines/<model-slug>/<weights>`: where this model's artifacts live (the dense FP32
-        export, the reference of every variant)."""
+        export, the reference of every variant); `.../<weights>/<task>` for a task other than
+        the base model's `feature-extraction`."""
         slug = self.model.name.strip("/").replace("/", "--").replace("\\", "--")
         slug = slug.lstrip(".-") or "model"
-        return Path(self.output_dir) / slug / self.model.weights
+        base = Path(self.output_dir) / slug / self.model.weights
+        return base if self.model.task in (None, "feature-extraction") else base / self.model.task
 
     def base_dir(self) -> Path:
         """Where the FP32 graph the variants derive from lies: `model_dir()`, or its `sparse24`

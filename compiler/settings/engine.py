@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# TensorRT's HardwareCompatibilityLevel: kNONE, kAMPERE_PLUS, kSAME_COMPUTE_CAPABILITY.
+HARDWARE_COMPAT_LEVELS = ("none", "ampere+", "same-cc")
 
 
 @dataclass(frozen=True)
@@ -13,13 +16,23 @@ class ProfileSettings:
     Attributes:
         min_shape / opt_shape / max_shape: (batch, sequence) triples; all three are required
             together and must satisfy min <= opt <= max per axis.
+        min_past / opt_past / max_past: the KV-cache length (past tokens) of a graph with a
+            cache (`text-generation-with-past`): axis 2 of `past_key_values.*`; its
+            `attention_mask` spans past + sequence. 0 <= min <= opt <= max; past 0 is an empty
+            tensor (the context phase). Graphs without a cache ignore them.
     """
 
     min_shape: tuple[int, int] = (1, 1)
     opt_shape: tuple[int, int] = (1, 128)
     max_shape: tuple[int, int] = (32, 512)
+    min_past: int = field(default=0, metadata={"hash": "if-set"})  # keys of earlier profiles unchanged
+    opt_past: int = field(default=0, metadata={"hash": "if-set"})
+    max_past: int = field(default=0, metadata={"hash": "if-set"})
 
     def __post_init__(self) -> None:
+        if not 0 <= self.min_past <= self.opt_past <= self.max_past:
+            raise ValueError(f"profile past: need 0 <= min ({self.min_past}) <= opt ({self.opt_past}) <= "
+                             f"max ({self.max_past})")
         for axis in range(2):
             lo, mid, hi = self.min_shape[axis], self.opt_shape[axis], self.max_shape[axis]
             if not 1 <= lo <= mid <= hi:
@@ -41,6 +54,13 @@ class EngineSettings:
             exactly when the graph has 2:4-eligible GEMM weights (`compiler.graph.sparsity.check_2_4`);
             True / False force it.
         timing_cache_dir: timing caches are kept here, one file per GPU and TensorRT version.
+        hardware_compat: `HardwareCompatibilityLevel`: "none" (the build GPU's architecture only),
+            "ampere+" (AMPERE_PLUS: every GPU of compute capability >= 8.0; build on one),
+            "same-cc" (SAME_COMPUTE_CAPABILITY: GPUs of the build GPU's compute capability).
+        version_compatible: `BuilderFlag.VERSION_COMPATIBLE`: later TensorRT releases of the same
+            major (and TensorRT 11 for a TensorRT 10 plan) can load the plan; it embeds the lean
+            runtime (host code) unless `exclude_lean_runtime`.
+        exclude_lean_runtime: `BuilderFlag.EXCLUDE_LEAN_RUNTIME`; only with `version_compatible`.
     """
 
     profiles: tuple[ProfileSettings, ...] = (ProfileSettings(),)
@@ -48,8 +68,16 @@ class EngineSettings:
     optimization_level: int = 3
     sparse_weights: bool | None = None
     timing_cache_dir: str = "engines/timing_cache"
+    hardware_compat: str = field(default="none", metadata={"hash": "if-set"})
+    version_compatible: bool = field(default=False, metadata={"hash": "if-set"})
+    exclude_lean_runtime: bool = field(default=False, metadata={"hash": "if-set"})
 
     def __post_init__(self) -> None:
+        if self.hardware_compat not in HARDWARE_COMPAT_LEVELS:
+            raise ValueError(f"hardware_compat={self.hardware_compat!r}: expected one of {HARDWARE_COMPAT_LEVELS}")
+        if self.exclude_lean_runtime and not self.version_compatible:
+            raise ValueError("exclude_lean_runtime needs version_compatible (the lean runtime is embedded "
+                             "only in version-compatible plans)")
         if not self.profiles:
             raise ValueError("need at least one optimization profile")
         if not 0 <= self.optimization_level <= 5:

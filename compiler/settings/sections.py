@@ -15,6 +15,8 @@ SPARSITY_METHODS = ("magnitude", "wanda")
 LR_SCHEDULES = ("constant", "linear")
 QUANT_METHODS = ("max", "entropy", "percentile")
 WEIGHT_MODES = ("pretrained", "random")
+TASKS = ("feature-extraction", "sentence-embedding", "text-classification", "question-answering",
+         "fill-mask", "text-generation", "text-generation-with-past")  # Optimum's names
 
 
 @dataclass(frozen=True)
@@ -28,16 +30,25 @@ class ModelSettings:
             with `seed` (for structure and speed work where weights are not at hand).
         seed: RNG seed for `random` weights.
         trust_remote_code: passed to transformers only when the user asks for it.
+        task: what the graph answers, Optimum's names (`compiler.training.tasks`):
+            `feature-extraction` (the base model's hidden states), `sentence-embedding`,
+            `text-classification`, `question-answering`, `fill-mask`, `text-generation`,
+            `text-generation-with-past` (with a KV cache). None: the checkpoint's natural task,
+            resolved by the CLI (`compiler.training.models.resolve_task`); code that builds the
+            settings itself gets the base model's graph.
     """
 
     name: str = "minilm"
     weights: str = "pretrained"
     seed: int = 0
     trust_remote_code: bool = False
+    task: str | None = field(default=None, metadata={"hash": "if-set"})  # keys of earlier caches unchanged
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights={self.weights!r}: expected one of {WEIGHT_MODES}")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}: expected one of {TASKS}")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from compiler.results import ExportResult
 from compiler.settings import INT8_MODES, BuildSettings
 from compiler.training.export import onnx_from_torch
 from compiler.training.models import load_model
+from compiler.training.tasks import check_training
 
 
 def max_positions(config: Any) -> int | None:
@@ -84,6 +85,7 @@ def stage_export(settings: BuildSettings) -> ExportResult:
         compiler.errors.ExportParityError: an output differs from PyTorch beyond `parity_atol`.
         compiler.errors.UnknownModelError, DataError: from loading the model or the text.
     """
+    check_training(settings)  # 2:4 and QAT distil hidden states: not on a head task
     keep_module = settings.sparsity.pattern is not None or settings.precision.mode == "int8-qat"
     if keep_module:
         loaded, texts, path, report = _export(settings)

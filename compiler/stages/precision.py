@@ -11,6 +11,7 @@ from calibration.layout import TokenSets
 from compiler.artifacts import cached, write_json
 from compiler.graph.onnx_io import load_onnx, onnx_sha256, save_onnx
 from compiler.passes.auto_precision import auto_precision
+from compiler.passes.kv_cache import fp16_cache_io
 from compiler.passes.precision import convert_precision
 from compiler.results import ExportResult, PrecisionResult
 from compiler.settings import BuildSettings, settings_hash
@@ -40,9 +41,13 @@ def stage_precision(settings: BuildSettings, export: ExportResult, source: Path,
                                            graph_sha, data.cache_dir, settings.model.seed)
         else:
             model, report = convert_precision(load_onnx(source, check=False), prec)
+        report = report.to_dict()
+        if export.loaded.cache is not None and prec.mode != "fp32":  # the KV cache stays FP16 across steps
+            model, report["kv_cache"] = fp16_cache_io(model)
         save_onnx(model, out)
-        write_json(report_path, report.to_dict())
+        write_json(report_path, report)
 
-    cached(settings_hash("precision-v1", graph_sha, prec, settings.data if auto else None),
+    kv = ("kv-cache-fp16-v1",) if export.loaded.cache is not None and prec.mode != "fp32" else ()
+    cached(settings_hash("precision-v1", graph_sha, prec, settings.data if auto else None, *kv),
            [out, report_path], compute, "precision")
     return PrecisionResult(out, onnx_sha256(out), json.loads(report_path.read_text()))

@@ -11,6 +11,7 @@ from calibration.layout import TokenSets
 from calibration.text import load_texts, tokenized_set
 from compiler.build.engine import sparse_weights_flag
 from compiler.errors import DataError
+from compiler.eval.task_agreement import task_agreement
 from compiler.eval.verify import verify_variant
 from compiler.graph.onnx_io import load_onnx
 from compiler.quant.calibrate import calibration_windows, window_feeds
@@ -51,6 +52,12 @@ def stage_verify(settings: BuildSettings, export: ExportResult, precision: Preci
     """
     data = settings.data
     edge = _profile_edge(settings, export)
+    task = export.loaded.task
+    agreement = None
+    if task != "feature-extraction":  # before verify_variant, which hands the variant's weights to its session
+        agreement = task_agreement(task, export.onnx, load_onnx(precision.onnx, check=False), export.output_names,
+                                   tokens.heldout.batches(data.batch_size, export.loaded.input_names),
+                                   generate={"prompt_tokens": 16, "new_tokens": 16})
     fidelity = verify_variant(export.onnx, load_onnx(precision.onnx, check=False), export.output_names,
                               tokens.heldout, data.batch_size, export.loaded.vocab_size, settings.model.seed,
                               edges={"profile_max": edge})
@@ -61,6 +68,9 @@ def stage_verify(settings: BuildSettings, export: ExportResult, precision: Preci
     fidelity["data"] = {"path": data.path or "wikitext-2/test.txt (default)", "samples": len(tokens.heldout),
                         "max_length": data.max_length,
                         "tokens": int(sum(len(x) for x in tokens.heldout.input_ids))}
+    if agreement is not None:
+        fidelity["task"] = agreement
+        log.info("verify task %s: %s", task, {k: v for k, v in agreement.items() if k not in ("task", "generation")})
     for which in ("real", "random"):
         f = fidelity[which]
         num = lambda v: "nan" if v is None else f"{v:.6g}"  # noqa: E731  (None: a non-finite output)

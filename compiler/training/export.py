@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from calibration.text import text_feeds
 from compiler.artifacts import read_key, write_key
 from compiler.errors import ExportParityError
+from compiler.training.heads import dummy_inputs, task_axes, task_module, task_output_names
 from compiler.training.models import LoadedModel
 from compiler.graph.onnx_io import load_onnx, save_onnx
 from compiler.settings import ExportSettings, settings_hash
@@ -94,6 +96,8 @@ def output_names(loaded: LoadedModel) -> list[str]:
     """Names of the tensor outputs the model returns, in order."""
     import torch
 
+    if getattr(loaded, "task", "feature-extraction") != "feature-extraction":
+        return task_output_names(loaded)
     with torch.no_grad():
         kwargs = {n: torch.ones(1, 4, dtype=torch.long) for n in loaded.input_names}
         if "use_cache" in _params(loaded.module):
@@ -125,16 +129,19 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
     names_out = output_names(loaded)
     reused = read_key(onnx_path) == key
     if not reused:
-        wrapper = _Outputs(loaded.module, loaded.input_names)
-        dummy = tuple(torch.ones(2, 16, dtype=torch.long) for _ in loaded.input_names)
-        axes = {n: DYNAMIC_AXES for n in loaded.input_names}
-        axes.update({n: DYNAMIC_AXES if n == "last_hidden_state" or "hidden" in n else {0: "batch"}
-                     for n in names_out})
+        wrapper = export_module(loaded)
+        if _is_task(loaded):
+            dummy, axes = dummy_inputs(loaded), task_axes(loaded, names_out)
+        else:
+            dummy = tuple(torch.ones(2, 16, dtype=torch.long) for _ in loaded.input_names)
+            axes = {n: DYNAMIC_AXES for n in loaded.input_names}
+            axes.update({n: DYNAMIC_AXES if n == "last_hidden_state" or "hidden" in n else {0: "batch"}
+                         for n in names_out})
         with tempfile.TemporaryDirectory(dir=onnx_path.parent if onnx_path.parent.exists() else None) as tmp, \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic are expected
             tmp_file = Path(tmp) / "export.onnx"
-            torch.onnx.export(wrapper, dummy, str(tmp_file), input_names=loaded.input_names,
+            torch.onnx.export(wrapper, dummy, str(tmp_file), input_names=[str(n) for n in loaded.input_names],
                               output_names=names_out, dynamic_axes=axes, opset_version=settings.opset,
                               do_constant_folding=True, dynamo=False)
             model = load_onnx(tmp_file)
@@ -168,20 +175,48 @@ def check_parity(loaded: LoadedModel, onnx_path: Path, names_out: list[str],
     import torch
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    wrapper = export_module(loaded)
     results = []
     for batch in settings.parity_batches:
         for seq in settings.parity_sequences:
             enc = loaded.tokenizer(texts[:batch], padding="max_length", truncation=True,
                                    max_length=seq, return_tensors="np")
-            feeds = {n: enc[n].astype(np.int64) if n in enc else np.zeros_like(enc["input_ids"], np.int64)
-                     for n in loaded.input_names}
+            feeds = text_feeds({n: enc[n].astype(np.int64) if n in enc else np.zeros_like(enc["input_ids"], np.int64)
+                                for n in ("input_ids", "attention_mask", "token_type_ids")}, loaded.input_names)
             ort_out = session.run(names_out, feeds)
             with torch.no_grad():
-                kwargs = {n: torch.from_numpy(v) for n, v in feeds.items()}
-                if "use_cache" in _params(loaded.module):
-                    kwargs["use_cache"] = False
-                ref = loaded.module(**kwargs, return_dict=True)
-            for name, got in zip(names_out, ort_out):
-                diff = float(np.max(np.abs(got - ref[name].numpy()))) if got.size else 0.0
-                results.append(ParityResult(name, batch, seq, diff))
+                ref = wrapper(*(torch.from_numpy(feeds[n]) for n in loaded.input_names))
+            results += [ParityResult(name, batch, seq, _max_diff(got, r)) for name, got, r in zip(names_out, ort_out, ref)]
+            if getattr(loaded, "cache", None) is not None:  # one decode step on the ONNX context's cache
+                feeds = decode_feeds(feeds, dict(zip(names_out, ort_out)), loaded.input_names)
+                with torch.no_grad():
+                    ref = wrapper(*(torch.from_numpy(feeds[n]) for n in loaded.input_names))
+                results += [ParityResult(f"{name} (decode, past {seq})", batch, 1, _max_diff(got, r))
+                            for name, got, r in zip(names_out, session.run(names_out, feeds), ref)]
     return results
+
+
+def _max_diff(got: np.ndarray, ref: Any) -> float:
+    return float(np.max(np.abs(got - ref.numpy()))) if got.size else 0.0
+
+
+def decode_feeds(feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray], input_names: list[str]) -> dict[str, np.ndarray]:
+    """The next step's feeds of a KV-cache graph: each row's greedy token (argmax of the last
+    position's logits), the mask extended by one, `present.*` as `past_key_values.*`."""
+    nxt = outputs["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+    mask = np.concatenate([feeds["attention_mask"], np.ones_like(nxt)], axis=1)
+    new = {"input_ids": nxt, "attention_mask": mask}
+    for n in input_names:
+        if n.startswith("past_key_values."):
+            new[n] = outputs[n.replace("past_key_values.", "present.")]
+    return {n: new[n] for n in input_names}
+
+
+def _is_task(loaded: LoadedModel) -> bool:
+    return getattr(loaded, "task", "feature-extraction") != "feature-extraction"
+
+
+def export_module(loaded: LoadedModel) -> Any:
+    """The module that is exported: the task wrapper (`compiler.training.heads.task_module`), or
+    for `feature-extraction` every tensor output of the base model (today's graph)."""
+    return task_module(loaded) if _is_task(loaded) else _Outputs(loaded.module, loaded.input_names)

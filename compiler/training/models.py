@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from calibration.text import CacheInput
 from compiler.errors import UnknownModelError
 from compiler.settings import ModelSettings, settings_hash
 
@@ -102,6 +103,9 @@ class LoadedModel:
     family: str
     source: str
     key: str
+    task: str = "feature-extraction"
+    pooling: Any = None  # compiler.training.tasks.Pooling for sentence-embedding
+    cache: Any = None  # compiler.training.tasks.CacheSpec for text-generation-with-past
 
 
 def _unknown(name: str, why: str) -> UnknownModelError:
@@ -122,34 +126,30 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             lists the known names and how to point at local weights.
     """
     import torch
-    from transformers import AutoModel
+    import transformers
 
-    spec = REGISTRY.get(settings.name)
-    local = Path(settings.name).expanduser()
-    if spec is not None:
-        where = spec.hub_id() if callable(spec.hub_id) else spec.hub_id
-        family = spec.family
-    elif local.is_dir():
-        if not (local / "config.json").is_file():
-            raise _unknown(settings.name, f"directory {local} has no config.json")
-        where, family = str(local), ""
-    elif settings.name.startswith((".", "/", "~")) or settings.name.count("/") > 1:
-        raise _unknown(settings.name, f"{local} is not a directory")
-    else:
-        where, family = settings.name, ""
+    from compiler.training import tasks
 
+    spec, where, family = _locate(settings.name)
     kwargs = {"trust_remote_code": settings.trust_remote_code, "attn_implementation": "eager"}
     local_only = not Path(str(where)).is_dir() and not _hub_reachable()  # checked once
+    task = settings.task or "feature-extraction"
     try:
         if settings.weights == "random":
             config = spec.config() if spec is not None else _auto_config(str(where), settings.trust_remote_code)
             config._attn_implementation = "eager"
+            family = family or _family(config)
+            auto = getattr(transformers, tasks.check_task(task, family, settings.name).auto_class or "AutoModel")
             torch.manual_seed(settings.seed)
-            module = AutoModel.from_config(config, trust_remote_code=settings.trust_remote_code)
+            module = auto.from_config(config, trust_remote_code=settings.trust_remote_code)
             source = f"random weights (seed {settings.seed}) on the {settings.name} configuration"
             key = settings_hash(settings, config.to_dict())
         else:
-            module = _from_pretrained(settings.name, str(where), local_only, kwargs)
+            if not family or task != "feature-extraction":
+                config = _auto_config(str(where), settings.trust_remote_code)
+                family = family or _family(config)
+                tasks.check_task(task, family, settings.name)
+            module = _from_pretrained(settings.name, str(where), local_only, kwargs, task)
             source = f"pretrained weights from {where}"
             key = settings_hash(settings, module.config.to_dict(), _weights_digest(module))
     except UnknownModelError:
@@ -158,8 +158,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         raise _unknown(settings.name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     module = module.float().eval()
     config = module.config
-    if not family:
-        family = "decoder" if getattr(config, "is_decoder", False) or config.model_type in _DECODER_TYPES else "encoder"
+    family = family or _family(config)
 
     tokenizer, note = _tokenizer(where, settings, local_only)
     vocab_size = int(module.get_input_embeddings().num_embeddings)
@@ -169,18 +168,105 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     names = ["input_ids", "attention_mask"]
     if family == "encoder" and "token_type_ids" in params and getattr(config, "type_vocab_size", 0) > 1:
         names.append("token_type_ids")
-    return LoadedModel(module, tokenizer, note, names, vocab_size, family, source, key)
+    pooling = cache = None
+    if task == "sentence-embedding":
+        pooling = (tasks.sentence_transformers_pooling(where) if Path(str(where)).is_dir() else None) or tasks.Pooling()
+    if task == "text-generation-with-past":
+        cache = tasks.cache_spec(config)
+        names += [CacheInput(n, cache.heads, cache.head_dim) for n in cache.input_names()]
+    return LoadedModel(module, tokenizer, note, names, vocab_size, family, source, key, task, pooling, cache)
 
 
-def _from_pretrained(name: str, where: str, local_only: bool, kwargs: dict[str, Any]) -> Any:
-    """`AutoModel.from_pretrained`, with a corrupt or truncated weights file named in the error."""
+def _locate(name: str) -> tuple[ArchitectureSpec | None, str, str]:
+    """(registry entry or None, where the checkpoint is, family or "" when the config decides)."""
+    spec = REGISTRY.get(name)
+    local = Path(name).expanduser()
+    if spec is not None:
+        return spec, str(spec.hub_id() if callable(spec.hub_id) else spec.hub_id), spec.family
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise _unknown(name, f"directory {local} has no config.json")
+        return None, str(local), ""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise _unknown(name, f"{local} is not a directory")
+    return None, name, ""
+
+
+def _family(config: Any) -> str:
+    return "decoder" if getattr(config, "is_decoder", False) or config.model_type in _DECODER_TYPES else "encoder"
+
+
+def checkpoint_config(settings: ModelSettings) -> tuple[str, Any]:
+    """(where the checkpoint is, its config) without loading weights, for choosing its natural
+    task; the config is None where it cannot be read offline (a hub id out of reach), and for
+    `--weights random` on a registered name (the published configuration names no head)."""
+    spec, where, _ = _locate(settings.name)
+    if settings.weights == "random" and spec is not None:
+        return where, None
+    try:
+        return where, _auto_config(where, settings.trust_remote_code)
+    except (OSError, ValueError):
+        return where, None
+
+
+def resolve_task(settings: Any) -> Any:
+    """`settings` with `model.task` set to the checkpoint's natural task when it is None (and not
+    `feature-extraction`, whose graph is the one a None task already gives), and with the two
+    KV-cache optimization profiles (`kv_cache_profiles`) for `text-generation-with-past` when the
+    user gave a single profile (its `max_past`, else its max sequence - 1, bounds the decode one).
+
+    What the CLI calls before the pipeline; code that builds `BuildSettings` itself gets the
+    base model's graph for `task=None`.
+    """
+    from dataclasses import replace
+
+    from compiler.training.tasks import kv_cache_profiles, natural_task
+
+    task = settings.model.task
+    if task is None:
+        where, config = checkpoint_config(settings.model)
+        natural = natural_task(where, config) if config is not None else "feature-extraction"
+        if natural != "feature-extraction":
+            settings = replace(settings, model=replace(settings.model, task=natural))
+            task = natural
+    profiles = settings.engine.profiles
+    if task == "text-generation-with-past" and len(profiles) == 1:
+        # decode past up to (max sequence - 1): prompt and generated tokens together stay within
+        # the profile's longest sequence, which check_shapes holds to the position limit
+        max_past = profiles[0].max_past or max(1, profiles[0].max_shape[1] - 1)
+        settings = replace(settings, engine=replace(settings.engine, profiles=kv_cache_profiles(profiles[0], max_past)))
+    return settings
+
+
+def _from_pretrained(name: str, where: str, local_only: bool, kwargs: dict[str, Any],
+                     task: str = "feature-extraction") -> Any:
+    """`from_pretrained` of the task's Auto class, with a corrupt or truncated weights file named in
+    the error.
+
+    Raises:
+        UnknownModelError: the weights cannot be read, or the checkpoint has no weights for the
+            task's head (a head is built at random only with `--weights random`).
+    """
     import pickle
 
+    import transformers
     from safetensors import SafetensorError
-    from transformers import AutoModel
 
+    from compiler.training.tasks import SPECS, natural_task
+
+    auto = getattr(transformers, SPECS[task].auto_class or "AutoModel")
     try:
-        return AutoModel.from_pretrained(where, local_files_only=local_only, **kwargs)
+        module, info = auto.from_pretrained(where, local_files_only=local_only, output_loading_info=True, **kwargs)
+        missing = [k for k in info.get("missing_keys", ()) if "position_ids" not in k]
+        if missing and task != "feature-extraction":
+            config = module.config
+            raise UnknownModelError(
+                f"cannot load model {name!r} for --task {task}: the checkpoint has no weights for its head "
+                f"({', '.join(sorted(missing)[:4])}{' ...' if len(missing) > 4 else ''} missing). It holds "
+                f"{', '.join(config.architectures or ['a base model'])}, natural task "
+                f"{natural_task(where, config)}. Use that --task, a checkpoint fine-tuned for {task}, or "
+                "--weights random to build the head at random (structure and speed work only).")
+        return module
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, IndexError) as e:
         # safetensors: "header too small", "incomplete metadata"; torch.load of a cut .bin:
         # RuntimeError (zip), EOFError (empty), UnpicklingError/IndexError (garbage)
@@ -237,6 +323,18 @@ def _hub_reachable(timeout_s: float = 2.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def load_tokenizer(settings: ModelSettings) -> Any:
+    """The tokenizer `load_model` would give `settings`, without loading weights (MiniLM's WordPiece
+    stands in for a registered model's with `--weights random` when its own is not at hand).
+
+    Raises:
+        UnknownModelError: no tokenizer found.
+    """
+    _, where, _ = _locate(settings.name)
+    local_only = not Path(str(where)).is_dir() and not _hub_reachable()
+    return _tokenizer(where, settings, local_only)[0]
 
 
 def _tokenizer(where: str | Path, settings: ModelSettings, local_only: bool) -> tuple[Any, str | None]:

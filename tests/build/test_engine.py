@@ -60,17 +60,20 @@ NON_TENSORRT_ATTRIBUTES = {
     "util", "find_spec", "CRITICAL", "getLogger", "perf_counter", "join", "strip",
     "is_file", "read_bytes",
     # compiler.settings
-    "sparse_weights", "timing_cache_dir", "workspace_mib", "min_shape", "opt_shape", "max_shape",
+    "sparse_weights", "timing_cache_dir", "workspace_mib",
+    "hardware_compat", "version_compatible", "exclude_lean_runtime",
     # compiler.graph.sparsity.SparsityCheck
     "has_eligible", "to_dict",
     # compiler.build.device.GpuInfo, engine.BuiltEngine
-    "compute_capability", "gpu", "build_seconds", "plan_bytes", "plan_path",
+    "compute_capability", "gpu", "build_seconds", "plan_bytes", "plan_path", "plan_header", "cuda_version",
 }
 
 # Names a working scanner must find in TensorRT 11's tensorrt.so.
 KNOWN_TRT11_NAMES = {
     "build_serialized_network", "create_network", "OnnxParser", "parse_from_file",
     "STRONGLY_TYPED", "SPARSE_WEIGHTS", "set_memory_pool_limit", "num_io_tensors",
+    "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME", "HardwareCompatibilityLevel", "AMPERE_PLUS",
+    "SAME_COMPUTE_CAPABILITY", "hardware_compatibility_level",
     "INPUT",  # TensorIOMode.INPUT: stored only as the tail of CONDITIONAL_INPUT etc.
 }
 
@@ -196,6 +199,19 @@ def test_every_trt_attribute_chain_exists_in_tensorrt11():
     assert not missing, f"not exported by TensorRT 11's tensorrt.so: {missing}"
 
 
+def test_deployment_options_use_tensorrt11_names():
+    chains = _attribute_chains(_tensorrt_aliases())
+    for chain in (("BuilderFlag", "VERSION_COMPATIBLE"), ("BuilderFlag", "EXCLUDE_LEAN_RUNTIME"),
+                  ("HardwareCompatibilityLevel", "AMPERE_PLUS"),
+                  ("HardwareCompatibilityLevel", "SAME_COMPUTE_CAPABILITY")):
+        assert chain in chains, f"engine.py no longer sets trt.{'.'.join(chain)}"
+        assert all(_exported(part) for part in chain)
+    assert "hardware_compatibility_level" in _all_attribute_names()
+    assert _exported("hardware_compatibility_level")
+    # a misspelt level would not pass: the scan tells these apart
+    assert not _exported("AMPERE_PLUS_ONLY") and not _exported("SAME_COMPUTE_CAPABILITIES")
+
+
 def test_every_other_attribute_is_tensorrt11_or_allowlisted():
     names = _all_attribute_names()
     for expected in ("create_network", "build_serialized_network", "set_memory_pool_limit",
@@ -289,11 +305,13 @@ def test_engine_manifest_records_the_build(tmp_path):
         outputs=[{"name": "y", "dtype": "float32", "shape": [-1, -1, 2]}],
         sparse_weights=False, sparsity={"eligible": 0, "forced": False},
         timing_cache=tmp_path / "cache" / "gpu.cache", tensorrt_version="11.4.0.106",
-        gpu=GpuInfo("NVIDIA H200", "9.0", "13.0"),
+        gpu=GpuInfo("NVIDIA H200", "9.0", "13.0"), plan_header={"version": [11, 4, 0, 106]},
+        cuda_version="13.0",
     )
     settings = BuildSettings(
         model=ModelSettings(name="minilm"), precision=PrecisionSettings(mode="hybrid"),
-        engine=EngineSettings(workspace_mib=512, optimization_level=2),
+        engine=EngineSettings(workspace_mib=512, optimization_level=2, hardware_compat="ampere+",
+                              version_compatible=True, exclude_lean_runtime=True),
     )
     report = {"precision": {"mode": "hybrid"}, "quantization": None, "fidelity": {"cos": 0.99}}
 
@@ -303,7 +321,11 @@ def test_engine_manifest_records_the_build(tmp_path):
         "model": {"name": "minilm", "weights": settings.model.weights},
         "variant": "hybrid",
         "tensorrt_version": "11.4.0.106",
+        "cuda_version": "13.0",
         "gpu": {"name": "NVIDIA H200", "compute_capability": "9.0", "driver_version": "13.0"},
+        "plan_header": {"version": [11, 4, 0, 106]},
+        "build_options": {"hardware_compat": "ampere+", "version_compatible": True,
+                          "exclude_lean_runtime": True, "workspace_mib": 512, "optimization_level": 2},
         "profiles": [{"x": {"min": [1, 1, 4], "opt": [2, 8, 4], "max": [4, 16, 4]}}],
         "inputs": built.inputs,
         "outputs": built.outputs,
@@ -400,4 +422,18 @@ def test_the_build_later_hint_keeps_the_requested_profile(tmp_path):
         in str(err.value)
     with pytest.raises(TensorRTUnavailableError) as err:
         build.check_tensorrt(onnx_path, (ProfileSettings(),))  # the default profile needs no flags
+    assert f"python -m compiler build --onnx {onnx_path}\n" in str(err.value)
+
+
+def test_the_build_later_hint_keeps_several_profiles_and_the_deployment_options(tmp_path):
+    onnx_path = _one_gemm_onnx(tmp_path / "model.onnx", np.ones((4, 2), np.float32))
+    eng = EngineSettings(profiles=(ProfileSettings((1, 1), (1, 128), (1, 128)),
+                                   ProfileSettings((1, 1), (16, 128), (32, 512))),
+                         hardware_compat="same-cc", version_compatible=True, exclude_lean_runtime=True)
+    with pytest.raises(TensorRTUnavailableError) as err:
+        build.check_tensorrt(onnx_path, engine=eng)
+    assert (f"python -m compiler build --onnx {onnx_path} --profile 1x1:1x128:1x128 --profile 1x1:16x128:32x512"
+            " --hardware-compat same-cc --version-compatible --exclude-lean-runtime\n") in str(err.value)
+    with pytest.raises(TensorRTUnavailableError) as err:
+        build.check_tensorrt(onnx_path, engine=EngineSettings())
     assert f"python -m compiler build --onnx {onnx_path}\n" in str(err.value)

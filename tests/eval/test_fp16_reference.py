@@ -72,11 +72,15 @@ def test_emulation_rounds_tensors_the_precision_pass_typed_fp16():
     np.testing.assert_allclose(ort_run(fp32, feeds)[0], [1.0001, 3.0001], rtol=1e-7)
 
 
-def test_emulation_refuses_fp16_graph_inputs():
+def test_emulation_takes_fp16_graph_inputs_as_fp32_rounded_on_entry():
+    """An FP16 input (a KV cache kept FP16, compiler.passes.kv_cache) becomes an FP32 input whose
+    values are rounded to FP16 on entry: the variant takes the FP32 reference's feeds."""
     model = make_model([helper.make_node("Identity", ["X"], ["Y"])],
-                       [helper.make_tensor_value_info("X", FLOAT16, [1])],
-                       [helper.make_tensor_value_info("Y", FLOAT16, [1])])
-    with pytest.raises(ValueError, match="FP32 graph inputs"):
-        fp16_emulation(model)
+                       [helper.make_tensor_value_info("X", FLOAT16, [2])],
+                       [helper.make_tensor_value_info("Y", FLOAT16, [2])])
+    emulation = fp16_emulation(model)
+    assert [i.type.tensor_type.elem_type for i in emulation.graph.input] == [FLOAT]
+    got = ort_run(emulation, {"X": np.array([1.0001, 3.3e-8], np.float32)}, optimize=False)[0]
+    np.testing.assert_array_equal(got, np.array([1.0001, 3.3e-8], np.float32).astype(np.float16).astype(np.float32))
 
 

@@ -1,0 +1,132 @@
+"""The deployment subcommands behind `python -m compiler bundle | build --bundle | run` (`compiler.cli`
+parses the arguments and calls these)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.artifacts import write_bytes, write_json
+from compiler.deploy.readme import BUILD_COMMAND
+from compiler.errors import CompilerError
+from compiler.settings import BuildSettings
+
+
+def bundle_command(args: argparse.Namespace, settings: BuildSettings, print_variant: Any = None) -> int:
+    """`bundle`: the pipeline up to verify (caches reused), then the bundle; built here too where
+    TensorRT and a GPU are present. Prints the bundle's status and, when prepared, the command to
+    run on the GPU host. Returns the exit status (0)."""
+    from compiler.deploy.bundle import build_here_problem, build_into_bundle, prepare_bundle
+    from compiler.pipeline import run_pipeline
+
+    run = run_pipeline(settings, until="verify", after={"verify": print_variant} if print_variant else None)
+    path = prepare_bundle(settings, run, args.out, command=getattr(args, "command_line", None), ort_fp32=args.ort_fp32)
+    problem = build_here_problem()
+    if problem is None:
+        manifest = build_into_bundle(path, settings.engine, getattr(args, "command_line", None))
+        print(f"bundle: {path} (status built: {', '.join(e['file'] for e in manifest['engines'])})")
+        return 0
+    print(f"bundle: {path}\nstatus: prepared (everything but the TensorRT plan: {problem})\n"
+          f"On the GPU host that will serve it, with TensorRT 11:\n  {BUILD_COMMAND.format(dir=path)}")
+    return 0
+
+
+def build_bundle_command(args: argparse.Namespace, settings: BuildSettings, engine_given: bool) -> int:
+    """`build --bundle DIR`: build the plan for this GPU into the bundle (exit 2 without TensorRT/GPU)."""
+    from compiler.deploy.bundle import build_into_bundle
+
+    manifest = build_into_bundle(args.bundle, settings.engine if engine_given else None,
+                                 getattr(args, "command_line", None))
+    for e in manifest["engines"]:
+        print(f"engine: {args.bundle / e['file']} (compute capability {e['compute_capability']}, TensorRT "
+              f"{e['tensorrt_version']}, {e['gpu']['name']})")
+    return 0
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The `run` subcommand's arguments."""
+    p.add_argument("bundle", type=Path, help="a bundle folder (manifest.json inside)")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", action="append", help="a text to run (repeatable: one batch)")
+    text.add_argument("--text-file", type=Path, help="one text a line")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime's provider")
+    p.add_argument("--allow-host-code", action="store_true",
+                   help="load a version-compatible plan that embeds the lean runtime (executable host code)")
+    p.add_argument("--truncate", action="store_true", help="cut texts at the profile's longest sequence "
+                                                           "instead of refusing them")
+    p.add_argument("--out", type=Path, default=None, help="where outputs go (default: <bundle>/../run)")
+    p.add_argument("--check", action="store_true", help="compare with the bundled FP32 reference on these texts "
+                                                        "and a few held-out real texts")
+    p.add_argument("--check-samples", type=int, default=16, help="held-out texts added by --check (default 16)")
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
+    if args.text:
+        return list(args.text)
+    from calibration.text import read_text_file
+
+    texts = [line.strip() for line in read_text_file(args.text_file).splitlines() if line.strip()]
+    if not texts:
+        raise CompilerError(f"{args.text_file}: no text (one text a line)")
+    return texts
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`run`: load (after every check), run the texts, print a summary, write .npy and JSON outputs;
+    with --check, the fidelity against the bundled FP32 reference."""
+    from compiler.deploy.runtime import Bundle, sentence_embeddings
+
+    texts = _texts(args)
+    bundle = Bundle.load(args.bundle, args.backend, args.device, args.allow_host_code)
+    feeds = bundle.tokenize(texts, truncate=args.truncate)
+    outputs = bundle.infer(**feeds)
+    embeddings = sentence_embeddings(outputs, feeds, bundle.output_names[0])
+    out = args.out or args.bundle.resolve().parent / "run"
+    files = {}
+    for name, value in {**outputs, "embedding": embeddings}.items():
+        buffer = _npy(value)
+        files[name] = str(write_bytes(out / f"{name}.npy", buffer))
+    summary: dict[str, Any] = {
+        "bundle": str(args.bundle), "backend": bundle.backend,
+        "engine": (bundle.engine or {}).get("file") or bundle.manifest["onnxruntime"]["file"],
+        "texts": texts, "inputs": {k: list(v.shape) for k, v in feeds.items()},
+        "profile": bundle.check_request(feeds),
+        "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "nonfinite": int(np.size(v) - np.isfinite(v).sum())}
+                    for k, v in outputs.items()},
+        "embedding": {"shape": list(embeddings.shape), "norms": [round(float(n), 6) for n in np.linalg.norm(embeddings, axis=1)]},
+        "files": files,
+    }
+    print(f"{bundle.backend} on {summary['engine']}: {len(texts)} text(s), inputs "
+          f"{summary['inputs'][bundle.input_names[0]]} (optimization profile {summary['profile']})")
+    for name, o in summary["outputs"].items():
+        print(f"  {name}: {o['dtype']} {o['shape']}, non-finite {o['nonfinite']}")
+    how = "the graph's sentence_embedding" if "sentence_embedding" in outputs else \
+        f"mean of {bundle.output_names[0]} over unmasked tokens"
+    print(f"  embedding: float32 {summary['embedding']['shape']} ({how})")
+    if args.check:
+        from compiler.deploy.hostcheck import check_on_host, heldout_sample
+
+        summary["check"] = check_on_host(bundle, texts + heldout_sample(args.check_samples))
+        c = summary["check"]
+        fmt = lambda v: "nan" if v is None else f"{v:.7f}"  # noqa: E731
+        print(f"check: {c['backend']} ({c['engine']}) against {c['reference']} on {c['texts']} texts")
+        print(f"  {'output':<20} {'cosine_min':>12} {'cosine_mean':>12} {'max_abs_err':>12} {'nonfinite':>10}")
+        for name, o in c["outputs"].items():
+            print(f"  {name:<20} {fmt(o['cosine_min']):>12} {fmt(o['cosine_mean']):>12} {fmt(o['max_abs_err']):>12} "
+                  f"{o['nonfinite_count']:>10}")
+    write_json(out / "run.json", summary)
+    print(f"outputs: {out}/ (*.npy, run.json)")
+    return 0
+
+
+def _npy(value: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(value))
+    return buffer.getvalue()
+

@@ -1,0 +1,203 @@
+"""Tasks: which head a graph ends in, its outputs and their dynamic axes (Optimum's task names).
+
+| task | transformers class | outputs (dynamic axes) |
+|---|---|---|
+| `feature-extraction` | `AutoModel` | `last_hidden_state` (batch, sequence, hidden), `pooler_output` (batch, hidden) where the model has one |
+| `sentence-embedding` | `AutoModel` + pooling + L2 norm in the graph | `sentence_embedding` (batch, hidden) |
+| `text-classification` | `AutoModelForSequenceClassification` | `logits` (batch, labels) |
+| `question-answering` | `AutoModelForQuestionAnswering` | `start_logits`, `end_logits` (batch, sequence) |
+| `fill-mask` | `AutoModelForMaskedLM` | `logits` (batch, sequence, vocab) |
+| `text-generation` | `AutoModelForCausalLM` | `logits` (batch, sequence, vocab) |
+| `text-generation-with-past` | `AutoModelForCausalLM` with a KV cache | `logits`, `present.{i}.key` / `.value` (batch, heads, past_sequence + sequence, head_dim); inputs add `past_key_values.{i}.key` / `.value` (batch, heads, past_sequence, head_dim) and an `attention_mask` of (batch, past_sequence + sequence) |
+
+The natural task of a checkpoint (`natural_task`): `sentence-embedding` for a sentence-transformers
+checkpoint (its `modules.json` lists a Pooling module), else the one its `config.architectures`
+names (`...ForSequenceClassification` -> `text-classification`, `...LMHeadModel` /
+`...ForCausalLM` -> `text-generation-with-past`, ...), else `feature-extraction`. Optimum's
+exporter chooses the same way (`optimum.exporters.tasks.TasksManager.infer_task_from_model`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from compiler.settings import TASKS
+
+ENCODER_TASKS = ("sentence-embedding", "text-classification", "question-answering", "fill-mask")
+DECODER_TASKS = ("text-generation", "text-generation-with-past")
+# Architecture name endings -> task (transformers' class naming)
+_ARCHITECTURES = (("ForSequenceClassification", "text-classification"),
+                  ("ForQuestionAnswering", "question-answering"), ("ForMaskedLM", "fill-mask"),
+                  ("LMHeadModel", "text-generation-with-past"), ("ForCausalLM", "text-generation-with-past"))
+_POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task's export contract.
+
+    Attributes:
+        name: Optimum's task name.
+        auto_class: the transformers Auto class the head comes from (None: the base model).
+        outputs: graph outputs before the KV cache's `present.*`.
+        sequence_outputs: the outputs with a sequence axis (axis 1); the others are (batch, ...).
+        family: `encoder`, `decoder` or `any`.
+    """
+
+    name: str
+    auto_class: str | None
+    outputs: tuple[str, ...]
+    sequence_outputs: tuple[str, ...]
+    family: str
+
+
+SPECS = {s.name: s for s in (
+    TaskSpec("feature-extraction", None, ("last_hidden_state",), ("last_hidden_state",), "any"),
+    TaskSpec("sentence-embedding", None, ("sentence_embedding",), (), "encoder"),
+    TaskSpec("text-classification", "AutoModelForSequenceClassification", ("logits",), (), "any"),
+    TaskSpec("question-answering", "AutoModelForQuestionAnswering", ("start_logits", "end_logits"),
+             ("start_logits", "end_logits"), "encoder"),
+    TaskSpec("fill-mask", "AutoModelForMaskedLM", ("logits",), ("logits",), "encoder"),
+    TaskSpec("text-generation", "AutoModelForCausalLM", ("logits",), ("logits",), "decoder"),
+    TaskSpec("text-generation-with-past", "AutoModelForCausalLM", ("logits",), ("logits",), "decoder"),
+)}
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """Sentence-transformers pooling (`1_Pooling/config.json`) and whether a Normalize module follows.
+
+    Attributes:
+        mode: `mean_tokens` (mean over valid tokens), `cls_token` (the first token) or `max_tokens`.
+        normalize: L2-normalize the pooled vector (a `sentence_transformers.models.Normalize` module).
+    """
+
+    mode: str = "mean_tokens"
+    normalize: bool = True
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A decoder's KV cache geometry: `layers` x (key, value), each (batch, heads, past, head_dim)."""
+
+    layers: int
+    heads: int
+    head_dim: int
+
+    def input_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+
+    def output_names(self) -> list[str]:
+        return [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+
+
+def cache_spec(config: Any) -> CacheSpec:
+    """The KV cache geometry of a Hugging Face decoder config (GPT-2's n_layer/n_head/n_embd or the
+    generic num_hidden_layers/num_attention_heads/hidden_size, num_key_value_heads when set)."""
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return CacheSpec(int(layers), int(kv_heads), int(getattr(config, "head_dim", None) or hidden // heads))
+
+
+def check_task(task: str, family: str, name: str) -> TaskSpec:
+    """The spec of `task` for a model of `family`.
+
+    Raises:
+        CompilerError: an unknown task, or one the model family has no head for (e.g.
+            question-answering on GPT-2), naming the tasks that fit.
+    """
+    from compiler.errors import CompilerError
+
+    if task not in SPECS:
+        raise CompilerError(f"--task {task!r}: unknown; expected one of {', '.join(TASKS)}")
+    spec = SPECS[task]
+    if spec.family not in ("any", family):
+        fits = [t for t, s in SPECS.items() if s.family in ("any", family)]
+        raise CompilerError(f"--task {task} needs a{'n' if spec.family == 'encoder' else ''} {spec.family} "
+                            f"model; {name} is a {family}: use one of {', '.join(fits)}")
+    return spec
+
+
+def sentence_transformers_pooling(where: str | Path) -> Pooling | None:
+    """The pooling of a sentence-transformers checkpoint directory (`modules.json` and its Pooling
+    module's `config.json`), or None when `where` is not one.
+
+    Raises:
+        CompilerError: a pooling mode the graph does not implement (only cls/mean/max).
+    """
+    from compiler.errors import CompilerError
+
+    modules_file = Path(where) / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = json.loads(modules_file.read_text())
+    pool = next((m for m in modules if m.get("type", "").endswith("models.Pooling")), None)
+    if pool is None:
+        return None
+    cfg = json.loads((Path(where) / pool.get("path", "") / "config.json").read_text())
+    modes = [m for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens",
+                         "lasttoken") if cfg.get(f"pooling_mode_{m}")]
+    if len(modes) != 1 or modes[0] not in _POOLING_MODES:
+        raise CompilerError(f"{where}: pooling {modes} is not supported in the graph; supported: one of "
+                            f"{', '.join(_POOLING_MODES)}")
+    normalize = any(m.get("type", "").endswith("models.Normalize") for m in modules)
+    return Pooling(modes[0], normalize)
+
+
+def natural_task(where: str | Path, config: Any) -> str:
+    """The task a checkpoint was made for: `sentence-embedding` for a sentence-transformers
+    directory, else the task its `config.architectures` names, else `feature-extraction`."""
+    if Path(str(where)).is_dir() and sentence_transformers_pooling(where) is not None:
+        return "sentence-embedding"
+    for arch in getattr(config, "architectures", None) or []:
+        for ending, task in _ARCHITECTURES:
+            if arch.endswith(ending):
+                return task
+    return "feature-extraction"
+
+
+def kv_cache_profiles(profile: Any, max_past: int) -> tuple[Any, Any]:
+    """One engine, two optimization profiles for a graph with a KV cache.
+
+    context (profile 0): past 0, batch and sequence as `profile` (the prompt, one pass);
+    decode (profile 1): sequence 1, past 1..`max_past` (opt: half of it), batch as `profile`.
+    Past 0 is an empty tensor, which TensorRT supports (developer guide, "Empty Tensors").
+
+    Args:
+        profile: the user's `ProfileSettings` (batch x sequence triples).
+        max_past: longest cache the decode profile serves (tokens).
+    """
+    context = replace(profile, min_past=0, opt_past=0, max_past=0)
+    b_min, b_opt, b_max = profile.min_shape[0], profile.opt_shape[0], profile.max_shape[0]
+    decode = replace(profile, min_shape=(b_min, 1), opt_shape=(b_opt, 1), max_shape=(b_max, 1),
+                     min_past=1, opt_past=max(1, max_past // 2), max_past=max_past)
+    return context, decode
+
+
+def check_training(settings: Any) -> None:
+    """Refuse what a task's graph cannot go through: 2:4 recovery and QAT on a task with a head
+    (their distillation matches the base model's `last_hidden_state`, `compiler.training.distill`,
+    which a head model does not return), and pruning the vocabulary of a tied LM head.
+
+    Raises:
+        CompilerError: `--sparsity 2:4` or `--precision int8-qat` with a head task, or
+            `--prune-vocab --vocab-tied` with fill-mask / text-generation, naming what works.
+    """
+    from compiler.errors import CompilerError
+
+    task = settings.model.task or "feature-extraction"
+    trains = settings.sparsity.pattern is not None or settings.precision.mode == "int8-qat"
+    if trains and task not in ("feature-extraction", "sentence-embedding"):
+        raise CompilerError(f"--task {task} with 2:4 sparsity or int8-qat is not supported yet: their distillation "
+                            "matches the base model's hidden states, and a head model returns its head's outputs. "
+                            "Use --precision int8 (PTQ), or --task feature-extraction / sentence-embedding.")
+    if settings.vocab.texts and settings.vocab.tied and task in ("fill-mask", *DECODER_TASKS):
+        raise CompilerError(f"--prune-vocab --vocab-tied with --task {task}: the tied LM head would return logits "
+                            "over the kept tokens only, which cannot be verified against the full-vocabulary FP32 "
+                            "graph (and whose argmax is no longer a token id). Prune the vocabulary of a "
+                            "feature-extraction or sentence-embedding graph, or leave the vocabulary whole.")
