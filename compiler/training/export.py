@@ -124,7 +124,7 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
     """
     import torch
 
-    key = settings_hash("export-v2", loaded.key, settings, torch.__version__)
+    key = settings_hash("export-v3", loaded.key, settings, torch.__version__)
     start = time.perf_counter()
     names_out = output_names(loaded)
     reused = read_key(onnx_path) == key
@@ -145,6 +145,7 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
                               output_names=names_out, dynamic_axes=axes, opset_version=settings.opset,
                               do_constant_folding=True, dynamo=False)
             model = load_onnx(tmp_file)
+            static_output_dims(model, wrapper, dummy, axes)
             # External data: later stages open the graph without loading the weights.
             save_onnx(model, onnx_path, external=True)
             del model
@@ -162,6 +163,42 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
         raise ExportParityError(failures, settings.parity_atol)
     log.info("export: %s (%d nodes, %s)", onnx_path, report.nodes, "reused" if reused else "new")
     return onnx_path, report
+
+
+def static_output_dims(model: Any, wrapper: Any, dummy: tuple, axes: dict[str, dict[int, str]]) -> None:
+    """Give each graph output its static size on every axis not declared dynamic, in place.
+
+    The tracer can leave a symbolic name on an axis that is static (e.g. the hidden size after the
+    L2 norm of a sentence-embedding head: `Divsentence_embedding_dim_1`); Triton's config and the
+    bundle manifest then say -1 where the size is known. The sizes come from running `wrapper` on
+    `dummy` (the export's own inputs).
+
+    Args:
+        model: the exported `onnx.ModelProto` (outputs edited in place).
+        wrapper: the module that was exported; dummy: its example inputs.
+        axes: the export's dynamic axes {tensor name: {axis: name}}.
+    """
+    import torch
+
+    with torch.no_grad():
+        outs = wrapper(*dummy)
+    flat: list[Any] = []
+    pending = [outs]
+    while pending:  # depth-first, in order: the order torch.onnx.export names the outputs
+        item = pending.pop(0)
+        if isinstance(item, dict):
+            pending[:0] = list(item.values())
+        elif isinstance(item, (tuple, list)):
+            pending[:0] = list(item)
+        elif isinstance(item, torch.Tensor):
+            flat.append(item)
+    if len(flat) != len(model.graph.output):  # cannot pair them up: leave the graph as traced
+        return
+    for value, out in zip(model.graph.output, flat):
+        dynamic = axes.get(value.name, {})
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if i < len(out.shape) and i not in dynamic and dim.HasField("dim_param"):
+                dim.dim_value = int(out.shape[i])
 
 
 def check_parity(loaded: LoadedModel, onnx_path: Path, names_out: list[str],
