@@ -41,30 +41,11 @@ import numpy as np
 
 from benchmarks.common import (add_out_argument, graph_without_weights, grouped_bars, load_tokenizer,
                                markdown_table, named_path, run_main, save_plot, write_result)
+from benchmarks.speed.timing import cpu_model, usable_cores
 
 FP16_NOTE = ("FP16 graph: ORT CPU has no FP16 MatMul kernels (Cast + FP32 fallback), "
              "not representative")
 QDQ_NOTE = "INT8 Q/DQ (ORT_ENABLE_ALL fuses the patterns it supports into INT8 kernels)"
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask), else all of them."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def packed_ids(tokenizer: Any, seq: int, rows: int) -> np.ndarray:

@@ -20,8 +20,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler.build.device import GpuInfo, find_gpu
-from compiler.build.engine import MANIFEST_NAME, PLAN_NAME, engine_from_onnx, tensorrt_problem
+from compiler.build.device import find_gpu
+from compiler.build.engine import MANIFEST_NAME, PLAN_NAME, engine_from_onnx
 from compiler.errors import EngineBuildError
 from compiler.settings import (
     BuildSettings,
@@ -34,16 +34,10 @@ from compiler.settings import (
     QuantSettings,
     SparsitySettings,
 )
+from tests.build.gpu_tier import gpu_marks
 
 
-def _skip_reason() -> str | None:
-    gpu = find_gpu()
-    problems = [tensorrt_problem(), None if isinstance(gpu, GpuInfo) else f"no usable GPU: {gpu}"]
-    return "; ".join(p for p in problems if p) or None
-
-
-_REASON = _skip_reason()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+pytestmark = gpu_marks()
 
 HIDDEN, OUT = 8, 4
 PROFILES = (

@@ -16,20 +16,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler.build.device import GpuInfo, find_gpu
-from compiler.build.engine import MANIFEST_NAME, engine_from_onnx, tensorrt_problem
+from compiler.build.device import find_gpu
+from compiler.build.engine import MANIFEST_NAME, engine_from_onnx
 from compiler.build.plan_header import parse_version, read_plan_header
 from compiler.settings import BuildSettings, EngineSettings, ModelSettings, PrecisionSettings, ProfileSettings
+from tests.build.gpu_tier import gpu_marks
 
 
-def _skip_reason() -> str | None:
-    gpu = find_gpu()
-    problems = [tensorrt_problem(), None if isinstance(gpu, GpuInfo) else f"no usable GPU: {gpu}"]
-    return "; ".join(p for p in problems if p) or None
-
-
-_REASON = _skip_reason()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+pytestmark = gpu_marks()
 
 HIDDEN, OUT = 8, 4
 PROFILES = (ProfileSettings((1, 1), (1, 8), (1, 8)), ProfileSettings((1, 1), (4, 8), (8, 16)))
