@@ -18,7 +18,7 @@ import numpy as np
 
 from compiler.deploy.runtime import Bundle
 from compiler.errors import CompilerError
-from compiler.eval.fidelity import Fidelity, OutputFidelity, sample_fidelity
+from compiler.eval.fidelity import Fidelity, FidelityTally
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +62,15 @@ def check_on_host(bundle: Bundle, texts: list[str], batch_size: int = 8) -> dict
     names = [n for n in bundle.output_names if n in {o.name for o in reference.get_outputs()}]
     max_batch = max(int(s["max"][0]) for p in bundle.manifest["profiles"] for s in p.values())
     step = max(1, min(batch_size, max_batch))
-    cosines: dict[str, list[float]] = {n: [] for n in names}
-    errors = {n: 0.0 for n in names}
-    bad = {n: 0 for n in names}
+    tally = FidelityTally(names)
     for start in range(0, len(texts), step):
         feeds = bundle.tokenize(texts[start:start + step], truncate=True)
         got = bundle.infer(**feeds)
-        ref = dict(zip(names, reference.run(names, {k: v for k, v in feeds.items() if k in ref_inputs})))
+        ref = reference.run(names, {k: v for k, v in feeds.items() if k in ref_inputs})
         lengths = feeds["attention_mask"].sum(axis=1) if "attention_mask" in feeds else \
             np.full(len(feeds["input_ids"]), feeds["input_ids"].shape[1])
-        for name in names:
-            for i, n in enumerate(lengths):
-                cosine, nonfinite, err = sample_fidelity(ref[name], got[name], i, int(n))
-                cosines[name].append(cosine)
-                bad[name] += nonfinite
-                if not nonfinite:
-                    errors[name] = max(errors[name], err)
-    outputs = [OutputFidelity(n, float(min(cosines[n])), float(np.mean(cosines[n])), float(np.mean(1 - np.array(cosines[n]))),
-                              errors[n], bad[n], len(cosines[n])) for n in names]
-    report = Fidelity(outputs, 0.0).report()
+        tally.add(ref, [got[n] for n in names], lengths)
+    report = Fidelity(tally.outputs(), 0.0).report()
     report.pop("seconds", None)
     return {"backend": bundle.backend, "engine": (bundle.engine or {}).get("file") or bundle.manifest["onnxruntime"]["file"],
             "reference": bundle.manifest["reference"]["file"], "texts": len(texts), **report}

@@ -211,24 +211,46 @@ class FidelityProbe:
 
     def _compare(self, sess: Any, name: str) -> Fidelity:
         start = time.perf_counter()
-        k_out = len(self.output_names)
-        cosines: list[list[float]] = [[] for _ in range(k_out)]
-        max_err, nonfinite = [0.0] * k_out, [0] * k_out
+        tally = FidelityTally(self.output_names)
         for (feeds, lengths), ref in zip(self.batches[name], self.reference[name]):
-            got = sess.run(self.output_names, feeds)
-            for k in range(k_out):
-                for i, n in enumerate(lengths):
-                    cosine, bad, err = sample_fidelity(ref[k], got[k], i, int(n))
-                    cosines[k].append(cosine)
-                    nonfinite[k] += bad
-                    if not bad:
-                        max_err[k] = max(max_err[k], err)
-        outputs = []
+            tally.add(ref, sess.run(self.output_names, feeds), lengths)
+        return Fidelity(tally.outputs(), round(time.perf_counter() - start, 2))
+
+
+class FidelityTally:
+    """Per-sample fidelity accumulated over batches, per output: what `FidelityProbe` and the
+    deployment host's `run --check` both report.
+
+    Args:
+        output_names: the outputs compared, in the order `add` receives them.
+    """
+
+    def __init__(self, output_names: list[str]) -> None:
+        self.output_names = list(output_names)
+        self.cosines: list[list[float]] = [[] for _ in self.output_names]
+        self.max_err = [0.0] * len(self.output_names)
+        self.nonfinite = [0] * len(self.output_names)
+
+    def add(self, ref: list[np.ndarray], got: list[np.ndarray], lengths: Iterable[int]) -> None:
+        """One batch: `ref[k]` / `got[k]` are output k, (batch, ...) float arrays; `lengths[i]` is
+        sample i's unpadded token count (`sample_fidelity`)."""
+        lengths = [int(n) for n in lengths]
+        for k in range(len(self.output_names)):
+            for i, n in enumerate(lengths):
+                cosine, bad, err = sample_fidelity(ref[k], got[k], i, n)
+                self.cosines[k].append(cosine)
+                self.nonfinite[k] += bad
+                if not bad:
+                    self.max_err[k] = max(self.max_err[k], err)
+
+    def outputs(self) -> list[OutputFidelity]:
+        """One `OutputFidelity` per output over every sample added (at least one is needed)."""
+        result = []
         for k, out in enumerate(self.output_names):
-            c = np.array(cosines[k])
-            outputs.append(OutputFidelity(out, float(c.min()), float(c.mean()), float(np.mean(1.0 - c)),
-                                          float(max_err[k]), nonfinite[k], len(c)))
-        return Fidelity(outputs, round(time.perf_counter() - start, 2))
+            c = np.array(self.cosines[k])
+            result.append(OutputFidelity(out, float(c.min()), float(c.mean()), float(np.mean(1.0 - c)),
+                                         float(self.max_err[k]), self.nonfinite[k], len(c)))
+        return result
 
 
 def reference_name(variant: Any, optimize: bool = False) -> str:
