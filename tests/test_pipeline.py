@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import onnx
 import pytest
@@ -131,6 +132,33 @@ def test_sparse_int8_qat_keeps_the_pattern_in_int8_weights(tiny_bert, tmp_path):
     assert state.report["quantization"]["quantized_matmuls"] >= LAYERS * LINEARS_PER_LAYER
     real = state.report["fidelity"]["real"]
     assert 0.3 < real["cosine_min"] < 0.9999 and real["nonfinite_count"] == 0
+
+
+def test_sparse_int8_qat_on_a_classifier_trains_towards_its_logits(tiny_bert, tmp_path):
+    """2:4 + QAT on a head task (`--task text-classification`): the distillation matches the last
+    block's output and the head's logits; the classifier and pooler stay dense, QAT quantizes
+    the classifier too, and verify reports label agreement."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    cls_dir = tmp_path / "cls"
+    torch.manual_seed(1)
+    BertForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=3).save_pretrained(cls_dir)
+    for f in Path(tiny_bert).iterdir():  # the tokenizer's files
+        if f.is_file() and not (cls_dir / f.name).exists():
+            (cls_dir / f.name).write_bytes(f.read_bytes())
+    sparse = SparsitySettings(pattern="2:4", recover_steps=2)
+    settings = replace(settings_for(cls_dir, tmp_path, "int8-qat", sparsity=sparse),
+                       model=ModelSettings(name=str(cls_dir), task="text-classification"))
+    state = run_pipeline(settings, until="verify")
+    sp = state.report["sparsity"]
+    assert len(sp["prune"]["pruned"]) == LAYERS * LINEARS_PER_LAYER
+    assert not any(n.startswith(("classifier", "bert.pooler")) for n in sp["prune"]["pruned"])
+    assert sp["recovery"]["loss_first"] > 0
+    saved = json.loads((settings.variant_dir() / "quant_report.json").read_text())
+    assert saved["training"]["steps"] == 3
+    assert any("classifier" in n for n in saved["qat"]["quantized_nodes"])
+    assert 0 <= state.report["fidelity"]["task"]["label_agreement"] <= 1
 
 
 def test_sparse_recovery_continues_from_an_earlier_student(tiny_bert, tmp_path):

@@ -85,7 +85,7 @@ def stage_export(settings: BuildSettings) -> ExportResult:
         compiler.errors.ExportParityError: an output differs from PyTorch beyond `parity_atol`.
         compiler.errors.UnknownModelError, DataError: from loading the model or the text.
     """
-    check_training(settings)  # 2:4 and QAT distil hidden states: not on a head task
+    check_training(settings)  # a tied LM head cannot lose vocabulary
     keep_module = settings.sparsity.pattern is not None or settings.precision.mode == "int8-qat"
     if keep_module:
         loaded, texts, path, report = _export(settings)

@@ -2,7 +2,12 @@
 
 The student is fine-tuned to reproduce the teacher's outputs on real text (no labels): loss =
 mean squared error of `last_hidden_state` at valid tokens, plus (`TrainSettings.layerwise`) the
-mean MSE of every intermediate block output (TinyBERT, Jiao et al. 2020). Two callers:
+mean MSE of every intermediate block output (TinyBERT, Jiao et al. 2020). A model with a task
+head (`*ForSequenceClassification`, `*ForQuestionAnswering`, `*ForMaskedLM`, `*ForCausalLM`)
+returns no `last_hidden_state`: its final block output (`hidden_states[-1]`) takes that place and
+the MSE of each head output (`logits`, `start_logits`/`end_logits`) is added, so the head's own
+layers (pooler, classifier; fake-quantized by QAT) are pulled towards the teacher's answer too
+(the prediction-layer term of TinyBERT, with MSE on logits). Two callers:
 
 - QAT (`compiler.training.qat.qat_model`): fake quantization inserted, learnable activation
   scales in their own parameter group;
@@ -216,24 +221,63 @@ def distill_loss(student_out: Any, targets: list[Any], mask: Any, layerwise: boo
     """The distillation loss of one batch (a scalar FP32 tensor).
 
     Args:
-        student_out: the student's output (`last_hidden_state`, `hidden_states` when layer-wise).
-        targets: [teacher last_hidden_state, its intermediate block outputs...], each (B, T, H).
+        student_out: the student's output (`last_hidden_state`, `hidden_states` when layer-wise;
+            a head model's `hidden_states` and head outputs, see `split_outputs`).
+        targets: [teacher final hidden state, its intermediate block outputs..., its head
+            outputs...]; hidden states (B, T, H).
         mask: (B, T, 1) float, 1 at valid tokens.
         layerwise: add the mean MSE of the intermediate block outputs (Jiao et al. 2020, TinyBERT).
 
     Returns:
-        MSE of last_hidden_state at valid tokens (sum of squared errors / (valid tokens x H)),
-        computed in FP32, plus the layer-wise term.
+        MSE of the final hidden state at valid tokens (sum of squared errors / (valid tokens x
+        H)), computed in FP32, plus the layer-wise term, plus each head output's `head_mse`.
     """
 
     def mse(a: Any, b: Any) -> Any:  # at valid tokens, (B, T, H), in FP32
         return (((a.float() - b) ** 2) * mask).sum() / (mask.sum() * a.shape[-1])
 
-    loss = mse(student_out.last_hidden_state, targets[0])
+    states, heads = split_outputs(student_out, layerwise)
+    loss = mse(states[0], targets[0])
     if layerwise:  # every block's output too: a denser signal
-        pairs = list(zip(student_out.hidden_states[1:-1], targets[1:]))
+        pairs = list(zip(states[1:], targets[1:len(states)]))
         loss = loss + sum(mse(a, b) for a, b in pairs) / max(1, len(pairs))
+    for (name, a), b in zip(heads, targets[len(states):]):
+        loss = loss + head_mse(name, a, b, mask)
     return loss
+
+
+NOT_HEAD = ("loss", "last_hidden_state", "pooler_output", "hidden_states", "attentions", "cross_attentions",
+            "past_key_values")
+PER_TOKEN_2D = ("start_logits", "end_logits")  # (B, T); a classifier's `logits` is (B, labels)
+
+
+def split_outputs(out: Any, layerwise: bool) -> tuple[list[Any], list[tuple[str, Any]]]:
+    """A model output -> ([final hidden state, intermediate block outputs when `layerwise`],
+    [(name, head output)]).
+
+    The final hidden state is `last_hidden_state`, or for a head model (run with
+    `output_hidden_states=True`) `hidden_states[-1]`, the last block's output (BERT: after its
+    LayerNorm; GPT-2: after `ln_f`). Head outputs are every other tensor but the hidden states,
+    attentions, cache, pooler and loss, in the model's output order.
+    """
+    import torch
+
+    has_base = "last_hidden_state" in out
+    final = out.last_hidden_state if has_base else out.hidden_states[-1]
+    states = [final] + (list(out.hidden_states[1:-1]) if layerwise else [])
+    heads = [] if has_base else [(k, v) for k, v in out.items() if k not in NOT_HEAD and isinstance(v, torch.Tensor)]
+    return states, heads
+
+
+def head_mse(name: str, a: Any, b: Any, mask: Any) -> Any:
+    """MSE of a head output `a` (student) against `b` (teacher), in FP32: at valid tokens for a
+    per-token output ((B, T, V) LM logits, (B, T) span logits), else over every element
+    ((B, labels) classification logits). `mask`: (B, T, 1) float."""
+    a = a.float()
+    if a.dim() == 3 or name in PER_TOKEN_2D:
+        m = mask if a.dim() == 3 else mask[..., 0]
+        return (((a - b) ** 2) * m).sum() / (m.sum() * (a.shape[-1] if a.dim() == 3 else 1))
+    return ((a - b) ** 2).mean()
 
 
 def _distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], settings: TrainSettings,
@@ -253,9 +297,12 @@ def _distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], se
     losses = []
     start = time.perf_counter()
     more_than_an_epoch = settings.steps * settings.batch_size > len(tokens)
-    cache = TeacherCache(settings.teacher_cache_mib) if settings.teacher_cache_mib and more_than_an_epoch else None
+    head = is_head_model(teacher)  # head outputs are not per-token states: not cached
+    cache = (TeacherCache(settings.teacher_cache_mib)
+             if settings.teacher_cache_mib and more_than_an_epoch and not head else None)
     batches = batches_forever(tokens, settings.batch_size, input_names, settings.seed, settings.group_by_length)
     layerwise = settings.layerwise
+    hidden = layerwise or head
     every = max(1, settings.steps // 20)  # a log line per 5% of the run: tqdm stays silent off a terminal
     for step in tqdm(range(settings.steps), desc="distillation", unit="step", disable=None, leave=False):
         feeds, lengths, idx = next(batches)
@@ -264,12 +311,13 @@ def _distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], se
         targets = cache.get(idx, device) if cache else None  # [last_hidden_state, block outputs...]
         if targets is None:
             with torch.no_grad():
-                t_out = teacher(**inputs, output_hidden_states=layerwise)
-            targets = [t_out.last_hidden_state] + (list(t_out.hidden_states[1:-1]) if layerwise else [])
+                t_out = teacher(**inputs, output_hidden_states=hidden)
+            states, heads = split_outputs(t_out, layerwise)
+            targets = states + [v.float() for _, v in heads]
             if cache:
                 cache.put(idx, lengths, targets)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-            s_out = student(**inputs, output_hidden_states=layerwise)
+            s_out = student(**inputs, output_hidden_states=hidden)
         loss = distill_loss(s_out, targets, mask, layerwise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,6 +331,12 @@ def _distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], se
     student.eval()
     return TrainReport(settings.steps, round(time.perf_counter() - start, 1),
                        losses[0] if losses else 0.0, losses[-1] if losses else 0.0, losses)
+
+
+def is_head_model(model: Any) -> bool:
+    """True for a Hugging Face model with a task head (`*ForSequenceClassification` ...): its
+    class is not its base model's (`model.base_model is not model`)."""
+    return getattr(model, "base_model", model) is not model
 
 
 def _log_progress(step: int, steps: int, recent: list[float], elapsed: float) -> None:

@@ -180,22 +180,18 @@ def kv_cache_profiles(profile: Any, max_past: int) -> tuple[Any, Any]:
 
 
 def check_training(settings: Any) -> None:
-    """Refuse what a task's graph cannot go through: 2:4 recovery and QAT on a task with a head
-    (their distillation matches the base model's `last_hidden_state`, `compiler.training.distill`,
-    which a head model does not return), and pruning the vocabulary of a tied LM head.
+    """Refuse what a task's graph cannot go through: pruning the vocabulary of a tied LM head.
+
+    2:4 recovery and QAT run on every task: on a head model their distillation matches the last
+    block's output and the head's outputs (`compiler.training.distill.split_outputs`).
 
     Raises:
-        CompilerError: `--sparsity 2:4` or `--precision int8-qat` with a head task, or
-            `--prune-vocab --vocab-tied` with fill-mask / text-generation, naming what works.
+        CompilerError: `--prune-vocab --vocab-tied` with fill-mask / text-generation, naming what
+            works.
     """
     from compiler.errors import CompilerError
 
     task = settings.model.task or "feature-extraction"
-    trains = settings.sparsity.pattern is not None or settings.precision.mode == "int8-qat"
-    if trains and task not in ("feature-extraction", "sentence-embedding"):
-        raise CompilerError(f"--task {task} with 2:4 sparsity or int8-qat is not supported yet: their distillation "
-                            "matches the base model's hidden states, and a head model returns its head's outputs. "
-                            "Use --precision int8 (PTQ), or --task feature-extraction / sentence-embedding.")
     if settings.vocab.texts and settings.vocab.tied and task in ("fill-mask", *DECODER_TASKS):
         raise CompilerError(f"--prune-vocab --vocab-tied with --task {task}: the tied LM head would return logits "
                             "over the kept tokens only, which cannot be verified against the full-vocabulary FP32 "

@@ -108,9 +108,10 @@ def test_batches_reshuffle_every_epoch():
 
 def test_distill_loss_by_hand():
     """MSE at valid tokens only: sum of squared errors over valid (token, channel) / (valid tokens x H)."""
-    out = type("Out", (), {})()
-    out.last_hidden_state = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])  # (1, 3, 2); token 2 padded
-    out.hidden_states = (None, torch.ones(1, 3, 2), None)  # embeddings, one block, last
+    from transformers.modeling_outputs import BaseModelOutput
+
+    out = BaseModelOutput(last_hidden_state=torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]]),  # token 2 padded
+                          hidden_states=(None, torch.ones(1, 3, 2), None))  # embeddings, one block, last
     target = torch.zeros(1, 3, 2)
     mask = torch.tensor([[[1.0], [1.0], [0.0]]])
     plain = distill_loss(out, [target], mask, layerwise=False)
@@ -118,6 +119,24 @@ def test_distill_loss_by_hand():
     block_target = torch.full((1, 3, 2), 3.0)  # (1 - 3)^2 = 4 at every valid position
     both = distill_loss(out, [target, block_target], mask, layerwise=True)
     assert float(both) == pytest.approx(30 / 4 + 4.0)
+
+
+def test_distill_loss_of_a_head_model_by_hand():
+    """A head model: the last block's output (`hidden_states[-1]`) stands for last_hidden_state,
+    and each head output adds its MSE: per sample for classification logits, at valid tokens for
+    span logits."""
+    from transformers.modeling_outputs import QuestionAnsweringModelOutput, SequenceClassifierOutput
+
+    mask = torch.tensor([[[1.0], [1.0], [0.0]]])
+    last = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    hidden = (torch.zeros(1, 3, 2), last)
+    cls = SequenceClassifierOutput(logits=torch.tensor([[1.0, 3.0]]), hidden_states=hidden)
+    loss = distill_loss(cls, [torch.zeros(1, 3, 2), torch.zeros(1, 2)], mask, layerwise=False)
+    assert float(loss) == pytest.approx(30 / 4 + (1 + 9) / 2)
+    qa = QuestionAnsweringModelOutput(start_logits=torch.tensor([[2.0, 0.0, 50.0]]),
+                                      end_logits=torch.tensor([[0.0, 4.0, 50.0]]), hidden_states=hidden)
+    loss = distill_loss(qa, [torch.zeros(1, 3, 2), torch.zeros(1, 3), torch.zeros(1, 3)], mask, layerwise=False)
+    assert float(loss) == pytest.approx(30 / 4 + 4 / 2 + 16 / 2)  # the padded position's 50 is not counted
 
 
 # --------------------------------------------------------------------------------------------
