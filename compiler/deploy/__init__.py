@@ -8,4 +8,6 @@
   capability, shapes outside the optimization profile, host code);
 - `inspect`: what a plan, an ONNX or a bundle holds, and what this host can run of it;
 - `runtime`: `Bundle.load(path)`, on TensorRT where present, else ONNX Runtime.
+- `generation`: `Bundle.generate` / `run --generate N`: greedy decoding on the bundle's backend,
+  reusing the KV cache (context profile, then decode profile).
 """

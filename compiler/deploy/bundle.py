@@ -211,6 +211,7 @@ def prepare_bundle(settings: BuildSettings, run: PipelineRun | None = None, out_
         manifest = {
             "format": FORMAT, "status": "prepared", "name": name,
             "model": {"name": settings.model.name, "weights": settings.model.weights,
+                      "task": settings.model.task or "feature-extraction",
                       "source": report.get("model", {}).get("source"), "weights_key": run.loaded.key,
                       "source_sha256": sha256_file(run.reference_onnx)},
             "variant": variant, "command": command or f"python -m compiler bundle --model {settings.model.name} "
@@ -268,16 +269,32 @@ def build_here_problem() -> str | None:
 def bundle_engine_settings(manifest: dict[str, Any], engine: EngineSettings | None = None) -> EngineSettings:
     """The EngineSettings a bundle's plan is built with: its profiles and build options, or those of
     `engine` (given on the GPU host) where they differ from the defaults."""
-    first = [next(iter(p.values())) for p in manifest["profiles"]]
-    profiles = tuple(ProfileSettings(min_shape=tuple(s["min"][:2]), opt_shape=tuple(s["opt"][:2]),
-                                     max_shape=tuple(s["max"][:2])) for s in first)
+    profiles = tuple(_profile_settings(p) for p in manifest["profiles"])
     fields, default = {f.name for f in dataclasses.fields(EngineSettings)}, EngineSettings()
     options = {k: v for k, v in (manifest.get("build_options") or {}).items() if k in fields and v is not None}
     if engine is not None:
         options.update({k: getattr(engine, k) for k in BUILD_OPTION_FIELDS if getattr(engine, k) != getattr(default, k)})
         if engine.profiles != default.profiles:
             profiles = engine.profiles
+            if len(profiles) == 1 and any(_is_cache(t) for t in manifest["io"]["inputs"]):
+                from compiler.training.tasks import kv_cache_profiles  # context + decode, as `bundle` made them
+
+                profiles = kv_cache_profiles(profiles[0], profiles[0].max_past or max(1, profiles[0].max_shape[1] - 1))
     return dataclasses.replace(default, profiles=profiles, **options)
+
+
+def _is_cache(tensor: dict[str, Any]) -> bool:
+    return tensor["name"].startswith("past_key_values.") and len(tensor["shape"]) == 4
+
+
+def _profile_settings(profile: dict[str, Any]) -> ProfileSettings:
+    """A manifest profile back as ProfileSettings: (batch, sequence) of `input_ids` (else the first
+    input), the past from axis 2 of a KV-cache input (`past_key_values.*`, rank 4) where there is one."""
+    s = profile.get("input_ids") or next(iter(profile.values()))
+    cache = next((v for k, v in profile.items() if _is_cache({"name": k, "shape": v["min"]})), None)
+    past = {f"{c}_past": int(cache[c][2]) for c in ("min", "opt", "max")} if cache else {}
+    return ProfileSettings(min_shape=tuple(s["min"][:2]), opt_shape=tuple(s["opt"][:2]), max_shape=tuple(s["max"][:2]),
+                           **past)
 
 
 def _engine_entry(built: dict[str, Any], plan: Path, eng: EngineSettings) -> dict[str, Any]:

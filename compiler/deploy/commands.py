@@ -52,6 +52,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--text", action="append", help="a text to run (repeatable: one batch)")
     text.add_argument("--text-file", type=Path, help="one text a line")
+    text.add_argument("--prompt", action="append", help="with --generate: a prompt (repeatable; same as --text)")
+    p.add_argument("--generate", type=int, default=None, metavar="N",
+                   help="greedy-decode N tokens after each text on a text-generation(-with-past) bundle")
+    p.add_argument("--no-cache", action="store_true", help="with --generate: recompute the whole prefix every step "
+                                                           "instead of reusing the KV cache")
     p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime's provider")
     p.add_argument("--allow-host-code", action="store_true",
@@ -65,8 +70,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _texts(args: argparse.Namespace) -> list[str]:
-    if args.text:
-        return list(args.text)
+    if args.prompt and args.generate is None:
+        raise CompilerError("--prompt goes with --generate N (tokens to generate); to run texts through the "
+                            "model once, use --text")
+    if args.text or args.prompt:
+        return list(args.text or args.prompt)
     from calibration.text import read_text_file
 
     texts = [line.strip() for line in read_text_file(args.text_file).splitlines() if line.strip()]
@@ -81,6 +89,8 @@ def run_command(args: argparse.Namespace) -> int:
     from compiler.deploy.runtime import Bundle, sentence_embeddings
 
     texts = _texts(args)
+    if args.generate is not None:
+        return generate_run(args, texts)
     bundle = Bundle.load(args.bundle, args.backend, args.device, args.allow_host_code)
     feeds = bundle.tokenize(texts, truncate=args.truncate)
     outputs = bundle.infer(**feeds)
@@ -120,6 +130,37 @@ def run_command(args: argparse.Namespace) -> int:
                   f"{o['nonfinite_count']:>10}")
     write_json(out / "run.json", summary)
     print(f"outputs: {out}/ (*.npy, run.json)")
+    return 0
+
+
+def generate_run(args: argparse.Namespace, texts: list[str]) -> int:
+    """`run --generate N`: greedy decoding on the bundle (`Bundle.generate`); prints each
+    continuation and the tokens/s, writes `generate.json`. Exit 1 for a bundle of another task,
+    4 for a run beyond the optimization profiles (refused before the first step)."""
+    from compiler.deploy.bundle import read_manifest
+    from compiler.deploy.generation import check_generation_task
+    from compiler.deploy.runtime import Bundle
+
+    if args.check or args.truncate:
+        raise CompilerError("--check and --truncate do not apply to --generate: leave them out (a prompt too long "
+                            "for the profiles is refused with the number of tokens that fit)")
+    task = check_generation_task(read_manifest(args.bundle), args.bundle)  # before loading a backend
+    bundle = Bundle.load(args.bundle, args.backend, args.device, args.allow_host_code)
+    result = bundle.generate(texts, args.generate, use_cache=not args.no_cache)
+    engine = (bundle.engine or {}).get("file") or bundle.manifest["onnxruntime"]["file"]
+    for prompt, text in zip(texts, result.texts):
+        print(f"{prompt!r} -> {text!r}")
+    cache = "with the KV cache" if result.cached else "without the KV cache (the whole prefix every step)"
+    print(f"{bundle.backend} on {engine} ({task}), {cache}: {sum(map(len, result.tokens))} tokens in "
+          f"{result.seconds:.3f} s, {result.tokens_per_second:.1f} tokens/s ({len(texts)} prompt(s), "
+          f"{len(result.batches)} batch(es))")
+    out = args.out or args.bundle.resolve().parent / "run"
+    write_json(out / "generate.json", {
+        "bundle": str(args.bundle), "backend": bundle.backend, "engine": engine, "task": task,
+        "cached": result.cached, "new_tokens": args.generate, "prompts": texts, "prompt_ids": result.prompts,
+        "tokens": result.tokens, "texts": result.texts, "seconds": result.seconds,
+        "tokens_per_second": result.tokens_per_second})
+    print(f"outputs: {out}/generate.json")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Running a bundle: `Bundle.load(path)` with `.tokenize`, `.infer`, `.embed`; refusals first.
+"""Running a bundle: `Bundle.load(path)` with `.tokenize`, `.infer`, `.embed`, `.generate`; refusals first.
 
 Before anything is loaded, `Bundle.load` runs `compiler.deploy.checks`: every file's sha256
 against the manifest (never overridable); for TensorRT, the plan this GPU can run
@@ -182,7 +182,8 @@ class Bundle:
         return self._tokenizer
 
     def tokenize(self, texts: list[str], truncate: bool = False) -> dict[str, np.ndarray]:
-        """{input name: int64 (batch, sequence)} of `texts`, padded to the longest.
+        """{input name: int64 (batch, sequence)} of `texts`, padded to the longest; a KV-cache input
+        (`past_key_values.*`) gets an empty past, float32 (batch, heads, 0, head_dim).
 
         Args:
             texts: the request. truncate: cut each text at the tokenizer's `max_length` (the
@@ -192,7 +193,11 @@ class Bundle:
         enc = self.tokenizer(list(texts), padding=True, truncation=truncate, max_length=limit if truncate else None,
                              return_tensors="np")
         ids = enc["input_ids"].astype(np.int64)
-        return {name: enc[name].astype(np.int64) if name in enc else np.zeros_like(ids) for name in self.input_names}
+        from compiler.deploy.generation import cache_inputs
+
+        empty = {c: c.empty(len(ids)) for c in cache_inputs(self.manifest)}  # a KV-cache graph: the context pass
+        return {name: enc[name].astype(np.int64) if name in enc else empty[name] if name in empty
+                else np.zeros_like(ids) for name in self.input_names}
 
     def check_request(self, feeds: dict[str, np.ndarray]) -> int:
         """The optimization profile admitting every input's shape (`check_request_shape`); refuses otherwise."""
@@ -205,7 +210,9 @@ class Bundle:
 
         Args:
             input_ids: int64 (batch, sequence). attention_mask / token_type_ids: the same shape
-                (ones / zeros when omitted and the model takes them). extra: other graph inputs.
+                (ones / zeros when omitted and the model takes them). extra: other graph inputs,
+                e.g. `past_key_values.{i}.key/value` (batch, heads, past, head_dim) of a KV-cache
+                graph, passed in their own dtype (the backend casts to the model's).
 
         Returns:
             {output name: array}, e.g. "last_hidden_state" float32 (batch, sequence, hidden).
@@ -222,7 +229,8 @@ class Bundle:
             value = given.get(name)
             if value is None and name not in fill:
                 raise CompilerError(f"input {name!r} is required (the model's inputs: {self.input_names})")
-            feeds[name] = np.asarray(fill[name] if value is None else value, dtype=np.int64)
+            value = fill[name] if value is None else value  # text inputs int64; a KV cache keeps its dtype
+            feeds[name] = np.asarray(value, dtype=np.int64) if name in fill or name == "input_ids" else np.asarray(value)
         profile = self.check_request(feeds)
         return self.runner.run(feeds, profile)
 
@@ -230,6 +238,28 @@ class Bundle:
         """Sentence embeddings of `texts`, float32 (N, hidden) (`sentence_embeddings`)."""
         feeds = self.tokenize(texts, truncate)
         return sentence_embeddings(self.infer(**feeds), feeds, self.output_names[0])
+
+    def generate(self, prompts: list[str] | np.ndarray, max_new_tokens: int, use_cache: bool = True) -> Any:
+        """Greedy decoding of `max_new_tokens` tokens after each prompt on this bundle's backend
+        (`compiler.deploy.generation.generate`: KV cache reused between steps, context profile
+        then decode profile; refused before running when the run would leave the profiles).
+
+        Args:
+            prompts: texts, or int64 token ids (batch, prompt_length).
+            max_new_tokens: tokens generated per prompt (exactly that many: no stop at EOS).
+            use_cache: False (or a bundle without a cache) recomputes the prefix every step.
+
+        Returns:
+            `compiler.deploy.generation.BundleGeneration`: `.tokens` (the new ids per prompt),
+            `.texts`, `.tokens_per_second`.
+
+        Raises:
+            CompilerError: the bundle's task is not a generation task.
+            DeploymentRefusedError: (exit 4) prompt + new tokens beyond the optimization profiles.
+        """
+        from compiler.deploy.generation import generate
+
+        return generate(self, prompts, max_new_tokens, use_cache)
 
 
 def sentence_embeddings(outputs: dict[str, np.ndarray], feeds: dict[str, np.ndarray], first: str) -> np.ndarray:

@@ -15,16 +15,8 @@ from compiler.results import ExportResult
 from compiler.settings import INT8_MODES, BuildSettings
 from compiler.training.export import onnx_from_torch
 from compiler.training.models import load_model
+from compiler.training.models import max_positions
 from compiler.training.tasks import check_training
-
-
-def max_positions(config: Any) -> int | None:
-    """The longest sequence a Hugging Face config's position embeddings cover (BERT
-    `max_position_embeddings`, GPT-2 `n_positions`), or None when it names none."""
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    return None
 
 
 def check_shapes(settings: BuildSettings, limit: int | None) -> None:

@@ -279,6 +279,15 @@ def _from_pretrained(name: str, where: str, local_only: bool, kwargs: dict[str, 
         ) from e
 
 
+def max_positions(config: Any) -> int | None:
+    """The longest sequence a Hugging Face config's position embeddings cover (BERT
+    `max_position_embeddings`, GPT-2 `n_positions`), or None when it names none."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
 def weight_files(where: str | Path) -> list[Path]:
     """The weights files of a checkpoint: `*.safetensors`/`*.bin` in a local directory, else the
     hub cache's `model.safetensors`/`pytorch_model.bin` for hub id `where` (empty when neither)."""

@@ -118,6 +118,19 @@ def test_missing_head_is_refused_with_what_the_checkpoint_has(checkpoints):
         load_model(ModelSettings(name=checkpoints["gpt2"], task="question-answering"))
 
 
+def test_parity_stays_within_the_position_limit(checkpoints, tmp_path):
+    """The tiny GPT-2 has 64 positions: a parity sequence of 64 checks the context pass there
+    and skips the decode step (it would need position 65); longer sequences are capped."""
+    from dataclasses import replace
+
+    loaded = load_model(ModelSettings(name=checkpoints["gpt2"], task="text-generation-with-past"))
+    texts = [" ".join(TEXTS * 8)] * 2
+    _, report = onnx_from_torch(loaded, replace(PARITY, parity_batches=(1,), parity_sequences=(63, 64, 100)),
+                                tmp_path / "p.onnx", texts)
+    decode = sorted({p.output.split("past ")[1] for p in report.parity if "decode" in p.output})
+    assert decode == ["63)"] and {p.sequence for p in report.parity} == {1, 63, 64}
+
+
 def test_kv_cache_graph_shapes_and_parity(checkpoints, tmp_path):
     import onnxruntime as ort
 
