@@ -13,6 +13,8 @@ also writes a PNG, when matplotlib is installed (the `bench` extra).
   fidelity and MAC shares per row. Writes `int8_minilm.json` (with each row's ONNX path).
 - `recovery_sweep`: short 2:4 recovery runs per pruning method and learning rate, PyTorch
   cosine on held-out text and SST-2 dev. Appends to `recovery_sweep.json`.
+- `sparsegpt_start`: the 2:4 starting point per pruning method (magnitude, Wanda, SparseGPT) on
+  MiniLM and held-out cosine against recovery minutes. Writes `sparsegpt_start.json`, `.png`.
 - `sst2_probe`: SST-2 dev accuracy of a fixed logistic-regression probe per ONNX graph.
   Writes `sst2_probe.json` and caches embeddings under `cache/`.
 - `ort_latency`: ONNX Runtime CPU latency and throughput per graph and batch shape on real
@@ -45,6 +47,6 @@ also writes a PNG, when matplotlib is installed (the `bench` extra).
 `benchmarks.common` holds what they share (NAME=PATH arguments, tables, JSON, plots).
 """
 
-BENCHMARKS = ("precision_modes", "int8_ptq", "int8_minilm", "recovery_sweep", "sst2_probe", "ort_latency",
+BENCHMARKS = ("precision_modes", "int8_ptq", "int8_minilm", "recovery_sweep", "sparsegpt_start", "sst2_probe", "ort_latency",
               "peak_memory", "vocab_prune", "latency", "compile_cost", "gpt2_fixture", "gpt2_agreement",
               "gpt2_generate", "sst2_classifier", "sst2_tasks")

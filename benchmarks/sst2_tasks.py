@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fixture", type=Path, default=FIXTURE)
     p.add_argument("--modes", default="fp32,fp16,hybrid,auto,int8,int8-qat,2:4+hybrid,2:4+int8-qat",
                    help="precision modes; `2:4+MODE` adds 2:4 sparsity with recovery")
+    p.add_argument("--recover-steps", type=int, default=None,
+                   help="2:4 recovery steps (default: SparsitySettings.recover_steps)")
     p.add_argument("--out", type=Path, default=Path("engines/benchmarks"), help="folder of the JSON")
     args = p.parse_args(argv)
     texts, labels = read_tsv(DATA / "dev.tsv")
@@ -66,10 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
     old = args.out / "sst2_tasks.json"
     kept = {r["variant"]: r for r in json.loads(old.read_text())["rows"]} if old.is_file() else {}
     fp32_pred = None
+    sparsity = SparsitySettings(pattern="2:4", **({"recover_steps": args.recover_steps}
+                                                  if args.recover_steps is not None else {}))
     for variant in args.modes.split(","):
         sparse, _, mode = variant.rpartition("+")
         run = run_pipeline(replace(base, precision=PrecisionSettings(mode=mode),
-                                   sparsity=SparsitySettings(pattern="2:4") if sparse else base.sparsity),
+                                   sparsity=sparsity if sparse else base.sparsity),
                            until="verify")
         loaded = run.export.loaded
         pred = predictions(run.variant_onnx, loaded.tokenizer, texts, loaded.input_names)

@@ -111,6 +111,8 @@ OPTION_OPTIONS = [
     ("--max-excluded", "quant.max_excluded", {"type": int, "help": "MatMuls the INT8 budget loop may leave float"}),
     ("--float-mode", "quant.float_mode", {"choices": FLOAT_MODES,
                                           "help": "precision of what INT8 does not cover"}),
+    ("--no-qat-fallback", "quant.qat_fallback",
+     {"action": "store_false", "help": "int8-qat: ship the fine-tuned graph even when PTQ's is better on held-out text"}),
     ("--train-samples", "data.train_samples", {"type": int, "help": "fine-tuning samples, at most"}),
     ("--train-text", "data.train_path",
      {"action": "append", "metavar": "PATH", "help": "text/TSV file for fine-tuning (default: the rest of --calib's "
@@ -122,7 +124,7 @@ OPTION_OPTIONS = [
     ("--train-device", "train.device", {"metavar": "DEVICE", "help": "cpu, cuda, cuda:N, or auto"}),
     ("--sparsity", "sparsity.pattern", {"choices": ("2:4",), "help": "2:4 structured sparsity of block linears"}),
     ("--sparsity-method", "sparsity.method", {"choices": SPARSITY_METHODS,
-                                              "help": "which 2 of every 4 weights stay: magnitude or wanda"}),
+                                              "help": "which 2 of every 4 weights stay: magnitude, wanda or sparsegpt"}),
     ("--sparse-layers", "sparsity.layers", {"action": "append", "metavar": "PATTERN",
                                             "help": "fnmatch pattern on module names to prune (repeatable)"}),
     ("--recover-steps", "sparsity.recover_steps", {"type": int, "help": "distillation steps after pruning (0: none)"}),

@@ -77,7 +77,8 @@ def test_int8_ptq_composes_with_hybrid(tiny_bert, tmp_path):
 
 
 def test_int8_qat_keeps_ptq_placement(tiny_bert, tmp_path):
-    settings = settings_for(tiny_bert, tmp_path, "int8-qat")
+    base = settings_for(tiny_bert, tmp_path, "int8-qat")
+    settings = replace(base, quant=replace(base.quant, qat_fallback=False))  # the fine-tuned graph, always
     state = run_pipeline(settings, until="verify")
     saved = json.loads((settings.variant_dir() / "quant_report.json").read_text())
     assert sorted(saved["qat"]["quantized_nodes"]) == sorted(saved["ptq"]["quantized_nodes"])
@@ -90,6 +91,18 @@ def test_int8_qat_keeps_ptq_placement(tiny_bert, tmp_path):
     real = state.report["fidelity"]["real"]
     assert real["cosine_min"] == pytest.approx(saved["heldout"]["qat"]["cosine_min"], abs=1e-6)
     assert real["cosine_mean"] > 0.9 and real["nonfinite_count"] == 0
+
+
+def test_int8_qat_that_got_worse_ships_ptq(tiny_bert, tmp_path):
+    """A learning rate that wrecks the weights: QAT's held-out cosine falls below PTQ's, so the
+    stage ships PTQ's graph (same placement) and says so; verify measures what was shipped."""
+    settings = replace(settings_for(tiny_bert, tmp_path, "int8-qat"), train=TrainSettings(steps=3, lr=1.0))
+    state = run_pipeline(settings, until="verify")
+    saved = json.loads((settings.variant_dir() / "quant_report.json").read_text())
+    ptq, qat = saved["heldout"]["ptq_same_placement"], saved["heldout"]["qat"]
+    assert qat["cosine_min"] < ptq["cosine_min"]
+    assert saved["summary"]["qat_kept"] is False and saved["summary"]["method"] == "ptq (qat rejected)"
+    assert state.report["fidelity"]["real"]["cosine_min"] == pytest.approx(ptq["cosine_min"], abs=1e-6)
 
 
 def test_sparsity_2_4_sets_sparse_weights_and_keeps_dense_reference(tiny_bert, tmp_path):

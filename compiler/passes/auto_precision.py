@@ -5,8 +5,10 @@ whose activations pass 65504 on real text overflows under it, and a layer norm w
 small is pinned for nothing (its Cast pairs cost time and break fusions in TensorRT). Here
 precision is measured, always with the faithful FP16 reference (`compiler.eval.fp16_reference`):
 
-1. Activation statistics of the FP32 graph over the calibration text (`calibration.stats`):
-   absmax and a high percentile per tensor, streamed; the same over random ids, for the report.
+1. Activation statistics of the FP32 graph over the calibration text, reduced inside the graph
+   (`compiler.passes.reduced_stats`: only per-tensor scalars and a small subsample leave ONNX
+   Runtime): exact absmax and a sampled high percentile per tensor; the same over random ids
+   (`random_samples` of them), for the report.
 2. Rules, each firing or declining with its reason and measured value:
    - `overflow`: absmax * `overflow_margin` >= 65504 on a node's float input or output
      (declines for mask fill values, |v| >= 1e30, which the precision pass clamps);
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from calibration.stats import cached_activation_stats, exposed_outputs, float_activations
+from calibration.stats import exposed_outputs, float_activations
 from compiler.artifacts import run_in_child
 from compiler.eval.fidelity import FidelityProbe
 from compiler.eval.fp16_reference import fp16_emulation, session
@@ -45,6 +47,7 @@ from compiler.graph.analysis import FLOAT, FP16_MAX, FP16_SMALLEST_NORMAL, GEMM_
 from compiler.graph.onnx_io import load_onnx, session_with_outputs, without_weights
 from compiler.passes.precision import PrecisionReport, convert_precision
 from compiler.passes.precision_rules import HYBRID_RULES, MASK_FILL_MIN
+from compiler.passes.reduced_stats import cached_reduced_stats
 from compiler.settings import PrecisionSettings
 
 log = logging.getLogger(__name__)
@@ -253,7 +256,8 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
         settings: mode `auto` with the budget (`min_cosine`, `max_nonfinite`) and search knobs.
         calib_tokens, heldout_tokens: `calibration.TokenizedSet`s of real text, disjoint.
         input_names, output_names: graph I/O; the budget uses the first output.
-        batch_size: held-out batch size; statistics run one sample at a time.
+        batch_size: held-out batch size; statistics run up to this many samples of one length
+            at a time (`compiler.passes.reduced_stats.equal_length_batches`: no padding).
         vocab_size: random ids for the real-vs-random statistics are drawn below it.
         graph_sha256, cache_dir: key and folder for cached activation statistics.
         seed: seed of the random ids.
@@ -265,7 +269,7 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
     start = time.perf_counter()
     fp32_path = fp32_model if isinstance(fp32_model, (str, os.PathLike)) else None
     stats = _activation_stats(fp32_model, graph_sha256, calib_tokens, input_names, cache_dir,
-                              settings, vocab_size, seed)
+                              settings, vocab_size, seed, batch_size)
     init_pins = rule_initializer_underflow(load_onnx(fp32_path, check=False) if fp32_path else fp32_model)
     if fp32_path is not None:  # the graph without its weights; they are read per conversion
         fp32_model = onnx.load(str(fp32_path), load_external_data=False)
@@ -313,14 +317,18 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
 
 
 def _activation_stats(fp32_model: Any, graph_sha256: str, calib_tokens: Any, input_names: list[str],
-                      cache_dir: str | None, settings: PrecisionSettings, vocab_size: int,
-                      seed: int) -> dict[str, Any]:
-    """{"real": ActivationStats, "random": ActivationStats} of the FP32 graph (step 1)."""
+                      cache_dir: str | None, settings: PrecisionSettings, vocab_size: int, seed: int,
+                      batch_size: int) -> dict[str, Any]:
+    """{"real": ActivationStats, "random": ActivationStats} of the FP32 graph (step 1), reduced in
+    the graph (`compiler.passes.reduced_stats`), `batch_size` equal-length samples a run; the
+    random ids over the first `settings.random_samples` samples' shapes only."""
     args = (fp32_model, graph_sha256, calib_tokens, input_names, cache_dir)
-    kw = {"percentile": settings.percentile, "vocab_size": vocab_size, "seed": seed}
+    kw = {src: {"batch_size": batch_size, "percentile": settings.percentile, "vocab_size": vocab_size,
+                "seed": seed, "limit": settings.random_samples if src == "random" else None}
+          for src in ("real", "random")}
     if isinstance(fp32_model, (str, os.PathLike)) and cache_dir:
         _stats_in_child(args, kw)  # fills the cache; read back below
-    return {src: cached_activation_stats(*args, src, **kw) for src in ("real", "random")}
+    return {src: cached_reduced_stats(*args, src, **kw[src]) for src in ("real", "random")}
 
 
 def _add_sensitive_nodes(evaluate: Evaluator, current: Variant, fp32_model: Any, fp32_path: Any,
@@ -368,14 +376,13 @@ def _op_rule_nodes(fp32_model: Any) -> set[str]:
 
 def _collect_both(args: tuple, kw: dict) -> None:
     for src in ("real", "random"):
-        cached_activation_stats(*args, src, **kw)
+        cached_reduced_stats(*args, src, **kw[src])
 
 
 def _stats_in_child(args: tuple, kw: dict) -> None:
-    """Collect the real and random statistics into the cache in a child process.
-
-    Exposing every activation makes ONNX Runtime and the allocator touch ~2.3 GB for BERT-large
-    and leaves the heap fragmented; a child returns all of it to the OS when it exits.
+    """Collect the real and random statistics into the cache in a child process: the statistics
+    session holds its own copy of the weights (1.3 GB for BERT-large), which the child returns
+    to the OS when it exits, before the search loads the graph.
     """
     run_in_child(_collect_both, args, kw, what="activation statistics")
 

@@ -11,7 +11,7 @@ PRECISION_MODES = ("fp32", "fp16", "hybrid", "auto", "int8", "int8-qat")
 INT8_MODES = ("int8", "int8-qat")
 FLOAT_MODES = ("fp32", "fp16", "hybrid")  # what runs outside Q/DQ in an INT8 variant
 SPARSITY_PATTERNS = (None, "2:4")
-SPARSITY_METHODS = ("magnitude", "wanda")
+SPARSITY_METHODS = ("magnitude", "wanda", "sparsegpt")
 LR_SCHEDULES = ("constant", "linear")
 QUANT_METHODS = ("max", "entropy", "percentile")
 WEIGHT_MODES = ("pretrained", "random")
@@ -90,6 +90,8 @@ class PrecisionSettings:
         percentile: the high percentile of |x| recorded per tensor.
         max_search_steps: nodes `auto` may move to FP32 by measured sensitivity.
         sensitivity_samples: calibration samples per sensitivity measurement.
+        random_samples: samples of random ids whose activation statistics are compared with the
+            real text's in the report (the first ones' shapes); they decide nothing.
     """
 
     mode: str = "hybrid"
@@ -101,12 +103,15 @@ class PrecisionSettings:
     percentile: float = 99.99
     max_search_steps: int = 32
     sensitivity_samples: int = 8  # calibration samples per sensitivity measurement
+    random_samples: int = 64  # random-id samples for the report's real-vs-random statistics
 
     def __post_init__(self) -> None:
         if self.mode not in PRECISION_MODES:
             raise ValueError(f"precision={self.mode!r}: expected one of {PRECISION_MODES}")
         if not -1.0 <= self.min_cosine <= 1.0 or self.max_nonfinite < 0 or self.overflow_margin < 1.0:
             raise ValueError("need -1 <= min_cosine <= 1, max_nonfinite >= 0, overflow_margin >= 1")
+        if self.random_samples < 1:
+            raise ValueError(f"random_samples={self.random_samples}: expected >= 1")
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,9 @@ class QuantSettings:
         sensitivity_samples: calibration windows each sensitivity measurement runs on.
         float_mode: precision of everything not quantized (`hybrid`: FP16 with softmax and
             layer norm pinned to FP32; `fp16`; `fp32`).
+        qat_fallback: `int8-qat` ships PTQ's graph (same placement) when the fine-tuned one
+            has a lower held-out cosine min than PTQ's, and says so in the report; False
+            always ships the fine-tuned graph.
     """
 
     method: str = "max"
@@ -206,6 +214,7 @@ class QuantSettings:
     calib_batch_size: int = 8
     sensitivity_samples: int = 16
     float_mode: str = "hybrid"
+    qat_fallback: bool = field(default=True, metadata={"hash": "if-set"})  # PTQ keys unchanged
 
     def __post_init__(self) -> None:
         if self.method not in QUANT_METHODS:
@@ -313,9 +322,12 @@ class SparsitySettings:
         method: `wanda` (default: keep the 2 largest |w_ij| * ||x_j||_2 of every 4, x_j the
             layer's input feature j over the calibration text; Sun et al. 2023, "A Simple and
             Effective Pruning Approach for Large Language Models", arXiv:2306.11695; no weight
-            update, one forward pass over the calibration samples) or `magnitude` (the 2
-            largest |w|). Wanda is the default: on MiniLM it starts and ends closer to the dense
-            model (docs/sparsity.md).
+            update, one forward pass over the calibration samples), `magnitude` (the 2
+            largest |w|) or `sparsegpt` (the 2 of every 4 with the largest OBS saliency, the
+            kept weights updated to reconstruct each layer's output on the calibration text,
+            layer by layer; Frantar & Alistarh 2023, arXiv:2301.00774). Wanda is the default:
+            on MiniLM it starts and ends closer to the dense model than magnitude
+            (docs/sparsity.md).
         layers: fnmatch patterns on module names choosing the pruned linear layers; empty
             means every linear layer inside the transformer blocks (no embeddings, no head).
         recover_steps: distillation steps with the masks held fixed (0: no recovery); the

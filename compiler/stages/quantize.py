@@ -36,7 +36,8 @@ def stage_quantize(settings: BuildSettings, export: ExportResult, sparsity: Spar
     out, report_path = settings.variant_dir() / "model.qdq.onnx", settings.variant_dir() / "quant_report.json"
     base_sha = onnx_sha256(fp32_onnx)
     ref_sha = base_sha if fp32_onnx == export.onnx else onnx_sha256(export.onnx)
-    key = settings_hash("quantize-v1", base_sha, ref_sha,
+    version = "quantize-v2" if mode == "int8-qat" else "quantize-v1"  # v2: QAT may fall back to PTQ
+    key = settings_hash(version, base_sha, ref_sha,
                         mode, settings.quant, settings.data, settings.train if mode == "int8-qat" else None)
 
     def compute() -> None:

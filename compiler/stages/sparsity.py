@@ -20,7 +20,7 @@ from compiler.results import ExportResult, SparsityResult
 from compiler.settings import BuildSettings, settings_hash
 from compiler.stages.export import export_opset, fp32_name
 from compiler.training.export import onnx_from_torch
-from compiler.training.prune import input_axis, prune_2_4, recover
+from compiler.training.prune import input_axis, needs_calibration, prune_2_4, recover
 
 
 def _recover_from(path: str, weights_path: Path) -> tuple[Path, str]:
@@ -66,7 +66,7 @@ def _prune_and_recover(settings: BuildSettings, export: ExportResult, tokens: To
                        start: tuple[Path, str] | None) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """Prune `student` in place (or load the earlier student), recover it; (masks, prune, recovery)."""
     sp = settings.sparsity
-    calib = tokens.calibration if sp.method == "wanda" and not start else None
+    calib = tokens.calibration if needs_calibration(sp.method) and not start else None
     # with an earlier student, magnitude pruning only chooses the layers (no forward pass)
     masks, prune_report = prune_2_4(student, replace(sp, method="magnitude") if start else sp, calib,
                                     export.loaded.input_names)
@@ -104,7 +104,7 @@ def stage_sparsity(settings: BuildSettings, export: ExportResult, tokens: TokenS
     sp = settings.sparsity
     weights_path, report_path = settings.base_dir() / "student.safetensors", settings.base_dir() / "sparsity_report.json"
     # an earlier student brings its own masks: no Wanda scoring, so no calibration text
-    calib_texts = tokens.calibration_texts if sp.method == "wanda" and not sp.recover_from else []
+    calib_texts = tokens.calibration_texts if needs_calibration(sp.method) and not sp.recover_from else []
     train_texts = tokens.training_texts if sp.recover_steps else []
     start = _recover_from(sp.recover_from, weights_path) if sp.recover_from else None
     key = settings_hash("sparsity-v3", export.loaded.key, sp, settings.train, settings.data, calib_texts,

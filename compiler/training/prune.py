@@ -13,8 +13,9 @@ The stage, run in PyTorch before export:
 
 1. `block_linears` picks the linear layers inside the transformer blocks (not the embeddings,
    pooler or head); `prune_2_4` keeps 2 of every 4 weights along the input dimension, in
-   place, by |w| x input norm over calibration text (Wanda, the default) or by |w|, and returns
-   the masks.
+   place, by |w| x input norm over calibration text (Wanda, the default), by |w|, or by
+   SparseGPT's OBS saliency with an update of the kept weights (`compiler.training.sparsegpt`),
+   and returns the masks.
 2. `recover` fine-tunes the pruned model against the dense one with the project's one training
    loop (`compiler.training.distill.distill`), the masks re-applied after every optimizer step
    (`hold_masks`).
@@ -35,6 +36,16 @@ from typing import Any, Callable
 from compiler.graph.sparsity import GROUP, KEEP
 from compiler.settings import SparsitySettings, TrainSettings
 from compiler.training.distill import TrainReport, distill
+from compiler.training.sparsegpt import sparsegpt_2_4
+
+CALIBRATED_METHODS = ("wanda", "sparsegpt")  # methods that read calibration text (SparsitySettings.method)
+
+
+def needs_calibration(method: str) -> bool:
+    """Whether pruning by `method` (`SparsitySettings.method`) runs the model on calibration text:
+    `wanda` (input norms) and `sparsegpt` (input Hessians) do, `magnitude` does not."""
+    return method in CALIBRATED_METHODS
+
 
 @dataclass
 class SparsityPruneReport:
@@ -42,7 +53,7 @@ class SparsityPruneReport:
 
     Attributes:
         pattern: `2:4`.
-        method: `magnitude` or `wanda` (`SparsitySettings.method`).
+        method: `magnitude`, `wanda` or `sparsegpt` (`SparsitySettings.method`).
         pruned: module names pruned, in module order.
         skipped: {module name: reason} for selected layers left dense.
         zero_fraction: zeros / elements over the pruned layers' weights (0.5 for dense weights).
@@ -191,13 +202,16 @@ def prune_2_4(module: Any, settings: SparsitySettings, tokens: Any = None,
     0; biases are untouched. Which 2 by `settings.method`: `magnitude` keeps the largest |w|;
     `wanda` keeps the largest |w_ij| * ||x_j||_2, the input norms measured on `tokens` with the
     dense model (Sun et al. 2023, arXiv:2306.11695), so a small weight on a large activation
-    outranks a larger one on a quiet input.
+    outranks a larger one on a quiet input; `sparsegpt` chooses by OBS saliency and also updates
+    the kept weights to reconstruct each layer's output on `tokens`, layer by layer with the
+    earlier layers already pruned (Frantar & Alistarh 2023, arXiv:2301.00774;
+    `compiler.training.sparsegpt`).
 
     Args:
         module: PyTorch model, modified in place.
         settings: `pattern` must be `2:4`; `method`; `layers` as in `block_linears`.
-        tokens: `calibration.TokenizedSet` of real calibration text (`wanda` only).
-        input_names: model inputs (`wanda` only).
+        tokens: `calibration.TokenizedSet` of real calibration text (`wanda`, `sparsegpt`).
+        input_names: model inputs (`wanda`, `sparsegpt`).
 
     Returns:
         ({module name: torch.bool mask of the weight's shape, True = kept}, report). A layer
@@ -205,15 +219,15 @@ def prune_2_4(module: Any, settings: SparsitySettings, tokens: Any = None,
         `report.skipped` with the reason, and has no mask.
 
     Raises:
-        ValueError: `settings.pattern` is not `2:4`, `wanda` without tokens, or no layer
-            selected.
+        ValueError: `settings.pattern` is not `2:4`, `wanda` or `sparsegpt` without tokens,
+            or no layer selected.
     """
     import torch
 
     if settings.pattern != "2:4":  # the method is checked by SparsitySettings itself
         raise ValueError(f"prune_2_4 needs pattern='2:4', got pattern={settings.pattern!r}")
-    if settings.method == "wanda" and (tokens is None or input_names is None):
-        raise ValueError("sparsity method 'wanda' scores weights by their input norms: pass calibration "
+    if needs_calibration(settings.method) and (tokens is None or input_names is None):
+        raise ValueError(f"sparsity method {settings.method!r} measures the layers' inputs: pass calibration "
                          "tokens and input_names to prune_2_4, or use method='magnitude'")
     start = time.perf_counter()
     masks, skipped = {}, {}
@@ -228,17 +242,20 @@ def prune_2_4(module: Any, settings: SparsitySettings, tokens: Any = None,
     if not chosen:
         raise ValueError(f"no layer could be pruned 2:4: {skipped}")
     norms = input_norms(module, chosen, tokens, input_names) if settings.method == "wanda" else {}
+    if settings.method == "sparsegpt":  # masks chosen and kept weights updated, layer by layer
+        masks = sparsegpt_2_4(module, chosen, {n: input_axis(m) for n, m in chosen.items()}, tokens, input_names)
     for name, m in chosen.items():
-        axis = input_axis(m)
-        score = m.weight.detach().abs()
-        if name in norms:  # broadcast the per-input-feature norm along the input axis
-            score = score * (norms[name][None, :] if axis == 1 else norms[name][:, None])
-        mask = magnitude_mask_2_4(score, axis)
+        if name not in masks:
+            axis = input_axis(m)
+            score = m.weight.detach().abs()
+            if name in norms:  # broadcast the per-input-feature norm along the input axis
+                score = score * (norms[name][None, :] if axis == 1 else norms[name][:, None])
+            masks[name] = magnitude_mask_2_4(score, axis)
         with torch.no_grad():
-            m.weight.masked_fill_(~mask, 0.0)
-        masks[name] = mask
+            m.weight.masked_fill_(~masks[name], 0.0)
         zeros += int((m.weight == 0).sum())
         total += m.weight.numel()
+    masks = {n: masks[n] for n in chosen}  # module order (sparsegpt returns them in execution order)
     report = SparsityPruneReport("2:4", settings.method, list(masks), skipped, zeros / total,
                                  round(time.perf_counter() - start, 3))
     return masks, report

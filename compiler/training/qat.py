@@ -274,6 +274,9 @@ def int8_qat(inputs: QatInputs, settings: BuildSettings, export: ExportSettings,
     4. Held-out fidelity of PTQ and QAT side by side, both with what is not quantized in
        `settings.quant.float_mode` (e.g. hybrid FP16 on the faithful FP16 reference), against
        `inputs.reference_path` (dense FP32).
+    5. With `quant.qat_fallback` (default), PTQ's graph is returned when QAT's held-out cosine
+       min is below PTQ's or it has more non-finite outputs: fine-tuning that made the graph
+       worse is not shipped (`summary.method` "ptq (qat rejected)", `summary.qat_kept` False).
 
     Args:
         inputs: the models, graphs and token sets.
@@ -312,7 +315,18 @@ def int8_qat(inputs: QatInputs, settings: BuildSettings, export: ExportSettings,
                          fid_ptq, fid_qat)
     log.info("QAT: held-out cosine_min %.5f (PTQ at the same placement %.5f)", fid_qat["cosine_min"],
              fid_ptq["cosine_min"])
-    return model, report
+    worse = (fid_qat["cosine_min"] < fid_ptq["cosine_min"]
+             or fid_qat["nonfinite_count"] > fid_ptq["nonfinite_count"])
+    report["summary"]["qat_kept"] = not (worse and settings.quant.qat_fallback)
+    if report["summary"]["qat_kept"]:
+        return model, report
+    log.warning("QAT: the fine-tuned graph is worse than PTQ on held-out text (cosine min %.5f < %.5f): "
+                "shipping PTQ's graph (--no-qat-fallback ships the fine-tuned one)", fid_qat["cosine_min"],
+                fid_ptq["cosine_min"])
+    report["summary"].update(method="ptq (qat rejected)", cosine_min=fid_ptq["cosine_min"],
+                             budget_met=fid_ptq["cosine_min"] >= settings.quant.min_cosine
+                             and fid_ptq["nonfinite_count"] == 0)
+    return ptq_model, report
 
 
 def ptq_thresholds(light: Any, ptq: QuantReport, smoothing: dict[str, np.ndarray]) -> dict[str, float]:

@@ -1,0 +1,138 @@
+"""compiler/passes/reduced_stats.py: the in-graph statistics agree with the NumPy path of
+calibration/stats.py (absmax exactly, the percentile exactly when the subsample holds every
+element), on a tiny BERT over real text and on a graph with NaN, inf and empty tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from calibration import TokenizedSet, load_texts, tokenized_set
+from calibration.stats import collect_activation_stats
+from compiler.graph.onnx_io import save_onnx
+from compiler.passes.reduced_stats import (cached_reduced_stats, equal_length_batches, histogram_percentile,
+                                           reduced_activation_stats)
+from compiler.settings import DataSettings
+from tests.models import f32, make_model, minilm
+
+INPUTS = ["input_ids"]
+
+
+def tiny_encoder(vocab: int = 30522, hidden: int = 32, seed: int = 0):
+    """One attention + FFN block over embeddings (opset 17), a hot FFN channel past 65504:
+    (batch, sequence, hidden) and (batch, sequence, sequence) activations, input_ids only."""
+    rng = np.random.default_rng(seed)
+    w = {"emb": rng.normal(0, 1, (vocab, hidden)), "wq": rng.normal(0, 0.2, (hidden, hidden)),
+         "w1": rng.normal(0, 0.2, (hidden, 4 * hidden)), "w2": rng.normal(0, 0.2, (4 * hidden, hidden)),
+         "g": np.ones(hidden), "b": np.zeros(hidden), "half": np.array(0.5), "one": np.array(1.0),
+         "rs2": np.array(2 ** -0.5)}
+    w["w2"][:, 3] *= 2e4  # the hot channel
+    mk = helper.make_node
+    nodes = [mk("Gather", ["emb", "input_ids"], ["e"]),
+             mk("LayerNormalization", ["e", "g", "b"], ["h"], axis=-1),
+             mk("MatMul", ["h", "wq"], ["q"]), mk("Transpose", ["h"], ["kt"], perm=[0, 2, 1]),
+             mk("MatMul", ["q", "kt"], ["scores"]), mk("Softmax", ["scores"], ["p"], axis=-1),
+             mk("MatMul", ["p", "h"], ["ctx"]), mk("Add", ["ctx", "h"], ["r1"]),
+             mk("MatMul", ["r1", "w1"], ["f1"]), mk("Mul", ["f1", "rs2"], ["f2"]), mk("Erf", ["f2"], ["f3"]),
+             mk("Add", ["f3", "one"], ["f4"]), mk("Mul", ["f1", "f4"], ["f5"]), mk("Mul", ["f5", "half"], ["gelu"]),
+             mk("MatMul", ["gelu", "w2"], ["f6"]), mk("Add", ["f6", "r1"], ["r2"]),
+             mk("LayerNormalization", ["r2", "g", "b"], ["last_hidden_state"], axis=-1)]
+    inp = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    return make_model(nodes, [inp], [f32("last_hidden_state", ["batch", "sequence", hidden])],
+                      {k: np.asarray(v, np.float32) for k, v in w.items()})
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    """The tiny encoder and 12 real-text samples (MiniLM's WordPiece ids, at most 48 tokens)."""
+    data = DataSettings(samples=8, calib_samples=12)
+    return tiny_encoder(), tokenized_set(load_texts(data, count=12), minilm().tokenizer, 48, None)
+
+
+def test_in_graph_statistics_agree_with_the_numpy_path(tiny_bert, tmp_path):
+    model, tokens = tiny_bert
+    path = tmp_path / "model.onnx"  # the pipeline's form: a file with external data, weights read by ORT
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    save_onnx(copy, path, external=True)
+    assert len({len(x) for x in tokens.input_ids}) < len(tokens)  # some lengths repeat: real batches
+    old = collect_activation_stats(path, tokens.batches(1, INPUTS), "real")
+    batches = list(equal_length_batches(tokens, 4, INPUTS))
+    assert all((n == f["input_ids"].shape[1]).all() for f, n in batches)  # never padded
+    new = reduced_activation_stats(path, batches, "real", subsample=1 << 20)  # every element
+    assert new.samples == old.samples == len(tokens) and set(new.tensors) == set(old.tensors)
+    for t, o in old.tensors.items():
+        n = new.tensors[t]
+        assert n.absmax == o.absmax, t  # exactly
+        assert n.elements == o.elements, t
+        assert n.percentile == pytest.approx(o.percentile, rel=1e-12), t  # the same histogram
+    hot = max(old.tensors, key=lambda t: old.tensors[t].absmax)
+    assert old.tensors[hot].absmax > 65504  # the planted overflow is seen by both
+
+    before = model.SerializeToString()
+    sampled = reduced_activation_stats(model, batches, "real")  # default subsample: absmax still exact
+    assert model.SerializeToString() == before  # the ModelProto is restored
+    assert all(sampled.tensors[t].absmax == o.absmax for t, o in old.tensors.items())
+    # the sampled percentile of the hot tensor stays within a factor 2 of the full one
+    assert 0.5 <= sampled.tensors[hot].percentile / old.tensors[hot].percentile <= 2.0
+
+
+def test_nan_inf_and_zeros_read_as_in_the_numpy_path():
+    # x = float(ids) - 2: log(x) is NaN below 2, -inf at 2; 1 / (x * 0) is inf; x * 0 is all zero
+    nodes = [helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["f", "two"], ["x"]),
+             helper.make_node("Log", ["x"], ["log"]),
+             helper.make_node("Mul", ["x", "zero"], ["z"]),
+             helper.make_node("Div", ["one", "z"], ["inv"]),
+             helper.make_node("Add", ["x", "z"], ["last_hidden_state"])]
+    inp = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    model = make_model(nodes, [inp], [f32("last_hidden_state", ["batch", "sequence"])],
+                       {"two": np.array(2.0, np.float32), "zero": np.array(0.0, np.float32),
+                        "one": np.array(1.0, np.float32)})
+    tokens = TokenizedSet([np.array([1, 5, 9]), np.array([7, 3, 2]), np.array([4, 8])], None, 0, "t")
+    old = collect_activation_stats(model, tokens.batches(1, ["input_ids"]), "real")
+    new = reduced_activation_stats(model, equal_length_batches(tokens, 8, ["input_ids"]), "real")
+    assert new.tensors["log"].absmax == old.tensors["log"].absmax == np.inf  # a NaN and a -inf
+    assert new.tensors["inv"].absmax == np.inf and new.tensors["z"].absmax == 0.0
+    assert new.tensors["x"].absmax == old.tensors["x"].absmax == 7.0
+    for t, o in old.tensors.items():
+        assert (new.tensors[t].percentile, new.tensors[t].elements) == (o.percentile, o.elements), t
+
+
+def test_equal_length_batches_draw_the_random_ids_of_the_one_sample_path():
+    tokens = TokenizedSet([np.arange(1, n + 1) for n in (5, 3, 5, 4, 5)], None, 0, "t")
+    batches = list(equal_length_batches(tokens, 2, ["input_ids"]))
+    assert [f["input_ids"].shape for f, _ in batches] == [(2, 5), (1, 5), (1, 4), (1, 3)]
+    assert sum(len(n) for _, n in batches) == 5
+    assert len(list(equal_length_batches(tokens, 2, ["input_ids"], limit=2))) == 2  # samples 0 and 1 only
+
+    drawn = list(equal_length_batches(tokens, 8, ["input_ids"], rng=np.random.default_rng(3), vocab_size=50))
+    one = [f["input_ids"][0] for f, _ in tokens.batches(1, ["input_ids"], rng=np.random.default_rng(3),
+                                                       vocab_size=50)]
+    rows = {tuple(r) for f, _ in drawn for r in f["input_ids"]}
+    assert rows == {tuple(r) for r in one}  # the same ids, grouped by length
+
+
+def test_padded_batches_are_refused_and_results_are_cached(tmp_path):
+    nodes = [helper.make_node("Cast", ["input_ids"], ["last_hidden_state"], to=TensorProto.FLOAT)]
+    inp = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    model = make_model(nodes, [inp], [f32("last_hidden_state", ["batch", "sequence"])])
+    tokens = TokenizedSet([np.array([1, 5, 9]), np.array([7, 3])], None, 0, "t")
+    with pytest.raises(ValueError, match="unpadded"):
+        reduced_activation_stats(model, tokens.batches(2, ["input_ids"]), "real")
+    first = cached_reduced_stats(model, "sha", tokens, ["input_ids"], tmp_path, "real")
+    assert len(list(tmp_path.glob("stats-*.json"))) == 1
+    again = cached_reduced_stats(model, "sha", tokens, ["input_ids"], tmp_path, "real")
+    assert again == first and first.tensors["last_hidden_state"].absmax == 9.0
+    rand = cached_reduced_stats(model, "sha", tokens, ["input_ids"], tmp_path, "random", limit=1, vocab_size=4)
+    assert rand.samples == 1 and rand.tensors["last_hidden_state"].absmax < 4
+
+
+def test_histogram_percentile_reads_ranks_over_zeros_and_bins():
+    hist = np.zeros(768, np.int64)
+    hist[24 * 16] = 10  # ten values in [1, 2**(1/16))
+    assert histogram_percentile(hist, 90, 1.01, 50.0) == 0.0  # the median is a zero
+    assert histogram_percentile(hist, 90, 1.01, 99.0) == pytest.approx(1.01)  # capped at absmax
+    assert histogram_percentile(hist, 0, 9.0, 99.0) == pytest.approx(2 ** (1 / 16))
