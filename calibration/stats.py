@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -210,6 +210,14 @@ def cached_activation_stats(model: Any, graph_sha256: str, tokens: Any, input_na
         batches = tokens.batches(batch_size, input_names, rng=rng, vocab_size=vocab_size)
         return collect_activation_stats(model, batches, source, percentile)
 
+    return cached_stats(key, cache_dir, collect, source)
+
+
+def cached_stats(key: str, cache_dir: str | None, collect: Callable[[], ActivationStats],
+                 source: str) -> ActivationStats:
+    """`collect()`, kept as `<cache_dir>/stats-<key>.json` and read back while `key` is unchanged
+    (JSON keeps every float, so a read-back equals the computed statistics); no cache without
+    `cache_dir`. `source` names the statistics in the log ("real", "random")."""
     if not cache_dir:
         return collect()
     path = Path(cache_dir) / f"stats-{key[:32]}.json"

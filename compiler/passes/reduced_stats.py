@@ -29,7 +29,6 @@ the full one on the tiny model's hot tensor; it is reported, no rule reads it).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections import defaultdict
@@ -38,9 +37,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from calibration.stats import ActivationStats, TensorStats, float_activations
+from calibration.stats import ActivationStats, TensorStats, cached_stats, float_activations
 from calibration.text import text_feeds
-from compiler.artifacts import cached, remove_stale_temps, temp_beside, write_json
+from compiler.artifacts import remove_stale_temps, temp_beside
 from compiler.settings import settings_hash
 
 log = logging.getLogger(__name__)
@@ -345,15 +344,4 @@ def cached_reduced_stats(model: Any, graph_sha256: str, tokens: Any, input_names
         batches = equal_length_batches(tokens, batch_size, input_names, limit, rng, vocab_size)
         return reduced_activation_stats(model, batches, source, percentile)
 
-    if not cache_dir:
-        return collect()
-    path = Path(cache_dir) / f"stats-{key[:32]}.json"
-    computed: list[ActivationStats] = []
-
-    def compute() -> None:
-        computed.append(collect())
-        write_json(path, computed[0].to_dict())
-
-    if not cached(key, [path], compute, f"activation statistics ({source})"):
-        return computed[0]
-    return ActivationStats.from_dict(json.loads(path.read_text()))
+    return cached_stats(key, cache_dir, collect, source)
