@@ -169,7 +169,7 @@ def test_every_option_reaches_its_settings_field():
 
     assert cli.settings_from_args(cli.build_parser().parse_args(["compile"])) == BuildSettings()
     for flag, targets, kw in cli.MODEL_OPTIONS + cli.PRECISION_OPTIONS + cli.OPTION_OPTIONS + cli.ENGINE_OPTIONS:
-        if kw.get("action") == "store_true":
+        if kw.get("action") in ("store_true", "store_false"):
             argv = [flag]
         elif "choices" in kw:
             argv = [flag, [c for c in kw["choices"] if c != cli._default(targets.split()[0])][0]]
