@@ -43,10 +43,12 @@ also writes a PNG, when matplotlib is installed (the `bench` extra).
   `--out` checkpoint folder with `fixture.json`.
 - `sst2_tasks`: SST-2 dev accuracy and agreement with FP32 of the classifier per precision.
   Writes `sst2_tasks.json`.
+- `op_profile`: ONNX Runtime CPU time per operator type of several graphs (why one is slower).
+  Writes `op_profile.json`.
 
 `benchmarks.common` holds what they share (NAME=PATH arguments, tables, JSON, plots).
 """
 
 BENCHMARKS = ("precision_modes", "int8_ptq", "int8_minilm", "recovery_sweep", "sparsegpt_start", "sst2_probe", "ort_latency",
               "peak_memory", "vocab_prune", "latency", "compile_cost", "gpt2_fixture", "gpt2_agreement",
-              "gpt2_generate", "sst2_classifier", "sst2_tasks")
+              "gpt2_generate", "sst2_classifier", "sst2_tasks", "op_profile")

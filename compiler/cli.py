@@ -58,6 +58,19 @@ def _profile(text: str) -> ProfileSettings:
                                          f"{f' ({e})' if isinstance(e, ValueError) else ''}") from None
 
 
+def _rows(text: str) -> int | None:
+    """`all` -> None, else a positive int."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer or 'all'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer or 'all'")
+    return value
+
+
 def _alpha(text: str) -> float | None:
     if text.lower() in ("off", "none", "0"):
         return None
@@ -91,6 +104,8 @@ MODEL_OPTIONS = [
     ("--max-length", "data.max_length", {"type": int}),
     ("--min-words", "data.min_words", {"type": int, "help": "text lines with fewer words are skipped"}),
     ("--batch-size", "data.batch_size", {"type": int}),
+    ("--profile-max-rows", "data.profile_max_rows", {"type": _rows, "metavar": "N|all",
+     "help": "windows verified at the profile's max sequence length (default 8; 'all': the max batch)"}),
     ("--output-dir", "build.output_dir", {}),
 ]
 PRECISION_OPTIONS = [
@@ -109,6 +124,8 @@ OPTION_OPTIONS = [
     ("--exclude", "quant.exclude", {"action": "append", "metavar": "PATTERN",
                                     "help": "fnmatch pattern on node names kept float (repeatable)"}),
     ("--max-excluded", "quant.max_excluded", {"type": int, "help": "MatMuls the INT8 budget loop may leave float"}),
+    ("--int8-sensitivity", "quant.sensitivity", {"choices": ["local", "end-to-end"],
+     "help": "order of the MatMuls the INT8 budget leaves float: local error (one pass) or end-to-end (a pass per node)"}),
     ("--float-mode", "quant.float_mode", {"choices": FLOAT_MODES,
                                           "help": "precision of what INT8 does not cover"}),
     ("--no-qat-fallback", "quant.qat_fallback",

@@ -1,12 +1,13 @@
 """benchmarks/: every script imports as a module and answers `python -m benchmarks.NAME --help`.
 
-Nothing here runs a benchmark (they load real models and take minutes to hours).
+Nothing here runs a benchmark on a real model (they take minutes to hours); `op_profile` runs on a tiny graph.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,26 @@ def test_named_path_splits_at_the_first_equals_sign_and_rejects_a_bare_path():
 def test_markdown_table_aligns_the_columns_it_is_told_to():
     table = markdown_table(["graph", "ms"], [["fp32", "1.50"], ["int8", 0.7]], align="lr")
     assert table == "| graph | ms |\n| --- | ---: |\n| fp32 | 1.50 |\n| int8 | 0.7 |"
+
+
+def test_op_profile_sums_node_time_per_operator_type(tmp_path):
+    """A tiny Gather -> MatMul -> MatMul graph: both MatMuls are found, times are positive and
+    the JSON holds them per shape; a float input is refused with the reason."""
+    import numpy as np
+    import onnx
+
+    from benchmarks.op_profile import main, op_times, parse_shape
+    from tests.quant.test_calibrate import ids_model
+
+    r = np.random.default_rng(0)
+    path = tmp_path / "m.onnx"
+    onnx.save(ids_model(*(r.standard_normal(s).astype(np.float32) for s in ((64, 32), (32, 32), (32, 32)))), path)
+    got = op_times(path, (2, 16), iterations=3, threads=1)
+    assert got["nodes"]["MatMul"] == 2 and got["ops"]["MatMul"] > 0
+    assert got["ms_per_run"] == pytest.approx(sum(got["ops"].values()), abs=1e-3)
+    main([f"tiny={path}", "--shape", "1x8", "--shape", "2x16", "--iterations", "2", "--threads", "1",
+          "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "op_profile.json").read_text())
+    assert set(result["shapes"]) == {"1x8", "2x16"} and "MatMul" in result["shapes"]["1x8"]["tiny"]["ops"]
+    with pytest.raises(Exception, match="BATCHxSEQUENCE"):
+        parse_shape("32")

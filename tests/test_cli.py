@@ -29,7 +29,7 @@ def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines")
     # feature-extraction: MiniLM's last_hidden_state graph (its natural task is sentence-embedding)
     result = run_cli("compile", "--model", "minilm", "--task", "feature-extraction", "--precision", "hybrid",
-                     "--samples", "16", "--output-dir", str(out))
+                     "--samples", "16", "--profile-max-rows", "12", "--output-dir", str(out))
     return out, result
 
 
@@ -58,7 +58,9 @@ def test_report_records_build_status_graph_hash_and_profile_edge(compiled):
         assert report["build"]["status"] == "no-tensorrt" and report["build"]["exit_code"] == 2
     assert report["onnx_sha256"] == onnx_sha256(variant / "model.onnx")
     edge = report["fidelity"]["profile_max"]
-    assert report["fidelity"]["shapes_verified"]["profile_max"] == [32, 512] and edge["samples"] == 32
+    # 12 windows at the max sequence (--profile-max-rows; default 8) of the 32 x 512 profile
+    assert report["fidelity"]["shapes_verified"]["profile_max"] == [12, 512] and edge["samples"] == 12
+    assert report["fidelity"]["shapes_verified"]["profile_max_shape"] == [32, 512]
     assert edge["nonfinite_count"] == 0 and edge["cosine_min"] > 0.999
     assert report["settings"]["engine"]["profiles"][0]["max_shape"] == [32, 512]
 
@@ -181,6 +183,8 @@ def test_every_option_reaches_its_settings_field():
             argv = [flag, "off"]
         elif flag == "--train-device":
             argv = [flag, "auto"]
+        elif flag == "--profile-max-rows":
+            argv = [flag, "all"]
         elif flag == "--precision":
             continue
         else:
@@ -292,3 +296,15 @@ def test_internal_error_exits_3_with_the_traceback(monkeypatch, capsys):
     assert cli.main(["export"]) == 3
     err = capsys.readouterr().err
     assert "ZeroDivisionError: a bug" in err and "internal error" in err
+
+
+def test_profile_max_rows_takes_a_count_or_all():
+    from compiler import cli
+
+    parse = lambda *a: cli.settings_from_args(cli.build_parser().parse_args(["compile", *a]))  # noqa: E731
+    assert parse().data.profile_max_rows == 8
+    assert parse("--profile-max-rows", "all").data.profile_max_rows is None
+    assert parse("--profile-max-rows", "3").data.profile_max_rows == 3
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(SystemExit):
+            parse("--profile-max-rows", bad)

@@ -78,9 +78,10 @@ class QuantReport:
             initializers stored as INT8.
         matmul_macs: {"int8": MACs, "float": MACs} at `mac_shape` ({"batch", "sequence"});
             int8_mac_fraction: share of MatMul/Gemm MACs that run in INT8.
-        Filled by `quantize_within_budget`: calibration (windows, tokens, seconds); fidelity
-            (held-out, vs FP32); budget (and whether it was met); steps (the loop's, with their
-            held-out fidelity); sensitivity (per node, the calibration-set cosine deficit its
+        Filled by `quantize_within_budget`: calibration (windows, tokens, seconds,
+            thresholds_from); fidelity (held-out, vs FP32); budget (and whether it was met);
+            steps (the loop's, with their held-out fidelity); sensitivity (per node, on calibration windows: its local INT8
+            error, or with `QuantSettings.sensitivity="end-to-end"` the cosine deficit its
             exclusion removes); smoothquant (per smoothed tensor, the channel scale range);
             thresholds (calibrated |x| mapping to 127 per activation; QAT starts from these).
     """

@@ -142,7 +142,8 @@ def reduction_nodes(names: list[str], subsample: int = SUBSAMPLE) -> tuple[list[
 
 
 @contextlib.contextmanager
-def reduction_session(model: Any, names: list[str], options: Any = None, subsample: int = SUBSAMPLE) -> Iterator[Any]:
+def reduction_session(model: Any, names: list[str], options: Any = None, subsample: int = SUBSAMPLE,
+                      added: tuple | None = None) -> Iterator[Any]:
     """An ONNX Runtime CPU session of `model` plus `reduction_nodes`, returning only `OUTPUTS`.
 
     Args:
@@ -150,13 +151,16 @@ def reduction_session(model: Any, names: list[str], options: Any = None, subsamp
             copied) or the path of an ONNX file (its weights are read by ONNX Runtime only; a
             small copy of the graph is written beside it for the session's creation).
         names, subsample: as `reduction_nodes`. options: onnxruntime.SessionOptions or None.
+        added: other (groups, tail, initializers, outputs) in `reduction_nodes`' form, one group
+            per tensor of `names` (e.g. `compiler.quant.calibrate.channel_max_nodes`); the
+            session then returns their outputs.
     """
     import onnx
     import onnxruntime as ort
 
     from compiler.graph.onnx_io import ort_session
 
-    added = reduction_nodes(names, subsample)
+    added = added if added is not None else reduction_nodes(names, subsample)
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         light = onnx.load(str(path), load_external_data=False)

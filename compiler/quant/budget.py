@@ -4,13 +4,17 @@
 
 1. SmoothQuant (`compiler.passes.smoothquant.smooth`, when `QuantSettings.smoothquant_alpha` is
    set), on the per-channel maxima of the calibration windows
-   (`compiler.quant.calibrate.cached_channel_absmax`).
-2. Thresholds: `compiler.quant.calibrate.calibrate` on the (smoothed) FP32 graph.
+   (`compiler.quant.calibrate.cached_channel_absmax`, reduced inside the graph).
+2. Thresholds: with the default `max` method, read from the same channel maxima
+   (`compiler.quant.calibrate.thresholds_from_channels`, no second pass); other methods run
+   `compiler.quant.calibrate.calibrate` (ONNX Runtime's calibrators) on the (smoothed) graph.
 3. Placement: `compiler.passes.qdq.QdqPlacer`.
 4. Budget: cosine against FP32 on held-out text (never the calibration text), measured by
    `compiler.eval.fidelity.FidelityProbe`; while the cosine minimum is under `min_cosine`, the
-   most sensitive MatMul (measured: fidelity on calibration windows with only that node float)
-   is left unquantized.
+   most sensitive MatMul is left unquantized. Sensitivity (`QuantSettings.sensitivity`) is
+   measured once on calibration windows: `local` (default), each node's own INT8 error, all
+   nodes in one pass (`compiler.quant.local_error`); `end-to-end`, the output fidelity with only
+   that node float, one pass per node.
 
 Defaults, measured on MiniLM (128 calibration / 64 held-out WikiText-2 samples; SmoothQuant's
 alpha chosen on a third, disjoint slice; see `python -m benchmarks.int8_ptq`): `max` thresholds,
@@ -36,7 +40,8 @@ import numpy as np
 from compiler.eval.fidelity import FidelityProbe
 from compiler.passes.qdq import ExcludedNode, QdqPlacer, QuantReport
 from compiler.passes.smoothquant import smooth
-from compiler.quant.calibrate import cached_channel_absmax, calibrate, calibration_windows, window_set
+from compiler.quant.calibrate import (cached_channel_absmax, calibrate, calibration_windows, thresholds_from_channels,
+                                      window_feeds, window_set)
 from compiler.settings import QuantSettings
 
 __all__ = ["ExcludedNode", "QuantReport", "quantize_within_budget"]
@@ -55,6 +60,7 @@ class _Calibrated:
     windows: np.ndarray
     smooth_info: dict[str, Any]
     seconds: float
+    source: str = "onnxruntime calibrator"
 
 
 @dataclass
@@ -68,55 +74,65 @@ class _Loop:
     steps: list[dict[str, Any]] = field(default_factory=list)
     sensitivity: dict[str, float] = field(default_factory=dict)
     effects: dict[str, dict[str, float]] = field(default_factory=dict)
+    sensitivity_seconds: float | None = None
 
 
 def _met(fid: Mapping[str, Any], settings: QuantSettings) -> bool:
     return fid["cosine_min"] >= settings.min_cosine and fid["nonfinite_count"] == 0
 
 
-def _smoothed(fp32: Any, fp32_path: Path, windows: np.ndarray, calib_tokens: Any, input_names: list[str],
-              settings: QuantSettings, cache_dir: str | os.PathLike | None, tmp: str) -> tuple[Any, Path, dict]:
-    """Step 1: (smoothed ModelProto, its file in `tmp`, the report's `smoothquant` section)."""
+def _save(model: Any, path: Path) -> Path:
     import onnx
 
-    from compiler.graph.onnx_io import onnx_sha256, save_onnx
+    from compiler.graph.onnx_io import save_onnx
 
-    placer = QdqPlacer(fp32)
-    nodes = list(placer.model.graph.node)
-    acts = list(dict.fromkeys(nodes[m.index].input[m.activations[0]] for m in placer.matmuls
-                              if m.weight is not None and len(m.activations) == 1))
-    amax = cached_channel_absmax(fp32_path, onnx_sha256(fp32_path), windows, calib_tokens.key,
-                                 input_names, acts, cache_dir, settings.calib_batch_size)
-    smoothed, per_tensor = smooth(placer.model, amax, settings.smoothquant_alpha)
-    del placer
-    model_path = Path(tmp) / "model.smoothed.onnx"
     copy = onnx.ModelProto()
-    copy.CopyFrom(smoothed)
-    save_onnx(copy, model_path, external=True)
-    del copy
-    return smoothed, model_path, {"alpha": settings.smoothquant_alpha, "tensors": per_tensor}
+    copy.CopyFrom(model)
+    save_onnx(copy, path, external=True)
+    return path
 
 
 def _calibrated(fp32_path: Path, calib_tokens: Any, input_names: list[str], settings: QuantSettings,
                 cache_dir: str | os.PathLike | None) -> _Calibrated:
-    """Steps 1-2 (and the placer of step 3)."""
+    """Steps 1-2 (and the placer of step 3).
+
+    One pass over the calibration windows gives the per-channel max |x| of every tensor a
+    MatMul may quantize (`cached_channel_absmax`, reduced in the graph). SmoothQuant reads it;
+    with `method="max"` the thresholds are read from it too (`thresholds_from_channels`), so
+    ONNX Runtime's calibrator runs only for other methods, or for tensors the channel maxima do
+    not cover.
+    """
     import onnx
 
-    fp32 = onnx.load(str(fp32_path))
+    from compiler.graph.onnx_io import onnx_sha256
+
     windows = calibration_windows(calib_tokens, settings.calib_windows)
-    smooth_info: dict[str, Any] = {}
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="int8-smoothed.") as tmp:
-        model_path = fp32_path
-        if settings.smoothquant_alpha is not None:
-            fp32, model_path, smooth_info = _smoothed(fp32, fp32_path, windows, calib_tokens, input_names,
-                                                      settings, cache_dir, tmp)
-        placer = QdqPlacer(fp32)
-        del fp32
-        nodes = list(placer.model.graph.node)
-        wanted = list(dict.fromkeys(nodes[m.index].input[k] for m in placer.matmuls for k in m.activations))
-        scales = calibrate(model_path, calib_tokens, input_names, settings, cache_dir, tensors=wanted)
-    return _Calibrated(placer, scales, windows, smooth_info, round(time.perf_counter() - t0, 1))
+    placer = QdqPlacer(onnx.load(str(fp32_path)))
+    nodes = list(placer.model.graph.node)
+    single = list(dict.fromkeys(nodes[m.index].input[m.activations[0]] for m in placer.matmuls
+                                if m.weight is not None and len(m.activations) == 1))
+    every = list(dict.fromkeys(nodes[m.index].input[k] for m in placer.matmuls for k in m.activations))
+    wanted_channels = every if settings.method == "max" else single if settings.smoothquant_alpha is not None else []
+    amax = (cached_channel_absmax(fp32_path, onnx_sha256(fp32_path), windows, calib_tokens.key, input_names,
+                                  wanted_channels, cache_dir, settings.calib_batch_size) if wanted_channels else {})
+    smooth_info: dict[str, Any] = {}
+    if settings.smoothquant_alpha is not None:
+        smoothed, per_tensor = smooth(placer.model, {t: amax[t] for t in single}, settings.smoothquant_alpha)
+        smooth_info = {"alpha": settings.smoothquant_alpha, "tensors": per_tensor}
+        placer = QdqPlacer(smoothed)
+        del smoothed
+    nodes = list(placer.model.graph.node)
+    wanted = list(dict.fromkeys(nodes[m.index].input[k] for m in placer.matmuls for k in m.activations))
+    scales = thresholds_from_channels(placer.model, wanted, amax) if settings.method == "max" else {}
+    missing = [t for t in wanted if t not in scales]
+    if missing:
+        with tempfile.TemporaryDirectory(prefix="int8-smoothed.") as tmp:
+            path = _save(placer.model, Path(tmp) / "model.smoothed.onnx") if smooth_info else fp32_path
+            scales.update(calibrate(path, calib_tokens, input_names, settings, cache_dir, tensors=missing))
+    source = ("channel maxima (in-graph)" if not missing else
+              "onnxruntime calibrator" if len(missing) == len(wanted) else "channel maxima + onnxruntime calibrator")
+    return _Calibrated(placer, scales, windows, smooth_info, round(time.perf_counter() - t0, 1), source)
 
 
 def _variants(cal: _Calibrated, settings: QuantSettings, precision: Any) -> Variant:
@@ -134,32 +150,67 @@ def _variants(cal: _Calibrated, settings: QuantSettings, precision: Any) -> Vari
     return variant
 
 
-def _exclude_until_met(variant: Variant, heldout: FidelityProbe, probe: Callable[[], FidelityProbe],
-                       settings: QuantSettings) -> _Loop:
+Rank = Callable[[Any, QuantReport], "tuple[dict[str, float], Callable[[str], str]]"]
+
+
+def _rank_end_to_end(variant: Variant, probe: Callable[[], FidelityProbe]) -> Rank:
+    """Sensitivity `end-to-end`: for each quantized node, the mean cosine deficit (1 - cosine)
+    on `probe()` (calibration windows) removed by leaving only it float; one pass per node."""
+
+    def rank(model: Any, report: QuantReport) -> tuple[dict[str, float], Callable[[str], str]]:
+        from tqdm import tqdm
+
+        calib = probe()
+        base = calib.score(model).deficit_mean
+        scores = {name: base - calib.score(variant({name: "probe"})[0]).deficit_mean
+                  for name in tqdm(report.quantized_nodes, desc="INT8 sensitivity", unit="node", disable=None,
+                                   leave=False)}
+        n = calib.samples["heldout"]
+        return scores, lambda name: (f"float removes {scores[name]:.3g} of the mean cosine deficit {base:.3g} "
+                                     f"on {n} calibration windows")
+
+    return rank
+
+
+def _rank_local(cal: _Calibrated, settings: QuantSettings, input_names: list[str]) -> Rank:
+    """Sensitivity `local`: each quantized node's relative INT8 error on FP32 inputs, all nodes
+    in one pass over `sensitivity_samples` calibration windows (`compiler.quant.local_error`)."""
+
+    def rank(model: Any, report: QuantReport) -> tuple[dict[str, float], Callable[[str], str]]:
+        from compiler.quant.local_error import local_errors
+
+        qdq = cal.placer.call(cal.scales, settings).model  # FP32 + Q/DQ: the INT8 error alone
+        windows = cal.windows[: settings.sensitivity_samples]
+        b = settings.calib_batch_size
+        feeds = (window_feeds(windows[s:s + b], input_names) for s in range(0, len(windows), b))
+        scores = local_errors(cal.placer.model, qdq, report.quantized_nodes, feeds)
+        return scores, lambda name: (f"local INT8 error {scores[name]:.3g} (relative, FP32 inputs, "
+                                     f"{len(windows)} calibration windows), the largest still quantized")
+
+    return rank
+
+
+def _exclude_until_met(variant: Variant, heldout: FidelityProbe, rank: Rank, settings: QuantSettings) -> _Loop:
     """Step 4: measure all-INT8; while the budget fails, leave the most sensitive node float.
 
-    Sensitivity is measured once, on `probe()` (calibration windows, never held-out text): for
-    each quantized node, the mean cosine deficit (1 - cosine) removed by leaving only it float.
+    Sensitivity is measured once (`rank`, on calibration windows, never held-out text); the
+    held-out budget is measured again after each node left float.
     """
     model, report = variant({})
     loop = _Loop(model, report, heldout.score(model).to_dict())
     loop.steps.append({"action": "start", "int8_mac_fraction": report.int8_mac_fraction, **loop.fid})
     if _met(loop.fid, settings) or settings.max_excluded <= 0:
         return loop
-    from tqdm import tqdm
-
-    calib = probe()
-    base = calib.score(model).to_dict()
-    for name in tqdm(report.quantized_nodes, desc="INT8 sensitivity", unit="node", disable=None, leave=False):
-        loop.sensitivity[name] = base["deficit_mean"] - calib.score(variant({name: "probe"})[0]).deficit_mean
+    t0 = time.perf_counter()
+    loop.sensitivity, why = rank(model, report)
+    loop.sensitivity_seconds = round(time.perf_counter() - t0, 1)
     for name in sorted(loop.sensitivity, key=loop.sensitivity.get, reverse=True):
         if _met(loop.fid, settings) or len(loop.excluded) >= settings.max_excluded:
             break
-        loop.excluded[name] = (f"float removes {loop.sensitivity[name]:.3g} of the mean cosine deficit "
-                               f"{base['deficit_mean']:.3g} on {calib.samples['heldout']} calibration windows")
+        loop.excluded[name] = why(name)
         loop.model, loop.report = variant(loop.excluded)
         loop.fid = heldout.score(loop.model).to_dict()
-        loop.effects[name] = {"calib_deficit_removed": loop.sensitivity[name],
+        loop.effects[name] = {"sensitivity": loop.sensitivity[name],
                               "heldout_cosine_min_after": loop.fid["cosine_min"],
                               "heldout_cosine_mean_after": loop.fid["cosine_mean"],
                               "int8_mac_fraction_after": loop.report.int8_mac_fraction}
@@ -175,13 +226,16 @@ def _fill_report(report: QuantReport, loop: _Loop, cal: _Calibrated, calib_token
         e.effect = loop.effects.get(e.name)
     fid = loop.fid
     report.calibration = {"windows": int(cal.windows.shape[0]), "window_tokens": int(cal.windows.shape[1]),
-                          "samples": len(calib_tokens), "tensors": len(cal.scales), "seconds": cal.seconds}
+                          "samples": len(calib_tokens), "tensors": len(cal.scales), "seconds": cal.seconds,
+                          "thresholds_from": cal.source}
     report.fidelity = {**fid, "heldout_samples": len(heldout_tokens),
                        "graph": "hybrid + INT8 (FP16 emulation)" if precision is not None else "FP32 + INT8 Q/DQ",
                        "reference": "FP32 graph, ONNX Runtime CPU"}
     report.budget = {"min_cosine": settings.min_cosine, "met": _met(fid, settings),
                      "excluded_by_budget": len(loop.excluded), "max_excluded": settings.max_excluded,
-                     "heldout_evaluations": heldout.evaluations, "seconds": round(time.perf_counter() - start, 1)}
+                     "heldout_evaluations": heldout.evaluations,
+                     "sensitivity": settings.sensitivity, "sensitivity_seconds": loop.sensitivity_seconds,
+                     "seconds": round(time.perf_counter() - start, 1)}
     report.steps = loop.steps
     report.sensitivity = dict(sorted(loop.sensitivity.items(), key=lambda kv: -kv[1]))
     report.smoothquant = cal.smooth_info
@@ -198,16 +252,18 @@ def quantize_within_budget(fp32_path: str | os.PathLike, calib_tokens: Any, held
     1. SmoothQuant (when `settings.smoothquant_alpha` is set): per-channel max |x| of every
        weight MatMul's input over the calibration windows, then `smooth`; the smoothed FP32
        graph computes the same function and is what gets calibrated and quantized.
-    2. Thresholds: `calibrate` over `calib_tokens` (cached).
+    2. Thresholds: `max` from the channel maxima of step 1 (one pass over the windows, cached);
+       other methods from `calibrate` over `calib_tokens` (cached).
     3. Placement: `QdqPlacer` with `settings`.
     4. Budget: per-sample cosine of the first output vs the original FP32 graph on
        `heldout_tokens` (which must not overlap the calibration text); met when cosine_min >=
        `settings.min_cosine` and no output is non-finite.
     5. While not met and fewer than `max_excluded` nodes are excluded: sensitivity is measured
-       once, on `sensitivity_samples` calibration windows (never held-out text): for each
-       quantized node, the mean cosine deficit (1 - cosine) removed by leaving only that node
-       float. The most sensitive node not yet excluded is left float, and the held-out budget
-       measured again.
+       once, on `sensitivity_samples` calibration windows (never held-out text): `local`, each
+       quantized node's relative INT8 error on FP32 inputs (one pass for all nodes);
+       `end-to-end`, the mean cosine deficit (1 - cosine) removed by leaving only that node
+       float (one pass per node). The most sensitive node not yet excluded is left float, and
+       the held-out budget measured again.
 
     Args:
         fp32_path: the FP32 ONNX file (opset >= 19).
@@ -239,7 +295,9 @@ def quantize_within_budget(fp32_path: str | os.PathLike, calib_tokens: Any, held
         windows = window_set(cal.windows[: settings.sensitivity_samples], f"{calib_tokens.key}-windows")
         return FidelityProbe.on_tokens(fp32_path, windows, input_names, output_names[0], batch_size)
 
-    loop = _exclude_until_met(variant, heldout, probe, settings)
+    rank = (_rank_local(cal, settings, input_names) if settings.sensitivity == "local"
+            else _rank_end_to_end(variant, probe))
+    loop = _exclude_until_met(variant, heldout, rank, settings)
     model, report = loop.model, loop.report
     if precision is not None:  # the returned graph is the FP32 + Q/DQ one
         placed = cal.placer.call(cal.scales, settings, exclude_nodes=loop.excluded)

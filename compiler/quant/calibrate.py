@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -314,10 +314,99 @@ def channel_absmax(model: Any, windows: np.ndarray, input_names: list[str], tens
     return {t: v.astype(np.float32) for t, v in out.items()}
 
 
+def channel_max_nodes(names: list[str], opset: int) -> tuple[list[list[Any]], list[Any], list[Any], list[Any]]:
+    """Nodes that reduce each tensor x of `names` to max |x| per last-axis channel, in the graph.
+
+    Per tensor: Reshape(Abs(x), [-1, channels]) -> ReduceMax(axis 0) -> `__chmax<i>` (channels,)
+    float32; the form of `compiler.passes.reduced_stats.reduction_nodes` (groups, tail,
+    initializers, outputs), so `reduction_session` places each group right after its producer.
+    A NaN in x may be skipped (ONNX Runtime's ReduceMax); the NumPy path (`channel_absmax`)
+    propagates it.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array([-1], np.int64), "__chmax_flat"),
+             numpy_helper.from_array(np.array([0], np.int64), "__chmax_axis0")]
+    groups, outputs = [], []
+    for i, t in enumerate(names):
+        p, out = f"__chmax{i}_", f"__chmax{i}"
+        reduce = (helper.make_node("ReduceMax", [p + "2d", "__chmax_axis0"], [out], keepdims=0) if opset >= 18
+                  else helper.make_node("ReduceMax", [p + "2d"], [out], axes=[0], keepdims=0))
+        groups.append([helper.make_node("Abs", [t], [p + "abs"]),
+                       helper.make_node("Shape", [t], [p + "last"], start=-1),
+                       helper.make_node("Concat", ["__chmax_flat", p + "last"], [p + "shape"], axis=0),
+                       helper.make_node("Reshape", [p + "abs", p + "shape"], [p + "2d"]), reduce])
+        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+    return groups, [], inits, outputs
+
+
+def channel_absmax_in_graph(model: Any, windows: np.ndarray, input_names: list[str], tensors: list[str],
+                            batch_size: int = 8) -> dict[str, np.ndarray]:
+    """`channel_absmax` reduced inside the graph: only (channels,) vectors leave ONNX Runtime.
+
+    Same arguments and result as `channel_absmax` (equal to it exactly on finite activations:
+    tests/quant/test_calibrate.py); each reduction runs right after its tensor's producer
+    (`ExecutionOrder.PRIORITY_BASED`), so a run holds about a plain inference's memory.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from compiler.passes.reduced_stats import reduction_session
+
+    light = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, os.PathLike)) else model
+    opset = next((o.version for o in light.opset_import if o.domain in ("", "ai.onnx")), 0)
+    added = channel_max_nodes(tensors, opset)
+    names = [o.name for o in added[3]]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    out: dict[str, np.ndarray] = {}
+    with reduction_session(model, tensors, opts, added=added) as sess:
+        for s in range(0, len(windows), batch_size):
+            for t, m in zip(tensors, sess.run(names, window_feeds(windows[s:s + batch_size], input_names))):
+                out[t] = m if t not in out else np.maximum(out[t], m)
+    return {t: v.astype(np.float32) for t, v in out.items()}
+
+
+def thresholds_from_channels(model: Any, tensors: list[str], amax: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """`max` thresholds (max |x| per tensor) read from per-channel maxima, without another pass.
+
+    A tensor with channel maxima gives their max. A SmoothQuant output x / s (a `Mul` named
+    `<x>_SmoothQuant` by `compiler.passes.smoothquant.smooth`, reading x and the constant 1/s)
+    gives max_j(amax_x[j] * (1/s)[j]) in float32, which is max |x / s| exactly when x's values
+    are those the maxima were measured on (in the smoothed graph x differs from the FP32
+    graph's by float rounding: relative 1e-6, tests/quant/test_calibrate.py).
+
+    Args:
+        model: the graph the thresholds are for (onnx.ModelProto, smoothed or not).
+        tensors: activation tensors wanted.
+        amax: {tensor: (channels,) float32} from `channel_absmax_in_graph` on the FP32 graph.
+
+    Returns:
+        {tensor: threshold >= 0} for the tensors it can read; the others are left out (calibrate
+        them with `calibrate`).
+    """
+    from onnx import numpy_helper
+
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for t in tensors:
+        if t in amax:
+            out[t] = float(np.max(amax[t]))
+            continue
+        n = made_by.get(t)
+        if (n is not None and n.op_type == "Mul" and n.name.endswith("_SmoothQuant") and n.input[0] in amax
+                and n.input[1] in inits):
+            inv = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+            out[t] = float(np.max(amax[n.input[0]].astype(np.float32) * inv))
+    return out
+
+
 def cached_channel_absmax(model: Any, graph_sha256: str, windows: np.ndarray, tokens_key: str,
                           input_names: list[str], tensors: list[str], cache_dir: str | os.PathLike | None,
                           batch_size: int = 8) -> dict[str, np.ndarray]:
-    """`channel_absmax`, reused from `<cache_dir>/int8-channels-<key>.npz` when unchanged.
+    """`channel_absmax_in_graph`, reused from `<cache_dir>/int8-channels-<key>.npz` when unchanged.
 
     Args:
         model, windows, input_names, tensors, batch_size: as `channel_absmax`.
@@ -333,12 +422,12 @@ def cached_channel_absmax(model: Any, graph_sha256: str, windows: np.ndarray, to
 
     key = settings_hash("int8-channel-absmax-v1", graph_sha256, tokens_key, list(windows.shape), sorted(tensors))
     if not cache_dir:
-        return channel_absmax(model, windows, input_names, tensors, batch_size)
+        return channel_absmax_in_graph(model, windows, input_names, tensors, batch_size)
     path = Path(cache_dir) / f"int8-channels-{key[:32]}.npz"
     amax: dict[str, np.ndarray] = {}
 
     def compute() -> None:
-        amax.update(channel_absmax(model, windows, input_names, tensors, batch_size))
+        amax.update(channel_absmax_in_graph(model, windows, input_names, tensors, batch_size))
         arrays = {f"t{i}": amax[t] for i, t in enumerate(tensors)}
         arrays["__names__"] = np.array(json.dumps(tensors))
 

@@ -9,6 +9,7 @@ from typing import Any
 
 PRECISION_MODES = ("fp32", "fp16", "hybrid", "auto", "int8", "int8-qat")
 INT8_MODES = ("int8", "int8-qat")
+SENSITIVITY_METHODS = ("local", "end-to-end")
 FLOAT_MODES = ("fp32", "fp16", "hybrid")  # what runs outside Q/DQ in an INT8 variant
 SPARSITY_PATTERNS = (None, "2:4")
 SPARSITY_METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -136,6 +137,10 @@ class DataSettings:
         min_words: lines with fewer whitespace-separated words are skipped (WikiText-2 has
             empty lines and `= Heading =` lines).
         batch_size: samples per inference batch (padded to the longest in the batch).
+        profile_max_rows: windows of real text verified at the optimization profile's max
+            sequence length (None: the profile's max batch). The CPU references compute each
+            window on its own, so more rows repeat the check on more text, not at another shape;
+            BERT-large at 32 x 512 costs ~4x the 8 x 512 check in verify.
         cache_dir: where tokenized sets, activation statistics and INT8 thresholds are cached
             by content hash. None: `<BuildSettings.output_dir>/cache` inside a `BuildSettings`
             (beside the artifacts, never in the code folder), no cache when used alone. Where
@@ -151,12 +156,15 @@ class DataSettings:
     max_length: int = 128
     min_words: int = 8
     batch_size: int = 8
+    profile_max_rows: int | None = field(default=8, metadata={"hash": False})  # verify only: no artifact
     cache_dir: str | None = field(default=None, metadata={"hash": False})  # where, not what
 
     def __post_init__(self) -> None:
         if (self.samples < 1 or self.calib_samples < 1 or self.train_samples < 1 or self.max_length < 2
                 or self.batch_size < 1):
             raise ValueError("samples, calib_samples, train_samples, batch_size must be >= 1 and max_length >= 2")
+        if self.profile_max_rows is not None and self.profile_max_rows < 1:
+            raise ValueError(f"profile_max_rows={self.profile_max_rows}: expected None (all) or >= 1")
         paths = self.train_path
         paths = () if paths is None else (paths,) if isinstance(paths, str) else tuple(str(p) for p in paths)
         if len(paths) > self.train_samples:
@@ -194,6 +202,11 @@ class QuantSettings:
         calib_windows: calibration windows (None: one per calibration sample).
         calib_batch_size: windows per ONNX Runtime run during calibration.
         sensitivity_samples: calibration windows each sensitivity measurement runs on.
+        sensitivity: how the budget loop orders the MatMuls it may leave float. `local`: each
+            node's relative INT8 error on FP32 inputs, every node in one pass
+            (`compiler.quant.local_error`); `end-to-end`: the output's cosine deficit removed
+            by leaving only that node float, one pass per quantized node (BERT-large: over
+            an hour on 2 cores).
         float_mode: precision of everything not quantized (`hybrid`: FP16 with softmax and
             layer norm pinned to FP32; `fp16`; `fp32`).
         qat_fallback: `int8-qat` ships PTQ's graph (same placement) when the fine-tuned one
@@ -213,6 +226,7 @@ class QuantSettings:
     calib_windows: int | None = None
     calib_batch_size: int = 8
     sensitivity_samples: int = 16
+    sensitivity: str = "local"
     float_mode: str = "hybrid"
     qat_fallback: bool = field(default=True, metadata={"hash": "if-set"})  # PTQ keys unchanged
 
@@ -239,6 +253,8 @@ class QuantSettings:
             raise ValueError("calib_batch_size and sensitivity_samples must be >= 1")
         if self.float_mode not in FLOAT_MODES:
             raise ValueError(f"float_mode={self.float_mode!r}: expected one of {FLOAT_MODES}")
+        if self.sensitivity not in SENSITIVITY_METHODS:
+            raise ValueError(f"sensitivity={self.sensitivity!r}: expected one of {SENSITIVITY_METHODS}")
 
     def calibration_key(self) -> dict[str, Any]:
         """The settings that change calibrated thresholds (the cache key's share)."""

@@ -71,7 +71,7 @@ def test_budget_loop_leaves_the_sensitive_node_float(tmp_path):
     assert report.budget["met"] and report.fidelity["cosine_min"] >= 0.999
     assert [(e.name, e.reason) for e in report.excluded] == [("mm1", "sensitivity")]
     effect = report.excluded[0].effect
-    assert effect["heldout_cosine_min_after"] >= 0.999 and effect["calib_deficit_removed"] > 0.1
+    assert effect["heldout_cosine_min_after"] >= 0.999 and effect["sensitivity"] > 0.1
     assert report.sensitivity["mm1"] > report.sensitivity["mm2"]
     assert report.quantized_nodes == ["mm2"] and 0 < report.int8_mac_fraction < 1
     assert dequantized_inputs(model, "mm1") == [] and dequantized_inputs(model, "mm2") == [0, 1]
@@ -90,7 +90,7 @@ def test_budget_loop_excludes_the_most_sensitive_node_first(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(fp32, path)
     calib = ragged_ids(16, 4)
-    settings = QuantSettings(smoothquant_alpha=None, min_cosine=0.9999)
+    settings = QuantSettings(smoothquant_alpha=None, min_cosine=0.9999, sensitivity="end-to-end")
     _, report = quantize_within_budget(path, calib, ragged_ids(8, 5), IDS, OUT, settings, None, batch_size=4)
     windows = calibration_windows(calib)[: settings.sensitivity_samples]
     qdq = lambda exclude: insert_qdq(fp32, report.thresholds, settings, exclude_nodes=exclude)[0]  # noqa: E731
@@ -103,7 +103,8 @@ def test_budget_loop_excludes_the_most_sensitive_node_first(tmp_path):
     assert report.budget["met"] and report.budget["excluded_by_budget"] == 2 and report.quantized_matmuls == 0
 
     _, capped = quantize_within_budget(path, calib, ragged_ids(8, 5), IDS, OUT,
-                                       QuantSettings(smoothquant_alpha=None, min_cosine=0.9999, max_excluded=1),
+                                       QuantSettings(smoothquant_alpha=None, min_cosine=0.9999, max_excluded=1,
+                                                     sensitivity="end-to-end"),
                                        None, batch_size=4)
     assert [e.name for e in capped.excluded] == ["mm2"] and capped.quantized_nodes == ["mm1"]
     assert not capped.budget["met"] and capped.fidelity["cosine_min"] == report.steps[1]["cosine_min"]
@@ -146,18 +147,19 @@ def test_minilm_int8_within_budget_on_heldout_text(minilm19, tmp_path, monkeypat
     assert len(report.smoothquant["tensors"]) == 25  # 6 x (QKV input, O input, FFN1 input, FFN2 input) + pooler
     onnx.checker.check_model(model, full_check=True)
     assert len([n for n in model.graph.node if n.op_type == "QuantizeLinear"]) == report.activation_qdq == 25
-    # the thresholds and channel maxima of this run were cached: the same call reuses both,
-    # running neither the calibrator nor the channel statistics, and gives the same graph
-    (thresholds,) = tmp_path.glob("int8-*.json")
+    # `max` thresholds come from the channel maxima (one pass, cached): no calibrator pass, no
+    # thresholds file; the same call reuses the maxima and gives the same graph
+    assert report.calibration["thresholds_from"] == "channel maxima (in-graph)"
+    assert list(tmp_path.glob("int8-*.json")) == []
     (channels,) = tmp_path.glob("int8-channels-*.npz")
-    stamps = thresholds.stat().st_mtime_ns, channels.stat().st_mtime_ns
+    stamp = channels.stat().st_mtime_ns
 
     def refuse(*args, **kwargs):
         raise AssertionError("a cached statistic was computed again")
 
     monkeypatch.setattr(C, "run_calibrator", refuse)
-    monkeypatch.setattr(C, "channel_absmax", refuse)
+    monkeypatch.setattr(C, "channel_absmax_in_graph", refuse)
     again, second = quantize_within_budget(path, calib, heldout, names, outputs, QuantSettings(), tmp_path)
-    assert (thresholds.stat().st_mtime_ns, channels.stat().st_mtime_ns) == stamps
+    assert channels.stat().st_mtime_ns == stamp
     assert second.thresholds == report.thresholds and second.fidelity == report.fidelity
     assert again.SerializeToString() == model.SerializeToString()

@@ -15,7 +15,7 @@ from calibration import TokenizedSet, load_texts, tokenized_set
 from compiler.errors import DataError
 from compiler.quant import calibrate as C
 from compiler.quant.calibrate import (cached_channel_absmax, calibrate, calibration_windows, channel_absmax,
-                                      window_feeds, window_set)
+                                      channel_absmax_in_graph, thresholds_from_channels, window_feeds, window_set)
 from compiler.settings import DataSettings, ExportSettings, QuantSettings
 from tests.models import f32, make_model, minilm
 
@@ -177,7 +177,7 @@ def test_channel_absmax_matches_numpy_and_its_cache_reuses(tmp_path, monkeypatch
     def refuse(*args, **kwargs):
         raise AssertionError("channel_absmax ran again")
 
-    monkeypatch.setattr(C, "channel_absmax", refuse)
+    monkeypatch.setattr(C, "channel_absmax_in_graph", refuse)
     again = cached_channel_absmax(path, "sha-1", windows, "tokens", IDS, ["x", "h"], cache)
     assert list(again) == ["x", "h"] and stored.stat().st_mtime_ns == stamp
     for t in ("x", "h"):
@@ -185,6 +185,43 @@ def test_channel_absmax_matches_numpy_and_its_cache_reuses(tmp_path, monkeypatch
         np.testing.assert_allclose(again[t], expect[t], rtol=1e-5)
     with pytest.raises(AssertionError, match="ran again"):  # another graph hash: a new key
         cached_channel_absmax(path, "sha-2", windows, "tokens", IDS, ["x", "h"], cache)
+
+
+def test_in_graph_channel_maxima_equal_numpys_and_give_the_max_thresholds(tmp_path):
+    """The in-graph reduction returns exactly the NumPy path's channel maxima (both from ONNX
+    Runtime's activations), and the `max` thresholds read from them equal ONNX Runtime's MinMax
+    calibrator's exactly; after SmoothQuant, the thresholds of x / s agree with the calibrator run
+    on the smoothed graph to float rounding."""
+    from compiler.passes.smoothquant import smooth
+
+    emb = rng.standard_normal((64, 8)).astype(np.float32)
+    emb[:, 3] *= 40.0  # an outlier channel for SmoothQuant
+    w1 = rng.standard_normal((8, 8)).astype(np.float32)
+    model = ids_model(emb, w1, rng.standard_normal((8, 8)).astype(np.float32))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    tokens = ragged_ids(16, 6)
+    windows = calibration_windows(tokens)
+    for source in (model, path):
+        got = channel_absmax_in_graph(source, windows, IDS, ["x", "h"], batch_size=3)
+        ref = channel_absmax(source, windows, IDS, ["x", "h"], batch_size=3)
+        for t in ("x", "h"):
+            assert got[t].shape == (8,) and got[t].dtype == np.float32
+            np.testing.assert_array_equal(got[t], ref[t])
+    assert [o.name for o in model.graph.output] == ["last_hidden_state"]  # the nodes were removed again
+
+    amax = channel_absmax_in_graph(path, windows, IDS, ["x", "h"])
+    assert thresholds_from_channels(model, ["x", "h"], amax) == calibrate(path, tokens, IDS, QuantSettings(), None)
+
+    smoothed, info = smooth(model, {"x": amax["x"]}, 0.8)
+    assert "x" in info
+    spath = tmp_path / "smoothed.onnx"
+    onnx.save(smoothed, spath)
+    derived = thresholds_from_channels(smoothed, ["x_smoothed", "h", "nothing"], amax)
+    assert set(derived) == {"x_smoothed", "h"}  # a tensor without maxima is left to the calibrator
+    measured = calibrate(spath, tokens, IDS, QuantSettings(), None, tensors=["x_smoothed", "h"])
+    assert derived == pytest.approx(measured, rel=1e-5)
+    assert derived["x_smoothed"] < 0.5 * derived.get("x", amax["x"].max())  # the outlier was divided down
 
 
 # --------------------------------------------------------------------------------------------
