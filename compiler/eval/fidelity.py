@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -27,6 +28,7 @@ from compiler.eval.fp16_reference import REFERENCE_NAME, fp16_emulation, has_fp1
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray]  # (feeds of (batch, sequence) int64, valid lengths (batch,))
 ORT_FP32_NAME = "onnxruntime CPU (FP32 graph)"
+REFERENCE_CACHE_MAX_MIB = 256  # larger reference outputs (per set and output) are not cached
 
 
 def valid_positions(x: np.ndarray, i: int, length: int) -> np.ndarray:
@@ -158,32 +160,37 @@ class FidelityProbe:
         output_names: outputs to compare; the first is the headline (cosine, error).
         sets: {set name: (feeds, lengths) batches}, e.g. {"real": tokens.batches(8, names)}.
             Each iterable is read once, here.
+        cache_dir: with a `reference` path, each set's reference outputs are kept in
+            `<cache_dir>/fp32-outputs-<key>.npz`, key = sha256 over the graph file(s), the output
+            name, the set's feeds (names, shapes, bytes) and the ONNX Runtime version: the
+            `auto` budget, the INT8 budget and verify run the FP32 graph on the same held-out
+            batches, and the second one reads them back. Outputs over `REFERENCE_CACHE_MAX_MIB`
+            per set are not cached. None: no cache.
 
     Attributes:
         samples: {set name: samples}. evaluations: variants measured so far.
+        reused: set names whose reference outputs came from the cache.
 
     Raises:
         ValueError: no set, or a set without a sample.
     """
 
-    def __init__(self, reference: Any, output_names: list[str], sets: Mapping[str, Iterable[Batch]]) -> None:
+    def __init__(self, reference: Any, output_names: list[str], sets: Mapping[str, Iterable[Batch]],
+                 cache_dir: str | None = None) -> None:
         self.output_names = list(output_names)
         self.batches = {name: list(b) for name, b in sets.items()}
         if not self.batches or not all(self.batches.values()):
             raise ValueError(f"FidelityProbe needs at least one non-empty input set, got {list(self.batches)}")
-        ref = session(reference, faithful_fp16=False)
-        self.reference = {name: [ref.run(self.output_names, feeds) for feeds, _ in batches]
-                          for name, batches in self.batches.items()}
-        del ref
+        self.reference, self.reused = _reference_outputs(reference, self.output_names, self.batches, cache_dir)
         self.samples = {name: int(sum(len(n) for _, n in b)) for name, b in self.batches.items()}
         self.evaluations = 0
 
     @classmethod
     def on_tokens(cls, reference: Any, tokens: Any, input_names: list[str], output_name: str,
-                  batch_size: int) -> FidelityProbe:
+                  batch_size: int, cache_dir: str | None = None) -> FidelityProbe:
         """A probe of one output over one token set (`calibration.TokenizedSet`), the set named
         "heldout": what the accuracy budgets use."""
-        return cls(reference, [output_name], {"heldout": tokens.batches(batch_size, input_names)})
+        return cls(reference, [output_name], {"heldout": tokens.batches(batch_size, input_names)}, cache_dir)
 
     def session_for(self, variant: Any, optimize: bool = False, consume: bool = False) -> Any:
         """The ONNX Runtime session a variant (ModelProto) runs on: the faithful FP16 reference
@@ -259,3 +266,68 @@ def reference_name(variant: Any, optimize: bool = False) -> str:
         return REFERENCE_NAME
     return ORT_FP32_NAME if optimize else "onnxruntime CPU (graph optimizations off)"
 
+
+
+def _set_digest(batches: list[Batch]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for feeds, lengths in batches:
+        for name in sorted(feeds):
+            a = np.ascontiguousarray(feeds[name])
+            h.update(f"{name}:{a.dtype}:{a.shape}".encode())
+            h.update(a.tobytes())
+        h.update(np.asarray(lengths, np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _reference_outputs(reference: Any, output_names: list[str], sets: Mapping[str, list[Batch]],
+                       cache_dir: str | None) -> tuple[dict[str, list[list[np.ndarray]]], list[str]]:
+    """{set: [per batch: [per output: array]]} of the FP32 reference, read from the cache where a
+    content key shows them unchanged (see `FidelityProbe`); the names of the sets reused."""
+    import os
+
+    from compiler.artifacts import atomic_write, read_key, write_key
+
+    paths: dict[str, list[tuple[Any, str]]] = {}
+    if cache_dir and isinstance(reference, (str, os.PathLike)):
+        import onnxruntime
+
+        from compiler.graph.onnx_io import onnx_sha256
+        from compiler.settings import settings_hash
+
+        graph = onnx_sha256(reference)
+        for name, batches in sets.items():
+            digest = _set_digest(batches)
+            keys = [settings_hash("fp32-reference-outputs-v1", graph, o, digest, onnxruntime.__version__)
+                    for o in output_names]
+            paths[name] = [(Path(cache_dir) / f"fp32-outputs-{k[:32]}.npz", k) for k in keys]
+    out: dict[str, list[list[np.ndarray]]] = {}
+    reused = []
+    for name, entries in paths.items():
+        if all(read_key(p) == k for p, k in entries):
+            per_output = []
+            for p, _ in entries:
+                with np.load(p) as z:
+                    per_output.append([z[f"b{i}"] for i in range(len(sets[name]))])
+            out[name] = [list(row) for row in zip(*per_output)]
+            reused.append(name)
+    todo = [name for name in sets if name not in out]
+    if todo:
+        ref = session(reference, faithful_fp16=False)
+        for name in todo:
+            out[name] = [ref.run(output_names, feeds) for feeds, _ in sets[name]]
+            for k_out, (p, key) in enumerate(paths.get(name, [])):
+                arrays = {f"b{i}": batch[k_out] for i, batch in enumerate(out[name])}
+                if sum(a.nbytes for a in arrays.values()) > REFERENCE_CACHE_MAX_MIB << 20:
+                    continue  # e.g. LM logits over a 50k vocabulary: recomputing beats the disk
+
+                def write(tmp: Path, arrays: dict = arrays) -> None:
+                    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+                        np.savez(f, **arrays)
+
+                p.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(p, write)
+                write_key(p, key)
+        del ref
+    return {name: out[name] for name in sets}, reused

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str], tokens: Any,
                    batch_size: int, vocab_size: int, seed: int = 0,
-                   edges: Mapping[str, list[Batch]] | None = None) -> dict[str, Any]:
+                   edges: Mapping[str, list[Batch]] | None = None, cache_dir: str | None = None) -> dict[str, Any]:
     """Fidelity of `variant_model` against `fp32_model` on real text and on random token ids.
 
     Args:
@@ -36,6 +36,8 @@ def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str],
         seed: RNG seed of the random ids.
         edges: more input sets by name, e.g. {"profile_max": [one batch at the optimization
             profile's max batch x max sequence]}: real text at the shapes the engine must serve.
+        cache_dir: where the FP32 reference outputs are cached when `fp32_model` is a path
+            (`FidelityProbe`; the `auto` and INT8 budgets ran the same held-out batches).
 
     Returns:
         {"real": Fidelity.report(), "random": Fidelity.report(), <each edge set>: the same,
@@ -48,7 +50,7 @@ def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str],
     probe = FidelityProbe(fp32_model, output_names,
                           {"real": tokens.batches(batch_size, names),
                            "random": tokens.batches(batch_size, names, rng=rng, vocab_size=vocab_size),
-                           **(edges or {})})
+                           **(edges or {})}, cache_dir)
     engine = reference_name(variant_model, optimize=True)
     result = probe.measure(variant_model, optimize=True, consume=True)
     return {**{name: f.report() for name, f in result.items()}, "reference": engine}

@@ -278,7 +278,7 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
     pins: Pins = {**init_pins, **overflow}
     fixed = set(pins)  # measured hazards: never tried back in FP16
     probe = FidelityProbe.on_tokens(fp32_path or fp32_model, heldout_tokens, input_names, output_names[0],
-                                    batch_size)
+                                    batch_size, cache_dir)
     evaluate = Evaluator(None if fp32_path else fp32_model, fp32_path, settings, probe)
     sens_batches = list(calib_tokens.batches(1, input_names))[: settings.sensitivity_samples]
 

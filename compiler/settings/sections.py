@@ -141,8 +141,8 @@ class DataSettings:
             sequence length (None: the profile's max batch). The CPU references compute each
             window on its own, so more rows repeat the check on more text, not at another shape;
             BERT-large at 32 x 512 costs ~4x the 8 x 512 check in verify.
-        cache_dir: where tokenized sets, activation statistics and INT8 thresholds are cached
-            by content hash. None: `<BuildSettings.output_dir>/cache` inside a `BuildSettings`
+        cache_dir: where tokenized sets, activation statistics, INT8 thresholds and FP32 reference
+            outputs are cached by content hash. None: `<BuildSettings.output_dir>/cache` inside a `BuildSettings`
             (beside the artifacts, never in the code folder), no cache when used alone. Where
             the caches lie does not change what they hold, so it is left out of cache keys.
     """

@@ -69,7 +69,7 @@ def stage_verify(settings: BuildSettings, export: ExportResult, precision: Preci
                                    generate={"prompt_tokens": 16, "new_tokens": 16})
     fidelity = verify_variant(export.onnx, load_onnx(precision.onnx, check=False), export.output_names,
                               tokens.heldout, data.batch_size, export.loaded.vocab_size, settings.model.seed,
-                              edges={"profile_max": edge})
+                              edges={"profile_max": edge}, cache_dir=data.cache_dir)
     longest = max(len(x) for x in tokens.heldout.input_ids)
     fidelity["shapes_verified"] = {"real": [min(data.batch_size, len(tokens.heldout)), longest],
                                    "random": [min(data.batch_size, len(tokens.heldout)), longest],

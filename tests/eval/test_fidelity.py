@@ -121,3 +121,35 @@ def test_fp16_variant_runs_on_the_emulation():
     batches = [({"input_ids": np.array([[2049, 1]], np.int64)}, np.array([2]))]
     p = FidelityProbe(ids_model(), ["Y"], {"set": batches})
     assert p.score(ids_model(fp16=True)).max_abs_err == 1.0
+
+
+def test_reference_outputs_are_cached_by_graph_feeds_and_output(tmp_path, monkeypatch):
+    """With a graph file and a cache folder, a second probe over the same batches reads the FP32
+    outputs back (no reference session is opened) and measures the same; other feeds, another
+    output or another graph file are computed anew. A ModelProto reference is never cached."""
+    import onnx
+
+    from compiler.eval import fidelity as F
+
+    path, cache = tmp_path / "ref.onnx", tmp_path / "cache"
+    onnx.save(ids_model(), path)
+    first = FidelityProbe(path, ["Y", "P"], {"a": IDS_BATCHES, "b": IDS_BATCHES[1:]}, str(cache))
+    assert first.reused == [] and len(list(cache.glob("fp32-outputs-*.npz"))) == 4  # 2 sets x 2 outputs
+    want = first.measure(ids_model(scale=2.0))
+
+    opened = []
+    real_session = F.session
+    monkeypatch.setattr(F, "session", lambda *a, **k: opened.append(a) or real_session(*a, **k))
+    again = FidelityProbe(path, ["Y", "P"], {"a": IDS_BATCHES, "b": IDS_BATCHES[1:]}, str(cache))
+    assert again.reused == ["a", "b"] and opened == []
+    got = again.measure(ids_model(scale=2.0))
+    assert {k: v.report() | {"seconds": 0} for k, v in got.items()} == \
+        {k: v.report() | {"seconds": 0} for k, v in want.items()}
+
+    other = [({"input_ids": np.array([[3, 3]], np.int64)}, np.array([2]))]
+    assert FidelityProbe(path, ["Y", "P"], {"a": other}, str(cache)).reused == []
+    assert FidelityProbe(path, ["Y"], {"b": IDS_BATCHES[1:]}, str(cache)).reused == ["b"]  # one output of two
+    onnx.save(ids_model(scale=3.0), path)  # the graph changed: its outputs are not reused
+    changed = FidelityProbe(path, ["Y"], {"b": IDS_BATCHES[1:]}, str(cache))
+    assert changed.reused == [] and changed.reference["b"][0][0][0, 0, 0] == 9.0
+    assert FidelityProbe(ids_model(), ["Y"], {"b": IDS_BATCHES[1:]}, str(cache)).reused == []

@@ -98,7 +98,8 @@ def test_budget_loop_excludes_the_most_sensitive_node_first(tmp_path):
     expect = {n: base - mean_deficit(fp32, qdq({n: "probe"}), windows) for n in ("mm1", "mm2")}
     assert report.sensitivity == pytest.approx(expect, rel=1e-4, abs=1e-7)
     assert expect["mm2"] > expect["mm1"]  # the second node in graph order is the most sensitive
-    assert [s["action"] for s in report.steps] == ["start", "float: mm2", "float: mm1"]
+    assert [s["action"] for s in report.steps] == ["start", "float: top 1", "float: top 2"]
+    assert [s.get("nodes") for s in report.steps] == [None, ["mm2"], ["mm2", "mm1"]]
     assert report.steps[1]["cosine_min"] < settings.min_cosine <= report.steps[2]["cosine_min"]
     assert report.budget["met"] and report.budget["excluded_by_budget"] == 2 and report.quantized_matmuls == 0
 
@@ -163,3 +164,44 @@ def test_minilm_int8_within_budget_on_heldout_text(minilm19, tmp_path, monkeypat
     assert channels.stat().st_mtime_ns == stamp
     assert second.thresholds == report.thresholds and second.fidelity == report.fidelity
     assert again.SerializeToString() == model.SerializeToString()
+
+
+@pytest.mark.parametrize("needed, evaluated", [(5, [1, 2, 4, 8, 6, 5]), (6, [1, 2, 4, 8, 6, 5]), (1, [1]),
+                                               (3, [1, 2, 4, 3]), (None, [1, 2, 4, 8])])
+def test_budget_finds_the_fewest_float_nodes_by_doubling_then_bisection(needed, evaluated):
+    """Held-out fidelity that grows with the number of float nodes: the loop returns the
+    smallest prefix of the sensitivity order meeting the budget (or all `max_excluded` when none
+    does) and measures only the prefixes 1, 2, 4, ... then the bisection's."""
+    from dataclasses import dataclass
+
+    from compiler.passes.qdq import QuantReport
+    from compiler.quant.budget import _exclude_until_met
+
+    names = [f"mm{i}" for i in range(12)]
+    sensitivity = {n: 12.0 - i for i, n in enumerate(names)}  # mm0 most sensitive
+
+    @dataclass
+    class Fid:
+        n: int
+
+        def to_dict(self):
+            ok = needed is not None and self.n >= needed
+            return {"cosine_min": 0.99 if ok else 0.5 + 0.01 * self.n, "cosine_mean": 0.99, "nonfinite_count": 0}
+
+    class Heldout:
+        def score(self, model):
+            return Fid(model)
+
+    def variant(exclude):
+        assert list(exclude) == names[: len(exclude)]  # always a prefix of the order
+        return len(exclude), QuantReport("max", False, quantized_nodes=names[len(exclude):],
+                                         int8_mac_fraction=1 - len(exclude) / 12)
+
+    def rank(model, report):
+        return dict(sensitivity), lambda name: f"rank {name}"
+
+    loop = _exclude_until_met(variant, Heldout(), rank, QuantSettings(max_excluded=8))
+    assert [len(s["nodes"]) for s in loop.steps[1:]] == evaluated
+    final = needed if needed is not None else 8
+    assert list(loop.excluded) == names[:final] and loop.model == final
+    assert loop.fid["cosine_min"] == (0.99 if needed is not None else 0.5 + 0.08)
