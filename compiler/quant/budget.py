@@ -212,13 +212,13 @@ def _exclude_until_met(variant: Variant, heldout: FidelityProbe, rank: Rank, set
     loop.sensitivity, why = rank(model, report)
     loop.sensitivity_seconds = round(time.perf_counter() - t0, 1)
     order = sorted(loop.sensitivity, key=loop.sensitivity.get, reverse=True)[: settings.max_excluded]
-    measured: dict[int, tuple[Any, QuantReport, dict[str, Any]]] = {}
+    measured: dict[int, tuple[QuantReport, dict[str, Any]]] = {}
+    last: list[Any] = [None, None]  # (n, model): one graph kept in memory, the last measured
 
     def met(n: int) -> bool:
         model, report = variant({name: why(name) for name in order[:n]})
         fid = heldout.score(model).to_dict()
-        measured.clear()  # keep one graph in memory: the last measured
-        measured[n] = (model, report, fid)
+        measured[n], last[:] = (report, fid), [n, model]
         loop.effects[order[n - 1]] = {"sensitivity": loop.sensitivity[order[n - 1]], "float_nodes": n,
                                       "heldout_cosine_min_after": fid["cosine_min"],
                                       "heldout_cosine_mean_after": fid["cosine_mean"],
@@ -232,9 +232,9 @@ def _exclude_until_met(variant: Variant, heldout: FidelityProbe, rank: Rank, set
         if met(n):
             passed = n
             break
-        failed, n = n, (len(order) if n == len(order) else min(2 * n, len(order)))
-        if failed == len(order):
+        if n == len(order):
             break
+        failed, n = n, min(2 * n, len(order))
     while passed is not None and passed - failed > 1:
         mid = (failed + passed) // 2
         if met(mid):
@@ -243,12 +243,8 @@ def _exclude_until_met(variant: Variant, heldout: FidelityProbe, rank: Rank, set
             failed = mid
     final = passed if passed is not None else len(order)
     loop.excluded = {name: why(name) for name in order[:final]}
-    if final in measured:
-        loop.model, loop.report, loop.fid = measured[final]
-    else:  # the last graph measured was another prefix: rebuild this one (its figures are known)
-        loop.model, loop.report = variant(loop.excluded)
-        loop.fid = next(st for st in reversed(loop.steps) if st.get("nodes") == order[:final])
-        loop.fid = {k: v for k, v in loop.fid.items() if k not in ("action", "nodes", "int8_mac_fraction")}
+    loop.report, loop.fid = measured[final]
+    loop.model = last[1] if last[0] == final else variant(loop.excluded)[0]  # figures known, graph rebuilt
     return loop
 
 
