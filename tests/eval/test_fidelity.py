@@ -125,17 +125,19 @@ def test_fp16_variant_runs_on_the_emulation():
 
 def test_reference_outputs_are_cached_by_graph_feeds_and_output(tmp_path, monkeypatch):
     """With a graph file and a cache folder, a second probe over the same batches reads the FP32
-    outputs back (no reference session is opened) and measures the same; other feeds, another
-    output or another graph file are computed anew. A ModelProto reference is never cached."""
+    outputs back (no reference session is opened) and measures the same as an uncached probe;
+    other feeds or another graph file are computed anew. A ModelProto reference is never cached."""
     import onnx
 
     from compiler.eval import fidelity as F
 
     path, cache = tmp_path / "ref.onnx", tmp_path / "cache"
     onnx.save(ids_model(), path)
-    first = FidelityProbe(path, ["Y", "P"], {"a": IDS_BATCHES, "b": IDS_BATCHES[1:]}, str(cache))
+    # a one-output probe (a budget's) stores both outputs of the graph: a later two-output probe
+    # (verify's) finds them
+    first = FidelityProbe(path, ["Y"], {"a": IDS_BATCHES, "b": IDS_BATCHES[1:]}, str(cache))
     assert first.reused == [] and len(list(cache.glob("fp32-outputs-*.npz"))) == 4  # 2 sets x 2 outputs
-    want = first.measure(ids_model(scale=2.0))
+    want = FidelityProbe(path, ["Y", "P"], {"a": IDS_BATCHES, "b": IDS_BATCHES[1:]}).measure(ids_model(scale=2.0))
 
     opened = []
     real_session = F.session
