@@ -288,6 +288,9 @@ def channel_absmax(model: Any, windows: np.ndarray, input_names: list[str], tens
                    batch_size: int = 8) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor over the windows (FP32, ONNX Runtime CPU).
 
+    Every tensor is copied out of ONNX Runtime and reduced in NumPy: the reference path the tests
+    hold `channel_absmax_in_graph` (what the pipeline runs) against.
+
     Args:
         model: FP32 onnx.ModelProto (outputs are added and removed again) or an ONNX path.
         windows: (count, length) token ids from `calibration_windows`.
