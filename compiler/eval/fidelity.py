@@ -309,8 +309,8 @@ def _reference_outputs(reference: Any, output_names: list[str], sets: Mapping[st
 
         key_of = content_key
 
-    def path_of(key: str) -> Path:
-        return Path(cache_dir or ".") / f"fp32-outputs-{key[:32]}.npz"
+    def path_of(key: str) -> Path:  # used only with a cache folder (key_of set)
+        return Path(str(cache_dir)) / f"fp32-outputs-{key[:32]}.npz"
 
     out: dict[str, list[list[np.ndarray]]] = {}
     reused = []

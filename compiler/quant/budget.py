@@ -93,6 +93,14 @@ def _save(model: Any, path: Path) -> Path:
     return path
 
 
+def _activation_inputs(placer: QdqPlacer, weight_only: bool = False) -> list[str]:
+    """The activation tensors the MatMuls of `placer` read, in graph order; `weight_only`: the
+    single activation input of weight MatMuls only (what SmoothQuant can smooth)."""
+    nodes = list(placer.model.graph.node)
+    return list(dict.fromkeys(nodes[m.index].input[k] for m in placer.matmuls for k in m.activations
+                              if not weight_only or (m.weight is not None and len(m.activations) == 1)))
+
+
 def _calibrated(fp32_path: Path, calib_tokens: Any, input_names: list[str], settings: QuantSettings,
                 cache_dir: str | os.PathLike | None) -> _Calibrated:
     """Steps 1-2 (and the placer of step 3).
@@ -110,10 +118,7 @@ def _calibrated(fp32_path: Path, calib_tokens: Any, input_names: list[str], sett
     windows = calibration_windows(calib_tokens, settings.calib_windows)
     t0 = time.perf_counter()
     placer = QdqPlacer(onnx.load(str(fp32_path)))
-    nodes = list(placer.model.graph.node)
-    single = list(dict.fromkeys(nodes[m.index].input[m.activations[0]] for m in placer.matmuls
-                                if m.weight is not None and len(m.activations) == 1))
-    every = list(dict.fromkeys(nodes[m.index].input[k] for m in placer.matmuls for k in m.activations))
+    single, every = _activation_inputs(placer, weight_only=True), _activation_inputs(placer)
     wanted_channels = every if settings.method == "max" else single if settings.smoothquant_alpha is not None else []
     amax = (cached_channel_absmax(fp32_path, onnx_sha256(fp32_path), windows, calib_tokens.key, input_names,
                                   wanted_channels, cache_dir, settings.calib_batch_size) if wanted_channels else {})
@@ -123,8 +128,7 @@ def _calibrated(fp32_path: Path, calib_tokens: Any, input_names: list[str], sett
         smooth_info = {"alpha": settings.smoothquant_alpha, "tensors": per_tensor}
         placer = QdqPlacer(smoothed)
         del smoothed
-    nodes = list(placer.model.graph.node)
-    wanted = list(dict.fromkeys(nodes[m.index].input[k] for m in placer.matmuls for k in m.activations))
+    wanted = _activation_inputs(placer)
     scales = thresholds_from_channels(placer.model, wanted, amax) if settings.method == "max" else {}
     missing = [t for t in wanted if t not in scales]
     if missing:

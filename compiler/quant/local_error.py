@@ -59,16 +59,7 @@ def local_error_graph(fp32: Any, qdq: Any, nodes: Iterable[str]) -> tuple[Any, d
         raise ValueError(f"{len(missing)} node(s) not found as quantized MatMuls of this graph, e.g. {missing[:3]}")
     out = graph_copy(fp32)
     out.graph.initializer.extend(fp32.graph.initializer)
-    qdq_inits = {t.name: t for t in qdq.graph.initializer}
-    added = []
-    have = {t.name for t in fp32.graph.initializer}
-    for n in qdq.graph.node:
-        if n.op_type in QDQ_OPS:
-            added.append(n)
-            for t in n.input:
-                if t in qdq_inits and t not in have:
-                    out.graph.initializer.append(qdq_inits[t])
-                    have.add(t)
+    added = [n for n in qdq.graph.node if n.op_type in QDQ_OPS]
     outputs: dict[str, tuple[str, str]] = {}
     for name in wanted:
         src = q_nodes[name]
@@ -77,10 +68,6 @@ def local_error_graph(fp32: Any, qdq: Any, nodes: Iterable[str]) -> tuple[Any, d
         y = src.output[0]
         twin.name, twin.output[0] = f"{name}{SUFFIX}", f"{y}{SUFFIX}"
         del twin.output[1:]
-        for t in twin.input:
-            if t in qdq_inits and t not in have:
-                out.graph.initializer.append(qdq_inits[t])
-                have.add(t)
         err, sq_err, sq_ref = f"{y}{SUFFIX}_diff", f"{y}{SUFFIX}_sq_err", f"{y}{SUFFIX}_sq_ref"
         added += [twin,
                   helper.make_node("Sub", [twin.output[0], y], [err], name=f"{name}{SUFFIX}_Sub"),
@@ -88,6 +75,9 @@ def local_error_graph(fp32: Any, qdq: Any, nodes: Iterable[str]) -> tuple[Any, d
                   helper.make_node("ReduceSumSquare", [y], [sq_ref], name=f"{name}{SUFFIX}_ref", keepdims=0)]
         outputs[name] = (sq_err, sq_ref)
     out.graph.node.extend(added)
+    have = {t.name for t in fp32.graph.initializer}
+    read = {t for n in added for t in n.input}
+    out.graph.initializer.extend(t for t in qdq.graph.initializer if t.name in read and t.name not in have)
     del out.graph.output[:]
     out.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, [])
                             for pair in outputs.values() for t in pair)
