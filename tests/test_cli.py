@@ -156,7 +156,7 @@ def test_sparsity_and_fine_tuning_flags_reach_the_settings():
     assert (s.sparsity.recover_lr, s.sparsity.recover_schedule) == (3e-4, "constant")
     assert (s.data.train_path, s.data.train_samples) == (("train.txt", "more.tsv"), 99)
     defaults = settings_from_args(build_parser().parse_args(["compile"]))
-    assert (defaults.sparsity.method, defaults.sparsity.recover_schedule) == ("wanda", "linear")
+    assert (defaults.sparsity.method, defaults.sparsity.recover_schedule) == ("sparsegpt", "linear")
     assert defaults.data.train_path == () and defaults.train.device == "cpu" and not defaults.train.bf16
     assert defaults.sparsity.recover_from is None
 

@@ -106,7 +106,7 @@ def test_int8_qat_that_got_worse_ships_ptq(tiny_bert, tmp_path):
 
 
 def test_sparsity_2_4_sets_sparse_weights_and_keeps_dense_reference(tiny_bert, tmp_path):
-    settings = settings_for(tiny_bert, tmp_path, "fp16", sparsity=SparsitySettings(pattern="2:4", recover_steps=2))
+    settings = settings_for(tiny_bert, tmp_path, "fp16", sparsity=SparsitySettings(pattern="2:4", recover_samples=16, recover_steps=2))
     state = run_pipeline(settings, until="verify")
     sp = state.report["sparsity"]
     assert len(sp["prune"]["pruned"]) == LAYERS * LINEARS_PER_LAYER
@@ -134,7 +134,7 @@ def test_sparse_weights_flag_follows_the_graph(tiny_bert, tmp_path):
 
 
 def test_sparse_int8_qat_keeps_the_pattern_in_int8_weights(tiny_bert, tmp_path):
-    sparse = SparsitySettings(pattern="2:4", recover_steps=2)
+    sparse = SparsitySettings(pattern="2:4", recover_samples=16, recover_steps=2)
     first = run_pipeline(settings_for(tiny_bert, tmp_path, "fp16", sparsity=sparse), until="sparsity")
     settings = settings_for(tiny_bert, tmp_path, "int8-qat", sparsity=sparse)
     state = run_pipeline(settings, until="verify")  # QAT starts from the saved, recovered weights
@@ -160,7 +160,7 @@ def test_sparse_int8_qat_on_a_classifier_trains_towards_its_logits(tiny_bert, tm
     for f in Path(tiny_bert).iterdir():  # the tokenizer's files
         if f.is_file() and not (cls_dir / f.name).exists():
             (cls_dir / f.name).write_bytes(f.read_bytes())
-    sparse = SparsitySettings(pattern="2:4", recover_steps=2)
+    sparse = SparsitySettings(pattern="2:4", recover_samples=16, recover_steps=2)
     settings = replace(settings_for(cls_dir, tmp_path, "int8-qat", sparsity=sparse),
                        model=ModelSettings(name=str(cls_dir), task="text-classification"))
     state = run_pipeline(settings, until="verify")
@@ -182,7 +182,7 @@ def test_sparse_recovery_continues_from_an_earlier_student(tiny_bert, tmp_path):
 
     from compiler.errors import CompilerError
 
-    sparse = SparsitySettings(pattern="2:4", method="magnitude", recover_steps=2)
+    sparse = SparsitySettings(pattern="2:4", recover_samples=16, method="magnitude", recover_steps=2)
     first = run_pipeline(settings_for(tiny_bert, tmp_path / "a", "fp16", sparsity=sparse), until="sparsity")
     saved = first.report["sparsity"]["weights"]
     before = load_file(saved)

@@ -11,15 +11,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from calibration.layout import TokenSets
+from calibration.layout import TokenSets, recovery_data
 from compiler.artifacts import atomic_write, cached, write_json
 from compiler.errors import CompilerError
 from compiler.graph.onnx_io import load_onnx
 from compiler.graph.sparsity import groups_check, require_2_4
 from compiler.results import ExportResult, SparsityResult
-from compiler.settings import BuildSettings, settings_hash
+from compiler.settings import BuildSettings, TrainSettings, settings_hash
 from compiler.stages.export import export_opset, fp32_name
 from compiler.training.export import onnx_from_torch
+from compiler.training.distill import bf16_matmul_available
+from compiler.training.heldout import heldout_cosine
 from compiler.training.prune import input_axis, needs_calibration, prune_2_4, recover
 
 
@@ -62,6 +64,15 @@ def _start_from(student: Any, src: Path, names: list[str]) -> dict[str, Any]:
     return masks
 
 
+def recovery_train(settings: BuildSettings) -> TrainSettings:
+    """`settings.train` with the recovery's learning rate, schedule and bf16 (`recover_bf16`
+    resolved on the training device: `auto` is on where BF16 multiplies in hardware)."""
+    sp = settings.sparsity
+    bf16 = settings.train.bf16 or sp.recover_bf16 == "on" or (
+        sp.recover_bf16 == "auto" and bf16_matmul_available(settings.train.device))
+    return replace(settings.train, lr=sp.recover_lr, schedule=sp.recover_schedule, bf16=bf16)
+
+
 def _prune_and_recover(settings: BuildSettings, export: ExportResult, tokens: TokenSets, student: Any,
                        start: tuple[Path, str] | None) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """Prune `student` in place (or load the earlier student), recover it; (masks, prune, recovery)."""
@@ -75,10 +86,14 @@ def _prune_and_recover(settings: BuildSettings, export: ExportResult, tokens: To
         prune_report.method = f"from {start[0]}"
     recovery = None
     if sp.recover_steps:
-        train = replace(settings.train, lr=sp.recover_lr, schedule=sp.recover_schedule)
+        train = recovery_train(settings)
+        # the held-out cosine along the run (the curve in sparsity_report.json): verification's set
+        curve = heldout_cosine(export.loaded.module, tokens.heldout, export.loaded.input_names)
         recovery = recover(student, export.loaded.module, masks, tokens.training, export.loaded.input_names,
-                           train, sp.recover_steps).to_dict()
+                           train, sp.recover_steps, evaluate=curve).to_dict()
         recovery["train_samples"] = len(tokens.training_texts)
+        recovery["train_text"] = list(tokens.data.train_path) or [tokens.data.path or "default text"]
+        recovery["bf16"] = train.bf16
     return masks, prune_report.to_dict(), recovery
 
 
@@ -98,16 +113,19 @@ def stage_sparsity(settings: BuildSettings, export: ExportResult, tokens: TokenS
     if settings.sparsity.pattern is None:
         return None
 
-
     import safetensors.torch as safetensors_torch  # torch: only where a sparse run needs it
 
     sp = settings.sparsity
+    # the recovery's own text (the default mix where the shared data has it)
+    data = recovery_data(settings.data, sp.recover_samples) if sp.recover_steps else settings.data
+    if data is not settings.data:
+        tokens = TokenSets(data, tokens.tokenizer, tokens.train_batch_size, heldout=tokens.heldout_texts)
     weights_path, report_path = settings.base_dir() / "student.safetensors", settings.base_dir() / "sparsity_report.json"
     # an earlier student brings its own masks: no Wanda scoring, so no calibration text
     calib_texts = tokens.calibration_texts if needs_calibration(sp.method) and not sp.recover_from else []
     train_texts = tokens.training_texts if sp.recover_steps else []
     start = _recover_from(sp.recover_from, weights_path) if sp.recover_from else None
-    key = settings_hash("sparsity-v3", export.loaded.key, sp, settings.train, settings.data, calib_texts,
+    key = settings_hash("sparsity-v4", export.loaded.key, sp, recovery_train(settings), data, calib_texts,
                         train_texts, *([start[1]] if start else []))
     student = copy.deepcopy(export.loaded.module)
     computed: dict[str, Any] = {}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -43,6 +44,9 @@ class TrainReport:
         seconds: wall time of the loop.
         loss_first / loss_last: the loss of the first and the last step (0.0 when no step ran).
         losses: the loss of every step (`to_dict` keeps about 20 of them).
+        curve: [step, training seconds, held-out value] before the first step and at every 5 %
+            of the run, when `distill` was given `evaluate` (the seconds leave out the
+            evaluations themselves); empty otherwise.
     """
 
     steps: int
@@ -50,6 +54,7 @@ class TrainReport:
     loss_first: float
     loss_last: float
     losses: list[float] = field(default_factory=list)
+    curve: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -158,6 +163,22 @@ def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
     return lambda i: (i + 1) / warm if i < warm else max(0.0, (steps - i) / max(1, steps - warm))
 
 
+def bf16_matmul_available(device: str) -> bool:
+    """Whether `device` (`TrainSettings.device`: cpu, cuda, cuda:N, auto) multiplies bfloat16 in
+    hardware: a CUDA GPU with BF16 (`torch.cuda.is_bf16_supported`, Ampere and later), or a CPU
+    with AVX512-BF16 or AMX-BF16 (the `/proc/cpuinfo` flags; False where that file is missing).
+    Elsewhere bfloat16 autocast is emulated and slower than FP32."""
+    import torch
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def train_device(name: str) -> Any:
     """`TrainSettings.device` -> torch.device.
 
@@ -186,7 +207,8 @@ def train_device(name: str) -> Any:
 
 def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], settings: TrainSettings,
             param_groups: list[dict] | None = None,
-            after_step: Callable[[Any], None] | None = None) -> TrainReport:
+            after_step: Callable[[Any], None] | None = None,
+            evaluate: Callable[[Any], float] | None = None) -> TrainReport:
     """Fine-tune `student` to match `teacher`'s last_hidden_state on real text (dropout off).
 
     Args:
@@ -199,6 +221,8 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
             than one epoch).
         param_groups: optimizer groups; default all student parameters at `settings.lr`.
         after_step: called with the student after every optimizer step (e.g. re-apply a 2:4 mask).
+        evaluate: student -> a held-out figure (`compiler.training.heldout.heldout_cosine`),
+            recorded in `TrainReport.curve` before the first step and with every progress line.
 
     Returns:
         TrainReport with the loss curve (MSE at valid tokens; plus the mean MSE of the
@@ -211,7 +235,8 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
     try:
         student.to(device)
         teacher.to(device)
-        return _distill(student, teacher, tokens, input_names, settings, param_groups, after_step, device)
+        return _distill(student, teacher, tokens, input_names, settings, param_groups, after_step, evaluate,
+                        device)
     finally:
         student.to("cpu")
         teacher.to("cpu")
@@ -282,7 +307,7 @@ def head_mse(name: str, a: Any, b: Any, mask: Any) -> Any:
 
 def _distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], settings: TrainSettings,
              param_groups: list[dict] | None, after_step: Callable[[Any], None] | None,
-             device: Any) -> TrainReport:
+             evaluate: Callable[[Any], float] | None, device: Any) -> TrainReport:
     import torch
     from tqdm import tqdm
 
@@ -295,7 +320,20 @@ def _distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], se
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(settings.schedule, settings.steps))
     losses = []
+    curve: list[list[float]] = []
+    spent_evaluating = 0.0
+
+    def point(step: int) -> None:  # one point of the held-out curve, its cost left out of the time
+        nonlocal spent_evaluating
+        t0 = time.perf_counter()
+        value = evaluate(student)
+        curve.append([step, round(t0 - start - spent_evaluating, 1), round(value, 6)])
+        spent_evaluating += time.perf_counter() - t0
+        log.info("distillation step %d: held-out cosine mean %.4f", step, value)
+
     start = time.perf_counter()
+    if evaluate is not None:
+        point(0)
     more_than_an_epoch = settings.steps * settings.batch_size > len(tokens)
     head = is_head_model(teacher)  # head outputs are not per-token states: not cached
     cache = (TeacherCache(settings.teacher_cache_mib)
@@ -328,9 +366,11 @@ def _distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], se
         losses.append(float(loss.detach()))
         if (step + 1) % every == 0 or step + 1 == settings.steps:
             _log_progress(step, settings.steps, losses[-every:], time.perf_counter() - start)
+            if evaluate is not None:
+                point(step + 1)
     student.eval()
     return TrainReport(settings.steps, round(time.perf_counter() - start, 1),
-                       losses[0] if losses else 0.0, losses[-1] if losses else 0.0, losses)
+                       losses[0] if losses else 0.0, losses[-1] if losses else 0.0, losses, curve)
 
 
 def is_head_model(model: Any) -> bool:

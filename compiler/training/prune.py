@@ -299,7 +299,7 @@ def hold_masks(masks: dict[str, Any], module: Any) -> Callable[[Any], None]:
 
 
 def recover(student: Any, teacher: Any, masks: dict[str, Any], tokens: Any, input_names: list[str],
-            train: TrainSettings, steps: int) -> TrainReport:
+            train: TrainSettings, steps: int, evaluate: Callable[[Any], float] | None = None) -> TrainReport:
     """Distillation recovery of a pruned `student` with its 2:4 masks held fixed.
 
     Runs `compiler.training.distill.distill` (MSE of last_hidden_state against the dense `teacher` at valid
@@ -312,9 +312,10 @@ def recover(student: Any, teacher: Any, masks: dict[str, Any], tokens: Any, inpu
         masks: from `prune_2_4` on `student`.
         tokens: `calibration.TokenizedSet` of training text (never the held-out set).
         input_names: model inputs (`LoadedModel.input_names`).
+        evaluate: a held-out figure recorded along the run (`distill`'s `evaluate`).
 
     Returns:
-        compiler.training.distill.TrainReport.
+        compiler.training.distill.TrainReport (with the held-out curve when `evaluate` is given).
 
     Raises:
         ValueError: the student has no trainable parameter, or a mask does not fit it.
@@ -325,4 +326,4 @@ def recover(student: Any, teacher: Any, masks: dict[str, Any], tokens: Any, inpu
     after_step = hold_masks(masks, student)
     after_step(student)
     return distill(student, teacher, tokens, input_names, dataclasses.replace(train, steps=steps),
-                   after_step=after_step)
+                   after_step=after_step, evaluate=evaluate)
