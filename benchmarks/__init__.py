@@ -15,6 +15,8 @@ also writes a PNG, when matplotlib is installed (the `bench` extra).
   cosine on held-out text and SST-2 dev. Appends to `recovery_sweep.json`.
 - `sparsegpt_start`: the 2:4 starting point per pruning method (magnitude, Wanda, SparseGPT) on
   MiniLM and held-out cosine against recovery minutes. Writes `sparsegpt_start.json`, `.png`.
+- `recovery_curve`: the held-out cosine curves that 2:4 runs record in `sparsity_report.json`,
+  against training minutes, side by side. Writes `recovery_curve.json`, `.png`.
 - `sst2_probe`: SST-2 dev accuracy of a fixed logistic-regression probe per ONNX graph.
   Writes `sst2_probe.json` and caches embeddings under `cache/`.
 - `ort_latency`: ONNX Runtime CPU latency and throughput per graph and batch shape on real
@@ -51,4 +53,4 @@ also writes a PNG, when matplotlib is installed (the `bench` extra).
 
 BENCHMARKS = ("precision_modes", "int8_ptq", "int8_minilm", "recovery_sweep", "sparsegpt_start", "sst2_probe", "ort_latency",
               "peak_memory", "vocab_prune", "latency", "compile_cost", "gpt2_fixture", "gpt2_agreement",
-              "gpt2_generate", "sst2_classifier", "sst2_tasks", "op_profile")
+              "gpt2_generate", "sst2_classifier", "sst2_tasks", "op_profile", "recovery_curve")

@@ -75,3 +75,27 @@ def test_op_profile_sums_node_time_per_operator_type(tmp_path):
     assert set(result["shapes"]) == {"1x8", "2x16"} and "MatMul" in result["shapes"]["1x8"]["tiny"]["ops"]
     with pytest.raises(Exception, match="BATCHxSEQUENCE"):
         parse_shape("32")
+
+
+def test_recovery_curve_reads_runs_keeps_other_labels_and_refuses_a_run_without_a_curve(tmp_path):
+    from benchmarks import recovery_curve
+
+    def report(name, curve):
+        path = tmp_path / name / "sparsity_report.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"prune": {"method": "sparsegpt"},
+                                    "recovery": {"steps": 4, "seconds": 9.0, "curve": curve}}))
+        return path
+
+    a = report("a", [[0, 0.0, 0.8], [4, 120.0, 0.9]])
+    recovery_curve.main([f"first={a}", "--out", str(tmp_path / "out")])
+    b = report("b", [[0, 0.0, 0.85], [4, 60.0, 0.95]])
+    recovery_curve.main([f"second={b}", "--out", str(tmp_path / "out")])
+    rows = json.loads((tmp_path / "out" / "recovery_curve.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["first", "second"]
+    assert rows[0]["curve"][1] == {"step": 4, "train_minutes": 2.0, "cosine_mean": 0.9}
+    empty = report("c", [])
+    with pytest.raises(SystemExit, match="no recovery curve"):
+        recovery_curve.main([f"c={empty}", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="no such file"):
+        recovery_curve.main([f"d={tmp_path / 'missing.json'}", "--out", str(tmp_path / "out")])

@@ -57,3 +57,29 @@ def test_vocabulary_texts_read_every_line_of_every_domain_text(tmp_path):
         ["short line", "another one", "good film ."]
     with pytest.raises(DataError):
         vocabulary_texts(VocabSettings(texts=(str(tmp_path / "missing.txt"),)), DataSettings())
+
+
+def test_recovery_data_is_the_mix_only_by_default_and_where_the_data_is(tmp_path, monkeypatch):
+    """2:4 recovery trains on SST-2 train + WikiText-2 test (after its held-out lines) + WikiText-2
+    valid when no text is given, the verification text is the default and all three exist;
+    otherwise the data settings stay as they are (the QAT layout)."""
+    import calibration.layout as layout
+    from calibration.layout import RECOVERY_MIX, recovery_data
+
+    root = tmp_path / "shared" / "data"
+    monkeypatch.setattr(layout, "shared_data_path",
+                        lambda rel: root / rel if (root / rel).exists() else None)
+    default = DataSettings()
+    assert recovery_data(default, 6144) is default  # no shared data: unchanged
+    for rel in RECOVERY_MIX:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x\n")
+    mixed = recovery_data(default, 6144)
+    assert mixed.train_path == tuple(str(root / rel) for rel in RECOVERY_MIX) and mixed.train_samples == 6144
+    assert (mixed.samples, mixed.calib_samples, mixed.path) == (default.samples, default.calib_samples, None)
+    given = DataSettings(train_path=("mine.txt",))
+    assert recovery_data(given, 6144) is given  # a --train-text wins
+    other = DataSettings(path="deploy.txt")
+    assert recovery_data(other, 6144) is other  # another verification text: its own rest, as for QAT
+    (root / RECOVERY_MIX[0]).unlink()
+    assert recovery_data(default, 6144) is default  # one of the three missing: unchanged

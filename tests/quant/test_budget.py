@@ -205,3 +205,45 @@ def test_budget_finds_the_fewest_float_nodes_by_doubling_then_bisection(needed, 
     final = needed if needed is not None else 8
     assert list(loop.excluded) == names[:final] and loop.model == final
     assert loop.fid["cosine_min"] == (0.99 if needed is not None else 0.5 + 0.08)
+
+
+@pytest.mark.parametrize("search_needs, ships_needs, evaluated, final", [
+    (3, 3, [("s", 1), ("s", 2), ("s", 4), ("s", 3), ("v", 3)], 3),
+    (3, 5, [("s", 1), ("s", 2), ("s", 4), ("s", 3), ("v", 3), ("v", 6)], 6),
+    (None, None, [("s", 1), ("s", 2), ("s", 4), ("s", 8), ("v", 8)], 8),
+])
+def test_budget_searches_on_the_cheap_graph_and_answers_on_the_shipped_one(search_needs, ships_needs, evaluated,
+                                                                           final):
+    """With a `search` graph the prefixes are searched on it; the first measurement and the
+    answer are made on the graph that ships, whose prefix doubles where the search was optimistic."""
+    from compiler.passes.qdq import QuantReport
+    from compiler.quant.budget import _exclude_until_met
+
+    names = [f"mm{i}" for i in range(12)]
+    seen = []
+
+    class Fid:
+        def __init__(self, model):
+            self.kind, self.n = model
+
+        def to_dict(self):
+            needs = search_needs if self.kind == "s" else ships_needs
+            ok = needs is not None and self.n >= needs
+            return {"cosine_min": 0.99 if ok else 0.5, "cosine_mean": 0.99, "nonfinite_count": 0}
+
+    class Heldout:
+        def score(self, model):
+            seen.append(model)
+            return Fid(model)
+
+    def graph(kind):
+        def variant(exclude):
+            return (kind, len(exclude)), QuantReport("max", False, quantized_nodes=names[len(exclude):])
+        return variant
+
+    loop = _exclude_until_met(graph("v"), Heldout(), lambda m, r: ({n: 12.0 - i for i, n in enumerate(names)},
+                                                                    lambda name: "rank"),
+                              QuantSettings(max_excluded=8), search=graph("s"))
+    assert seen[0] == ("v", 0) and seen[1:] == evaluated
+    assert list(loop.excluded) == names[:final] and loop.model == ("v", final)
+    assert loop.fid["cosine_min"] == (0.99 if ships_needs is not None else 0.5)
