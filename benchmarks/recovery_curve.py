@@ -53,6 +53,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.plot([p["train_minutes"] for p in r["curve"]], [p["cosine_mean"] for p in r["curve"]], marker="o",
                     markersize=3, label=f"{r['label']} ({r['method']}, {r['steps']} steps)")
         ax.axhline(0.97, color="grey", linestyle="--", linewidth=0.8, label="target 0.97")
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, max(hi, 0.975))
         ax.set_xlabel("training minutes (wall; evaluations left out)")
         ax.set_ylabel("held-out cosine mean vs dense FP32")
         ax.set_title("MiniLM 2:4 recovery, one command")

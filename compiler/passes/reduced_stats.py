@@ -14,7 +14,8 @@ copies each one out of ONNX Runtime and reduces it in NumPy, one sample at a tim
   2**-24 to 2**24, zeros and NaN counted apart); the percentile is read from it as there.
 
 Outputs of data-movement ops (Reshape, Transpose, ...) take their input's figures
-(`same_values`). The per-tensor results are concatenated into six outputs, so one run returns a
+(`same_values`); outputs of Mul or Div by a scalar constant, their input's scaled, absmax
+still exact (`scaled_values`). The per-tensor results are concatenated into six outputs, so one run returns a
 few small arrays whatever the graph's size; each reduction runs right after its producer
 (`ExecutionOrder.PRIORITY_BASED`), so a run holds about a plain inference's memory. Samples are
 batched by exact length (`equal_length_batches`): nothing is padded, and every statistic covers
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 LOG2_MIN, LOG2_MAX, BINS_PER_OCTAVE = -24, 24, 16  # as calibration.stats
 NBINS = (LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE
 SUBSAMPLE = 1 << 13  # histogram elements per tensor per run, about (odd stride)
-STATS_VERSION = "activation-stats-v2-in-graph"  # cache key: bump when the statistics change
+STATS_VERSION = "activation-stats-v3-in-graph"  # cache key: bump when the statistics change
 OUTPUTS = ("__stats_max", "__stats_min", "__stats_sum", "__stats_size", "__stats_sub", "__stats_count")
 
 
@@ -232,7 +233,8 @@ def reduced_activation_stats(model: Any, batches: Any, source: str, percentile: 
     light = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, os.PathLike)) else model
     wanted = tensors if tensors is not None else float_activations(light)
     alias = same_values(light, wanted)
-    names = [t for t in wanted if t not in alias]
+    scaled = scaled_values(light, wanted)
+    names = [t for t in wanted if t not in alias and t not in scaled]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # run each reduction right after its producer (`_append`); ORT's default order keeps every
@@ -250,6 +252,8 @@ def reduced_activation_stats(model: Any, batches: Any, source: str, percentile: 
     stats = {t: TensorStats(float(acc.absmax[i]), histogram_percentile(acc.hist[i], int(acc.zeros[i]),
                                                                         float(acc.absmax[i]), percentile),
                             int(acc.elements[i])) for i, t in enumerate(names)}
+    for t, (src, steps) in scaled.items():  # in graph order: a chain's source comes first
+        stats[t] = scaled_stats(stats[alias.get(src, src)], steps)
     return ActivationStats(source, acc.samples, percentile, {t: stats[alias.get(t, t)] for t in wanted})
 
 
@@ -274,6 +278,64 @@ def same_values(model: Any, names: list[str]) -> dict[str, str]:
             s = source[s]
         alias[t] = s
     return alias
+
+
+SCALING_OPS = ("Mul", "Div")
+
+
+def _scalar_constants(model: Any) -> dict[str, float]:
+    """{name: value} of the float initializers and Constant outputs holding one finite, nonzero value."""
+    from onnx import numpy_helper
+
+    arrays = {i.name: i for i in model.graph.initializer}
+    arrays.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    out = {}
+    for name, t in arrays.items():
+        if int(np.prod(t.dims)) == 1 and t.data_type == 1:  # FLOAT
+            v = float(numpy_helper.to_array(t).reshape(()))
+            if np.isfinite(v) and v != 0.0:
+                out[name] = v
+    return out
+
+
+def scaled_values(model: Any, names: list[str]) -> dict[str, tuple[str, list[tuple[str, float]]]]:
+    """{tensor: (measured source, [(op, |c|), ...])} for outputs of Mul or Div by a scalar constant.
+
+    y = x * c or y = x / c (c one finite nonzero float) need no reduction of their own: float32
+    rounding is monotonic, so max |y| = fl(max |x| * |c|) (or fl(max |x| / |c|)), bit for bit,
+    with NaN and inf carried over; `elements` is x's; the percentile scales by |c| (the histogram
+    of y is x's shifted by log2 |c|, so it agrees with a measured one within one bin, a factor
+    2**(1/16)). Chains (x * c1 / c2) keep each step, applied in order. In a BERT layer these are
+    the attention scale on the scores and GELU's x / sqrt(2) and * 0.5: about a fifth of the
+    elements the reductions read (`scaled_stats` computes the figures).
+    """
+    wanted = set(names)
+    consts = _scalar_constants(model)
+    steps: dict[str, tuple[str, list[tuple[str, float]]]] = {}
+    for n in model.graph.node:
+        if n.op_type not in SCALING_OPS or len(n.input) != 2 or not n.output or n.output[0] not in wanted:
+            continue
+        a, b = n.input
+        if b in consts and a in wanted:
+            x, c = a, consts[b]
+        elif n.op_type == "Mul" and a in consts and b in wanted:
+            x, c = b, consts[a]
+        else:
+            continue
+        src, chain = steps.get(x, (x, []))
+        steps[n.output[0]] = (src, chain + [(n.op_type, abs(c))])
+    return steps
+
+
+def scaled_stats(src: TensorStats, steps: list[tuple[str, float]]) -> TensorStats:
+    """The statistics of `src`'s tensor after `scaled_values`' steps, rounded as float32 each step."""
+    absmax, pct = np.float32(src.absmax), np.float32(src.percentile)
+    with np.errstate(over="ignore"):
+        for op, c in steps:
+            f = np.float32(c)
+            absmax, pct = (absmax * f, pct * f) if op == "Mul" else (absmax / f, pct / f)
+    return TensorStats(float(absmax), float(min(pct, absmax)), src.elements)
 
 
 class _Accumulator:

@@ -13,7 +13,7 @@ from calibration import TokenizedSet, load_texts, tokenized_set
 from calibration.stats import collect_activation_stats
 from compiler.graph.onnx_io import save_onnx
 from compiler.passes.reduced_stats import (cached_reduced_stats, equal_length_batches, histogram_percentile,
-                                           reduced_activation_stats)
+                                           reduced_activation_stats, scaled_values)
 from compiler.settings import DataSettings
 from tests.models import f32, make_model, minilm
 
@@ -63,11 +63,16 @@ def test_in_graph_statistics_agree_with_the_numpy_path(tiny_bert, tmp_path):
     assert all((n == f["input_ids"].shape[1]).all() for f, n in batches)  # never padded
     new = reduced_activation_stats(path, batches, "real", subsample=1 << 20)  # every element
     assert new.samples == old.samples == len(tokens) and set(new.tensors) == set(old.tensors)
+    scaled = scaled_values(model, list(old.tensors))
+    assert set(scaled) == {"f2", "gelu"}  # x * 2**-0.5 and x * 0.5: not reduced, derived
     for t, o in old.tensors.items():
         n = new.tensors[t]
-        assert n.absmax == o.absmax, t  # exactly
+        assert n.absmax == o.absmax, t  # exactly, derived ones too
         assert n.elements == o.elements, t
-        assert n.percentile == pytest.approx(o.percentile, rel=1e-12), t  # the same histogram
+        if t in scaled:  # the histogram shifted by log2 |c|: within one bin
+            assert 2 ** (-1 / 16) <= n.percentile / o.percentile <= 2 ** (1 / 16), t
+        else:
+            assert n.percentile == pytest.approx(o.percentile, rel=1e-12), t  # the same histogram
     hot = max(old.tensors, key=lambda t: old.tensors[t].absmax)
     assert old.tensors[hot].absmax > 65504  # the planted overflow is seen by both
 
@@ -99,6 +104,41 @@ def test_nan_inf_and_zeros_read_as_in_the_numpy_path():
     assert new.tensors["x"].absmax == old.tensors["x"].absmax == 7.0
     for t, o in old.tensors.items():
         assert (new.tensors[t].percentile, new.tensors[t].elements) == (o.percentile, o.elements), t
+
+
+def test_scaled_tensors_keep_absmax_bit_for_bit_through_negative_constants_divisions_and_chains():
+    """Mul by a negative constant, Div, a chain of both, a Constant node, an overflow to inf in
+    the scaling itself: the derived absmax equals the measured one exactly; c / x, x * 0 and
+    x * y are reduced as before."""
+    nodes = [helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["f", "third"], ["x"]),  # a non-scaled start: x = ids * (1/3) is scaled too
+             helper.make_node("Sin", ["x"], ["s"]),
+             helper.make_node("Mul", ["s", "neg"], ["a"]),
+             helper.make_node("Div", ["a", "seven"], ["b"]),
+             helper.make_node("Constant", [], ["k"], value=helper.make_tensor("k", TensorProto.FLOAT, [1], [1e-3])),
+             helper.make_node("Mul", ["k", "b"], ["c"]),
+             helper.make_node("Mul", ["x", "huge"], ["big"]),  # overflows float32 to inf
+             helper.make_node("Div", ["seven", "s"], ["inv"]),  # c / x: not a scaling
+             helper.make_node("Mul", ["s", "zero"], ["z"]),
+             helper.make_node("Mul", ["s", "x"], ["last_hidden_state"])]
+    inp = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    model = make_model(nodes, [inp], [f32("last_hidden_state", ["batch", "sequence"])],
+                       {"third": np.array(1 / 3, np.float32), "neg": np.array(-2.7, np.float32),
+                        "seven": np.array(7.3, np.float32), "huge": np.array(3e38, np.float32),
+                        "zero": np.array(0.0, np.float32)})
+    names = ["f", "x", "s", "a", "b", "c", "big", "inv", "z", "last_hidden_state"]
+    scaled = scaled_values(model, names)
+    assert scaled == {"x": ("f", [("Mul", pytest.approx(1 / 3))]), "a": ("s", [("Mul", pytest.approx(2.7))]),
+                      "b": ("s", [("Mul", pytest.approx(2.7)), ("Div", pytest.approx(7.3))]),
+                      "c": ("s", [("Mul", pytest.approx(2.7)), ("Div", pytest.approx(7.3)), ("Mul", pytest.approx(1e-3))]),
+                      "big": ("f", [("Mul", pytest.approx(1 / 3)), ("Mul", pytest.approx(3e38))])}
+    tokens = TokenizedSet([np.array([1, 5, 9, 11]), np.array([7, 3, 2, 30]), np.array([4, 8])], None, 0, "t")
+    old = collect_activation_stats(model, tokens.batches(1, ["input_ids"]), "real")
+    new = reduced_activation_stats(model, equal_length_batches(tokens, 8, ["input_ids"]), "real", tensors=names)
+    for t in names:
+        assert new.tensors[t].absmax == old.tensors[t].absmax, t
+        assert new.tensors[t].elements == old.tensors[t].elements, t
+    assert new.tensors["big"].absmax == np.inf
 
 
 def test_equal_length_batches_draw_the_random_ids_of_the_one_sample_path():
