@@ -116,6 +116,10 @@ def test_sparsity_2_4_sets_sparse_weights_and_keeps_dense_reference(tiny_bert, t
     assert state.reference_onnx.parent == settings.model_dir()  # fidelity against the dense model
     assert settings.variant_dir() == settings.model_dir() / "sparse24" / "fp16"
     assert sp["recovery"]["steps"] == 2
+    # the held-out curve: before the first step and after each (the 5 % progress points of 2 steps)
+    assert [p[0] for p in sp["recovery"]["curve"]] == [0, 1, 2]
+    assert all(-1.0 <= p[2] <= 1.0 for p in sp["recovery"]["curve"])
+    assert sp["recovery"]["bf16"] in (True, False) and sp["recovery"]["train_text"]
     # the sparse FP16 variant against the DENSE FP32 model: pruning half the weights moves the
     # outputs (cosine below 1), two recovery steps do not make them non-finite
     real = state.report["fidelity"]["real"]
