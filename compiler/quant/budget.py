@@ -195,8 +195,7 @@ def _rank_local(cal: _Calibrated, settings: QuantSettings, input_names: list[str
     return rank
 
 
-def _exclude_until_met(variant: Variant, heldout: FidelityProbe, rank: Rank, settings: QuantSettings,
-                       search: Variant | None = None) -> _Loop:
+def _exclude_until_met(variant: Variant, heldout: FidelityProbe, rank: Rank, settings: QuantSettings) -> _Loop:
     """Step 4: measure all-INT8; if the budget fails, leave the fewest most sensitive nodes float
     that meet it (at most `max_excluded`).
 
@@ -205,16 +204,8 @@ def _exclude_until_met(variant: Variant, heldout: FidelityProbe, rank: Rank, set
     float until one meets it (or `max_excluded` does not), then a bisection between the last
     prefix that failed and the first that met it. Fidelity grows with the prefix in practice, so
     this finds the smallest prefix the one-at-a-time loop would, in log2(`max_excluded`) + 1
-    held-out evaluations instead of up to `max_excluded`. Without any prefix meeting the budget,
-    all `max_excluded` stay float.
-
-    `search`: a cheaper stand-in for `variant` measured during the prefix search (the FP32 +
-    Q/DQ graph where `variant` is the hybrid + Q/DQ graph on the FP16 emulation: BERT-large
-    ~35 s against ~73 s an evaluation). The first measurement and the answer are always made on
-    `variant`: when the prefix the search chose misses the budget there, the prefix keeps
-    doubling on `variant` until it meets it or reaches `max_excluded`. The INT8 error dwarfs
-    the FP16 one, so the two graphs rank prefixes alike; the confirmation keeps the figures
-    those of the graph that ships.
+    held-out evaluations instead of up to `max_excluded` (BERT-large, hybrid + INT8 on the FP16
+    emulation: ~73 s each). Without any prefix meeting the budget, all `max_excluded` stay float.
     """
     model, report = variant({})
     loop = _Loop(model, report, heldout.score(model).to_dict())
@@ -226,25 +217,23 @@ def _exclude_until_met(variant: Variant, heldout: FidelityProbe, rank: Rank, set
     loop.sensitivity_seconds = round(time.perf_counter() - t0, 1)
     order = sorted(loop.sensitivity, key=loop.sensitivity.get, reverse=True)[: settings.max_excluded]
     measured: dict[int, tuple[QuantReport, dict[str, Any]]] = {}
-    last: list[Any] = [None, None]  # (n, model): one graph kept in memory, the last measured on `variant`
+    last: list[Any] = [None, None]  # (n, model): one graph kept in memory, the last measured
 
-    def met(n: int, graph: Variant, label: str = "") -> bool:
-        model, report = graph({name: why(name) for name in order[:n]})
+    def met(n: int) -> bool:
+        model, report = variant({name: why(name) for name in order[:n]})
         fid = heldout.score(model).to_dict()
-        if graph is variant:
-            measured[n], last[:] = (report, fid), [n, model]
+        measured[n], last[:] = (report, fid), [n, model]
         loop.effects[order[n - 1]] = {"sensitivity": loop.sensitivity[order[n - 1]], "float_nodes": n,
                                       "heldout_cosine_min_after": fid["cosine_min"],
                                       "heldout_cosine_mean_after": fid["cosine_mean"],
                                       "int8_mac_fraction_after": report.int8_mac_fraction}
-        loop.steps.append({"action": f"float: top {n}{label}", "nodes": order[:n],
+        loop.steps.append({"action": f"float: top {n}", "nodes": order[:n],
                            "int8_mac_fraction": report.int8_mac_fraction, **fid})
         return _met(fid, settings)
 
-    graph, label = (search, " (search: FP32 + Q/DQ)") if search is not None else (variant, "")
     failed, passed, n = 0, None, 1
     while n <= len(order):
-        if met(n, graph, label):
+        if met(n):
             passed = n
             break
         if n == len(order):
@@ -252,14 +241,11 @@ def _exclude_until_met(variant: Variant, heldout: FidelityProbe, rank: Rank, set
         failed, n = n, min(2 * n, len(order))
     while passed is not None and passed - failed > 1:
         mid = (failed + passed) // 2
-        if met(mid, graph, label):
+        if met(mid):
             passed = mid
         else:
             failed = mid
     final = passed if passed is not None else len(order)
-    if graph is not variant:  # the answer measured on the graph that ships, grown where it misses
-        while not met(final, variant) and final < len(order):
-            final = min(2 * final, len(order))
     loop.excluded = {name: why(name) for name in order[:final]}
     loop.report, loop.fid = measured[final]
     loop.model = last[1] if last[0] == final else variant(loop.excluded)[0]  # figures known, graph rebuilt
@@ -311,8 +297,7 @@ def quantize_within_budget(fp32_path: str | os.PathLike, calib_tokens: Any, held
        `end-to-end`, the mean cosine deficit (1 - cosine) removed by leaving only that node
        float (one pass per node). Then the fewest most sensitive nodes whose exclusion meets
        the held-out budget stay float: prefixes of the order 1, 2, 4, ... up to `max_excluded`,
-       then a bisection (`_exclude_until_met`), searched on the FP32 + Q/DQ graph when
-       `precision` is given and confirmed on the FP16 emulation of the graph that ships.
+       then a bisection (`_exclude_until_met`).
 
     Args:
         fp32_path: the FP32 ONNX file (opset >= 19).
@@ -347,9 +332,7 @@ def quantize_within_budget(fp32_path: str | os.PathLike, calib_tokens: Any, held
 
     rank = (_rank_local(cal, settings, input_names) if settings.sensitivity == "local"
             else _rank_end_to_end(variant, probe))
-    # the prefix search on FP32 + Q/DQ where the budget's graph is the slower FP16 emulation
-    search = _variants(cal, settings, None) if precision is not None else None
-    loop = _exclude_until_met(variant, heldout, rank, settings, search)
+    loop = _exclude_until_met(variant, heldout, rank, settings)
     model, report = loop.model, loop.report
     if precision is not None:  # the returned graph is the FP32 + Q/DQ one
         placed = cal.placer.call(cal.scales, settings, exclude_nodes=loop.excluded)
