@@ -15,6 +15,7 @@ import numpy as np
 
 HELDOUT_EVAL_SAMPLES = 64  # held-out samples per curve point: ~1 s on MiniLM on 2 CPU cores
 EVAL_BATCH = 16
+REFERENCE_MAX_MIB = 256  # the teacher's kept outputs, at most (a GPT-2 LM head's logits: ~1.6 GiB for 64 x 128)
 
 
 def first_output(out: Any) -> Any:
@@ -47,8 +48,10 @@ def heldout_cosine(teacher: Any, tokens: Any, input_names: list[str],
     """A function student -> mean held-out cosine against `teacher` (see the module docstring).
 
     The teacher's outputs are computed on the first call and kept (FP32, CPU: 64 samples x 128
-    tokens x 384 floats is 12 MiB for MiniLM); each call then runs the student alone, in eval
-    mode, without gradients, on the device its parameters are on.
+    tokens x 384 floats is 12 MiB for MiniLM), batch by batch up to `REFERENCE_MAX_MIB` (at
+    least one batch): a model whose first output is a vocabulary's logits is measured on fewer
+    samples. Each call then runs the student alone, in eval mode, without gradients, on the
+    device its parameters are on.
 
     Args:
         teacher: the frozen reference model (Hugging Face, returns a ModelOutput or tuple).
@@ -82,7 +85,12 @@ def heldout_cosine(teacher: Any, tokens: Any, input_names: list[str],
         cos: list[float] = []
         with torch.no_grad():
             if not refs:
-                refs.extend(run(teacher, feeds) for feeds, _ in batches)
+                kept = 0
+                for feeds, _ in batches:
+                    refs.append(run(teacher, feeds))
+                    kept += refs[-1].numel() * 4
+                    if kept >= REFERENCE_MAX_MIB << 20:
+                        break
             for (feeds, lengths), ref in zip(batches, refs):
                 cos += sample_cosines(ref, run(student, feeds), lengths)
         student.train(was_training)

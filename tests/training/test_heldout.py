@@ -59,3 +59,18 @@ def test_bf16_matmul_available_answers_for_each_device():
     if not torch.cuda.is_available():
         assert bf16_matmul_available("auto") == bf16_matmul_available("cpu")
         assert bf16_matmul_available("cuda") is False
+
+
+def test_heldout_cosine_keeps_the_teacher_outputs_within_the_memory_cap(monkeypatch):
+    """Past `REFERENCE_MAX_MIB` no further batch is kept or measured (at least one is)."""
+    import compiler.training.heldout as heldout
+
+    teacher = tiny_bert()
+    held = training_tokens(40, skip=0)
+    calls = []
+    forward = type(teacher).forward
+    monkeypatch.setattr(type(teacher), "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    monkeypatch.setattr(heldout, "REFERENCE_MAX_MIB", 0)  # every batch passes the cap: one batch kept
+    evaluate = heldout.heldout_cosine(teacher, held, BERT_INPUTS, max_samples=40)
+    assert evaluate(teacher) == pytest.approx(1.0, abs=1e-6)
+    assert len(calls) == 2  # one teacher batch, then the same batch on the "student"
