@@ -74,7 +74,8 @@ def recovery_train(settings: BuildSettings) -> TrainSettings:
 
 
 def _prune_and_recover(settings: BuildSettings, export: ExportResult, tokens: TokenSets, student: Any,
-                       start: tuple[Path, str] | None) -> tuple[dict[str, Any], dict[str, Any], Any]:
+                       start: tuple[Path, str] | None,
+                       train: TrainSettings) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """Prune `student` in place (or load the earlier student), recover it; (masks, prune, recovery)."""
     sp = settings.sparsity
     calib = tokens.calibration if needs_calibration(sp.method) and not start else None
@@ -86,7 +87,6 @@ def _prune_and_recover(settings: BuildSettings, export: ExportResult, tokens: To
         prune_report.method = f"from {start[0]}"
     recovery = None
     if sp.recover_steps:
-        train = recovery_train(settings)
         # the held-out cosine along the run (the curve in sparsity_report.json): verification's set
         curve = heldout_cosine(export.loaded.module, tokens.heldout, export.loaded.input_names)
         recovery = recover(student, export.loaded.module, masks, tokens.training, export.loaded.input_names,
@@ -125,13 +125,14 @@ def stage_sparsity(settings: BuildSettings, export: ExportResult, tokens: TokenS
     calib_texts = tokens.calibration_texts if needs_calibration(sp.method) and not sp.recover_from else []
     train_texts = tokens.training_texts if sp.recover_steps else []
     start = _recover_from(sp.recover_from, weights_path) if sp.recover_from else None
-    key = settings_hash("sparsity-v4", export.loaded.key, sp, recovery_train(settings), data, calib_texts,
+    train = recovery_train(settings)
+    key = settings_hash("sparsity-v4", export.loaded.key, sp, train, data, calib_texts,
                         train_texts, *([start[1]] if start else []))
     student = copy.deepcopy(export.loaded.module)
     computed: dict[str, Any] = {}
 
     def compute() -> None:
-        masks, prune, recovery = _prune_and_recover(settings, export, tokens, student, start)
+        masks, prune, recovery = _prune_and_recover(settings, export, tokens, student, start, train)
         computed["masks"] = masks
         atomic_write(weights_path, lambda p: safetensors_torch.save_model(student, str(p)))
         write_json(report_path, {"prune": prune, "recovery": recovery})

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from compiler.eval.fidelity import sample_fidelity
+
 HELDOUT_EVAL_SAMPLES = 64  # held-out samples per curve point: ~1 s on MiniLM on 2 CPU cores
 EVAL_BATCH = 16
 REFERENCE_MAX_MIB = 256  # the teacher's kept outputs, at most (a GPT-2 LM head's logits: ~1.6 GiB for 64 x 128)
@@ -26,21 +28,10 @@ def first_output(out: Any) -> Any:
 
 
 def sample_cosines(ref: Any, got: Any, lengths: np.ndarray) -> list[float]:
-    """Cosine per sample of (B, T, ...) or (B, ...) tensors over each sample's valid tokens
-    (rank >= 3: the first `lengths[i]` positions; rank <= 2: the whole row), in float64.
-    A zero vector matches only a zero vector; a non-finite value scores -1."""
-    import torch
-
-    out = []
-    for i, n in enumerate(lengths):
-        r = (ref[i, : int(n)] if ref.ndim >= 3 else ref[i]).double().flatten()
-        g = (got[i, : int(n)] if got.ndim >= 3 else got[i]).double().flatten()
-        if not bool(torch.isfinite(g).all()):
-            out.append(-1.0)
-            continue
-        denom = float(r.norm() * g.norm())
-        out.append(float(r @ g) / denom if denom else float(torch.equal(r, g)))
-    return out
+    """Cosine per sample of (B, T, ...) or (B, ...) tensors over each sample's valid tokens:
+    `compiler.eval.fidelity.sample_fidelity`, verification's own figure, on each row."""
+    r, g = ref.numpy(), got.numpy()
+    return [sample_fidelity(r, g, i, int(n))[0] for i, n in enumerate(lengths)]
 
 
 def heldout_cosine(teacher: Any, tokens: Any, input_names: list[str],
