@@ -14,6 +14,8 @@ from pathlib import Path
 import onnx
 import pytest
 
+from calibration.layout import TokenSets
+from compiler.eval.verify import verify_variant
 from compiler.pipeline import run_pipeline
 from compiler.settings import (BuildSettings, DataSettings, EngineSettings, ModelSettings, PrecisionSettings,
                                QuantSettings, SparsitySettings, TrainSettings)
@@ -69,6 +71,8 @@ def test_int8_ptq_composes_with_hybrid(tiny_bert, tmp_path):
     assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     assert state.report["fidelity"]["real"]["nonfinite_count"] == 0
+    # verify measures the graph the INT8 budget measured last, on the same held-out text: reused
+    assert state.report["fidelity"]["real"]["reused"] is True
     saved = json.loads((settings.variant_dir() / "quant_report.json").read_text())
     assert saved["ptq"]["thresholds"] and saved["summary"]["quantized_matmuls"] == q["quantized_matmuls"]
     # unchanged inputs: the Q/DQ graph is reused by its content key
@@ -237,9 +241,18 @@ def test_auto_meets_its_budget_and_verify_agrees(tiny_bert, tmp_path):
     search = state.report["precision"]["search"]
     assert search["budget"]["met"] is True and search["evaluations"] >= 1
     real = state.report["fidelity"]["real"]
-    # auto's budget and verify: the same variant, text and reference
+    # auto's budget and verify: the same variant, text and reference, so verify reads the
+    # budget's figures back (content-keyed) instead of running the variant again ...
+    assert real["reused"] is True and state.report["fidelity"]["random"]["reused"] is False
     assert real["cosine_min"] == pytest.approx(search["heldout_fidelity"]["cosine_min"], abs=1e-9)
     assert real["cosine_min"] >= settings.precision.min_cosine and real["nonfinite_count"] == 0
+    # ... and they are what an independent measure of the saved graph, without any cache, gives
+    heldout = TokenSets(settings.data, state.loaded.tokenizer, settings.train.batch_size,
+                        heldout=state.export.heldout_texts).heldout
+    again = verify_variant(str(state.reference_onnx), onnx.load(str(state.variant_onnx)), state.output_names,
+                           heldout, settings.data.batch_size, 30522)
+    assert {k: v for k, v in again["real"].items() if k not in ("seconds", "reused")} == \
+        {k: v for k, v in real.items() if k not in ("seconds", "reused")}
     report = json.loads((settings.variant_dir() / "report.json").read_text())
     assert report["settings"]["precision"]["mode"] == "auto" and report["variant"] == "auto"
 

@@ -100,10 +100,13 @@ class Fidelity:
     Attributes:
         outputs: one entry per probed output, in the probe's order.
         seconds: wall time of the variant's runs.
+        reused: the figures were read from the measurement cache (`FidelityProbe`): the same
+            variant graph was measured on the same samples before, e.g. by the precision budget.
     """
 
     outputs: list[OutputFidelity]
     seconds: float
+    reused: bool = False
 
     @property
     def first(self) -> OutputFidelity:
@@ -149,7 +152,16 @@ class Fidelity:
         value), non-finite values over every output, and each output's own figures."""
         head = self.first.report()
         head["nonfinite_count"] = self.nonfinite_count
-        return {**head, "seconds": self.seconds, "outputs": {o.name: o.report() for o in self.outputs}}
+        return {**head, "seconds": self.seconds, "reused": self.reused,
+                "outputs": {o.name: o.report() for o in self.outputs}}
+
+    def to_json(self) -> dict[str, Any]:
+        """Every figure, for the measurement cache (`from_json` reads it back)."""
+        return {"seconds": self.seconds, "outputs": [vars(o) for o in self.outputs]}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], reused: bool = True) -> Fidelity:
+        return cls([OutputFidelity(**o) for o in d["outputs"]], float(d["seconds"]), reused)
 
 
 class FidelityProbe:
@@ -165,7 +177,12 @@ class FidelityProbe:
             name, the set's feeds (names, shapes, bytes) and the ONNX Runtime version: the
             `auto` budget, the INT8 budget and verify run the FP32 graph on the same held-out
             batches, and the second one reads them back. Outputs over `REFERENCE_CACHE_MAX_MIB`
-            per set are not cached. None: no cache.
+            per set are not cached. The figures of each variant measured are kept there too
+            (`<cache_dir>/fidelity-<key>.json`, key = the reference's key, the outputs, the
+            engine and `compiler.graph.onnx_io.model_digest` of the variant): verify measures
+            the graph the precision or INT8 budget measured last on the same held-out batches,
+            and reads its figures back instead of running it again (BERT-large: ~50 s). None:
+            no cache.
 
     Attributes:
         samples: {set name: samples}. evaluations: variants measured so far.
@@ -181,16 +198,19 @@ class FidelityProbe:
         self.batches = {name: list(b) for name, b in sets.items()}
         if not self.batches or not all(self.batches.values()):
             raise ValueError(f"FidelityProbe needs at least one non-empty input set, got {list(self.batches)}")
-        self.reference, self.reused = _reference_outputs(reference, self.output_names, self.batches, cache_dir)
+        self.cache_dir, self.set_keys = cache_dir, _set_keys(reference, self.batches, cache_dir)
+        self.reference, self.reused = _reference_outputs(reference, self.output_names, self.batches, self.set_keys,
+                                                         cache_dir)
         self.samples = {name: int(sum(len(n) for _, n in b)) for name, b in self.batches.items()}
         self.evaluations = 0
 
     @classmethod
-    def on_tokens(cls, reference: Any, tokens: Any, input_names: list[str], output_name: str,
+    def on_tokens(cls, reference: Any, tokens: Any, input_names: list[str], outputs: str | list[str],
                   batch_size: int, cache_dir: str | None = None) -> FidelityProbe:
-        """A probe of one output over one token set (`calibration.TokenizedSet`), the set named
-        "heldout": what the accuracy budgets use."""
-        return cls(reference, [output_name], {"heldout": tokens.batches(batch_size, input_names)}, cache_dir)
+        """A probe of one output, or of several (the first the headline), over one token set
+        (`calibration.TokenizedSet`), the set named "heldout": what the accuracy budgets use."""
+        names = [outputs] if isinstance(outputs, str) else list(outputs)
+        return cls(reference, names, {"heldout": tokens.batches(batch_size, input_names)}, cache_dir)
 
     def session_for(self, variant: Any, optimize: bool = False, consume: bool = False) -> Any:
         """The ONNX Runtime session a variant (ModelProto) runs on: the faithful FP16 reference
@@ -206,9 +226,51 @@ class FidelityProbe:
             optimize: let ONNX Runtime optimize a graph without FP16 tensors (fuses Q/DQ).
             consume: let a large ModelProto give its weights to the session.
         """
-        sess = self.session_for(variant, optimize, consume)
+        keys = self._measurement_keys(variant, optimize)
+        result = {name: f for name in self.batches if (f := self._cached(keys.get(name))) is not None}
+        todo = [name for name in self.batches if name not in result]
+        if todo:
+            sess = self.session_for(variant, optimize, consume)
+            for name in todo:
+                result[name] = self._compare(sess, name)
+                self._store(keys.get(name), result[name])
+            del sess
         self.evaluations += 1
-        return {name: self._compare(sess, name) for name in self.batches}
+        return {name: result[name] for name in self.batches}
+
+    def _measurement_keys(self, variant: Any, optimize: bool) -> dict[str, str]:
+        """{set: cache key of this variant's figures}; empty without a cache (or a digest)."""
+        if not self.set_keys:
+            return {}
+        from compiler.graph.onnx_io import model_digest
+        from compiler.settings import settings_hash
+
+        digest = model_digest(variant)
+        if digest is None:
+            return {}
+        engine = reference_name(variant, optimize)
+        return {name: settings_hash("variant-fidelity-v1", key, self.output_names, engine, digest)
+                for name, key in self.set_keys.items()}
+
+    def _path(self, key: str) -> Path:
+        return Path(str(self.cache_dir)) / f"fidelity-{key[:32]}.json"
+
+    def _cached(self, key: str | None) -> Fidelity | None:
+        import json
+
+        if key is None or not self._path(key).is_file():
+            return None
+        try:
+            d = json.loads(self._path(key).read_text())
+            return Fidelity.from_json(d["fidelity"]) if d.get("key") == key else None
+        except (OSError, ValueError, KeyError, TypeError):  # a damaged entry: measure again
+            return None
+
+    def _store(self, key: str | None, fidelity: Fidelity) -> None:
+        from compiler.artifacts import write_json
+
+        if key is not None:
+            write_json(self._path(key), {"key": key, "fidelity": fidelity.to_json()})
 
     def score(self, variant: Any, optimize: bool = False, consume: bool = False) -> Fidelity:
         """`measure` of a probe with one input set: that set's Fidelity."""
@@ -281,7 +343,25 @@ def _set_digest(batches: list[Batch]) -> str:
     return h.hexdigest()
 
 
+def _set_keys(reference: Any, sets: Mapping[str, list[Batch]], cache_dir: str | None) -> dict[str, str]:
+    """{set: key of the FP32 reference on that set}: sha256 over the graph file(s), the set's feeds
+    and the ONNX Runtime version; empty without a cache folder or with a ModelProto reference."""
+    import os
+
+    if not cache_dir or not isinstance(reference, (str, os.PathLike)):
+        return {}
+    import onnxruntime
+
+    from compiler.graph.onnx_io import onnx_sha256
+    from compiler.settings import settings_hash
+
+    graph = onnx_sha256(reference)
+    return {name: settings_hash("fp32-reference-v1", graph, _set_digest(b), onnxruntime.__version__)
+            for name, b in sets.items()}
+
+
 def _reference_outputs(reference: Any, output_names: list[str], sets: Mapping[str, list[Batch]],
+                       set_keys: Mapping[str, str],
                        cache_dir: str | None) -> tuple[dict[str, list[list[np.ndarray]]], list[str]]:
     """{set: [per batch: [per output: array]]} of the FP32 reference, read from the cache where a
     content key shows them unchanged (see `FidelityProbe`); the names of the sets reused.
@@ -291,21 +371,14 @@ def _reference_outputs(reference: Any, output_names: list[str], sets: Mapping[st
     after a one-output budget, then finds them), unless they exceed `REFERENCE_CACHE_MAX_MIB`
     together; then only the outputs asked for, each within that limit.
     """
-    import os
-
     from compiler.artifacts import atomic_write, read_key, write_key
 
     key_of: Callable[[str, str], str] | None = None
-    if cache_dir and isinstance(reference, (str, os.PathLike)):
-        import onnxruntime
-
-        from compiler.graph.onnx_io import onnx_sha256
+    if set_keys:
         from compiler.settings import settings_hash
 
-        graph, digests = onnx_sha256(reference), {name: _set_digest(b) for name, b in sets.items()}
-
         def content_key(name: str, output: str) -> str:
-            return settings_hash("fp32-reference-outputs-v1", graph, output, digests[name], onnxruntime.__version__)
+            return settings_hash("fp32-reference-outputs-v2", set_keys[name], output)
 
         key_of = content_key
 

@@ -255,7 +255,8 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
             the proto is loaded only after the statistics: BERT-large stays under 6 GB).
         settings: mode `auto` with the budget (`min_cosine`, `max_nonfinite`) and search knobs.
         calib_tokens, heldout_tokens: `calibration.TokenizedSet`s of real text, disjoint.
-        input_names, output_names: graph I/O; the budget uses the first output.
+        input_names, output_names: graph I/O; the budget's cosine is the first output's, its
+            non-finite count over every output (as verify's).
         batch_size: held-out batch size; statistics run up to this many samples of one length
             at a time (`compiler.passes.reduced_stats.equal_length_batches`: no padding).
         vocab_size: random ids for the real-vs-random statistics are drawn below it.
@@ -277,7 +278,8 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
     random_overflow, _ = rule_overflow(fp32_model, stats["random"], settings.overflow_margin)
     pins: Pins = {**init_pins, **overflow}
     fixed = set(pins)  # measured hazards: never tried back in FP16
-    probe = FidelityProbe.on_tokens(fp32_path or fp32_model, heldout_tokens, input_names, output_names[0],
+    # every output: the budget reads the first (and non-finite values of all), verify reuses the figures
+    probe = FidelityProbe.on_tokens(fp32_path or fp32_model, heldout_tokens, input_names, output_names,
                                     batch_size, cache_dir)
     evaluate = Evaluator(None if fp32_path else fp32_model, fp32_path, settings, probe)
     sens_batches = list(calib_tokens.batches(1, input_names))[: settings.sensitivity_samples]

@@ -12,7 +12,7 @@
 4. Budget: cosine against FP32 on held-out text (never the calibration text), measured by
    `compiler.eval.fidelity.FidelityProbe`; when the cosine minimum is under `min_cosine`, the
    fewest most sensitive MatMuls that meet it are left unquantized (prefixes of the sensitivity
-   order 1, 2, 4, ..., then a bisection). Sensitivity (`QuantSettings.sensitivity`) is
+   order: 1, then all `max_excluded` (out of reach: stop), then 2, 4, ... and a bisection). Sensitivity (`QuantSettings.sensitivity`) is
    measured once on calibration windows: `local` (default), each node's own INT8 error, all
    nodes in one pass (`compiler.quant.local_error`); `end-to-end`, the output fidelity with only
    that node float, one pass per node.
@@ -200,12 +200,14 @@ def _exclude_until_met(variant: Variant, heldout: FidelityProbe, rank: Rank, set
     that meet it (at most `max_excluded`).
 
     Sensitivity is measured once (`rank`, on calibration windows, never held-out text) and orders
-    the nodes. The held-out budget is then measured on prefixes of that order: 1, 2, 4, ... nodes
-    float until one meets it (or `max_excluded` does not), then a bisection between the last
-    prefix that failed and the first that met it. Fidelity grows with the prefix in practice, so
-    this finds the smallest prefix the one-at-a-time loop would, in log2(`max_excluded`) + 1
-    held-out evaluations instead of up to `max_excluded` (BERT-large, hybrid + INT8 on the FP16
-    emulation: ~73 s each). Without any prefix meeting the budget, all `max_excluded` stay float.
+    the nodes. The held-out budget is then measured on prefixes of that order: 1 node float; if
+    that fails, all `max_excluded` (when even they fail, the budget is out of reach and the search
+    ends there, all of them float); else 2, 4, ... until one meets it, then a bisection between
+    the last prefix that failed and the first that met it. Fidelity grows with the prefix in
+    practice, so this finds the smallest prefix the one-at-a-time loop would, in about
+    log2(`max_excluded`) + 2 held-out evaluations instead of up to `max_excluded`, and in 2 when
+    the budget cannot be met (BERT-large with random weights, hybrid + INT8 on the FP16
+    emulation: ~75 s an evaluation; the doubling alone took 4 to find that out).
     """
     model, report = variant({})
     loop = _Loop(model, report, heldout.score(model).to_dict())
@@ -216,6 +218,8 @@ def _exclude_until_met(variant: Variant, heldout: FidelityProbe, rank: Rank, set
     loop.sensitivity, why = rank(model, report)
     loop.sensitivity_seconds = round(time.perf_counter() - t0, 1)
     order = sorted(loop.sensitivity, key=loop.sensitivity.get, reverse=True)[: settings.max_excluded]
+    if not order:  # nothing ranked (no quantized node): the start is the result
+        return loop
     measured: dict[int, tuple[QuantReport, dict[str, Any]]] = {}
     last: list[Any] = [None, None]  # (n, model): one graph kept in memory, the last measured
 
@@ -231,14 +235,16 @@ def _exclude_until_met(variant: Variant, heldout: FidelityProbe, rank: Rank, set
                            "int8_mac_fraction": report.int8_mac_fraction, **fid})
         return _met(fid, settings)
 
-    failed, passed, n = 0, None, 1
-    while n <= len(order):
-        if met(n):
-            passed = n
-            break
-        if n == len(order):
-            break
-        failed, n = n, min(2 * n, len(order))
+    failed, passed, top = 0, None, len(order)
+    if met(1):
+        passed = 1
+    elif top > 1 and met(top):  # reachable at all: else one evaluation ends the search
+        failed, passed, n = 1, top, 2
+        while n < passed:
+            if met(n):
+                passed = n
+                break
+            failed, n = n, 2 * n
     while passed is not None and passed - failed > 1:
         mid = (failed + passed) // 2
         if met(mid):
@@ -296,13 +302,14 @@ def quantize_within_budget(fp32_path: str | os.PathLike, calib_tokens: Any, held
        quantized node's relative INT8 error on FP32 inputs (one pass for all nodes);
        `end-to-end`, the mean cosine deficit (1 - cosine) removed by leaving only that node
        float (one pass per node). Then the fewest most sensitive nodes whose exclusion meets
-       the held-out budget stay float: prefixes of the order 1, 2, 4, ... up to `max_excluded`,
-       then a bisection (`_exclude_until_met`).
+       the held-out budget stay float: prefixes of the order 1, then `max_excluded` (when it
+       fails too, the search ends), then 2, 4, ... and a bisection (`_exclude_until_met`).
 
     Args:
         fp32_path: the FP32 ONNX file (opset >= 19).
         calib_tokens, heldout_tokens: `calibration.TokenizedSet`s of real text, disjoint.
-        input_names, output_names: graph I/O; fidelity is measured on the first output.
+        input_names, output_names: graph I/O; the cosine is the first output's, non-finite values
+            are counted over every output (as verify does).
         settings: `QuantSettings`.
         cache_dir: cache folder for thresholds and channel statistics (None: no cache).
         batch_size: held-out samples per run (padded to the batch's longest).
@@ -323,7 +330,7 @@ def quantize_within_budget(fp32_path: str | os.PathLike, calib_tokens: Any, held
     fp32_path = Path(fp32_path)
     cal = _calibrated(fp32_path, calib_tokens, input_names, settings, cache_dir)
     variant = _variants(cal, settings, precision)
-    heldout = FidelityProbe.on_tokens(fp32_path, heldout_tokens, input_names, output_names[0], batch_size,
+    heldout = FidelityProbe.on_tokens(fp32_path, heldout_tokens, input_names, output_names, batch_size,
                                       str(cache_dir) if cache_dir else None)
 
     def probe() -> FidelityProbe:

@@ -155,3 +155,41 @@ def test_reference_outputs_are_cached_by_graph_feeds_and_output(tmp_path, monkey
     changed = FidelityProbe(path, ["Y"], {"b": IDS_BATCHES[1:]}, str(cache))
     assert changed.reused == [] and changed.reference["b"][0][0][0, 0, 0] == 9.0
     assert FidelityProbe(ids_model(), ["Y"], {"b": IDS_BATCHES[1:]}, str(cache)).reused == []
+
+
+def test_variant_figures_are_cached_by_reference_samples_outputs_and_graph(tmp_path, monkeypatch):
+    """A variant measured once (a budget's last evaluation) is read back by a later probe over the
+    same reference, batches and outputs (verify) without opening a session, with the same
+    figures; another variant graph, another output list or other batches are measured anew."""
+    import onnx
+
+    from compiler.eval import fidelity as F
+
+    path, cache = tmp_path / "ref.onnx", tmp_path / "cache"
+    onnx.save(ids_model(), path)
+    first = FidelityProbe(path, ["Y", "P"], {"heldout": IDS_BATCHES}, str(cache))
+    want = first.score(ids_model(scale=2.0))
+    assert want.reused is False and len(list(cache.glob("fidelity-*.json"))) == 1
+
+    opened = []
+    real_session = F.session
+    monkeypatch.setattr(F, "session", lambda *a, **k: opened.append(a) or real_session(*a, **k))
+    verify = FidelityProbe(path, ["Y", "P"], {"real": IDS_BATCHES, "random": IDS_BATCHES[1:]}, str(cache))
+    got = verify.measure(ids_model(scale=2.0))  # "real" = the budget's batches under another name
+    # sessions: the FP32 reference and the variant on "random" only
+    assert got["real"].reused is True and got["random"].reused is False and len(opened) == 2
+    assert got["real"].to_json() == want.to_json() and got["real"].report()["reused"] is True
+    opened.clear()
+    assert verify.measure(ids_model(scale=2.0))["random"].reused is True and opened == []  # both cached now
+    # another graph (one weight changed), another output list: measured anew, with their own figures
+    other = verify.measure(ids_model(scale=3.0))
+    assert not any(f.reused for f in other.values()) and other["real"].max_abs_err != want.max_abs_err
+    assert FidelityProbe(path, ["Y"], {"real": IDS_BATCHES}, str(cache)).score(ids_model(scale=2.0)).reused is False
+    # no cache folder, or a ModelProto reference (no content key): never reused
+    assert FidelityProbe(path, ["Y", "P"], {"real": IDS_BATCHES}).score(ids_model(scale=2.0)).reused is False
+    assert FidelityProbe(ids_model(), ["Y", "P"], {"real": IDS_BATCHES}, str(cache)).score(
+        ids_model(scale=2.0)).reused is False
+    # a damaged entry is measured again, not trusted
+    for f in cache.glob("fidelity-*.json"):
+        f.write_text("{not json")
+    assert FidelityProbe(path, ["Y", "P"], {"real": IDS_BATCHES}, str(cache)).score(ids_model(scale=2.0)).reused is False

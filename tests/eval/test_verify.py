@@ -20,7 +20,7 @@ from compiler.training.models import LoadedModel
 from tests.models import (FP16_MAX, layer0_residual, minilm, minilm_dir, minilm_export, minilm_fp32_model,
                           minilm_variant, planted_overflow_bert)
 
-FIDELITY_KEYS = {"cosine_min", "cosine_mean", "max_abs_err", "nonfinite_count", "samples", "seconds", "outputs"}
+FIDELITY_KEYS = {"cosine_min", "cosine_mean", "max_abs_err", "nonfinite_count", "samples", "seconds", "reused", "outputs"}
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compiler.errors import InvalidOnnxError
 from compiler.graph.onnx_io import (constants_to_initializers, graph_copy, load_onnx, onnx_sha256, ort_session,
-                                    save_onnx, session_with_outputs, without_weights)
+                                    proto_nbytes, save_onnx, session_with_outputs, without_weights)
 from tests.models import f32, make_model
 
 W = np.arange(64 * 32, dtype=np.float32).reshape(64, 32) / 100  # 8 KiB: goes to external data
@@ -180,7 +180,7 @@ def test_save_on_a_full_disk_is_one_clear_error(tmp_path, monkeypatch):
         save_onnx(model, path, external=True)
     msg = str(e.value)
     assert msg.startswith(f"{path}: no space left on the device") and "\n" not in msg
-    assert f"{model.ByteSize() / 1024:.1f} KiB to write" in msg and "--output-dir" in msg
+    assert f"{proto_nbytes(model) / 1024:.1f} KiB to write" in msg and "--output-dir" in msg
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
@@ -223,3 +223,40 @@ def test_saved_onnx_and_its_weights_follow_the_umask(tmp_path):
         os.umask(old)
     for p in (path, tmp_path / "m.onnx.data"):
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_proto_nbytes_bounds_the_serialized_size_without_encoding_the_weights():
+    """proto_nbytes never under-states the size (save and session decide external data on it),
+    and overstates it by at most 32 bytes per initializer and a fixed 64 + 8 per string field."""
+    model = linear()
+    big = np.random.default_rng(0).standard_normal((128, 160)).astype(np.float32)  # 80 KiB: header + bytes path
+    model.graph.initializer.append(numpy_helper.from_array(big, "big"))
+    model.doc_string, model.producer_version, model.graph.doc_string = "a model", "1.2.3", "graph doc é"
+    onnx.helper.set_model_props(model, {"key": "value"})
+    exact = model.ByteSize()
+    slack = 32 * len(model.graph.initializer) + 64 + 8 * 5
+    assert exact <= proto_nbytes(model) <= exact + slack
+    light = linear()
+    assert light.ByteSize() <= proto_nbytes(light) <= light.ByteSize() + 32 * len(light.graph.initializer) + 96
+
+
+def test_model_digest_follows_the_computation_not_the_file(tmp_path):
+    """Equal for a copy and for the model saved and loaded back (inline or with external data),
+    different when a weight or a node changes; None for a proto whose weights stay in a file."""
+    from compiler.graph.onnx_io import model_digest
+
+    digest = model_digest(linear())
+    assert digest == model_digest(linear())
+    for external in (False, True):
+        save_onnx(linear(), tmp_path / f"m{external}.onnx", external=external)
+        assert model_digest(load_onnx(tmp_path / f"m{external}.onnx")) == digest
+    assert model_digest(onnx.load(str(tmp_path / "mTrue.onnx"), load_external_data=False)) is None
+    changed = linear()
+    changed.graph.initializer[0].raw_data = (numpy_helper.to_array(changed.graph.initializer[0]) + 1).tobytes()
+    assert model_digest(changed) != digest
+    renamed = linear()
+    renamed.graph.node[2].op_type = "Sub"
+    assert model_digest(renamed) != digest
+    meta = linear()
+    onnx.helper.set_model_props(meta, {"note": "metadata does not compute"})
+    assert model_digest(meta) == digest

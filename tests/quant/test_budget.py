@@ -166,12 +166,14 @@ def test_minilm_int8_within_budget_on_heldout_text(minilm19, tmp_path, monkeypat
     assert again.SerializeToString() == model.SerializeToString()
 
 
-@pytest.mark.parametrize("needed, evaluated", [(5, [1, 2, 4, 8, 6, 5]), (6, [1, 2, 4, 8, 6, 5]), (1, [1]),
-                                               (3, [1, 2, 4, 3]), (None, [1, 2, 4, 8])])
+@pytest.mark.parametrize("needed, evaluated", [(5, [1, 8, 2, 4, 6, 5]), (6, [1, 8, 2, 4, 6, 5]), (1, [1]),
+                                               (3, [1, 8, 2, 4, 3]), (8, [1, 8, 2, 4, 6, 7]), (2, [1, 8, 2]),
+                                               (None, [1, 8])])
 def test_budget_finds_the_fewest_float_nodes_by_doubling_then_bisection(needed, evaluated):
     """Held-out fidelity that grows with the number of float nodes: the loop returns the
     smallest prefix of the sensitivity order meeting the budget (or all `max_excluded` when none
-    does) and measures only the prefixes 1, 2, 4, ... then the bisection's."""
+    does) and measures only the prefixes 1, then `max_excluded` (failing: the search ends), then
+    2, 4, ... and the bisection's."""
     from dataclasses import dataclass
 
     from compiler.passes.qdq import QuantReport
