@@ -47,10 +47,14 @@ also writes a PNG, when matplotlib is installed (the `bench` extra).
   Writes `sst2_tasks.json`.
 - `op_profile`: ONNX Runtime CPU time per operator type of several graphs (why one is slower).
   Writes `op_profile.json`.
+- `forward_cost`: ms per sample of an FP32 graph on ONNX Runtime and of its FP16 variant on the
+  faithful FP16 reference, and the statistics' per-tensor reductions in GB/s: the floor under a
+  compile's wall time. Writes `forward_cost.json`.
 
 `benchmarks.common` holds what they share (NAME=PATH arguments, tables, JSON, plots).
 """
 
 BENCHMARKS = ("precision_modes", "int8_ptq", "int8_minilm", "recovery_sweep", "sparsegpt_start", "sst2_probe", "ort_latency",
               "peak_memory", "vocab_prune", "latency", "compile_cost", "gpt2_fixture", "gpt2_agreement",
-              "gpt2_generate", "sst2_classifier", "sst2_tasks", "op_profile", "recovery_curve")
+              "gpt2_generate", "sst2_classifier", "sst2_tasks", "op_profile", "recovery_curve",
+              "forward_cost")

@@ -77,6 +77,30 @@ def test_op_profile_sums_node_time_per_operator_type(tmp_path):
         parse_shape("32")
 
 
+def test_forward_cost_times_both_graphs_and_the_reductions(tmp_path):
+    """A tiny Gather -> MatMul -> MatMul graph and its FP16 conversion: per-sample times and the
+    reductions' throughput are positive and in the JSON; a missing graph is refused by name."""
+    import numpy as np
+    import onnx
+
+    from benchmarks.forward_cost import main
+    from compiler.passes.precision import convert_precision
+    from compiler.settings import PrecisionSettings
+    from tests.quant.test_calibrate import ids_model
+
+    r = np.random.default_rng(0)
+    fp32 = ids_model(*(r.standard_normal(s).astype(np.float32) for s in ((20000, 8), (8, 16), (16, 8))))
+    onnx.save(fp32, tmp_path / "fp32.onnx")
+    onnx.save(convert_precision(fp32, PrecisionSettings(mode="fp16"))[0], tmp_path / "fp16.onnx")
+    main(["--fp32", str(tmp_path / "fp32.onnx"), "--variant", str(tmp_path / "fp16.onnx"), "--batch", "2",
+          "--sequence", "8", "--repeat", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "forward_cost.json").read_text())
+    assert len(result["rows"]) == 2 and all(row["ms_per_sample"] > 0 for row in result["rows"])
+    assert result["reductions"]["shape"] == [2, 8, 4096] and result["reductions"]["gb_per_s"] > 0
+    with pytest.raises(SystemExit, match="missing.onnx: no such ONNX file"):
+        main(["--fp32", str(tmp_path / "missing.onnx"), "--out", str(tmp_path)])
+
+
 def test_recovery_curve_reads_runs_keeps_other_labels_and_refuses_a_run_without_a_curve(tmp_path):
     from benchmarks import recovery_curve
 

@@ -274,7 +274,8 @@ class TrainSettings:
     student's `last_hidden_state` against the FP32 teacher's at valid tokens (no labels).
 
     Attributes:
-        steps: optimizer steps (AdamW, no weight decay).
+        steps: optimizer steps (AdamW, no weight decay, PyTorch's fused kernel where it runs:
+            `compiler.training.distill.adamw`).
         lr: learning rate of the weights.
         scale_lr: learning rate of QAT's learnable activation scales (LSQ, Esser et al. 2020).
         batch_size: samples per step (padded to the batch's longest).
@@ -346,8 +347,8 @@ class SparsitySettings:
             means every linear layer inside the transformer blocks (no embeddings, no head).
         recover_steps: distillation steps with the masks held fixed (0: no recovery); the
             loop's other knobs (batch size, seed, layer-wise loss) come from `TrainSettings`.
-            2,800: MiniLM's whole `make onnx SPARSITY=2:4` in about an hour on 2 CPU cores
-            without BF16 hardware (~1.1 s a step; docs/sparsity.md).
+            3,300: MiniLM's whole `make onnx SPARSITY=2:4` within an hour on 2 CPU cores
+            without BF16 hardware (~1 s a step with the fused AdamW; docs/sparsity.md).
         recover_lr: peak learning rate of the recovery, 100x QAT's `TrainSettings.lr`: pruning
             moves the model much further than quantization; 1e-3 beat 2e-4, 5e-4 and 2e-3 on
             MiniLM (docs/sparsity.md).
@@ -371,7 +372,7 @@ class SparsitySettings:
     pattern: str | None = None
     method: str = "sparsegpt"
     layers: tuple[str, ...] = ()
-    recover_steps: int = 2800
+    recover_steps: int = 3300
     recover_samples: int = 6144
     recover_bf16: str = field(default="auto", metadata={"hash": False})  # resolved into TrainSettings.bf16
     recover_lr: float = 1e-3

@@ -126,7 +126,7 @@ def stage_sparsity(settings: BuildSettings, export: ExportResult, tokens: TokenS
     train_texts = tokens.training_texts if sp.recover_steps else []
     start = _recover_from(sp.recover_from, weights_path) if sp.recover_from else None
     train = recovery_train(settings)
-    key = settings_hash("sparsity-v4", export.loaded.key, sp, train, data, calib_texts,
+    key = settings_hash("sparsity-v5", export.loaded.key, sp, train, data, calib_texts,
                         train_texts, *([start[1]] if start else []))
     student = copy.deepcopy(export.loaded.module)
     computed: dict[str, Any] = {}

@@ -179,6 +179,20 @@ def bf16_matmul_available(device: str) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def adamw(groups: list[dict]) -> Any:
+    """AdamW without weight decay over `groups`, with PyTorch's fused kernel (one pass over all
+    parameters; `torch.optim.AdamW(fused=True)`, CPU and CUDA): the default single-tensor loop
+    cost MiniLM's distillation step 0.924 s against 0.747 s fused (batch 8 of WikiText-2 and
+    SST-2 text, 2 CPU cores; 19 % of the step). Where the fused kernel is not available
+    (another device, a parameter dtype it lacks) the default implementation runs instead."""
+    import torch
+
+    try:
+        return torch.optim.AdamW(groups, weight_decay=0.0, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
 def train_device(name: str) -> Any:
     """`TrainSettings.device` -> torch.device.
 
@@ -317,7 +331,7 @@ def _distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], se
     # little text dropout noise dominates the loss. Gradients flow in eval mode all the same.
     student.eval()
     groups = param_groups or [{"params": [p for p in student.parameters() if p.requires_grad], "lr": settings.lr}]
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    opt = adamw(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(settings.schedule, settings.steps))
     losses = []
     curve: list[list[float]] = []

@@ -352,7 +352,7 @@ def _qdq_of_tuned(inputs: QatInputs, settings: BuildSettings, export: ExportSett
     sensitivity exclusions; raises ValueError when the placement differs from PTQ's."""
     loaded, quant = inputs.loaded, settings.quant
     tuned = replace(loaded, module=inputs.student,
-                    key=settings_hash("qat-v2", loaded.key, onnx_sha256(inputs.fp32_path), quant,
+                    key=settings_hash("qat-v3", loaded.key, onnx_sha256(inputs.fp32_path), quant,
                                       settings.train, inputs.calib.key, inputs.train.key))
     path, export_report = onnx_from_torch(tuned, export, Path(qat_onnx), inputs.texts)
     exported = onnx.load(str(path))
