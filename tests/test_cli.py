@@ -246,8 +246,13 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     # its own process group, signalled as a terminal's Ctrl-C signals the foreground group: the
     # pipeline and the export's worker process both get SIGINT (signalling the parent alone
     # once let the worker finish the export and the command exit 0 on a loaded machine)
+    # SIGINT at its default on entry, as a command a terminal starts: a SIGINT disposition of
+    # "ignore" is inherited through exec, and Python then installs no KeyboardInterrupt handler
+    # (a fresh-clone run of the whole suite exited 0 here: the test process had SIGINT ignored)
     proc = subprocess.Popen([sys.executable, "-m", "compiler", "export", "--model", "minilm", "--output-dir",
-                             str(tmp_path)], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                             str(tmp_path)], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    inherited = signal.getsignal(signal.SIGINT)
     lines = []
     for line in proc.stderr:  # wait until the pipeline runs, then press Ctrl-C
         lines.append(line)
@@ -256,7 +261,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
             os.killpg(proc.pid, signal.SIGINT)
             break
     rest = proc.stderr.read()
-    assert proc.wait(timeout=300) == 130, "".join(lines) + rest
+    assert proc.wait(timeout=300) == 130, f"SIGINT here: {inherited}\n" + "".join(lines) + rest
     assert "interrupted" in rest and "Traceback" not in rest
 
 

@@ -249,6 +249,8 @@ class FidelityProbe:
         if digest is None:
             return {}
         engine = reference_name(variant, optimize)
+        # the version tag stands for the emulation (`fp16_emulation`) and the metrics
+        # (`sample_fidelity`): bump it when either changes, so that no stale figure is read back
         return {name: settings_hash("variant-fidelity-v1", key, self.output_names, engine, digest)
                 for name, key in self.set_keys.items()}
 
