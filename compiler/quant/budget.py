@@ -12,8 +12,8 @@
 4. Budget: cosine against FP32 on held-out text (never the calibration text), measured by
    `compiler.eval.fidelity.FidelityProbe`; when the cosine minimum is under `min_cosine`, the
    fewest most sensitive MatMuls that meet it are left unquantized (prefixes of the sensitivity
-   order: 1, then all `max_excluded` (out of reach: stop), then 2, 4, ... and a bisection). Sensitivity (`QuantSettings.sensitivity`) is
-   measured once on calibration windows: `local` (default), each node's own INT8 error, all
+   order: 1, then all `max_excluded` (out of reach: stop), then 2, 4, ... and a bisection).
+   Sensitivity (`QuantSettings.sensitivity`) is measured once on calibration windows: `local` (default), each node's own INT8 error, all
    nodes in one pass (`compiler.quant.local_error`); `end-to-end`, the output fidelity with only
    that node float, one pass per node.
 

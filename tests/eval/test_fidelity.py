@@ -192,4 +192,5 @@ def test_variant_figures_are_cached_by_reference_samples_outputs_and_graph(tmp_p
     # a damaged entry is measured again, not trusted
     for f in cache.glob("fidelity-*.json"):
         f.write_text("{not json")
-    assert FidelityProbe(path, ["Y", "P"], {"real": IDS_BATCHES}, str(cache)).score(ids_model(scale=2.0)).reused is False
+    fresh = FidelityProbe(path, ["Y", "P"], {"real": IDS_BATCHES}, str(cache))
+    assert fresh.score(ids_model(scale=2.0)).reused is False
