@@ -16,8 +16,8 @@ from calibration.text import TokenizedSet
 from compiler.errors import CompilerError
 from compiler.settings import SparsitySettings, TrainSettings, settings_hash
 from compiler.training.distill import (TeacherCache, TrainReport, batches_forever, distill, distill_loss,
-                                       lr_factor, train_device)
-from tests.models import BERT_INPUTS, tiny_bert, training_tokens
+                                       length_groups, lr_factor, split_outputs, train_device)
+from tests.models import BERT_INPUTS, tiny_bert, tiny_gpt2, training_tokens
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,107 @@ def test_batches_reshuffle_every_epoch():
     assert list(epochs[0]) != list(epochs[1])
 
 
+def test_length_groups_by_hand_and_against_every_partition():
+    # longest first: 100, 98 together (cost 200 + 10) beside 5, 3 (10 + 10), not all four padded to 100
+    assert [list(g) for g in length_groups(np.array([3, 100, 5, 98]), cost_tokens=10)] == [[1, 3], [2, 0]]
+    assert [list(g) for g in length_groups(np.array([3, 100, 5, 98]), cost_tokens=10**6)] == [[1, 3, 2, 0]]
+    assert [list(g) for g in length_groups(np.array([3, 100, 5, 98]), cost_tokens=0)] == [[1], [3], [2], [0]]
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # the cheapest cut of the sorted lengths, checked against all 2^(n-1) cuts
+        lengths = rng.integers(1, 129, rng.integers(1, 9))
+        cost = int(rng.integers(0, 200))
+        groups = length_groups(lengths, cost)
+        assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
+        got = sum(len(g) * lengths[g].max() + cost for g in groups)
+        ordered = np.sort(lengths)[::-1]
+        best = min(sum(len(part) * part[0] + cost for part in np.split(ordered, [i + 1 for i in range(len(ordered) - 1)
+                                                                                 if mask >> i & 1]))
+                   for mask in range(2 ** (len(ordered) - 1)))
+        assert got == best
+
+
+def _ragged(tokens, lengths):
+    """`tokens` cut to `lengths` (sample i to lengths[i % len(lengths)] tokens): mixed lengths."""
+    ids = [np.asarray(x)[: lengths[i % len(lengths)]] for i, x in enumerate(tokens.input_ids)]
+    types = None if tokens.token_type_ids is None else [np.asarray(t)[: len(x)] for t, x in zip(tokens.token_type_ids, ids)]
+    return TokenizedSet(ids, types, tokens.pad_id, tokens.key + "-ragged")
+
+
+@pytest.mark.parametrize("family", ["encoder", "decoder", "classifier"])
+def test_split_batches_train_what_the_padded_batches_train(tokens, family, monkeypatch):
+    """Sub-batches of similar length, one optimizer step: the losses and the trained weights are
+    the padded batch's (float summation order aside), for an encoder, a decoder and a head
+    model, with the teacher cache filling on the way."""
+    import compiler.training.distill as distill_module
+    from transformers import BertForSequenceClassification
+
+    ragged = _ragged(tokens, [32, 5, 30, 7])
+    if family == "encoder":
+        teacher, names = tiny_bert(), BERT_INPUTS
+    elif family == "decoder":
+        teacher, names = tiny_gpt2(), ["input_ids", "attention_mask"]
+    else:
+        config = tiny_bert().config
+        config.num_labels = 3
+        torch.manual_seed(0)
+        teacher, names = BertForSequenceClassification(config).eval(), BERT_INPUTS
+    torch.manual_seed(5)
+    start = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in start.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    shapes = []
+    monkeypatch.setattr(teacher, "forward", lambda *a, _f=teacher.forward, **k: shapes.append(k["input_ids"].shape) or _f(*a, **k))
+    trained = {}
+    for split, cost in ((False, None), (True, None), (True, 0)):
+        monkeypatch.setattr(distill_module, "SPLIT_COST_TOKENS", 128 if cost is None else cost)
+        student = copy.deepcopy(start)
+        shapes.clear()
+        report = distill(student, teacher, ragged, names,
+                         TrainSettings(steps=4, lr=1e-3, batch_size=4, split_by_length=split))
+        trained[split, cost] = student.state_dict(), report.losses, list(shapes)
+    # the teacher runs in the first epoch only (cache), 2 batches of 4 of the 8 samples; a head
+    # model's outputs are not cached: every step. At the default cost these batches (samples of
+    # 32, 5, 30, 7 tokens) stay whole.
+    epochs = 2 if family == "classifier" else 1
+    assert trained[True, None][2] == trained[False, None][2] and [b for b, _ in trained[True, None][2]] == [4] * 2 * epochs
+    # at cost 0: sub-batches of equal length, each cut to its own longest
+    split = trained[True, 0][2]
+    assert all(b < 4 for b, _ in split) and sum(b for b, _ in split) == 8 * epochs
+    assert {t for _, t in split} == {len(x) for x in ragged.input_ids}
+    np.testing.assert_allclose(trained[True, 0][1], trained[False, None][1], rtol=1e-5)
+    # AdamW divides by the gradient's running RMS, which magnifies summation-order noise where a
+    # gradient is ~0: weights agree within a tenth of one step (lr 1e-3); the gradients
+    # themselves are compared tightly below
+    for k, v in trained[False, None][0].items():
+        torch.testing.assert_close(trained[True, 0][0][k], v, rtol=0, atol=1e-4)
+    # one batch by hand: the sub-batches' losses (normalized by the whole batch) add up to the
+    # padded batch's loss, and their gradients to its gradient
+    feeds, lengths, _ = next(batches_forever(ragged, 4, names, seed=0))
+    hidden = True
+
+    def loss_and_grads(parts):
+        student = copy.deepcopy(start)
+        total = 0.0
+        for part in parts:
+            t = int(lengths[part].max())
+            inputs = {k: torch.from_numpy(np.ascontiguousarray(v[part, :t])) for k, v in feeds.items()}
+            mask = inputs["attention_mask"].unsqueeze(-1).float()
+            with torch.no_grad():
+                states, heads = split_outputs(teacher(**inputs, output_hidden_states=hidden), True)
+            loss = distill_loss(student(**inputs, output_hidden_states=hidden), states + [v for _, v in heads], mask,
+                                True, float(lengths.sum()), len(lengths))
+            loss.backward()
+            total += float(loss.detach())
+        return total, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    whole, grads = loss_and_grads([np.arange(len(lengths))])
+    split_loss, split_grads = loss_and_grads(length_groups(lengths, 0))
+    assert split_loss == pytest.approx(whole, rel=1e-6) and split_grads.keys() == grads.keys()
+    for k, v in grads.items():
+        torch.testing.assert_close(split_grads[k], v, rtol=1e-4, atol=1e-8)
+
+
 # --------------------------------------------------------------------------------------------
 # Loss
 
@@ -177,7 +278,7 @@ def test_teacher_cache_reuses_outputs_without_changing_training(tokens, monkeypa
         student = copy.deepcopy(tiny_bert(1))
         calls.clear()
         report = distill(student, teacher, tokens, BERT_INPUTS,
-                         TrainSettings(steps=6, lr=1e-3, batch_size=4, teacher_cache_mib=mib))
+                         TrainSettings(steps=6, lr=1e-3, batch_size=4, teacher_cache_mib=mib, split_by_length=False))
         trained[mib] = (student.state_dict(), report.losses, len(calls))
     assert trained[0][2] == 6 and trained[64][2] == 2  # 2 batches per epoch, 3 epochs
     np.testing.assert_allclose(trained[64][1], trained[0][1], rtol=1e-4)
