@@ -139,6 +139,9 @@ OPTION_OPTIONS = [
     ("--train-bf16", "train.bf16", {"action": "store_true",
                                     "help": "QAT and 2:4 recovery under bfloat16 autocast (FP32 master weights)"}),
     ("--train-device", "train.device", {"metavar": "DEVICE", "help": "cpu, cuda, cuda:N, or auto"}),
+    ("--no-split-batches", "train.split_by_length",
+     {"action": "store_false", "help": "QAT and 2:4 recovery: one padded forward per batch, not sub-batches of "
+                                       "similar length (the same gradient; CPU training devices only)"}),
     ("--sparsity", "sparsity.pattern", {"choices": ("2:4",), "help": "2:4 structured sparsity of block linears"}),
     ("--sparsity-method", "sparsity.method", {"choices": SPARSITY_METHODS,
                                               "help": "which 2 of every 4 weights stay: magnitude, wanda or sparsegpt"}),

@@ -149,15 +149,18 @@ def test_sparsity_and_fine_tuning_flags_reach_the_settings():
     args = build_parser().parse_args(["compile", "--model", "minilm", "--sparsity", "2:4", "--sparsity-method", "wanda",
                                       "--recover-steps", "7", "--recover-lr", "3e-4", "--recover-schedule", "constant",
                                       "--train-text", "train.txt", "--train-text", "more.tsv", "--train-samples", "99",
-                                      "--train-device", "auto", "--train-bf16", "--recover-from", "s.safetensors"])
+                                      "--train-device", "auto", "--train-bf16", "--recover-from", "s.safetensors",
+                                      "--no-split-batches"])
     s = settings_from_args(args)
     assert s.train.device == "auto" and s.train.bf16 and s.sparsity.recover_from == "s.safetensors"
+    assert not s.train.split_by_length
     assert (s.sparsity.pattern, s.sparsity.method, s.sparsity.recover_steps) == ("2:4", "wanda", 7)
     assert (s.sparsity.recover_lr, s.sparsity.recover_schedule) == (3e-4, "constant")
     assert (s.data.train_path, s.data.train_samples) == (("train.txt", "more.tsv"), 99)
     defaults = settings_from_args(build_parser().parse_args(["compile"]))
     assert (defaults.sparsity.method, defaults.sparsity.recover_schedule) == ("sparsegpt", "linear")
     assert defaults.data.train_path == () and defaults.train.device == "cpu" and not defaults.train.bf16
+    assert defaults.train.split_by_length
     assert defaults.sparsity.recover_from is None
 
 

@@ -296,7 +296,10 @@ class TrainSettings:
             (`compiler.training.distill.length_groups`): the same batches and the same gradient
             up to float summation order, for less padding. MiniLM, batch 8 of the mixed
             recovery text: 47 % of the padded positions are padding; a step 0.65 s instead of
-            ~0.88 s (docs/sparsity.md).
+            ~0.88 s (docs/sparsity.md). On a CPU training device only: a GPU computes a small
+            padded batch in about the time of its longest part, so there the batch runs whole
+            (not measured: no GPU was lent). QAT always runs whole batches: LSQ's step-size
+            gradient scale depends on the batch tensor's size.
         bf16: the student's forward and backward under bfloat16 autocast (FP32 master weights
             and optimizer state; Micikevicius et al. 2018, `torch.autocast`), as Hugging Face
             Trainer's `bf16`; the teacher, the loss and QAT's fake quantizers stay FP32. Pays
@@ -354,8 +357,8 @@ class SparsitySettings:
             means every linear layer inside the transformer blocks (no embeddings, no head).
         recover_steps: distillation steps with the masks held fixed (0: no recovery); the
             loop's other knobs (batch size, seed, layer-wise loss) come from `TrainSettings`.
-            4,200: MiniLM's whole `make onnx SPARSITY=2:4` within an hour on 2 CPU cores
-            without BF16 hardware (~0.75 s a step after the first epoch, with the fused AdamW
+            4,000: MiniLM's whole `make onnx SPARSITY=2:4` within an hour on 2 CPU cores
+            without BF16 hardware (~0.82 s a step after the first epoch, with the fused AdamW
             and `TrainSettings.split_by_length`; docs/sparsity.md).
         recover_lr: peak learning rate of the recovery, 100x QAT's `TrainSettings.lr`: pruning
             moves the model much further than quantization; 1e-3 beat 2e-4, 5e-4 and 2e-3 on
@@ -380,7 +383,7 @@ class SparsitySettings:
     pattern: str | None = None
     method: str = "sparsegpt"
     layers: tuple[str, ...] = ()
-    recover_steps: int = 4200
+    recover_steps: int = 4000
     recover_samples: int = 6144
     recover_bf16: str = field(default="auto", metadata={"hash": False})  # resolved into TrainSettings.bf16
     recover_lr: float = 1e-3

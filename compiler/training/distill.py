@@ -274,8 +274,8 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
         input_names: model inputs to feed (`input_ids`, `attention_mask`, `token_type_ids`).
         settings: steps, learning rate and its schedule, batch size, device (both models train
             there and are back on the CPU on return, even after an error), `bf16` autocast of the
-            student, and the teacher-output cache (`TeacherCache`, used when the run is longer
-            than one epoch).
+            student, the teacher-output cache (`TeacherCache`, used when the run is longer
+            than one epoch), and `split_by_length` (`length_groups`; on a CPU device only).
         param_groups: optimizer groups; default all student parameters at `settings.lr`.
         after_step: called with the student after every optimizer step (e.g. re-apply a 2:4 mask).
         evaluate: student -> a held-out figure (`compiler.training.heldout.heldout_cosine`),
@@ -403,10 +403,12 @@ def _distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], se
     cache = (TeacherCache(settings.teacher_cache_mib)
              if settings.teacher_cache_mib and more_than_an_epoch and not head else None)
     batches = batches_forever(tokens, settings.batch_size, input_names, settings.seed, settings.group_by_length)
+    # a GPU runs a small padded batch in about the time of its longest part: split on CPUs only
+    split = settings.split_by_length and device.type == "cpu"
     every = max(1, settings.steps // 20)  # a log line per 5% of the run: tqdm stays silent off a terminal
     for step in tqdm(range(settings.steps), desc="distillation", unit="step", disable=None, leave=False):
         feeds, lengths, idx = next(batches)
-        parts = length_groups(lengths) if settings.split_by_length else [np.arange(len(lengths))]
+        parts = length_groups(lengths) if split else [np.arange(len(lengths))]
         opt.zero_grad(set_to_none=True)
         loss = sum(_sub_batch_backward(student, teacher, feeds, lengths, idx, part, cache, settings, device)
                    for part in parts)

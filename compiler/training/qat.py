@@ -204,7 +204,10 @@ def qat_model(student: Any, teacher: Any, input_names: list[str], onnx_model: An
     scale_ids = {id(p) for p in params.values()}
     others = [p for p in student.parameters() if id(p) not in scale_ids]
     try:
-        report = distill(student, teacher, tokens, input_names, settings,
+        # whole padded batches: LSQ's step-size gradient scale 1 / sqrt(x.numel() x 127) depends
+        # on the batch tensor's size, so sub-batches (`TrainSettings.split_by_length`) would
+        # change the scales' gradients, not only the summation order
+        report = distill(student, teacher, tokens, input_names, replace(settings, split_by_length=False),
                          param_groups=[{"params": others, "lr": settings.lr},
                                        {"params": list(params.values()), "lr": settings.scale_lr}],
                          after_step=after_step)
