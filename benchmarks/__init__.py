@@ -50,6 +50,8 @@ also writes a PNG, when matplotlib is installed (the `bench` extra).
 - `forward_cost`: ms per sample of an FP32 graph on ONNX Runtime and of its FP16 variant on the
   faithful FP16 reference, and the statistics' per-tensor reductions in GB/s: the floor under a
   compile's wall time. Writes `forward_cost.json`.
+- `split_batches`: padding of the distillation batches on the recovery text and seconds a step,
+  padded and split by length per sub-batch cost. Writes `split_batches.json`.
 
 `benchmarks.common` holds what they share (NAME=PATH arguments, tables, JSON, plots).
 """
@@ -57,4 +59,4 @@ also writes a PNG, when matplotlib is installed (the `bench` extra).
 BENCHMARKS = ("precision_modes", "int8_ptq", "int8_minilm", "recovery_sweep", "sparsegpt_start", "sst2_probe", "ort_latency",
               "peak_memory", "vocab_prune", "latency", "compile_cost", "gpt2_fixture", "gpt2_agreement",
               "gpt2_generate", "sst2_classifier", "sst2_tasks", "op_profile", "recovery_curve",
-              "forward_cost")
+              "forward_cost", "split_batches")

@@ -123,3 +123,19 @@ def test_recovery_curve_reads_runs_keeps_other_labels_and_refuses_a_run_without_
         recovery_curve.main([f"c={empty}", "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="no such file"):
         recovery_curve.main([f"d={tmp_path / 'missing.json'}", "--out", str(tmp_path / "out")])
+
+
+def test_split_batches_counts_padding_by_hand_and_times_the_loop():
+    import compiler.training.distill as distill_module
+    from benchmarks.split_batches import padding_counts, seconds_per_step
+    from tests.models import BERT_INPUTS, tiny_bert, training_tokens
+
+    # one batch of 4: two samples of 100 tokens, two of 4; padded 4 x 100, split 2 x 100 + 2 x 4
+    rows = padding_counts([100, 4, 100, 4], batch_size=4, costs=[0, 1000], epochs=1)
+    assert rows[0] == {"cost": None, "positions": 400, "valid": 208, "share_of_padded": 1.0, "groups_per_batch": 1.0}
+    assert rows[1]["positions"] == 208 and rows[1]["groups_per_batch"] == 2.0 and rows[1]["share_of_padded"] == 0.52
+    assert rows[2]["positions"] == 400 and rows[2]["groups_per_batch"] == 1.0  # a sub-batch costs more than it saves
+    tokens = training_tokens(4, max_length=16)
+    teacher = tiny_bert(layers=1)
+    assert all(seconds_per_step(teacher, tokens, BERT_INPUTS, 2, cost) > 0 for cost in (None, 0))
+    assert distill_module.SPLIT_COST_TOKENS == 128  # restored

@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 GROUP_CHUNK = 64  # batches per length-sorted chunk
 # what one more sub-batch costs, in padded token positions (PyTorch's per-call work of a forward
-# and backward): MiniLM on 2 CPU cores, batch 8 of the mixed recovery text, step 0.85-0.92 s
-# padded, 0.93 / 0.77 / 0.75 / 0.68 / 0.65 / 0.74 s split at 0 / 16 / 32 / 64 / 128 / 256
+# and backward): MiniLM on 2 CPU cores, batch 8 of the mixed recovery text, a step 1.063 s
+# padded, 1.130 / 0.902 / 0.856 / 0.790 / 0.901 s split at 0 / 32 / 64 / 128 / 256
+# (`python -m benchmarks.split_batches`, docs/sparsity.md)
 SPLIT_COST_TOKENS = 128
 
 
@@ -114,7 +115,7 @@ def length_groups(lengths: np.ndarray, cost_tokens: int | None = None) -> list[n
     the loss normalized by the whole batch's valid tokens, and takes one optimizer step, so the
     gradient is the padded batch's up to float summation order. On MiniLM's mixed recovery text
     (batch 8: SST-2 sentences of ~15 tokens beside WikiText-2 lines of up to 128) padding is 47 %
-    of the positions; split, a step takes 0.65 s instead of ~0.88 s.
+    of the positions; split, a step takes 0.79 s instead of 1.06 s (`benchmarks.split_batches`).
 
     Args:
         lengths: (B,) valid tokens per sample.
