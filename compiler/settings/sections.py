@@ -296,10 +296,11 @@ class TrainSettings:
             (`compiler.training.distill.length_groups`): the same batches and the same gradient
             up to float summation order, for less padding. MiniLM, batch 8 of the mixed
             recovery text: 47 % of the padded positions are padding; a step 0.79 s instead of
-            1.06 s (`python -m benchmarks.split_batches`, docs/sparsity.md). On a CPU training device only: a GPU computes a small
-            padded batch in about the time of its longest part, so there the batch runs whole
-            (not measured: no GPU was lent). QAT always runs whole batches: LSQ's step-size
-            gradient scale depends on the batch tensor's size.
+            1.06 s (`python -m benchmarks.split_batches`, docs/sparsity.md). On a CPU training
+            device only: a GPU computes a small padded batch in about the time of its longest
+            part, so there the batch runs whole (not measured: no GPU was lent). QAT always
+            runs whole batches: LSQ's step-size gradient scale depends on the batch tensor's
+            size.
         bf16: the student's forward and backward under bfloat16 autocast (FP32 master weights
             and optimizer state; Micikevicius et al. 2018, `torch.autocast`), as Hugging Face
             Trainer's `bf16`; the teacher, the loss and QAT's fake quantizers stay FP32. Pays

@@ -124,7 +124,8 @@ def test_length_groups_by_hand_and_against_every_partition():
 def _ragged(tokens, lengths):
     """`tokens` cut to `lengths` (sample i to lengths[i % len(lengths)] tokens): mixed lengths."""
     ids = [np.asarray(x)[: lengths[i % len(lengths)]] for i, x in enumerate(tokens.input_ids)]
-    types = None if tokens.token_type_ids is None else [np.asarray(t)[: len(x)] for t, x in zip(tokens.token_type_ids, ids)]
+    types = (None if tokens.token_type_ids is None
+             else [np.asarray(t)[: len(x)] for t, x in zip(tokens.token_type_ids, ids)])
     return TokenizedSet(ids, types, tokens.pad_id, tokens.key + "-ragged")
 
 
@@ -152,7 +153,8 @@ def test_split_batches_train_what_the_padded_batches_train(tokens, family, monke
         for p in start.parameters():
             p.add_(0.05 * torch.randn_like(p))
     shapes = []
-    monkeypatch.setattr(teacher, "forward", lambda *a, _f=teacher.forward, **k: shapes.append(k["input_ids"].shape) or _f(*a, **k))
+    monkeypatch.setattr(teacher, "forward",
+                        lambda *a, _f=teacher.forward, **k: shapes.append(k["input_ids"].shape) or _f(*a, **k))
     trained = {}
     for split, cost in ((False, None), (True, None), (True, 0)):
         monkeypatch.setattr(distill_module, "SPLIT_COST_TOKENS", 128 if cost is None else cost)
@@ -165,7 +167,8 @@ def test_split_batches_train_what_the_padded_batches_train(tokens, family, monke
     # model's outputs are not cached: every step. At the default cost these batches (samples of
     # 32, 5, 30, 7 tokens) stay whole.
     epochs = 2 if family == "classifier" else 1
-    assert trained[True, None][2] == trained[False, None][2] and [b for b, _ in trained[True, None][2]] == [4] * 2 * epochs
+    assert trained[True, None][2] == trained[False, None][2]
+    assert [b for b, _ in trained[True, None][2]] == [4] * 2 * epochs
     # at cost 0: sub-batches of equal length, each cut to its own longest
     split = trained[True, 0][2]
     assert all(b < 4 for b, _ in split) and sum(b for b, _ in split) == 8 * epochs
