@@ -154,6 +154,8 @@ OPTION_OPTIONS = [
     ("--recover-schedule", "sparsity.recover_schedule", {"choices": LR_SCHEDULES}),
     ("--recover-samples", "sparsity.recover_samples",
      {"type": int, "help": "samples of the default recovery text mix (SST-2 train + WikiText-2; without --train-text)"}),
+    ("--recover-embeddings", "sparsity.recover_embeddings",
+     {"action": "store_true", "help": "2:4 recovery: train the token-embedding table too (default: held)"}),
     ("--recover-bf16", "sparsity.recover_bf16",
      {"choices": ("auto", "on", "off"), "help": "2:4 recovery under bfloat16 autocast (auto: where BF16 is in hardware)"}),
     ("--prune-vocab", "vocab.texts", {"action": "append", "metavar": "FILE",

@@ -374,6 +374,10 @@ class SparsitySettings:
             (`calibration.layout.recovery_data`), used when no `--train-text` is given, the
             verification text is the default and the shared data holds all three. Otherwise
             the fine-tuning text and `DataSettings.train_samples` apply as for QAT.
+        recover_embeddings: train the input token-embedding table in the recovery too. Off by
+            default: the table is not pruned, and on MiniLM it is half the parameters (11.7 M
+            of 22.7 M), so its gradient and AdamW update are a large share of a CPU step
+            (docs/sparsity.md). An output head tied to the table is held with it.
         recover_bf16: the recovery under bfloat16 autocast (`TrainSettings.bf16`): `auto`
             (default: where the training device multiplies BF16 in hardware, an AVX512-BF16 or
             AMX CPU or a CUDA GPU with BF16, `compiler.training.distill.bf16_matmul_available`),
@@ -390,6 +394,7 @@ class SparsitySettings:
     recover_lr: float = 1e-3
     recover_schedule: str = "linear"
     recover_from: str | None = field(default=None, metadata={"hash": "if-set"})
+    recover_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.recover_lr <= 0:

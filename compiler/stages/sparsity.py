@@ -90,7 +90,8 @@ def _prune_and_recover(settings: BuildSettings, export: ExportResult, tokens: To
         # the held-out cosine along the run (the curve in sparsity_report.json): verification's set
         curve = heldout_cosine(export.loaded.module, tokens.heldout, export.loaded.input_names)
         recovery = recover(student, export.loaded.module, masks, tokens.training, export.loaded.input_names,
-                           train, sp.recover_steps, evaluate=curve).to_dict()
+                           train, sp.recover_steps, evaluate=curve,
+                           train_embeddings=sp.recover_embeddings).to_dict()
         recovery["train_samples"] = len(tokens.training_texts)
         recovery["train_text"] = list(tokens.data.train_path) or [tokens.data.path or "default text"]
         recovery["bf16"] = train.bf16

@@ -299,7 +299,8 @@ def hold_masks(masks: dict[str, Any], module: Any) -> Callable[[Any], None]:
 
 
 def recover(student: Any, teacher: Any, masks: dict[str, Any], tokens: Any, input_names: list[str],
-            train: TrainSettings, steps: int, evaluate: Callable[[Any], float] | None = None) -> TrainReport:
+            train: TrainSettings, steps: int, evaluate: Callable[[Any], float] | None = None,
+            train_embeddings: bool = True) -> TrainReport:
     """Distillation recovery of a pruned `student` with its 2:4 masks held fixed.
 
     Runs `compiler.training.distill.distill` (MSE of last_hidden_state against the dense `teacher` at valid
@@ -313,6 +314,10 @@ def recover(student: Any, teacher: Any, masks: dict[str, Any], tokens: Any, inpu
         tokens: `calibration.TokenizedSet` of training text (never the held-out set).
         input_names: model inputs (`LoadedModel.input_names`).
         evaluate: a held-out figure recorded along the run (`distill`'s `evaluate`).
+        train_embeddings: False holds the input token-embedding table (`get_input_embeddings()`,
+            never pruned; with it an output head tied to it) at its weights: no gradient and no
+            optimizer state for it (`SparsitySettings.recover_embeddings`). Its `requires_grad`
+            is restored on return.
 
     Returns:
         compiler.training.distill.TrainReport (with the held-out curve when `evaluate` is given).
@@ -325,5 +330,13 @@ def recover(student: Any, teacher: Any, masks: dict[str, Any], tokens: Any, inpu
                          "distill already froze?); copy the model before the first distill run")
     after_step = hold_masks(masks, student)
     after_step(student)
-    return distill(student, teacher, tokens, input_names, dataclasses.replace(train, steps=steps),
-                   after_step=after_step, evaluate=evaluate)
+    table = None if train_embeddings else student.get_input_embeddings()
+    frozen = [p for p in table.parameters() if p.requires_grad] if table is not None else []
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return distill(student, teacher, tokens, input_names, dataclasses.replace(train, steps=steps),
+                       after_step=after_step, evaluate=evaluate)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
