@@ -239,3 +239,29 @@ def test_recover_holds_masks_and_lowers_error():
     frozen = copy.deepcopy(teacher).requires_grad_(False)
     with pytest.raises(ValueError, match="requires grad"):
         recover(frozen, teacher, masks, tokens, BERT_INPUTS, train, steps=1)
+
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2-lm"])
+def test_recover_can_hold_the_embedding_table(family):
+    # SparsitySettings.recover_embeddings=False: the token-embedding table (and an LM head tied to
+    # it) keeps its weights; the blocks train; requires_grad is restored on return.
+    from transformers import GPT2LMHeadModel
+
+    if family == "bert":
+        teacher, inputs = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), BERT_INPUTS
+    else:
+        torch.manual_seed(0)
+        teacher, inputs = GPT2LMHeadModel(tiny_gpt2().config).eval(), ["input_ids", "attention_mask"]
+    for train_embeddings in (False, True):
+        student = copy.deepcopy(teacher)
+        masks, _ = prune_2_4(student, S24)
+        before = {n: p.detach().clone() for n, p in student.named_parameters()}
+        recover(student, teacher, masks, training_tokens(16), inputs, TrainSettings(lr=1e-3, batch_size=4),
+                steps=2, train_embeddings=train_embeddings)
+        changed = {n for n, p in student.named_parameters() if not torch.equal(p.detach(), before[n])}
+        table = next(n for n, p in student.named_parameters() if p is student.get_input_embeddings().weight)
+        assert (table in changed) is train_embeddings, (table, train_embeddings)
+        assert len(changed) > 4 and all(p.requires_grad for p in student.parameters())
+        if family == "gpt2-lm":  # the LM head is the tied table itself
+            assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
