@@ -388,7 +388,7 @@ class SparsitySettings:
     pattern: str | None = None
     method: str = "sparsegpt"
     layers: tuple[str, ...] = ()
-    recover_steps: int = 4800
+    recover_steps: int = 5300
     recover_samples: int = 6144
     recover_bf16: str = field(default="auto", metadata={"hash": False})  # resolved into TrainSettings.bf16
     recover_lr: float = 1e-3
