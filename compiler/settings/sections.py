@@ -358,9 +358,10 @@ class SparsitySettings:
             means every linear layer inside the transformer blocks (no embeddings, no head).
         recover_steps: distillation steps with the masks held fixed (0: no recovery); the
             loop's other knobs (batch size, seed, layer-wise loss) come from `TrainSettings`.
-            4,000: MiniLM's whole `make onnx SPARSITY=2:4` in 52 min on 2 CPU cores
-            without BF16 hardware (~0.70 s a step after the first epoch, with the fused AdamW
-            and `TrainSettings.split_by_length`; docs/sparsity.md).
+            5,300: MiniLM's whole `make onnx SPARSITY=2:4` in 58 min on 2 CPU cores
+            without BF16 hardware (~0.57-0.67 s a step after the first epoch, with the fused
+            AdamW, `TrainSettings.split_by_length` and the embedding table held;
+            docs/sparsity.md).
         recover_lr: peak learning rate of the recovery, 100x QAT's `TrainSettings.lr`: pruning
             moves the model much further than quantization; 1e-3 beat 2e-4, 5e-4 and 2e-3 on
             MiniLM (docs/sparsity.md).
