@@ -241,7 +241,6 @@ def test_recover_holds_masks_and_lowers_error():
         recover(frozen, teacher, masks, tokens, BERT_INPUTS, train, steps=1)
 
 
-
 @pytest.mark.parametrize("family", ["bert", "gpt2-lm"])
 def test_recover_can_hold_the_embedding_table(family):
     # SparsitySettings.recover_embeddings=False: the token-embedding table (and an LM head tied to
