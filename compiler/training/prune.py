@@ -330,8 +330,7 @@ def recover(student: Any, teacher: Any, masks: dict[str, Any], tokens: Any, inpu
                          "distill already froze?); copy the model before the first distill run")
     after_step = hold_masks(masks, student)
     after_step(student)
-    table = None if train_embeddings else student.get_input_embeddings()
-    frozen = [p for p in table.parameters() if p.requires_grad] if table is not None else []
+    frozen = [] if train_embeddings else [p for p in student.get_input_embeddings().parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
