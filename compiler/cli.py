@@ -152,6 +152,8 @@ OPTION_OPTIONS = [
     ("--recover-from", "sparsity.recover_from", {"metavar": "SAFETENSORS",
                                                  "help": "student.safetensors of an earlier 2:4 run to recover from"}),
     ("--recover-schedule", "sparsity.recover_schedule", {"choices": LR_SCHEDULES}),
+    ("--recover-layerwise-weight", "sparsity.recover_layerwise_weight",
+     {"type": float, "help": "2:4 recovery: weight of the intermediate block outputs' MSE in the loss"}),
     ("--recover-samples", "sparsity.recover_samples",
      {"type": int, "help": "samples of the default recovery text mix (SST-2 train + WikiText-2; without --train-text)"}),
     ("--recover-embeddings", "sparsity.recover_embeddings",

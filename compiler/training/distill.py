@@ -148,10 +148,12 @@ class TeacherCache:
 
     Each sample's states (last_hidden_state first, then the intermediate block outputs when the
     loss is layer-wise) are stored at its valid tokens only, in FP32 on the CPU, until
-    `budget_mib` is spent; later samples are recomputed every epoch. The teacher is frozen and
-    runs in eval mode, so a stored output is the one it would compute again (up to float
-    summation order in another batch): caching changes the cost of a step, not what it trains
-    towards. On MiniLM (6 layers) a teacher forward is ~20% of an FP32 step on the CPU.
+    `budget_mib` is spent; later samples are recomputed every epoch, the teacher run on those
+    alone (a sub-batch with stored and unstored samples costs the unstored ones' forward only).
+    The teacher is frozen and runs in eval mode, so a stored output is the one it would compute
+    again (up to float summation order in another batch): caching changes the cost of a step,
+    not what it trains towards. On MiniLM (6 layers) a teacher forward is ~20% of an FP32 step
+    on the CPU.
 
     Attributes:
         free: bytes of the budget left.
@@ -162,15 +164,21 @@ class TeacherCache:
         self.free = budget_mib * 2**20
         self.store: dict[int, list[Any]] = {}
 
-    def get(self, idx: np.ndarray, device: Any) -> list[Any] | None:
+    def get(self, idx: np.ndarray, device: Any, fresh: dict[int, list[Any]] | None = None) -> list[Any] | None:
         """[(B, T, H) FP32 tensor on `device` per state], zero-padded to the batch's longest
-        sample, or None unless every sample of `idx` is stored."""
+        sample, or None unless every sample of `idx` is stored or given in `fresh`
+        ({position in `idx`: [(length, H) tensor per state]}, outputs just computed)."""
         from torch.nn.utils.rnn import pad_sequence
 
-        if not all(int(i) in self.store for i in idx):
+        fresh = fresh or {}
+        rows = [fresh.get(j) or self.store.get(int(i)) for j, i in enumerate(idx)]
+        if any(r is None for r in rows):
             return None
-        rows = [self.store[int(i)] for i in idx]
-        return [pad_sequence([r[k] for r in rows], batch_first=True).to(device) for k in range(len(rows[0]))]
+        return [pad_sequence([r[k].to(device) for r in rows], batch_first=True) for k in range(len(rows[0]))]
+
+    def missing(self, idx: np.ndarray) -> np.ndarray:
+        """Positions (int64, ascending) of the samples of `idx` that are not stored."""
+        return np.array([j for j, i in enumerate(idx) if int(i) not in self.store], dtype=np.int64)
 
     def put(self, idx: np.ndarray, lengths: np.ndarray, states: list[Any]) -> None:
         """Store samples `idx` of a batch: `states` [(B, T, H) tensor], `lengths` (B,) valid tokens.
@@ -289,7 +297,15 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
     Raises:
         CompilerError: `settings.device` is a CUDA device PyTorch cannot see (`train_device`).
     """
+    import torch
+
     device = train_device(settings.device)
+    # Denormal floats (below 1.2e-38) flushed to zero while training: on x86 CPUs each one
+    # costs a microcode assist, and a distillation step's backward makes some. PyTorch sets it
+    # on the calling thread (OpenMP workers started earlier keep theirs). MiniLM 2:4 recovery,
+    # 60 steps on 2 CPU cores: 47.0 s against 49.1-49.7 s, the loss the same to 1e-9
+    # (docs/sparsity.md). Restored to PyTorch's default (off) on return.
+    flushed = device.type == "cpu" and torch.set_flush_denormal(True)
     try:
         student.to(device)
         teacher.to(device)
@@ -298,10 +314,12 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
     finally:
         student.to("cpu")
         teacher.to("cpu")
+        if flushed:
+            torch.set_flush_denormal(False)
 
 
 def distill_loss(student_out: Any, targets: list[Any], mask: Any, layerwise: bool,
-                 tokens: float | None = None, samples: int | None = None) -> Any:
+                 tokens: float | None = None, samples: int | None = None, layerwise_weight: float = 1.0) -> Any:
     """The distillation loss of one batch, or one sub-batch's share of it (a scalar FP32 tensor).
 
     Args:
@@ -314,6 +332,7 @@ def distill_loss(student_out: Any, targets: list[Any], mask: Any, layerwise: boo
         tokens, samples: valid tokens and samples of the whole batch when this is one of its
             sub-batches (`length_groups`): the sub-batches' losses then add up to the batch's.
             None: this batch's own (`mask.sum()`, B).
+        layerwise_weight: the layer-wise term's weight (`TrainSettings.layerwise_weight`).
 
     Returns:
         MSE of the final hidden state at valid tokens (sum of squared errors / (valid tokens x
@@ -328,7 +347,7 @@ def distill_loss(student_out: Any, targets: list[Any], mask: Any, layerwise: boo
     loss = mse(states[0], targets[0])
     if layerwise:  # every block's output too: a denser signal
         pairs = list(zip(states[1:], targets[1:len(states)]))
-        loss = loss + sum(mse(a, b) for a, b in pairs) / max(1, len(pairs))
+        loss = loss + layerwise_weight * sum(mse(a, b) for a, b in pairs) / max(1, len(pairs))
     for (name, a), b in zip(heads, targets[len(states):]):
         loss = loss + head_mse(name, a, b, mask, tokens, samples)
     return loss
@@ -433,11 +452,20 @@ def _sub_batch_backward(student: Any, teacher: Any, feeds: dict, lengths: np.nda
     returns their share of the batch's loss."""
     import torch
 
-    longest = int(lengths[part].max())
-    inputs = {k: torch.from_numpy(np.ascontiguousarray(v[part, :longest])).to(device) for k, v in feeds.items()}
+    inputs = _inputs(feeds, lengths, part, device)
     mask = inputs["attention_mask"].unsqueeze(-1).float()  # (b, t, 1)
     hidden = settings.layerwise or is_head_model(teacher)
-    targets = cache.get(idx[part], device) if cache else None  # [last_hidden_state, block outputs...]
+    targets = None  # [last_hidden_state, block outputs...] (+ head outputs: those are never cached)
+    if cache and len(miss := cache.missing(idx[part])) < len(part):
+        fresh = {}
+        if len(miss):  # the teacher on the unstored samples only
+            sub = part[miss]
+            with torch.no_grad():
+                states, _ = split_outputs(teacher(**_inputs(feeds, lengths, sub, device), output_hidden_states=hidden),
+                                          settings.layerwise)
+            cache.put(idx[sub], lengths[sub], states)
+            fresh = {int(j): [s[k, : lengths[n]] for s in states] for k, (j, n) in enumerate(zip(miss, sub))}
+        targets = cache.get(idx[part], device, fresh)
     if targets is None:
         with torch.no_grad():
             t_out = teacher(**inputs, output_hidden_states=hidden)
@@ -447,9 +475,18 @@ def _sub_batch_backward(student: Any, teacher: Any, feeds: dict, lengths: np.nda
             cache.put(idx[part], lengths[part], targets)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
         s_out = student(**inputs, output_hidden_states=hidden)
-    loss = distill_loss(s_out, targets, mask, settings.layerwise, float(lengths.sum()), len(lengths))
+    loss = distill_loss(s_out, targets, mask, settings.layerwise, float(lengths.sum()), len(lengths),
+                        settings.layerwise_weight)
     loss.backward()
     return float(loss.detach())
+
+
+def _inputs(feeds: dict, lengths: np.ndarray, rows: np.ndarray, device: Any) -> dict:
+    """Rows `rows` of a padded batch's feeds, cut to their own longest: {input: (b, t) tensor on `device`}."""
+    import torch
+
+    longest = int(lengths[rows].max())
+    return {k: torch.from_numpy(np.ascontiguousarray(v[rows, :longest])).to(device) for k, v in feeds.items()}
 
 
 def is_head_model(model: Any) -> bool:

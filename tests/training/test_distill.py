@@ -223,6 +223,10 @@ def test_distill_loss_by_hand():
     block_target = torch.full((1, 3, 2), 3.0)  # (1 - 3)^2 = 4 at every valid position
     both = distill_loss(out, [target, block_target], mask, layerwise=True)
     assert float(both) == pytest.approx(30 / 4 + 4.0)
+    weighted = distill_loss(out, [target, block_target], mask, layerwise=True, layerwise_weight=3.0)
+    assert float(weighted) == pytest.approx(30 / 4 + 3 * 4.0)
+    with pytest.raises(ValueError, match="layerwise_weight"):
+        TrainSettings(layerwise_weight=-1.0)
 
 
 def test_distill_loss_of_a_head_model_by_hand():
@@ -289,6 +293,49 @@ def test_teacher_cache_reuses_outputs_without_changing_training(tokens, monkeypa
         torch.testing.assert_close(trained[64][0][k], v, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="teacher_cache_mib"):
         TrainSettings(teacher_cache_mib=-1)
+
+
+def test_teacher_cache_runs_the_teacher_on_unstored_samples_only(tokens, monkeypatch):
+    """A budget that holds 5 of the 8 samples: after the first epoch the teacher sees only the 3
+    unstored samples an epoch (a batch mixing stored and unstored ones runs the unstored alone),
+    and the student trains to the same weights as without a cache."""
+    import compiler.training.distill as distill_module
+
+    class FiveSamples(TeacherCache):
+        def put(self, idx, lengths, states):
+            keep = max(0, 5 - len(self.store))
+            super().put(idx[:keep], lengths[:keep], [s[:keep] for s in states])
+
+    teacher = tiny_bert()
+    rows = []
+    monkeypatch.setattr(teacher, "forward",
+                        lambda *a, _f=teacher.forward, **k: rows.append(len(k["input_ids"])) or _f(*a, **k))
+    monkeypatch.setattr(distill_module, "TeacherCache", FiveSamples)
+    trained = {}
+    for mib in (0, 64):
+        student = copy.deepcopy(tiny_bert(1))
+        rows.clear()
+        report = distill(student, teacher, tokens, BERT_INPUTS,
+                         TrainSettings(steps=6, lr=1e-3, batch_size=4, teacher_cache_mib=mib, split_by_length=False))
+        trained[mib] = (student.state_dict(), report.losses, sum(rows))
+    assert trained[0][2] == 24 and trained[64][2] == 8 + 3 + 3  # 3 epochs of 8 samples
+    np.testing.assert_allclose(trained[64][1], trained[0][1], rtol=1e-4)
+    for k, v in trained[0][0].items():
+        torch.testing.assert_close(trained[64][0][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_distill_flushes_denormals_while_it_trains(tokens):
+    """Denormal floats are flushed to zero during the steps (a microcode assist each on x86
+    CPUs) and not after: PyTorch's default is restored on return."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals (torch.set_flush_denormal returned False)")
+    torch.set_flush_denormal(False)
+    tiny = torch.tensor([1e-39])  # below float32's smallest normal, 1.18e-38
+    seen = []
+    distill(tiny_bert(1), tiny_bert(), tokens, BERT_INPUTS, TrainSettings(steps=2, lr=1e-3, batch_size=4),
+            after_step=lambda _: seen.append(float(tiny * 1.0)))
+    assert seen == [0.0, 0.0]
+    assert float(tiny * 1.0) > 0
 
 
 # --------------------------------------------------------------------------------------------
