@@ -274,23 +274,31 @@ def test_teacher_cache_budget_by_hand():
     assert torch.equal(got[0][1], states[0][0, :3])
 
 
-def test_teacher_cache_reuses_outputs_without_changing_training(tokens, monkeypatch):
-    """Over 3 epochs the cached run calls the teacher once per batch of the first epoch only and
-    trains the same weights as an uncached run."""
+def _teacher_rows_with_and_without_cache(tokens, monkeypatch) -> dict[int, list[int]]:
+    """6 steps of batch 4 on the 8 samples (3 epochs), without a teacher cache and with one:
+    {cache MiB: the batch size of each teacher call}; both runs train the same weights."""
     teacher = tiny_bert()
-    calls = []
-    monkeypatch.setattr(teacher, "forward", lambda *a, _f=teacher.forward, **k: calls.append(1) or _f(*a, **k))
+    rows = []
+    monkeypatch.setattr(teacher, "forward",
+                        lambda *a, _f=teacher.forward, **k: rows.append(len(k["input_ids"])) or _f(*a, **k))
     trained = {}
     for mib in (0, 64):
         student = copy.deepcopy(tiny_bert(1))
-        calls.clear()
+        rows.clear()
         report = distill(student, teacher, tokens, BERT_INPUTS,
                          TrainSettings(steps=6, lr=1e-3, batch_size=4, teacher_cache_mib=mib, split_by_length=False))
-        trained[mib] = (student.state_dict(), report.losses, len(calls))
-    assert trained[0][2] == 6 and trained[64][2] == 2  # 2 batches per epoch, 3 epochs
+        trained[mib] = (student.state_dict(), report.losses, list(rows))
     np.testing.assert_allclose(trained[64][1], trained[0][1], rtol=1e-4)
     for k, v in trained[0][0].items():
         torch.testing.assert_close(trained[64][0][k], v, rtol=1e-4, atol=1e-5)
+    return {mib: t[2] for mib, t in trained.items()}
+
+
+def test_teacher_cache_reuses_outputs_without_changing_training(tokens, monkeypatch):
+    """Over 3 epochs the cached run calls the teacher once per batch of the first epoch only and
+    trains the same weights as an uncached run."""
+    rows = _teacher_rows_with_and_without_cache(tokens, monkeypatch)
+    assert len(rows[0]) == 6 and len(rows[64]) == 2  # 2 batches per epoch, 3 epochs
     with pytest.raises(ValueError, match="teacher_cache_mib"):
         TrainSettings(teacher_cache_mib=-1)
 
@@ -306,22 +314,9 @@ def test_teacher_cache_runs_the_teacher_on_unstored_samples_only(tokens, monkeyp
             keep = max(0, 5 - len(self.store))
             super().put(idx[:keep], lengths[:keep], [s[:keep] for s in states])
 
-    teacher = tiny_bert()
-    rows = []
-    monkeypatch.setattr(teacher, "forward",
-                        lambda *a, _f=teacher.forward, **k: rows.append(len(k["input_ids"])) or _f(*a, **k))
     monkeypatch.setattr(distill_module, "TeacherCache", FiveSamples)
-    trained = {}
-    for mib in (0, 64):
-        student = copy.deepcopy(tiny_bert(1))
-        rows.clear()
-        report = distill(student, teacher, tokens, BERT_INPUTS,
-                         TrainSettings(steps=6, lr=1e-3, batch_size=4, teacher_cache_mib=mib, split_by_length=False))
-        trained[mib] = (student.state_dict(), report.losses, sum(rows))
-    assert trained[0][2] == 24 and trained[64][2] == 8 + 3 + 3  # 3 epochs of 8 samples
-    np.testing.assert_allclose(trained[64][1], trained[0][1], rtol=1e-4)
-    for k, v in trained[0][0].items():
-        torch.testing.assert_close(trained[64][0][k], v, rtol=1e-4, atol=1e-5)
+    rows = _teacher_rows_with_and_without_cache(tokens, monkeypatch)
+    assert sum(rows[0]) == 24 and sum(rows[64]) == 8 + 3 + 3  # 3 epochs of 8 samples
 
 
 def test_distill_flushes_denormals_while_it_trains(tokens):
