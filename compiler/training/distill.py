@@ -2,7 +2,8 @@
 
 The student is fine-tuned to reproduce the teacher's outputs on real text (no labels): loss =
 mean squared error of `last_hidden_state` at valid tokens, plus (`TrainSettings.layerwise`) the
-mean MSE of every intermediate block output (TinyBERT, Jiao et al. 2020). A model with a task
+mean MSE of every intermediate block output times `TrainSettings.layerwise_weight` (TinyBERT,
+Jiao et al. 2020). A model with a task
 head (`*ForSequenceClassification`, `*ForQuestionAnswering`, `*ForMaskedLM`, `*ForCausalLM`)
 returns no `last_hidden_state`: its final block output (`hidden_states[-1]`) takes that place and
 the MSE of each head output (`logits`, `start_logits`/`end_logits`) is added, so the head's own
