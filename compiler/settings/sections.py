@@ -310,7 +310,7 @@ class TrainSettings:
             where BF16 matrix multiply is in hardware: 2:4 recovery 1.4x faster at the same
             cosine on an AVX512-BF16 CPU; no gain for QAT (docs/sparsity.md, docs/int8.md).
         teacher_cache_mib: memory (MiB, CPU) for the teacher's outputs on the training
-            samples, computed in the first epoch and reused after (`compiler.training.distill.TeacherCache`);
+            samples, computed in the first epoch and reused after (`compiler.training.teacher_cache.TeacherCache`);
             0 turns it off. It saves the teacher's forward pass on every later epoch and changes
             nothing else, so it is left out of cache keys. A cap, not a reservation: MiniLM on
             6,093 samples of mixed text (412k tokens, 7 states of 384) uses ~4.2 GiB, all of

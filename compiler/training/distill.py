@@ -15,9 +15,10 @@ layers (pooler, classifier; fake-quantized by QAT) are pulled towards the teache
 - 2:4 sparsity recovery (`compiler.training.prune.recover`): the masks re-applied after every
   optimizer step through `after_step`.
 
-`TeacherCache` keeps the teacher's outputs after the first epoch; `length_groups` splits a
-padded batch into sub-batches of similar length (`TrainSettings.split_by_length`); `lr_factor`
-is the learning rate schedule; `train_device` resolves `TrainSettings.device`.
+`compiler.training.teacher_cache.TeacherCache` keeps the teacher's outputs after the first
+epoch; `length_groups` splits a padded batch into sub-batches of similar length
+(`TrainSettings.split_by_length`); `lr_factor` is the learning rate schedule; `train_device`
+resolves `TrainSettings.device`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from compiler.settings import TrainSettings
+from compiler.training.teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
 
@@ -144,60 +146,6 @@ def length_groups(lengths: np.ndarray, cost_tokens: int | None = None) -> list[n
     return groups[::-1]
 
 
-class TeacherCache:
-    """The teacher's outputs per training sample, kept after the first epoch.
-
-    Each sample's states (last_hidden_state first, then the intermediate block outputs when the
-    loss is layer-wise) are stored at its valid tokens only, in FP32 on the CPU, until
-    `budget_mib` is spent; later samples are recomputed every epoch, the teacher run on those
-    alone (a sub-batch with stored and unstored samples costs the unstored ones' forward only).
-    The teacher is frozen and runs in eval mode, so a stored output is the one it would compute
-    again (up to float summation order in another batch): caching changes the cost of a step,
-    not what it trains towards. On MiniLM (6 layers) a teacher forward is ~20% of an FP32 step
-    on the CPU.
-
-    Attributes:
-        free: bytes of the budget left.
-        store: {sample index: [(length, H) FP32 CPU tensor per state]}.
-    """
-
-    def __init__(self, budget_mib: int) -> None:
-        self.free = budget_mib * 2**20
-        self.store: dict[int, list[Any]] = {}
-
-    def get(self, idx: np.ndarray, device: Any, fresh: dict[int, list[Any]] | None = None) -> list[Any] | None:
-        """[(B, T, H) FP32 tensor on `device` per state], zero-padded to the batch's longest
-        sample, or None unless every sample of `idx` is stored or given in `fresh`
-        ({position in `idx`: [(length, H) tensor per state]}, outputs just computed)."""
-        from torch.nn.utils.rnn import pad_sequence
-
-        fresh = fresh or {}
-        rows = [fresh.get(j) or self.store.get(int(i)) for j, i in enumerate(idx)]
-        if any(r is None for r in rows):
-            return None
-        return [pad_sequence([r[k].to(device) for r in rows], batch_first=True) for k in range(len(rows[0]))]
-
-    def missing(self, idx: np.ndarray) -> np.ndarray:
-        """Positions (int64, ascending) of the samples of `idx` that are not stored."""
-        return np.array([j for j, i in enumerate(idx) if int(i) not in self.store], dtype=np.int64)
-
-    def put(self, idx: np.ndarray, lengths: np.ndarray, states: list[Any]) -> None:
-        """Store samples `idx` of a batch: `states` [(B, T, H) tensor], `lengths` (B,) valid tokens.
-
-        Samples already stored are skipped; storing stops at the first sample that does not fit
-        in what is left of the budget (its bytes: valid tokens x H x 4 per state).
-        """
-        for j, (i, n) in enumerate(zip(idx, lengths)):
-            if int(i) in self.store:
-                continue
-            parts = [s[j, :n].detach().float().cpu().clone() for s in states]
-            size = sum(p.numel() * p.element_size() for p in parts)
-            if size > self.free:
-                return
-            self.store[int(i)] = parts
-            self.free -= size
-
-
 def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
     """Learning-rate multiplier at step i (0-based) for `TrainSettings.schedule`.
 
@@ -301,11 +249,9 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
     import torch
 
     device = train_device(settings.device)
-    # Denormal floats (below 1.2e-38) flushed to zero while training: on x86 CPUs each one
-    # costs a microcode assist, and a distillation step's backward makes some. PyTorch sets it
-    # on the calling thread (OpenMP workers started earlier keep theirs). MiniLM 2:4 recovery,
-    # 60 steps on 2 CPU cores: 47.0 s against 49.1-49.7 s, the loss the same to 1e-9
-    # (docs/sparsity.md). Restored to PyTorch's default (off) on return.
+    # Denormals (< 1.2e-38) flushed to zero while training, on the calling thread (PyTorch's
+    # API): a microcode assist each on x86. MiniLM 2:4, 60 steps on 2 cores: 47.0 s, not 49.1-49.7 s,
+    # the loss the same to 1e-9 (docs/sparsity.md). Back to PyTorch's default (off) on return.
     flushed = device.type == "cpu" and torch.set_flush_denormal(True)
     try:
         student.to(device)

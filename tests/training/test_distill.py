@@ -15,8 +15,9 @@ import torch
 from calibration.text import TokenizedSet
 from compiler.errors import CompilerError
 from compiler.settings import SparsitySettings, TrainSettings, settings_hash
-from compiler.training.distill import (TeacherCache, TrainReport, batches_forever, distill, distill_loss,
+from compiler.training.distill import (TrainReport, batches_forever, distill, distill_loss,
                                        length_groups, lr_factor, split_outputs, train_device)
+from compiler.training.teacher_cache import TeacherCache
 from tests.models import BERT_INPUTS, tiny_bert, tiny_gpt2, training_tokens
 
 
