@@ -402,24 +402,19 @@ def _sub_batch_backward(student: Any, teacher: Any, feeds: dict, lengths: np.nda
     inputs = _inputs(feeds, lengths, part, device)
     mask = inputs["attention_mask"].unsqueeze(-1).float()  # (b, t, 1)
     hidden = settings.layerwise or is_head_model(teacher)
-    targets = None  # [last_hidden_state, block outputs...] (+ head outputs: those are never cached)
-    if cache and len(miss := cache.missing(idx[part])) < len(part):
-        fresh = {}
-        if len(miss):  # the teacher on the unstored samples only
-            sub = part[miss]
+    if cache:  # [last_hidden_state, block outputs...]; the teacher runs on unstored samples only
+
+        def teacher_states(rows: np.ndarray) -> list[Any]:
             with torch.no_grad():
-                states, _ = split_outputs(teacher(**_inputs(feeds, lengths, sub, device), output_hidden_states=hidden),
-                                          settings.layerwise)
-            cache.put(idx[sub], lengths[sub], states)
-            fresh = {int(j): [s[k, : lengths[n]] for s in states] for k, (j, n) in enumerate(zip(miss, sub))}
-        targets = cache.get(idx[part], device, fresh)
-    if targets is None:
+                out = teacher(**_inputs(feeds, lengths, part[rows], device), output_hidden_states=hidden)
+            return split_outputs(out, settings.layerwise)[0]
+
+        targets = cache.targets(idx[part], lengths[part], device, teacher_states)
+    else:  # + head outputs (a head model is never cached)
         with torch.no_grad():
             t_out = teacher(**inputs, output_hidden_states=hidden)
         states, heads = split_outputs(t_out, settings.layerwise)
         targets = states + [v.float() for _, v in heads]
-        if cache:
-            cache.put(idx[part], lengths[part], targets)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
         s_out = student(**inputs, output_hidden_states=hidden)
     loss = distill_loss(s_out, targets, mask, settings.layerwise, float(lengths.sum()), len(lengths),

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -41,9 +41,19 @@ class TeacherCache:
             return None
         return [pad_sequence([r[k].to(device) for r in rows], batch_first=True) for k in range(len(rows[0]))]
 
-    def missing(self, idx: np.ndarray) -> np.ndarray:
-        """Positions (int64, ascending) of the samples of `idx` that are not stored."""
-        return np.array([j for j, i in enumerate(idx) if int(i) not in self.store], dtype=np.int64)
+    def targets(self, idx: np.ndarray, lengths: np.ndarray, device: Any,
+                teacher: Callable[[np.ndarray], list[Any]]) -> list[Any]:
+        """[(B, T, H) FP32 tensor on `device` per state] for samples `idx` (valid tokens
+        `lengths`, (B,)): stored rows, the rest from `teacher(positions)` (int64 positions in
+        `idx`, ascending -> [(b, t, H) tensor per state] for those samples alone), stored as far
+        as the budget goes."""
+        miss = np.array([j for j, i in enumerate(idx) if int(i) not in self.store], dtype=np.int64)
+        fresh = {}
+        if len(miss):
+            states = teacher(miss)
+            self.put(idx[miss], lengths[miss], states)
+            fresh = {int(j): [s[k, : lengths[j]] for s in states] for k, j in enumerate(miss)}
+        return self.get(idx, device, fresh)
 
     def put(self, idx: np.ndarray, lengths: np.ndarray, states: list[Any]) -> None:
         """Store samples `idx` of a batch: `states` [(B, T, H) tensor], `lengths` (B,) valid tokens.
