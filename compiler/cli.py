@@ -134,6 +134,9 @@ OPTION_OPTIONS = [
     ("--train-text", "data.train_path",
      {"action": "append", "metavar": "PATH", "help": "text/TSV file for fine-tuning (default: the rest of --calib's "
                                                      "text); repeat it to mix texts in even shares"}),
+    ("--train-windows", "data.train_windows",
+     {"action": "store_true", "help": "a fine-tuning line longer than --max-length gives all its windows, "
+                                      "not its first alone"}),
     ("--train-steps", "train.steps", {"type": int, "help": "QAT distillation steps"}),
     ("--lr", "train.lr", {"type": float, "help": "fine-tuning learning rate"}),
     ("--train-bf16", "train.bf16", {"action": "store_true",
