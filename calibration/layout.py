@@ -110,18 +110,18 @@ def recovery_data(data: DataSettings, samples: int) -> DataSettings:
     valid. More and more varied text than the rest of WikiText-2 test alone (~2,000 samples),
     which long recoveries overfit: on MiniLM (Wanda) WikiText-2's rest gave held-out cosine
     mean 0.962 and SST-2 dev accuracy -3.21 points after 2,000 steps, the mix 0.967 and +0.34
-    after 5,000 (docs/sparsity.md). WikiText-2 lines longer than `data.max_length` tokens
-    give all their windows (`DataSettings.train_windows`): at 128 tokens, 2,087 + 1,997 lines
-    become 3,189 + 3,069 samples, 535k tokens instead of 372k. Where any of the three files is
-    missing, or a text was given, `data` is returned unchanged (fine-tuning as for QAT,
-    `training_texts`).
+    after 5,000 (docs/sparsity.md). Long lines are truncated, not windowed
+    (`DataSettings.train_windows` off): all the windows of WikiText-2's lines, 1.44x its text,
+    did not raise the held-out cosine at equal steps (docs/sparsity.md). Where any of the three
+    files is missing, or a text was given, `data` is returned unchanged (fine-tuning as for
+    QAT, `training_texts`).
     """
     if data.train_path or data.path is not None:
         return data
     paths = [shared_data_path(p) for p in RECOVERY_MIX]
     if any(p is None for p in paths):
         return data
-    return replace(data, train_path=tuple(str(p) for p in paths), train_samples=samples, train_windows=True)
+    return replace(data, train_path=tuple(str(p) for p in paths), train_samples=samples)
 
 
 def vocabulary_texts(vocab: VocabSettings, data: DataSettings) -> list[str]:

@@ -10,30 +10,34 @@ held-out samples stay one per line, so the figures keep their meaning.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import re
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 
 def split_windows(texts: list[str], tokenizer: Any, max_length: int, min_words: int = 1) -> list[str]:
-    """Each text, cut at word boundaries into consecutive pieces of at most `max_length` tokens
+    """Each text, cut at whitespace into consecutive pieces of at most `max_length` tokens
     (special tokens included), in order; a text that fits stays as it is.
 
-    A piece ends at the last whole word (whitespace-separated) that fits (a single word longer than a window is cut
-    inside it). Pieces with fewer than `min_words` whitespace-separated words (a paragraph's
-    short tail) are dropped; the first piece of a text is always kept, as truncation would have
-    kept it.
+    Words are packed greedily by their token counts in the whole text; each piece is then
+    tokenized on its own and, where that gives more tokens (a byte-level BPE tokenizer encodes
+    a first word without its leading space differently), gives its last words to the next
+    piece. A single word longer than a window is a piece of its own (truncated later, as
+    any sample). Pieces with fewer than `min_words` words (a paragraph's short tail) are
+    dropped; the first piece of a text is always kept, as truncation would have kept it.
 
     Args:
-        texts: stripped strings, one sample each.
+        texts: strings, one sample each.
         tokenizer: a Hugging Face tokenizer. Without a fast (Rust) tokenizer there are no
-            character offsets to cut at: the texts are returned unchanged, with a warning.
+            character offsets to count words by: the texts are returned unchanged, with a warning.
         max_length: tokens per sample, special tokens included (`DataSettings.max_length`).
         min_words: the fewest words of a later piece.
 
     Returns:
-        The pieces, text by text: every text's first piece, then its later ones, in order.
+        The pieces, stripped, text by text; a text that fits is returned as given.
 
     Raises:
         ValueError: `max_length` leaves no room after the tokenizer's special tokens.
@@ -48,26 +52,23 @@ def split_windows(texts: list[str], tokenizer: Any, max_length: int, min_words: 
     out: list[str] = []
     for text, enc in zip(texts, tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
                                           verbose=False).encodings):
-        n, offsets = len(enc.ids), enc.offsets
-        if n <= body:
+        if len(enc.ids) <= body:
             out.append(text)
             continue
-        start = 0
-        while start < n:
-            end = min(start + body, n)
-            if end < n:  # back to a whitespace boundary, unless one word fills the window
-                cut = end
-                while cut > start and not _starts_word(text, offsets[cut][0]):
-                    cut -= 1
-                end = cut if cut > start else end
-            piece = text[offsets[start][0]:offsets[end - 1][1]].strip()
-            if start == 0 or len(piece.split()) >= min_words:
-                out.append(piece)
-            start = end
+        spans = [m.span() for m in re.finditer(r"\S+", text)]
+        ends = [e for _, e in spans]
+        counts = [0] * len(spans)
+        for start, _ in enc.offsets:  # a token belongs to the word it starts in or before
+            counts[min(bisect.bisect_right(ends, start), len(spans) - 1)] += 1
+        i = 0
+        while i < len(spans):
+            j, used = i, 0
+            while j < len(spans) and used + counts[j] <= body:
+                used, j = used + counts[j], j + 1
+            j = max(j, i + 1)
+            while j > i + 1 and len(tokenizer(text[spans[i][0]:spans[j - 1][1]])["input_ids"]) > max_length:
+                j -= 1
+            if i == 0 or j - i >= min_words:
+                out.append(text[spans[i][0]:spans[j - 1][1]])
+            i = j
     return out
-
-
-def _starts_word(text: str, at: int) -> bool:
-    """Whether the token starting at character `at` begins a whitespace-separated word (a
-    byte-level BPE token may carry the space itself)."""
-    return at == 0 or text[at - 1].isspace() or text[at].isspace()

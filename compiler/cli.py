@@ -137,6 +137,7 @@ OPTION_OPTIONS = [
     ("--train-windows", "data.train_windows",
      {"action": "store_true", "help": "a fine-tuning line longer than --max-length gives all its windows, "
                                       "not its first alone"}),
+    ("--train-batch-size", "train.batch_size", {"type": int, "help": "fine-tuning samples a step (QAT, 2:4 recovery)"}),
     ("--train-steps", "train.steps", {"type": int, "help": "QAT distillation steps"}),
     ("--lr", "train.lr", {"type": float, "help": "fine-tuning learning rate"}),
     ("--train-bf16", "train.bf16", {"action": "store_true",

@@ -136,7 +136,7 @@ class DataSettings:
         train_windows: a fine-tuning line longer than `max_length` tokens gives each of its
             consecutive windows as a sample (cut at word boundaries,
             `calibration.windows.split_windows`), counted in `train_samples`; off, it is
-            truncated to its first window. On for the 2:4 recovery's default text.
+            truncated to its first window.
         max_length: tokens per sample, after truncation.
         min_words: lines with fewer whitespace-separated words are skipped (WikiText-2 has
             empty lines and `= Heading =` lines).
@@ -395,11 +395,7 @@ class SparsitySettings:
         recover_samples: training samples of the default recovery text, the mix of SST-2
             train sentences, the rest of WikiText-2 test and WikiText-2 valid in even shares
             (`calibration.layout.recovery_data`), used when no `--train-text` is given, the
-            verification text is the default and the shared data holds all three; its long
-            lines give all their windows (`DataSettings.train_windows`). 9,200: on MiniLM (128
-            tokens) nearly every window of both WikiText-2 parts (3,189 + 3,069) and as many
-            SST-2 sentences.
-            Otherwise the fine-tuning text and `DataSettings.train_samples` apply as for QAT.
+            verification text is the default and the shared data holds all three. Otherwise the fine-tuning text and `DataSettings.train_samples` apply as for QAT.
         recover_embeddings: train the input token-embedding table in the recovery too. Off by
             default: the table is not pruned, and on MiniLM it is half the parameters (11.7 M
             of 22.7 M), so its gradient and AdamW update are a large share of a CPU step
@@ -415,7 +411,7 @@ class SparsitySettings:
     method: str = "sparsegpt"
     layers: tuple[str, ...] = ()
     recover_steps: int = 5300
-    recover_samples: int = 9200
+    recover_samples: int = 6144
     recover_bf16: str = field(default="auto", metadata={"hash": False})  # resolved into TrainSettings.bf16
     recover_lr: float = 1e-3
     recover_schedule: str = "linear"
