@@ -137,7 +137,7 @@ OPTION_OPTIONS = [
     ("--train-windows", "data.train_windows",
      {"action": "store_true", "help": "a fine-tuning line longer than --max-length gives all its windows, "
                                       "not its first alone"}),
-    ("--train-batch-size", "train.batch_size", {"type": int, "help": "fine-tuning samples a step (QAT, 2:4 recovery)"}),
+    ("--train-batch-size", "train.batch_size", {"type": int, "help": "QAT samples a step"}),
     ("--train-steps", "train.steps", {"type": int, "help": "QAT distillation steps"}),
     ("--lr", "train.lr", {"type": float, "help": "fine-tuning learning rate"}),
     ("--train-bf16", "train.bf16", {"action": "store_true",
@@ -152,6 +152,7 @@ OPTION_OPTIONS = [
     ("--sparse-layers", "sparsity.layers", {"action": "append", "metavar": "PATTERN",
                                             "help": "fnmatch pattern on module names to prune (repeatable)"}),
     ("--recover-steps", "sparsity.recover_steps", {"type": int, "help": "distillation steps after pruning (0: none)"}),
+    ("--recover-batch-size", "sparsity.recover_batch_size", {"type": int, "help": "samples a recovery step"}),
     ("--recover-lr", "sparsity.recover_lr", {"type": float, "help": "peak learning rate of the recovery"}),
     ("--recover-from", "sparsity.recover_from", {"metavar": "SAFETENSORS",
                                                  "help": "student.safetensors of an earlier 2:4 run to recover from"}),

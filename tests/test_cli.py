@@ -150,7 +150,8 @@ def test_sparsity_and_fine_tuning_flags_reach_the_settings():
                                       "--recover-steps", "7", "--recover-lr", "3e-4", "--recover-schedule", "constant",
                                       "--train-text", "train.txt", "--train-text", "more.tsv", "--train-samples", "99",
                                       "--train-device", "auto", "--train-bf16", "--recover-from", "s.safetensors",
-                                      "--no-split-batches", "--recover-layerwise-weight", "2.5"])
+                                      "--no-split-batches", "--recover-layerwise-weight", "2.5",
+                                      "--recover-batch-size", "12", "--train-batch-size", "4"])
     s = settings_from_args(args)
     assert s.train.device == "auto" and s.train.bf16 and s.sparsity.recover_from == "s.safetensors"
     assert not s.train.split_by_length
@@ -158,6 +159,7 @@ def test_sparsity_and_fine_tuning_flags_reach_the_settings():
     assert (s.sparsity.recover_lr, s.sparsity.recover_schedule) == (3e-4, "constant")
     from compiler.stages.sparsity import recovery_train  # the recovery's own knobs reach its TrainSettings
     assert (recovery_train(s).lr, recovery_train(s).layerwise_weight, s.train.layerwise_weight) == (3e-4, 2.5, 1.0)
+    assert (recovery_train(s).batch_size, s.train.batch_size) == (12, 4)  # QAT keeps its own
     assert (s.data.train_path, s.data.train_samples) == (("train.txt", "more.tsv"), 99)
     defaults = settings_from_args(build_parser().parse_args(["compile"]))
     assert (defaults.sparsity.method, defaults.sparsity.recover_schedule) == ("sparsegpt", "linear")

@@ -370,12 +370,13 @@ class SparsitySettings:
         layers: fnmatch patterns on module names choosing the pruned linear layers; empty
             means every linear layer inside the transformer blocks (no embeddings, no head).
         recover_steps: distillation steps with the masks held fixed (0: no recovery); the
-            loop's other knobs (batch size, seed, layer-wise loss) come from `TrainSettings`.
-            5,300: MiniLM's whole `make onnx SPARSITY=2:4` in 58 min on 2 CPU cores
-            without BF16 hardware (~0.57-0.67 s a step after the first epoch, with the fused
-            AdamW, `TrainSettings.split_by_length` and the embedding table held); a later run
-            of 5,400 steps took 61.0 min at ~0.59-0.69 s a step on the same machine, so the
-            hour has no margin left here (docs/sparsity.md).
+            loop's other knobs (seed, layer-wise loss) come from `TrainSettings`. 3,000 steps
+            of `recover_batch_size` 16: MiniLM's whole `make onnx SPARSITY=2:4` in 51.8 min on
+            2 CPU cores without BF16 hardware, held-out cosine mean 0.9690 (docs/sparsity.md).
+        recover_batch_size: samples a recovery step (`TrainSettings.batch_size` of the
+            recovery; QAT keeps its own). 16: on 2 CPU cores a sample costs 16 % less than at
+            8 (larger matrix products), and MiniLM's one command reached 0.9690 in 51.8 min
+            against 0.9685 in 61.0 min for 5,400 steps of 8 (docs/sparsity.md).
         recover_lr: peak learning rate of the recovery, 100x QAT's `TrainSettings.lr`: pruning
             moves the model much further than quantization; 1e-3 beat 2e-4, 5e-4 and 2e-3 on
             MiniLM (docs/sparsity.md).
@@ -395,7 +396,8 @@ class SparsitySettings:
         recover_samples: training samples of the default recovery text, the mix of SST-2
             train sentences, the rest of WikiText-2 test and WikiText-2 valid in even shares
             (`calibration.layout.recovery_data`), used when no `--train-text` is given, the
-            verification text is the default and the shared data holds all three. Otherwise the fine-tuning text and `DataSettings.train_samples` apply as for QAT.
+            verification text is the default and the shared data holds all three. Otherwise
+            the fine-tuning text and `DataSettings.train_samples` apply as for QAT.
         recover_embeddings: train the input token-embedding table in the recovery too. Off by
             default: the table is not pruned, and on MiniLM it is half the parameters (11.7 M
             of 22.7 M), so its gradient and AdamW update are a large share of a CPU step
@@ -410,7 +412,8 @@ class SparsitySettings:
     pattern: str | None = None
     method: str = "sparsegpt"
     layers: tuple[str, ...] = ()
-    recover_steps: int = 5300
+    recover_steps: int = 3000
+    recover_batch_size: int = field(default=16, metadata={"hash": False})  # resolved into TrainSettings.batch_size
     recover_samples: int = 6144
     recover_bf16: str = field(default="auto", metadata={"hash": False})  # resolved into TrainSettings.bf16
     recover_lr: float = 1e-3
@@ -422,6 +425,8 @@ class SparsitySettings:
     def __post_init__(self) -> None:
         if self.recover_lr <= 0:
             raise ValueError(f"recover_lr={self.recover_lr}: expected > 0")
+        if self.recover_batch_size < 1:
+            raise ValueError(f"recover_batch_size={self.recover_batch_size}: expected >= 1")
         if not self.recover_layerwise_weight >= 0:
             raise ValueError(f"recover_layerwise_weight={self.recover_layerwise_weight}: expected >= 0")
         if self.recover_schedule not in LR_SCHEDULES:

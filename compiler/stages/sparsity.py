@@ -65,14 +65,14 @@ def _start_from(student: Any, src: Path, names: list[str]) -> dict[str, Any]:
 
 
 def recovery_train(settings: BuildSettings) -> TrainSettings:
-    """`settings.train` with the recovery's learning rate, schedule, layer-wise weight and bf16
-    (`recover_bf16` resolved on the training device: `auto` is on where BF16 multiplies in
-    hardware)."""
+    """`settings.train` with the recovery's batch size, learning rate, schedule, layer-wise weight
+    and bf16 (`recover_bf16` resolved on the training device: `auto` is on where BF16 multiplies
+    in hardware)."""
     sp = settings.sparsity
     bf16 = settings.train.bf16 or sp.recover_bf16 == "on" or (
         sp.recover_bf16 == "auto" and bf16_matmul_available(settings.train.device))
-    return replace(settings.train, lr=sp.recover_lr, schedule=sp.recover_schedule, bf16=bf16,
-                   layerwise_weight=sp.recover_layerwise_weight)
+    return replace(settings.train, batch_size=sp.recover_batch_size, lr=sp.recover_lr, schedule=sp.recover_schedule,
+                   bf16=bf16, layerwise_weight=sp.recover_layerwise_weight)
 
 
 def _prune_and_recover(settings: BuildSettings, export: ExportResult, tokens: TokenSets, student: Any,
