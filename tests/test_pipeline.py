@@ -110,7 +110,8 @@ def test_int8_qat_that_got_worse_ships_ptq(tiny_bert, tmp_path):
 
 
 def test_sparsity_2_4_sets_sparse_weights_and_keeps_dense_reference(tiny_bert, tmp_path):
-    settings = settings_for(tiny_bert, tmp_path, "fp16", sparsity=SparsitySettings(pattern="2:4", recover_samples=16, recover_steps=2))
+    settings = settings_for(tiny_bert, tmp_path, "fp16", sparsity=SparsitySettings(pattern="2:4", recover_samples=16,
+                                                                                 recover_steps=2, recover_batch_size=2))
     state = run_pipeline(settings, until="verify")
     sp = state.report["sparsity"]
     assert len(sp["prune"]["pruned"]) == LAYERS * LINEARS_PER_LAYER
@@ -124,6 +125,7 @@ def test_sparsity_2_4_sets_sparse_weights_and_keeps_dense_reference(tiny_bert, t
     assert [p[0] for p in sp["recovery"]["curve"]] == [0, 1, 2]
     assert all(-1.0 <= p[2] <= 1.0 for p in sp["recovery"]["curve"])
     assert sp["recovery"]["bf16"] in (True, False) and sp["recovery"]["train_text"]
+    assert sp["recovery"]["batch_size"] == 2 != settings.train.batch_size  # the recovery's own batch
     # the sparse FP16 variant against the DENSE FP32 model: pruning half the weights moves the
     # outputs (cosine below 1), two recovery steps do not make them non-finite
     real = state.report["fidelity"]["real"]

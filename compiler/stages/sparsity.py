@@ -97,6 +97,7 @@ def _prune_and_recover(settings: BuildSettings, export: ExportResult, tokens: To
         recovery["train_samples"] = len(tokens.training_texts)
         recovery["train_text"] = list(tokens.data.train_path) or [tokens.data.path or "default text"]
         recovery["bf16"] = train.bf16
+        recovery["batch_size"] = train.batch_size
     return masks, prune_report.to_dict(), recovery
 
 
