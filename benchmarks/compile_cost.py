@@ -34,7 +34,7 @@ from typing import Any
 
 from benchmarks.common import add_out_argument, markdown_table
 from benchmarks.peak_memory import measure
-from benchmarks.speed.timing import cpu_model, library_versions, load_average, usable_cores
+from benchmarks.speed.timing import cpu_features, cpu_model, library_versions, load_average, usable_cores
 
 DEFAULT_CELLS = (("minilm", "fp32"), ("minilm", "fp16"), ("minilm", "hybrid"), ("minilm", "auto"),
                  ("minilm", "int8"), ("bert-base", "hybrid"), ("bert-base", "auto"), ("bert-base", "int8"),
@@ -136,7 +136,9 @@ def run_cell(model: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
             "exit_code": code, "wall_s": measured["wall_s"], "cpu_s": cpu_s,
             "outside_stages_s": round(measured["wall_s"] - inside, 1) if stages else None, "peak_tree_rss_mib": measured["peak_tree_rss_mib"],
             "peak_single_rss_mib": measured["peak_single_rss_mib"], "stages": stages,
-            "load_average_start": load_start, "load_average_end": load_average(), "command": " ".join(cmd),
+            "load_average_start": load_start, "load_average_end": load_average(),
+            "cpu": {"model": cpu_model(), "features": cpu_features()},  # rows of one file may come from several machines
+            "command": " ".join(cmd),
             "log": str(log)}
 
 
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     path = args.out / "compile.json"
     old = [] if args.fresh or not path.is_file() else json.loads(path.read_text()).get("rows", [])
     rows = {(r["model"], r["mode"]): r for r in old}
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable_cores(),
+    machine = {"cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(), "usable_cores": usable_cores(),
                "versions": library_versions(), "note": "a shared machine: load averages per row"}
     for model, mode in args.cell_list:
         if (model, mode) in rows and rows[model, mode]["status"] == "ok" and rows[model, mode]["stages"]:

@@ -168,6 +168,30 @@ def test_sparsity_and_fine_tuning_flags_reach_the_settings():
     assert defaults.sparsity.recover_from is None
 
 
+def test_default_recovery_steps_follow_the_recovery_precision():
+    """`--recover-steps` unset: 3,000 steps in FP32, 6,000 under BF16 autocast (each sized to MiniLM's
+    hour on 2 cores); given, even 0, it is kept."""
+    from dataclasses import replace
+
+    from compiler.cli import build_parser, settings_from_args
+    from compiler.settings import RECOVER_STEPS_BF16, RECOVER_STEPS_FP32
+    from compiler.stages.sparsity import resolve_recover_steps
+
+    def steps(*argv: str) -> int:
+        s = settings_from_args(build_parser().parse_args(["compile", "--sparsity", "2:4", *argv]))
+        return resolve_recover_steps(s).sparsity.recover_steps
+
+    assert settings_from_args(build_parser().parse_args(["compile"])).sparsity.recover_steps is None
+    assert (RECOVER_STEPS_FP32, RECOVER_STEPS_BF16) == (3000, 6000)
+    assert steps("--recover-bf16", "off") == RECOVER_STEPS_FP32
+    assert steps("--recover-bf16", "on") == steps("--train-bf16") == RECOVER_STEPS_BF16
+    assert steps("--recover-bf16", "on", "--recover-steps", "0") == 0
+    assert steps("--recover-steps", "11") == 11
+    resolved = resolve_recover_steps(settings_from_args(build_parser().parse_args(["compile", "--sparsity", "2:4"])))
+    assert resolved.sparsity.recover_steps in (RECOVER_STEPS_FP32, RECOVER_STEPS_BF16)  # by this machine's CPU
+    assert replace(resolved.sparsity, recover_steps=None) == resolved.sparsity.__class__(pattern="2:4")
+
+
 def test_every_option_reaches_its_settings_field():
     """Each CLI option of the table fills exactly the field it names; absent, the field keeps the
     dataclass default (the CLI restates no default)."""

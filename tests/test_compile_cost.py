@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks import compile_cost
 from benchmarks.peak_memory import measure
+from benchmarks.speed.timing import CPU_FEATURES
 
 
 def test_selection_by_model_mode_or_explicit_cells():
@@ -54,6 +55,7 @@ def test_rows_carry_stage_timings_and_a_rerun_keeps_them(tmp_path, monkeypatch):
     row = result["rows"][0]
     assert row["status"] == "ok" and row["stages"]["verify"] == {"seconds": 1.0, "peak_rss_mib": 900}
     assert row["outside_stages_s"] == 1.5 and row["peak_tree_rss_mib"] == 950
+    assert set(row["cpu"]) == {"model", "features"} and set(row["cpu"]["features"]) <= set(CPU_FEATURES)
     assert not (tmp_path / "eng" / "minilm-pretrained-hybrid").exists()  # removed after the cell
     assert "| minilm | pretrained | hybrid | ok |" in (tmp_path / "out" / "compile.md").read_text()
     compile_cost.run(compile_cost.parse_args(argv))
@@ -67,3 +69,13 @@ def test_measure_sums_the_child_tree_and_reports_the_exit_code(tmp_path):
            "'import time; y = bytearray(64 << 20); time.sleep(1.5)']) + 3)"
     r = measure([sys.executable, "-c", code], 0.05, log=tmp_path / "log.txt")
     assert r["returncode"] == 3 and r["peak_tree_rss_mib"] >= 128 > r["peak_single_rss_mib"]
+
+
+def test_cpu_features_tell_two_machines_of_one_model_name_apart():
+    from benchmarks.speed.timing import cpu_features
+
+    avx2 = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    bf16 = "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
+    assert cpu_features(avx2) == ["avx2"]
+    assert cpu_features(bf16) == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
+    assert cpu_features("no flags here") == []

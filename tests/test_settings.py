@@ -21,6 +21,8 @@ def test_quant_settings_validate():
     (lambda: PrecisionSettings(mode="int4"), "precision='int4'"),
     (lambda: ProfileSettings(min_shape=(4, 1), opt_shape=(1, 128)), r"min \(4\) <= opt \(1\)"),
     (lambda: SparsitySettings(pattern="1:4"), "sparsity='1:4'"),
+    (lambda: SparsitySettings(recover_steps=-1), "recover_steps=-1"),
+    (lambda: SparsitySettings(recover_steps="600"), "recover_steps='600'"),
     (lambda: TrainSettings(device="tpu"), "device='tpu'"),
     (lambda: DataSettings(train_path=("a", "b"), train_samples=1), "2 training texts"),
 ])

@@ -18,6 +18,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -138,6 +139,25 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# the CPU features that change what a CPU run costs here: wide vectors, INT8 and BF16 dot products
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_features(cpuinfo: str | None = None) -> list[str]:
+    """Which of `CPU_FEATURES` the CPU has (the `flags` line of /proc/cpuinfo, or `cpuinfo` when
+    given; [] where it cannot be read): two machines with the same model name ("AMD EPYC") may
+    differ, e.g. AVX2 only against AVX512-BF16, and PyTorch's BF16 training and ONNX Runtime's
+    kernels with them."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines()
+                  if line.lower().startswith("flags")), set())
+    return [f for f in CPU_FEATURES if f in flags]
 
 
 def usable_cores() -> int:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 from compiler.settings.engine import EngineSettings, ProfileSettings
 from compiler.settings.sections import (
-    FLOAT_MODES, INT8_MODES, LR_SCHEDULES, PRECISION_MODES, QUANT_METHODS, SPARSITY_METHODS,
-    SPARSITY_PATTERNS, TASKS, WEIGHT_MODES, DataSettings, ExportSettings, ModelSettings, PrecisionSettings,
+    FLOAT_MODES, INT8_MODES, LR_SCHEDULES, PRECISION_MODES, QUANT_METHODS, RECOVER_STEPS_BF16,
+    RECOVER_STEPS_FP32, SPARSITY_METHODS, SPARSITY_PATTERNS, TASKS, WEIGHT_MODES, DataSettings, ExportSettings, ModelSettings, PrecisionSettings,
     QuantSettings, SparsitySettings, TrainSettings, VocabSettings,
 )
 
 __all__ = [
-    "FLOAT_MODES", "INT8_MODES", "LR_SCHEDULES", "PRECISION_MODES", "QUANT_METHODS", "SPARSITY_METHODS",
+    "FLOAT_MODES", "INT8_MODES", "LR_SCHEDULES", "PRECISION_MODES", "QUANT_METHODS", "RECOVER_STEPS_BF16",
+    "RECOVER_STEPS_FP32", "SPARSITY_METHODS",
     "SPARSITY_PATTERNS", "TASKS", "WEIGHT_MODES", "BuildSettings", "DataSettings", "EngineSettings", "ExportSettings",
     "ModelSettings", "PrecisionSettings", "ProfileSettings", "QuantSettings", "SparsitySettings",
     "TrainSettings", "VocabSettings", "settings_hash",

@@ -14,6 +14,10 @@ FLOAT_MODES = ("fp32", "fp16", "hybrid")  # what runs outside Q/DQ in an INT8 va
 SPARSITY_PATTERNS = (None, "2:4")
 SPARSITY_METHODS = ("magnitude", "wanda", "sparsegpt")
 LR_SCHEDULES = ("constant", "linear")
+# the 2:4 recovery's default steps (`SparsitySettings.recover_steps` None), in FP32 / under BF16
+# autocast: MiniLM's one command within the hour on 2 CPU cores either way (docs/sparsity.md)
+RECOVER_STEPS_FP32 = 3000
+RECOVER_STEPS_BF16 = 6000
 QUANT_METHODS = ("max", "entropy", "percentile")
 WEIGHT_MODES = ("pretrained", "random")
 TASKS = ("feature-extraction", "sentence-embedding", "text-classification", "question-answering",
@@ -370,9 +374,13 @@ class SparsitySettings:
         layers: fnmatch patterns on module names choosing the pruned linear layers; empty
             means every linear layer inside the transformer blocks (no embeddings, no head).
         recover_steps: distillation steps with the masks held fixed (0: no recovery); the
-            loop's other knobs (seed, layer-wise loss) come from `TrainSettings`. 3,000 steps
-            of `recover_batch_size` 16: MiniLM's whole `make onnx SPARSITY=2:4` in 51.8 min on
-            2 CPU cores without BF16 hardware, held-out cosine mean 0.9690 (docs/sparsity.md).
+            loop's other knobs (seed, layer-wise loss) come from `TrainSettings`. None (default):
+            by the recovery's precision (`recover_bf16` resolved on the training device),
+            `RECOVER_STEPS_FP32` (3,000) or `RECOVER_STEPS_BF16` (6,000), each sized so MiniLM's
+            whole `make onnx SPARSITY=2:4` fits the hour on 2 CPU cores: in FP32 (AVX2, no BF16
+            hardware) 51.8 min for held-out cosine mean 0.9690; under BF16 autocast (AVX512-BF16)
+            BF16_RESULT (docs/sparsity.md). Resolved before the cache key is taken, so a default
+            run and the same count given by hand share their cached student.
         recover_batch_size: samples a recovery step (`TrainSettings.batch_size` of the
             recovery; QAT keeps its own). 16: on 2 CPU cores a sample costs 16 % less than at
             8 (larger matrix products), and MiniLM's one command reached 0.9690 in 51.8 min
@@ -412,7 +420,7 @@ class SparsitySettings:
     pattern: str | None = None
     method: str = "sparsegpt"
     layers: tuple[str, ...] = ()
-    recover_steps: int = 3000
+    recover_steps: int | None = None  # None: RECOVER_STEPS_FP32 or _BF16, resolved by the sparsity stage
     recover_batch_size: int = field(default=16, metadata={"hash": False})  # resolved into TrainSettings.batch_size
     recover_samples: int = 6144
     recover_bf16: str = field(default="auto", metadata={"hash": False})  # resolved into TrainSettings.bf16
@@ -435,8 +443,12 @@ class SparsitySettings:
             raise ValueError(f"sparsity={self.pattern!r}: expected one of {SPARSITY_PATTERNS}")
         if self.method not in SPARSITY_METHODS:
             raise ValueError(f"sparsity method={self.method!r}: expected one of {SPARSITY_METHODS}")
-        if not isinstance(self.layers, tuple) or self.recover_steps < 0 or self.recover_samples < 1:
-            raise ValueError("layers must be a tuple of fnmatch patterns, recover_steps >= 0, recover_samples >= 1")
+        steps = self.recover_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"recover_steps={steps!r}: expected a count >= 0, or None (the default by the "
+                             "recovery's precision)")
+        if not isinstance(self.layers, tuple) or self.recover_samples < 1:
+            raise ValueError("layers must be a tuple of fnmatch patterns, recover_samples >= 1")
         if self.recover_bf16 not in ("auto", "on", "off"):
             raise ValueError(f"recover_bf16={self.recover_bf16!r}: expected auto, on or off")
 

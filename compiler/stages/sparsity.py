@@ -17,7 +17,7 @@ from compiler.errors import CompilerError
 from compiler.graph.onnx_io import load_onnx
 from compiler.graph.sparsity import groups_check, require_2_4
 from compiler.results import ExportResult, SparsityResult
-from compiler.settings import BuildSettings, TrainSettings, settings_hash
+from compiler.settings import RECOVER_STEPS_BF16, RECOVER_STEPS_FP32, BuildSettings, TrainSettings, settings_hash
 from compiler.stages.export import export_opset, fp32_name
 from compiler.training.export import onnx_from_torch
 from compiler.training.distill import bf16_matmul_available
@@ -75,6 +75,17 @@ def recovery_train(settings: BuildSettings) -> TrainSettings:
                    bf16=bf16, layerwise_weight=sp.recover_layerwise_weight)
 
 
+def resolve_recover_steps(settings: BuildSettings) -> BuildSettings:
+    """`settings` with `sparsity.recover_steps` set: as given, or (None) `RECOVER_STEPS_BF16` where
+    the recovery runs under BF16 autocast (`recovery_train(settings).bf16`), else
+    `RECOVER_STEPS_FP32`: what fits MiniLM's one command in the hour on 2 CPU cores either way."""
+    sp = settings.sparsity
+    if sp.recover_steps is not None:
+        return settings
+    steps = RECOVER_STEPS_BF16 if recovery_train(settings).bf16 else RECOVER_STEPS_FP32
+    return replace(settings, sparsity=replace(sp, recover_steps=steps))
+
+
 def _prune_and_recover(settings: BuildSettings, export: ExportResult, tokens: TokenSets, student: Any,
                        start: tuple[Path, str] | None,
                        train: TrainSettings) -> tuple[dict[str, Any], dict[str, Any], Any]:
@@ -116,6 +127,7 @@ def stage_sparsity(settings: BuildSettings, export: ExportResult, tokens: TokenS
     """
     if settings.sparsity.pattern is None:
         return None
+    settings = resolve_recover_steps(settings)
 
     import safetensors.torch as safetensors_torch  # torch: only where a sparse run needs it
 
