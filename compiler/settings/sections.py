@@ -378,9 +378,9 @@ class SparsitySettings:
             by the recovery's precision (`recover_bf16` resolved on the training device),
             `RECOVER_STEPS_FP32` (3,000) or `RECOVER_STEPS_BF16` (6,000), each sized so MiniLM's
             whole `make onnx SPARSITY=2:4` fits the hour on 2 CPU cores: in FP32 (AVX2, no BF16
-            hardware) 51.8 min for held-out cosine mean 0.9690; under BF16 autocast (AVX512-BF16)
-            BF16_RESULT (docs/sparsity.md). Resolved before the cache key is taken, so a default
-            run and the same count given by hand share their cached student.
+            hardware) 51.8 min for held-out cosine mean 0.9690; under BF16 autocast (an
+            AVX512-BF16 CPU) 45.5 min for 0.9706 (docs/sparsity.md). Resolved before the cache
+            key is taken, so a default run and the same count given by hand share their student.
         recover_batch_size: samples a recovery step (`TrainSettings.batch_size` of the
             recovery; QAT keeps its own). 16: on 2 CPU cores a sample costs 16 % less than at
             8 (larger matrix products), and MiniLM's one command reached 0.9690 in 51.8 min

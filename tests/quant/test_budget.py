@@ -207,3 +207,40 @@ def test_budget_finds_the_fewest_float_nodes_by_doubling_then_bisection(needed, 
     final = needed if needed is not None else 8
     assert list(loop.excluded) == names[:final] and loop.model == final
     assert loop.fid["cosine_min"] == (0.99 if needed is not None else 0.5 + 0.08)
+
+
+@pytest.mark.parametrize("cosines, nonfinite, shipped", [
+    ({0: 0.96609, 1: 0.96576, 8: 0.96603}, {}, 0),  # BERT-large, VNNI: floats did not help, the start ships
+    ({0: 0.96625, 1: 0.96652, 8: 0.97356}, {}, 8),  # BERT-large, AVX2: the 8 floats helped
+    ({0: 0.90, 1: 0.95, 8: 0.93}, {}, 1),
+    ({0: 0.97, 1: 0.96, 8: 0.95}, {0: 3, 1: 1}, 8),  # non-finite outputs first
+    ({0: 0.95, 1: 0.95, 8: 0.95}, {}, 0),  # a tie: the most INT8
+])
+def test_an_out_of_reach_budget_ships_the_best_graph_measured(cosines, nonfinite, shipped):
+    """When even `max_excluded` float nodes miss the budget, the loop ships the best of the graphs
+    it measured (the all-INT8 start, top 1, top `max_excluded`): fewest non-finite, then highest
+    cosine min, then most INT8, never a prefix worse than the start."""
+    from compiler.passes.qdq import QuantReport
+    from compiler.quant.budget import _exclude_until_met
+
+    names = [f"mm{i}" for i in range(12)]
+
+    class Heldout:
+        def score(self, model):
+            class Fid:
+                def to_dict(self):
+                    return {"cosine_min": cosines[model], "cosine_mean": 0.99,
+                            "nonfinite_count": nonfinite.get(model, 0)}
+            return Fid()
+
+    def variant(exclude):
+        return len(exclude), QuantReport("max", False, quantized_nodes=names[len(exclude):],
+                                         int8_mac_fraction=1 - len(exclude) / 12)
+
+    def rank(model, report):
+        return {n: 12.0 - i for i, n in enumerate(names)}, lambda name: f"rank {name}"
+
+    loop = _exclude_until_met(variant, Heldout(), rank, QuantSettings(max_excluded=8))
+    assert [len(s["nodes"]) for s in loop.steps[1:]] == [1, 8]  # the same two evaluations
+    assert loop.model == shipped and list(loop.excluded) == names[:shipped]
+    assert loop.fid["cosine_min"] == cosines[shipped] and loop.report.int8_mac_fraction == 1 - shipped / 12
