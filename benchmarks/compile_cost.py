@@ -166,8 +166,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     path = args.out / "compile.json"
     old = [] if args.fresh or not path.is_file() else json.loads(path.read_text()).get("rows", [])
     rows = {(r["model"], r["mode"]): r for r in old}
-    machine = {"cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(), "usable_cores": usable_cores(),
-               "versions": library_versions(), "note": "a shared machine: load averages per row"}
+    machine = {"cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(),
+               "usable_cores": usable_cores(), "versions": library_versions(),
+               "note": "a shared machine: load averages per row"}
     for model, mode in args.cell_list:
         if (model, mode) in rows and rows[model, mode]["status"] == "ok" and rows[model, mode]["stages"]:
             print(f"{model} {mode}: kept from {path}")

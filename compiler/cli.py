@@ -151,8 +151,8 @@ OPTION_OPTIONS = [
                                               "help": "which 2 of every 4 weights stay: magnitude, wanda or sparsegpt"}),
     ("--sparse-layers", "sparsity.layers", {"action": "append", "metavar": "PATTERN",
                                             "help": "fnmatch pattern on module names to prune (repeatable)"}),
-    ("--recover-steps", "sparsity.recover_steps", {"type": int, "help": "distillation steps after pruning (0: none; default: 3000 in FP32, "
-                                                                  "6000 under BF16 autocast)"}),
+    ("--recover-steps", "sparsity.recover_steps",
+     {"type": int, "help": "distillation steps after pruning (0: none; default: 3000 in FP32, 6000 under BF16 autocast)"}),
     ("--recover-batch-size", "sparsity.recover_batch_size", {"type": int, "help": "samples a recovery step"}),
     ("--recover-lr", "sparsity.recover_lr", {"type": float, "help": "peak learning rate of the recovery"}),
     ("--recover-from", "sparsity.recover_from", {"metavar": "SAFETENSORS",

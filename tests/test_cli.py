@@ -174,7 +174,7 @@ def test_default_recovery_steps_follow_the_recovery_precision():
     from dataclasses import replace
 
     from compiler.cli import build_parser, settings_from_args
-    from compiler.settings import RECOVER_STEPS_BF16, RECOVER_STEPS_FP32
+    from compiler.settings import RECOVER_STEPS_BF16, RECOVER_STEPS_FP32, SparsitySettings
     from compiler.stages.sparsity import resolve_recover_steps
 
     def steps(*argv: str) -> int:
@@ -189,7 +189,7 @@ def test_default_recovery_steps_follow_the_recovery_precision():
     assert steps("--recover-steps", "11") == 11
     resolved = resolve_recover_steps(settings_from_args(build_parser().parse_args(["compile", "--sparsity", "2:4"])))
     assert resolved.sparsity.recover_steps in (RECOVER_STEPS_FP32, RECOVER_STEPS_BF16)  # by this machine's CPU
-    assert replace(resolved.sparsity, recover_steps=None) == resolved.sparsity.__class__(pattern="2:4")
+    assert replace(resolved.sparsity, recover_steps=None) == SparsitySettings(pattern="2:4")
 
 
 def test_every_option_reaches_its_settings_field():

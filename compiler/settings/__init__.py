@@ -16,8 +16,8 @@ from pathlib import Path
 from compiler.settings.engine import EngineSettings, ProfileSettings
 from compiler.settings.sections import (
     FLOAT_MODES, INT8_MODES, LR_SCHEDULES, PRECISION_MODES, QUANT_METHODS, RECOVER_STEPS_BF16,
-    RECOVER_STEPS_FP32, SPARSITY_METHODS, SPARSITY_PATTERNS, TASKS, WEIGHT_MODES, DataSettings, ExportSettings, ModelSettings, PrecisionSettings,
-    QuantSettings, SparsitySettings, TrainSettings, VocabSettings,
+    RECOVER_STEPS_FP32, SPARSITY_METHODS, SPARSITY_PATTERNS, TASKS, WEIGHT_MODES, DataSettings, ExportSettings,
+    ModelSettings, PrecisionSettings, QuantSettings, SparsitySettings, TrainSettings, VocabSettings,
 )
 
 __all__ = [
