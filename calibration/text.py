@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -286,32 +287,99 @@ class TokenizedSet:
         return len(self.input_ids)
 
     def batches(self, batch_size: int, input_names: list[str], rng: np.random.Generator | None = None,
-                vocab_size: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+                vocab_size: int | None = None, by_length: bool = False) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
         """Padded batches as ONNX Runtime feeds.
 
         Args:
             batch_size: samples per batch; the last batch may be smaller.
             input_names: graph inputs to fill (`input_ids`, `attention_mask`, `token_type_ids`).
             rng, vocab_size: when given, token ids are replaced by uniform random ids in
-                [0, vocab_size) at the same positions (same shapes and masks).
+                [0, vocab_size) at the same positions (same shapes and masks), drawn sample by
+                sample in the set's order whatever `by_length` says.
+            by_length: batch the samples longest first (a stable sort: equal lengths keep the
+                set's order), so that each batch pads little. Per-sample results are unchanged;
+                the work is not: 64 WikiText-2 held-out samples in batches of 8 run 5,408 tokens
+                instead of 7,392 (BERT-large FP32 on 2 CPU cores: ~3.45 ms a token).
 
         Yields:
             (feeds, lengths): feeds maps each input name to a (batch, sequence) int64 array;
             lengths is a (batch,) array of valid tokens per sample.
         """
-        for start in range(0, len(self), batch_size):
-            ids = self.input_ids[start : start + batch_size]
-            lengths = np.array([len(x) for x in ids])
+        order = list(range(len(self)))
+        drawn = None
+        if rng is not None:  # the draws do not depend on the batching
+            drawn = [rng.integers(0, vocab_size, len(x)) for x in self.input_ids]
+        if by_length:
+            order.sort(key=lambda i: -len(self.input_ids[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            lengths = np.array([len(self.input_ids[i]) for i in rows])
             seq = int(lengths.max())
-            batch = np.full((len(ids), seq), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(ids), seq), dtype=np.int64)
-            types = np.zeros((len(ids), seq), dtype=np.int64)
-            for i, x in enumerate(ids):
-                batch[i, : len(x)] = x if rng is None else rng.integers(0, vocab_size, len(x))
-                mask[i, : len(x)] = 1
+            batch = np.full((len(rows), seq), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), seq), dtype=np.int64)
+            types = np.zeros((len(rows), seq), dtype=np.int64)
+            for k, i in enumerate(rows):
+                n = lengths[k]
+                batch[k, :n] = self.input_ids[i] if drawn is None else drawn[i]
+                mask[k, :n] = 1
                 if self.token_type_ids is not None:
-                    types[i, : len(x)] = self.token_type_ids[start + i]
+                    types[k, :n] = self.token_type_ids[i]
             yield text_feeds({"input_ids": batch, "attention_mask": mask, "token_type_ids": types}, input_names), lengths
+
+
+def equal_length_batches(tokens: Any, batch_size: int, input_names: list[str], limit: int | None = None,
+                         rng: np.random.Generator | None = None,
+                         vocab_size: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Batches of samples of exactly equal length: no padding, so nothing needs masking.
+
+    Args:
+        tokens: a `calibration.TokenizedSet`.
+        batch_size: samples per batch at most (a length with fewer samples gives a smaller batch).
+        input_names: graph inputs to fill (`calibration.text.text_feeds`).
+        limit: the first `limit` samples only (None: all).
+        rng, vocab_size: random ids in [0, vocab_size) instead of the text's, drawn sample by
+            sample in the set's order, the draws `TokenizedSet.batches(1, ...)` makes.
+
+    Yields:
+        (feeds of (batch, length) int64, lengths (batch,) all equal).
+    """
+    count = len(tokens) if limit is None else min(limit, len(tokens))
+    groups: dict[int, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
+    for i in range(count):
+        ids = np.asarray(tokens.input_ids[i], np.int64)
+        if rng is not None:
+            ids = rng.integers(0, vocab_size, len(ids)).astype(np.int64)
+        types = (np.asarray(tokens.token_type_ids[i], np.int64) if tokens.token_type_ids is not None
+                 else np.zeros_like(ids))
+        groups[len(ids)].append((ids, types))
+    for length in sorted(groups, reverse=True):
+        rows = groups[length]
+        for s in range(0, len(rows), batch_size):
+            part = rows[s:s + batch_size]
+            ids = np.stack([r[0] for r in part])
+            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                     "token_type_ids": np.stack([r[1] for r in part])}
+            yield text_feeds(feeds, input_names), np.full(len(part), length)
+
+
+def random_id_batches(tokens: TokenizedSet, batch_size: int, input_names: list[str], vocab_size: int, seed: int,
+                      limit: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """The random-id set: uniform random ids in [0, vocab_size) at the lengths of `tokens`'
+    samples (seeded with `seed`, drawn sample by sample in the set's order), in
+    `equal_length_batches`. The `auto` precision pass collects its real-vs-random statistics on
+    it and verify measures its random-id fidelity on it: one set, so verify reads the FP32
+    outputs the statistics pass computed instead of running the FP32 graph again.
+
+    Args:
+        tokens: the samples whose lengths are kept (the held-out set).
+        batch_size: samples per batch at most. input_names: graph inputs to fill.
+        vocab_size: ids are drawn below it. seed: the generator's seed.
+        limit: the first `limit` samples only (None: all).
+
+    Yields:
+        (feeds of (batch, length) int64, lengths (batch,) all equal).
+    """
+    yield from equal_length_batches(tokens, batch_size, input_names, limit, np.random.default_rng(seed), vocab_size)
 
 
 def tokenized_set(texts: list[str], tokenizer: Any, max_length: int, cache_dir: str | Path | None) -> TokenizedSet:

@@ -255,6 +255,13 @@ def test_auto_meets_its_budget_and_verify_agrees(tiny_bert, tmp_path):
                            heldout, settings.data.batch_size, 30522)
     assert {k: v for k, v in again["real"].items() if k not in ("seconds", "reused")} == \
         {k: v for k, v in real.items() if k not in ("seconds", "reused")}
+    # the FP32 references: real text from the budget, random ids from the statistics pass (the
+    # same set); an uncached reference run gives the same random-id figures
+    assert set(state.report["fidelity"]["fp32_outputs_reused"]) == {"real", "random"}
+    assert again["fp32_outputs_reused"] == []
+    rand = state.report["fidelity"]["random"]
+    assert again["random"]["cosine_min"] == pytest.approx(rand["cosine_min"], abs=1e-6)
+    assert again["random"]["max_abs_err"] == pytest.approx(rand["max_abs_err"], rel=1e-3, abs=1e-6)
     report = json.loads((settings.variant_dir() / "report.json").read_text())
     assert report["settings"]["precision"]["mode"] == "auto" and report["variant"] == "auto"
 

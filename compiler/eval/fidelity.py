@@ -17,10 +17,11 @@ flattened values, max |variant - reference|, and the count of NaN/Inf values.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -208,9 +209,11 @@ class FidelityProbe:
     def on_tokens(cls, reference: Any, tokens: Any, input_names: list[str], outputs: str | list[str],
                   batch_size: int, cache_dir: str | None = None) -> FidelityProbe:
         """A probe of one output, or of several (the first the headline), over one token set
-        (`calibration.TokenizedSet`), the set named "heldout": what the accuracy budgets use."""
+        (`calibration.TokenizedSet`), the set named "heldout": what the accuracy budgets use.
+        Batched longest first (`TokenizedSet.batches(by_length=True)`), as verify batches its
+        real text, so that verify finds the budget's reference outputs and figures."""
         names = [outputs] if isinstance(outputs, str) else list(outputs)
-        return cls(reference, names, {"heldout": tokens.batches(batch_size, input_names)}, cache_dir)
+        return cls(reference, names, {"heldout": tokens.batches(batch_size, input_names, by_length=True)}, cache_dir)
 
     def session_for(self, variant: Any, optimize: bool = False, consume: bool = False) -> Any:
         """The ONNX Runtime session a variant (ModelProto) runs on: the faithful FP16 reference
@@ -345,9 +348,11 @@ def _set_digest(batches: list[Batch]) -> str:
     return h.hexdigest()
 
 
-def _set_keys(reference: Any, sets: Mapping[str, list[Batch]], cache_dir: str | None) -> dict[str, str]:
+def _set_keys(reference: Any, sets: Mapping[str, list[Batch]], cache_dir: str | None,
+              graph_sha256: str | None = None) -> dict[str, str]:
     """{set: key of the FP32 reference on that set}: sha256 over the graph file(s), the set's feeds
-    and the ONNX Runtime version; empty without a cache folder or with a ModelProto reference."""
+    and the ONNX Runtime version; empty without a cache folder or with a ModelProto reference.
+    `graph_sha256`: the file's `onnx_sha256` when the caller has it (saves reading it again)."""
     import os
 
     if not cache_dir or not isinstance(reference, (str, os.PathLike)):
@@ -357,9 +362,60 @@ def _set_keys(reference: Any, sets: Mapping[str, list[Batch]], cache_dir: str | 
     from compiler.graph.onnx_io import onnx_sha256
     from compiler.settings import settings_hash
 
-    graph = onnx_sha256(reference)
+    graph = graph_sha256 or onnx_sha256(reference)
     return {name: settings_hash("fp32-reference-v1", graph, _set_digest(b), onnxruntime.__version__)
             for name, b in sets.items()}
+
+
+def _output_key(set_key: str, output: str) -> str:
+    from compiler.settings import settings_hash
+
+    return settings_hash("fp32-reference-outputs-v2", set_key, output)
+
+
+def _output_path(cache_dir: str, key: str) -> Path:
+    return Path(str(cache_dir)) / f"fp32-outputs-{key[:32]}.npz"
+
+
+def _write_reference(cache_dir: str, set_key: str, run_names: list[str], results: list[list[np.ndarray]],
+                     wanted: list[str]) -> None:
+    """Store one set's FP32 outputs (`results[batch][k]` is output `run_names[k]`): every output
+    when they fit `REFERENCE_CACHE_MAX_MIB` together, else only `wanted`, each within it."""
+    from compiler.artifacts import atomic_write, write_key
+
+    per = {o: {f"b{i}": r[k] for i, r in enumerate(results)} for k, o in enumerate(run_names)}
+    cap = REFERENCE_CACHE_MAX_MIB << 20
+    store = run_names if sum(a.nbytes for d in per.values() for a in d.values()) <= cap else wanted
+    for o in store:
+        if o not in per or sum(a.nbytes for a in per[o].values()) > cap:
+            continue  # e.g. LM logits over a 50k vocabulary: recomputing beats the disk
+
+        def write(tmp: Path, arrays: dict = per[o]) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+                np.savez(f, **arrays)
+
+        key = _output_key(set_key, o)
+        path = _output_path(cache_dir, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, write)
+        write_key(path, key)
+
+
+def store_reference_outputs(reference: str | os.PathLike, graph_sha256: str, batches: list[Batch],
+                            output_names: list[str], results: list[list[np.ndarray]], cache_dir: str) -> None:
+    """Put FP32 outputs computed elsewhere into the reference cache, where a `FidelityProbe` of
+    the same graph file and the same batches finds them (the `auto` statistics pass runs the
+    FP32 graph over verify's random-id set and stores its outputs here).
+
+    Args:
+        reference: the FP32 ONNX file; graph_sha256: its `onnx_sha256`.
+        batches: the (feeds, lengths) batches run, as the probe will receive them.
+        output_names: the graph outputs in `results`' order.
+        results: per batch, one array per output, (batch, ...) float32.
+        cache_dir: the probe's cache folder.
+    """
+    key = _set_keys(reference, {"set": batches}, cache_dir, graph_sha256)["set"]
+    _write_reference(cache_dir, key, list(output_names), results, list(output_names))
 
 
 def _reference_outputs(reference: Any, output_names: list[str], sets: Mapping[str, list[Batch]],
@@ -373,56 +429,29 @@ def _reference_outputs(reference: Any, output_names: list[str], sets: Mapping[st
     after a one-output budget, then finds them), unless they exceed `REFERENCE_CACHE_MAX_MIB`
     together; then only the outputs asked for, each within that limit.
     """
-    from compiler.artifacts import atomic_write, read_key, write_key
-
-    key_of: Callable[[str, str], str] | None = None
-    if set_keys:
-        from compiler.settings import settings_hash
-
-        def content_key(name: str, output: str) -> str:
-            return settings_hash("fp32-reference-outputs-v2", set_keys[name], output)
-
-        key_of = content_key
-
-    def path_of(key: str) -> Path:  # used only with a cache folder (key_of set)
-        return Path(str(cache_dir)) / f"fp32-outputs-{key[:32]}.npz"
+    from compiler.artifacts import read_key
 
     out: dict[str, list[list[np.ndarray]]] = {}
     reused = []
-    for name in sets if key_of else []:
-        keys = [key_of(name, o) for o in output_names]
-        if all(read_key(path_of(k)) == k for k in keys):
+    for name in sets if set_keys and cache_dir else []:
+        keys = [_output_key(set_keys[name], o) for o in output_names]
+        if all(read_key(_output_path(cache_dir, k)) == k for k in keys):
             per_output = []
             for k in keys:
-                with np.load(path_of(k)) as z:
+                with np.load(_output_path(cache_dir, k)) as z:
                     per_output.append([z[f"b{i}"] for i in range(len(sets[name]))])
             out[name] = [list(row) for row in zip(*per_output)]
             reused.append(name)
     todo = [name for name in sets if name not in out]
     if todo:
         ref = session(reference, faithful_fp16=False)
-        every = [o.name for o in ref.get_outputs()] if key_of else []
+        every = [o.name for o in ref.get_outputs()] if set_keys and cache_dir else []
         run_names = list(output_names) + [o for o in every if o not in output_names]
         for name in todo:
             results = [ref.run(run_names, feeds) for feeds, _ in sets[name]]
             out[name] = [r[: len(output_names)] for r in results]
-            if key_of is None:
-                continue
-            per = {o: {f"b{i}": r[k] for i, r in enumerate(results)} for k, o in enumerate(run_names)}
-            cap = REFERENCE_CACHE_MAX_MIB << 20
-            store = run_names if sum(a.nbytes for d in per.values() for a in d.values()) <= cap else output_names
-            for o in store:
-                if sum(a.nbytes for a in per[o].values()) > cap:
-                    continue  # e.g. LM logits over a 50k vocabulary: recomputing beats the disk
-
-                def write(tmp: Path, arrays: dict = per[o]) -> None:
-                    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-                        np.savez(f, **arrays)
-
-                key = key_of(name, o)
-                path_of(key).parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path_of(key), write)
-                write_key(path_of(key), key)
-            del results, per
+            if set_keys and cache_dir:
+                _write_reference(cache_dir, set_keys[name], run_names, results, list(output_names))
+            del results
         del ref
     return {name: out[name] for name in sets}, reused

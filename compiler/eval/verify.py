@@ -10,9 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-import numpy as np
-
-from calibration.text import feed_names
+from calibration.text import feed_names, random_id_batches
 from compiler.eval.fidelity import Batch, FidelityProbe, reference_name
 
 log = logging.getLogger(__name__)
@@ -31,9 +29,12 @@ def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str],
         output_names: graph outputs; the first is the one cosine and max error are measured on,
             NaN/Inf are counted over all of them.
         tokens: a `calibration.TokenizedSet` of real text.
-        batch_size: samples per batch (padded to the batch's longest sample).
-        vocab_size: random ids are uniform in [0, vocab_size), at the real samples' shapes.
-        seed: RNG seed of the random ids.
+        batch_size: samples per batch; real text longest first (`TokenizedSet.batches` with
+            `by_length`, as the budgets batch it), padded to the batch's longest sample.
+        vocab_size, seed: the random-id set (`calibration.text.random_id_batches`: uniform ids
+            in [0, vocab_size) at the real samples' lengths, seeded, batched by exact length),
+            the set the `auto` statistics pass ran: its FP32 outputs are read back from the
+            cache when that pass stored them.
         edges: more input sets by name, e.g. {"profile_max": [one batch at the optimization
             profile's max batch x max sequence]}: real text at the shapes the engine must serve.
         cache_dir: where the FP32 reference outputs are cached when `fp32_model` is a path
@@ -41,16 +42,17 @@ def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str],
 
     Returns:
         {"real": Fidelity.report(), "random": Fidelity.report(), <each edge set>: the same,
-        "reference": what the variant ran on}: cosine min/mean and max abs error of the first
-        output (None once it has a non-finite value), nonfinite_count, samples, seconds, and per
-        output the same.
+        "reference": what the variant ran on, "fp32_outputs_reused": the sets whose FP32
+        reference outputs came from the cache (a budget's or the statistics pass's)}: cosine
+        min/mean and max abs error of the first output (None once it has a non-finite value),
+        nonfinite_count, samples, seconds, and per output the same.
     """
     names = feed_names(variant_model)  # KV-cache inputs get an empty past (the context phase)
-    rng = np.random.default_rng(seed)
     probe = FidelityProbe(fp32_model, output_names,
-                          {"real": tokens.batches(batch_size, names),
-                           "random": tokens.batches(batch_size, names, rng=rng, vocab_size=vocab_size),
+                          {"real": tokens.batches(batch_size, names, by_length=True),
+                           "random": random_id_batches(tokens, batch_size, names, vocab_size, seed),
                            **(edges or {})}, cache_dir)
     engine = reference_name(variant_model, optimize=True)
     result = probe.measure(variant_model, optimize=True, consume=True)
-    return {**{name: f.report() for name, f in result.items()}, "reference": engine}
+    return {**{name: f.report() for name, f in result.items()}, "reference": engine,
+            "fp32_outputs_reused": list(probe.reused)}

@@ -8,7 +8,8 @@ precision is measured, always with the faithful FP16 reference (`compiler.eval.f
 1. Activation statistics of the FP32 graph over the calibration text, reduced inside the graph
    (`compiler.passes.reduced_stats`: only per-tensor scalars and a small subsample leave ONNX
    Runtime): exact absmax and a sampled high percentile per tensor; the same over random ids
-   (`random_samples` of them), for the report.
+   at the held-out samples' lengths (`random_samples` of them, verify's random-id set), for
+   the report.
 2. Rules, each firing or declining with its reason and measured value:
    - `overflow`: absmax * `overflow_margin` >= 65504 on a node's float input or output
      (declines for mask fill values, |v| >= 1e30, which the precision pass clamps);
@@ -269,7 +270,7 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
     """
     start = time.perf_counter()
     fp32_path = fp32_model if isinstance(fp32_model, (str, os.PathLike)) else None
-    stats = _activation_stats(fp32_model, graph_sha256, calib_tokens, input_names, cache_dir,
+    stats = _activation_stats(fp32_model, graph_sha256, calib_tokens, heldout_tokens, input_names, cache_dir,
                               settings, vocab_size, seed, batch_size)
     init_pins = rule_initializer_underflow(load_onnx(fp32_path, check=False) if fp32_path else fp32_model)
     if fp32_path is not None:  # the graph without its weights; they are read per conversion
@@ -318,19 +319,22 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
     return best.model, report
 
 
-def _activation_stats(fp32_model: Any, graph_sha256: str, calib_tokens: Any, input_names: list[str],
-                      cache_dir: str | None, settings: PrecisionSettings, vocab_size: int, seed: int,
-                      batch_size: int) -> dict[str, Any]:
+def _activation_stats(fp32_model: Any, graph_sha256: str, calib_tokens: Any, heldout_tokens: Any,
+                      input_names: list[str], cache_dir: str | None, settings: PrecisionSettings, vocab_size: int,
+                      seed: int, batch_size: int) -> dict[str, Any]:
     """{"real": ActivationStats, "random": ActivationStats} of the FP32 graph (step 1), reduced in
-    the graph (`compiler.passes.reduced_stats`), `batch_size` equal-length samples a run; the
-    random ids over the first `settings.random_samples` samples' shapes only."""
-    args = (fp32_model, graph_sha256, calib_tokens, input_names, cache_dir)
+    the graph (`compiler.passes.reduced_stats`), `batch_size` equal-length samples a run: real
+    over the calibration text; random over the random-id set at the held-out samples' lengths
+    (the first `settings.random_samples`), the set verify measures its random-id fidelity on,
+    so that verify reads the FP32 outputs of this pass back (`cached_reduced_stats`)."""
+    tokens = {"real": calib_tokens, "random": heldout_tokens}
+    args = {src: (fp32_model, graph_sha256, tokens[src], input_names, cache_dir) for src in tokens}
     kw = {src: {"batch_size": batch_size, "percentile": settings.percentile, "vocab_size": vocab_size,
                 "seed": seed, "limit": settings.random_samples if src == "random" else None}
           for src in ("real", "random")}
     if isinstance(fp32_model, (str, os.PathLike)) and cache_dir:
         _stats_in_child(args, kw)  # fills the cache; read back below
-    return {src: cached_reduced_stats(*args, src, **kw[src]) for src in ("real", "random")}
+    return {src: cached_reduced_stats(*args[src], src, **kw[src]) for src in ("real", "random")}
 
 
 def _add_sensitive_nodes(evaluate: Evaluator, current: Variant, fp32_model: Any, fp32_path: Any,
@@ -376,12 +380,12 @@ def _op_rule_nodes(fp32_model: Any) -> set[str]:
     return {nodes[i].name for rule in HYBRID_RULES for i in rule(nodes, consumers)}
 
 
-def _collect_both(args: tuple, kw: dict) -> None:
+def _collect_both(args: dict, kw: dict) -> None:
     for src in ("real", "random"):
-        cached_reduced_stats(*args, src, **kw[src])
+        cached_reduced_stats(*args[src], src, **kw[src])
 
 
-def _stats_in_child(args: tuple, kw: dict) -> None:
+def _stats_in_child(args: dict, kw: dict) -> None:
     """Collect the real and random statistics into the cache in a child process: the statistics
     session holds its own copy of the weights (1.3 GB for BERT-large), which the child returns
     to the OS when it exits, before the search loads the graph.

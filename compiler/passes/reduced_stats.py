@@ -32,14 +32,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from calibration.stats import ActivationStats, TensorStats, cached_stats, float_activations
-from calibration.text import text_feeds
+from calibration.text import equal_length_batches, random_id_batches
 from compiler.artifacts import remove_stale_temps, temp_beside
 from compiler.settings import settings_hash
 
@@ -49,42 +48,8 @@ LOG2_MIN, LOG2_MAX, BINS_PER_OCTAVE = -24, 24, 16  # as calibration.stats
 NBINS = (LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE
 SUBSAMPLE = 1 << 13  # histogram elements per tensor per run, about (odd stride)
 STATS_VERSION = "activation-stats-v3-in-graph"  # cache key: bump when the statistics change
+OUTPUTS_MAX_MIB = 256  # graph outputs kept from the statistics runs (`reduced_activation_stats`), at most
 OUTPUTS = ("__stats_max", "__stats_min", "__stats_sum", "__stats_size", "__stats_sub", "__stats_count")
-
-
-def equal_length_batches(tokens: Any, batch_size: int, input_names: list[str], limit: int | None = None,
-                         rng: np.random.Generator | None = None,
-                         vocab_size: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """Batches of samples of exactly equal length: no padding, so nothing needs masking.
-
-    Args:
-        tokens: a `calibration.TokenizedSet`.
-        batch_size: samples per batch at most (a length with fewer samples gives a smaller batch).
-        input_names: graph inputs to fill (`calibration.text.text_feeds`).
-        limit: the first `limit` samples only (None: all).
-        rng, vocab_size: random ids in [0, vocab_size) instead of the text's, drawn sample by
-            sample in the set's order, the draws `TokenizedSet.batches(1, ...)` makes.
-
-    Yields:
-        (feeds of (batch, length) int64, lengths (batch,) all equal).
-    """
-    count = len(tokens) if limit is None else min(limit, len(tokens))
-    groups: dict[int, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
-    for i in range(count):
-        ids = np.asarray(tokens.input_ids[i], np.int64)
-        if rng is not None:
-            ids = rng.integers(0, vocab_size, len(ids)).astype(np.int64)
-        types = (np.asarray(tokens.token_type_ids[i], np.int64) if tokens.token_type_ids is not None
-                 else np.zeros_like(ids))
-        groups[len(ids)].append((ids, types))
-    for length in sorted(groups, reverse=True):
-        rows = groups[length]
-        for s in range(0, len(rows), batch_size):
-            part = rows[s:s + batch_size]
-            ids = np.stack([r[0] for r in part])
-            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                     "token_type_ids": np.stack([r[1] for r in part])}
-            yield text_feeds(feeds, input_names), np.full(len(part), length)
 
 
 def reduction_nodes(names: list[str], subsample: int = SUBSAMPLE) -> tuple[list[list[Any]], list[Any], list[Any],
@@ -209,7 +174,8 @@ def _append(model: Any, names: list[str], groups: list[list[Any]], tail: list[An
 
 
 def reduced_activation_stats(model: Any, batches: Any, source: str, percentile: float = 99.99,
-                             tensors: list[str] | None = None, subsample: int = SUBSAMPLE) -> ActivationStats:
+                             tensors: list[str] | None = None, subsample: int = SUBSAMPLE,
+                             outputs: list[list[np.ndarray]] | None = None) -> ActivationStats:
     """`calibration.stats.collect_activation_stats`, reduced inside the graph (module docstring).
 
     Args:
@@ -218,6 +184,9 @@ def reduced_activation_stats(model: Any, batches: Any, source: str, percentile: 
         source: label for reports (`real`, `random`). percentile: of |x| (e.g. 99.99).
         tensors: names to collect; default every float activation (`float_activations`).
         subsample: histogram elements per tensor per run, about (`reduction_nodes`).
+        outputs: a list that receives, per batch, the graph's own outputs from the same run (one
+            float32 array each, in the graph's output order): the FP32 outputs without a pass of
+            their own. Past `OUTPUTS_MAX_MIB` in all (e.g. LM logits) it is emptied and stays so.
 
     Returns:
         ActivationStats with one TensorStats per tensor: absmax exact (inf when a value was NaN
@@ -235,6 +204,8 @@ def reduced_activation_stats(model: Any, batches: Any, source: str, percentile: 
     alias = same_values(light, wanted)
     scaled = scaled_values(light, wanted)
     names = [t for t in wanted if t not in alias and t not in scaled]
+    keep = [o.name for o in light.graph.output] if outputs is not None else []  # before `_append`
+    kept_bytes = 0
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # run each reduction right after its producer (`_append`); ORT's default order keeps every
@@ -247,8 +218,15 @@ def reduced_activation_stats(model: Any, batches: Any, source: str, percentile: 
             seq = next(iter(feeds.values())).shape[1]
             if not (np.asarray(lengths) == seq).all():
                 raise ValueError("in-graph statistics need unpadded batches (equal_length_batches)")
-            acc.add(*sess.run(list(OUTPUTS), feeds))
+            got = sess.run([*OUTPUTS, *keep], feeds)
+            acc.add(*got[:len(OUTPUTS)])
             acc.samples += len(lengths)
+            if keep:
+                outputs.append(got[len(OUTPUTS):])
+                kept_bytes += sum(a.nbytes for a in got[len(OUTPUTS):])
+                if kept_bytes > OUTPUTS_MAX_MIB << 20:
+                    outputs.clear()
+                    keep = []
     stats = {t: TensorStats(float(acc.absmax[i]), histogram_percentile(acc.hist[i], int(acc.zeros[i]),
                                                                         float(acc.absmax[i]), percentile),
                             int(acc.elements[i])) for i, t in enumerate(names)}
@@ -395,8 +373,11 @@ def cached_reduced_stats(model: Any, graph_sha256: str, tokens: Any, input_names
         cache_dir: folder of `stats-<key>.json` (`compiler.artifacts.cached`; key: a
             `settings_hash` of STATS_VERSION, the graph hash, `tokens.key`, `source` and the
             arguments below); None: no cache.
-        source: `real`, or `random` for uniform random ids in [0, vocab_size) at the first
-            `limit` samples' shapes (seeded), for the real-vs-random comparison.
+        source: `real`, or `random` for the random-id set at the first `limit` samples' lengths
+            (`calibration.text.random_id_batches`, seeded), for the real-vs-random comparison.
+            With an ONNX path and a cache folder, a random run also stores the graph's FP32
+            outputs where a `compiler.eval.fidelity.FidelityProbe` of the same batches finds
+            them: verify's random-id set is this set when it covers the same samples.
         batch_size: samples per run at most. percentile: of |x|. limit: samples used (None: all).
 
     Returns:
@@ -406,8 +387,20 @@ def cached_reduced_stats(model: Any, graph_sha256: str, tokens: Any, input_names
                         vocab_size, seed, SUBSAMPLE)
 
     def collect() -> ActivationStats:
-        rng = np.random.default_rng(seed) if source == "random" else None
-        batches = equal_length_batches(tokens, batch_size, input_names, limit, rng, vocab_size)
-        return reduced_activation_stats(model, batches, source, percentile)
+        if source != "random":
+            return reduced_activation_stats(model, equal_length_batches(tokens, batch_size, input_names, limit),
+                                            source, percentile)
+        batches = list(random_id_batches(tokens, batch_size, input_names, vocab_size, seed, limit))
+        keep = cache_dir is not None and isinstance(model, (str, os.PathLike))
+        outputs: list[list[np.ndarray]] | None = [] if keep else None
+        stats = reduced_activation_stats(model, batches, source, percentile, outputs=outputs)
+        if outputs:
+            import onnx
+
+            from compiler.eval.fidelity import store_reference_outputs
+
+            names = [o.name for o in onnx.load(str(model), load_external_data=False).graph.output]
+            store_reference_outputs(model, graph_sha256, batches, names, outputs, str(cache_dir))
+        return stats
 
     return cached_stats(key, cache_dir, collect, source)

@@ -23,7 +23,7 @@ from compiler.artifacts import read_key, write_key
 from compiler.errors import ExportParityError
 from compiler.training.heads import dummy_inputs, task_axes, task_module, task_output_names
 from compiler.training.models import LoadedModel, max_positions
-from compiler.graph.onnx_io import load_onnx, save_onnx
+from compiler.graph.onnx_io import check_model_file, load_onnx, save_onnx
 from compiler.settings import ExportSettings, settings_hash
 
 log = logging.getLogger(__name__)
@@ -144,11 +144,12 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
             torch.onnx.export(wrapper, dummy, str(tmp_file), input_names=[str(n) for n in loaded.input_names],
                               output_names=names_out, dynamic_axes=axes, opset_version=settings.opset,
                               do_constant_folding=True, dynamo=False)
-            model = load_onnx(tmp_file)
+            model = load_onnx(tmp_file, check=False)
             static_output_dims(model, wrapper, dummy, axes)
             # External data: later stages open the graph without loading the weights.
             save_onnx(model, onnx_path, external=True)
             del model
+        check_model_file(onnx_path)  # the graph alone: its weights are external now
         write_key(onnx_path, key)
     import onnx
 

@@ -107,6 +107,23 @@ def test_batches_pad_mask_and_random_ids():
         next(tokens.batches(1, ["pixel_values"]))
 
 
+def test_batches_by_length_pad_less_and_keep_each_samples_ids():
+    lengths = (3, 9, 2, 8, 3, 9)
+    tokens = TokenizedSet([np.arange(1, n + 1) * (i + 1) for i, n in enumerate(lengths)], None, 0, "k")
+    names = ["input_ids", "attention_mask"]
+
+    def rows(batches):
+        return sorted(tuple(f["input_ids"][k, :n]) for f, ls in batches for k, n in enumerate(ls))
+
+    plain, longest = list(tokens.batches(2, names)), list(tokens.batches(2, names, by_length=True))
+    assert rows(plain) == rows(longest)  # the same samples, unpadded ids unchanged
+    assert [list(ls) for _, ls in longest] == [[9, 9], [8, 3], [3, 2]]  # stable: equal lengths keep set order
+    assert sum(f["input_ids"].size for f, _ in longest) < sum(f["input_ids"].size for f, _ in plain)
+    # random ids are drawn per sample in the set's order, whatever the batching
+    rand = [list(tokens.batches(2, names, rng=np.random.default_rng(5), vocab_size=99, by_length=b)) for b in (0, 1)]
+    assert rows(rand[0]) == rows(rand[1])
+
+
 LATIN = "un café très bon, à deux pas de la gare, où l'on mange bien"  # é è à ù: not ASCII
 
 

@@ -170,6 +170,51 @@ def test_padded_batches_are_refused_and_results_are_cached(tmp_path):
     assert rand.samples == 1 and rand.tensors["last_hidden_state"].absmax < 4
 
 
+def test_the_random_pass_leaves_the_fp32_outputs_verify_reads_back(tiny_bert, tmp_path):
+    """The random-id statistics run is verify's random-id set: its FP32 outputs land in the
+    reference cache under the key a FidelityProbe of that set computes, and they are the FP32
+    graph's outputs (the statistics graph runs without the fusions its reductions block)."""
+    import onnxruntime as ort
+
+    from calibration.text import random_id_batches
+    from compiler.eval.fidelity import FidelityProbe
+    from compiler.graph.onnx_io import onnx_sha256
+
+    model, tokens = tiny_bert
+    path = tmp_path / "model.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    save_onnx(copy, path, external=True)
+    cache = tmp_path / "cache"
+    cached_reduced_stats(path, onnx_sha256(path), tokens, INPUTS, cache, "random", batch_size=4,
+                         limit=len(tokens), vocab_size=30522, seed=7)
+    batches = list(random_id_batches(tokens, 4, INPUTS, 30522, 7))
+    probe = FidelityProbe(path, ["last_hidden_state"], {"random": batches}, str(cache))
+    assert probe.reused == ["random"]  # not run again
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for (feeds, _), (got,) in zip(batches, probe.reference["random"]):
+        np.testing.assert_allclose(got, plain.run(["last_hidden_state"], feeds)[0], rtol=1e-5, atol=1e-5)
+    # a set of other samples (fewer of them, another seed) does not find them
+    fewer = FidelityProbe(path, ["last_hidden_state"], {"random": random_id_batches(tokens, 4, INPUTS, 30522, 7,
+                                                                                   limit=3)}, str(cache))
+    other = FidelityProbe(path, ["last_hidden_state"], {"random": random_id_batches(tokens, 4, INPUTS, 30522, 8)},
+                          str(cache))
+    assert fewer.reused == [] and other.reused == []
+
+
+def test_outputs_past_the_limit_are_not_kept(tiny_bert, monkeypatch):
+    from compiler.passes import reduced_stats
+
+    model, tokens = tiny_bert
+    kept: list = []
+    reduced_activation_stats(model, equal_length_batches(tokens, 4, INPUTS), "real", outputs=kept)
+    assert len(kept) == len(list(equal_length_batches(tokens, 4, INPUTS))) and kept[0][0].dtype == np.float32
+    monkeypatch.setattr(reduced_stats, "OUTPUTS_MAX_MIB", 0)
+    dropped: list = []
+    reduced_activation_stats(model, equal_length_batches(tokens, 4, INPUTS), "real", outputs=dropped)
+    assert dropped == []
+
+
 def test_histogram_percentile_reads_ranks_over_zeros_and_bins():
     hist = np.zeros(768, np.int64)
     hist[24 * 16] = 10  # ten values in [1, 2**(1/16))
