@@ -152,7 +152,12 @@ def rule_fp16_range(nodes: list[Any], inits: dict[str, Any]) -> tuple[Pins, dict
 def constant_absmax(t: Any, below: float = np.inf) -> float:
     """Largest finite |v| of a float initializer (onnx.TensorProto), ignoring values >= `below`;
     0.0 when none is left."""
-    v = np.abs(array(t).astype(np.float64))
+    a = array(t)
+    if a.size:  # two reductions, no copies: the answer whenever nothing is to be left out
+        m = float(max(a.max(), -a.min()))
+        if np.isfinite(m) and m < below:
+            return m
+    v = np.abs(a.astype(np.float64))
     v = v[np.isfinite(v) & (v < below)]
     return float(v.max()) if v.size else 0.0
 

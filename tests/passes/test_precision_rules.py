@@ -64,3 +64,13 @@ def test_fp16_range_ignores_mask_fill_values():
     assert out_of_range == {"big": nodes[0].name}
     assert constant_absmax(big) == np.float64(np.float32(3.4e38))  # every value counts without `below`
     assert constant_absmax(big, below=1e30) == 70000.0 and constant_absmax(fill, below=1e30) == 0.0
+
+
+def test_constant_absmax_fast_path_agrees_with_the_filtered_one():
+    rng = np.random.default_rng(0)
+    for values in (rng.normal(0, 3, 1000), -np.abs(rng.normal(0, 3, 1000)), np.array([np.nan, 2.0, -5.0]),
+                   np.array([np.inf, -7.0]), np.array([2e30, -9.0]), np.zeros(0)):
+        t = numpy_helper.from_array(values.astype(np.float32), "w")
+        v = np.abs(values.astype(np.float32).astype(np.float64))
+        v = v[np.isfinite(v) & (v < 1e30)]
+        assert constant_absmax(t, below=1e30) == (float(v.max()) if v.size else 0.0)
