@@ -418,6 +418,16 @@ def store_reference_outputs(reference: str | os.PathLike, graph_sha256: str, bat
     _write_reference(cache_dir, key, list(output_names), results, list(output_names))
 
 
+def reference_cached(reference: Any, batches: list[Batch], output_names: list[str], cache_dir: str | None) -> bool:
+    """Whether a `FidelityProbe` of `reference` (an ONNX path) would read the FP32 outputs of
+    `batches` for every one of `output_names` from `cache_dir` instead of running the graph."""
+    from compiler.artifacts import read_key
+
+    keys = _set_keys(reference, {"set": batches}, cache_dir)
+    return bool(keys) and all(read_key(_output_path(str(cache_dir), k)) == k
+                              for k in (_output_key(keys["set"], o) for o in output_names))
+
+
 def _reference_outputs(reference: Any, output_names: list[str], sets: Mapping[str, list[Batch]],
                        set_keys: Mapping[str, str],
                        cache_dir: str | None) -> tuple[dict[str, list[list[np.ndarray]]], list[str]]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
+import numpy as np
+
 from calibration.text import feed_names, random_id_batches
-from compiler.eval.fidelity import Batch, FidelityProbe, reference_name
+from compiler.eval.fidelity import Batch, FidelityProbe, reference_cached, reference_name
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +33,11 @@ def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str],
         tokens: a `calibration.TokenizedSet` of real text.
         batch_size: samples per batch; real text longest first (`TokenizedSet.batches` with
             `by_length`, as the budgets batch it), padded to the batch's longest sample.
-        vocab_size, seed: the random-id set (`calibration.text.random_id_batches`: uniform ids
-            in [0, vocab_size) at the real samples' lengths, seeded, batched by exact length),
-            the set the `auto` statistics pass ran: its FP32 outputs are read back from the
-            cache when that pass stored them.
+        vocab_size, seed: the random-id set: uniform ids in [0, vocab_size) at the real samples'
+            lengths, seeded, drawn sample by sample. Batched by exact length
+            (`calibration.text.random_id_batches`) when the `auto` statistics pass stored the
+            FP32 outputs of those batches (they are read back), else longest first and padded
+            (fewer, fuller runs); the samples are the same either way.
         edges: more input sets by name, e.g. {"profile_max": [one batch at the optimization
             profile's max batch x max sequence]}: real text at the shapes the engine must serve.
         cache_dir: where the FP32 reference outputs are cached when `fp32_model` is a path
@@ -48,9 +51,11 @@ def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str],
         nonfinite_count, samples, seconds, and per output the same.
     """
     names = feed_names(variant_model)  # KV-cache inputs get an empty past (the context phase)
+    random = list(random_id_batches(tokens, batch_size, names, vocab_size, seed))
+    if not reference_cached(fp32_model, random, output_names, cache_dir):  # the same ids, padded: fewer runs
+        random = list(tokens.batches(batch_size, names, np.random.default_rng(seed), vocab_size, by_length=True))
     probe = FidelityProbe(fp32_model, output_names,
-                          {"real": tokens.batches(batch_size, names, by_length=True),
-                           "random": random_id_batches(tokens, batch_size, names, vocab_size, seed),
+                          {"real": tokens.batches(batch_size, names, by_length=True), "random": random,
                            **(edges or {})}, cache_dir)
     engine = reference_name(variant_model, optimize=True)
     result = probe.measure(variant_model, optimize=True, consume=True)

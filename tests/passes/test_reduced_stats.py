@@ -177,7 +177,7 @@ def test_the_random_pass_leaves_the_fp32_outputs_verify_reads_back(tiny_bert, tm
     import onnxruntime as ort
 
     from calibration.text import random_id_batches
-    from compiler.eval.fidelity import FidelityProbe
+    from compiler.eval.fidelity import FidelityProbe, reference_cached
     from compiler.graph.onnx_io import onnx_sha256
 
     model, tokens = tiny_bert
@@ -191,6 +191,9 @@ def test_the_random_pass_leaves_the_fp32_outputs_verify_reads_back(tiny_bert, tm
     batches = list(random_id_batches(tokens, 4, INPUTS, 30522, 7))
     probe = FidelityProbe(path, ["last_hidden_state"], {"random": batches}, str(cache))
     assert probe.reused == ["random"]  # not run again
+    assert reference_cached(path, batches, ["last_hidden_state"], str(cache))
+    padded = list(tokens.batches(4, INPUTS, np.random.default_rng(7), 30522, by_length=True))  # same ids, padded
+    assert not reference_cached(path, padded, ["last_hidden_state"], str(cache))
     plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for (feeds, _), (got,) in zip(batches, probe.reference["random"]):
         np.testing.assert_allclose(got, plain.run(["last_hidden_state"], feeds)[0], rtol=1e-5, atol=1e-5)
@@ -213,6 +216,29 @@ def test_outputs_past_the_limit_are_not_kept(tiny_bert, monkeypatch):
     dropped: list = []
     reduced_activation_stats(model, equal_length_batches(tokens, 4, INPUTS), "real", outputs=dropped)
     assert dropped == []
+
+
+def test_the_accumulator_bins_as_calibration_stats_does():
+    """One bincount over (tensor, bin), zeros and NaN apart: the bins of the per-tensor formula."""
+    from compiler.passes.reduced_stats import BINS_PER_OCTAVE, LOG2_MAX, LOG2_MIN, NBINS, _Accumulator
+
+    rng = np.random.default_rng(1)
+    count = np.array([5, 0, 300, 41])
+    sub = (rng.normal(0, 1, count.sum()) * np.exp(rng.normal(0, 12, count.sum()))).astype(np.float32)
+    sub[[0, 7, 9, 11, 12]] = [0.0, np.nan, np.inf, 1e-38, -3e38]
+    acc = _Accumulator(len(count))
+    ones = np.ones(len(count), np.float32)
+    acc.add(ones, -ones, ones, count, sub, count)
+    start = 0
+    for i, k in enumerate(count):  # calibration.stats' formula, tensor by tensor
+        a = np.abs(sub[start:start + k])
+        start += k
+        nz = a[a > 0]
+        with np.errstate(divide="ignore"):
+            bins = np.floor((np.log2(np.minimum(nz, 2.0 ** LOG2_MAX)) - LOG2_MIN) * BINS_PER_OCTAVE)
+        expected = np.bincount(np.clip(bins, 0, NBINS - 1).astype(np.int64), minlength=NBINS)
+        np.testing.assert_array_equal(acc.hist[i], expected)
+        assert acc.zeros[i] == k - nz.size  # zeros and NaN
 
 
 def test_histogram_percentile_reads_ranks_over_zeros_and_bins():
