@@ -184,6 +184,7 @@ class FidelityProbe:
             the graph the precision or INT8 budget measured last on the same held-out batches,
             and reads its figures back instead of running it again (BERT-large: ~50 s). None:
             no cache.
+        graph_sha256: the `reference` file's `onnx_sha256` when the caller has it (not read again).
 
     Attributes:
         samples: {set name: samples}. evaluations: variants measured so far.
@@ -194,12 +195,12 @@ class FidelityProbe:
     """
 
     def __init__(self, reference: Any, output_names: list[str], sets: Mapping[str, Iterable[Batch]],
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, graph_sha256: str | None = None) -> None:
         self.output_names = list(output_names)
         self.batches = {name: list(b) for name, b in sets.items()}
         if not self.batches or not all(self.batches.values()):
             raise ValueError(f"FidelityProbe needs at least one non-empty input set, got {list(self.batches)}")
-        self.cache_dir, self.set_keys = cache_dir, _set_keys(reference, self.batches, cache_dir)
+        self.cache_dir, self.set_keys = cache_dir, _set_keys(reference, self.batches, cache_dir, graph_sha256)
         self.reference, self.reused = _reference_outputs(reference, self.output_names, self.batches, self.set_keys,
                                                          cache_dir)
         self.samples = {name: int(sum(len(n) for _, n in b)) for name, b in self.batches.items()}
@@ -353,8 +354,6 @@ def _set_keys(reference: Any, sets: Mapping[str, list[Batch]], cache_dir: str | 
     """{set: key of the FP32 reference on that set}: sha256 over the graph file(s), the set's feeds
     and the ONNX Runtime version; empty without a cache folder or with a ModelProto reference.
     `graph_sha256`: the file's `onnx_sha256` when the caller has it (saves reading it again)."""
-    import os
-
     if not cache_dir or not isinstance(reference, (str, os.PathLike)):
         return {}
     import onnxruntime
@@ -418,12 +417,14 @@ def store_reference_outputs(reference: str | os.PathLike, graph_sha256: str, bat
     _write_reference(cache_dir, key, list(output_names), results, list(output_names))
 
 
-def reference_cached(reference: Any, batches: list[Batch], output_names: list[str], cache_dir: str | None) -> bool:
+def reference_cached(reference: Any, batches: list[Batch], output_names: list[str], cache_dir: str | None,
+                     graph_sha256: str | None = None) -> bool:
     """Whether a `FidelityProbe` of `reference` (an ONNX path) would read the FP32 outputs of
-    `batches` for every one of `output_names` from `cache_dir` instead of running the graph."""
+    `batches` for every one of `output_names` from `cache_dir` instead of running the graph.
+    `graph_sha256`: as `FidelityProbe`'s."""
     from compiler.artifacts import read_key
 
-    keys = _set_keys(reference, {"set": batches}, cache_dir)
+    keys = _set_keys(reference, {"set": batches}, cache_dir, graph_sha256)
     return bool(keys) and all(read_key(_output_path(str(cache_dir), k)) == k
                               for k in (_output_key(keys["set"], o) for o in output_names))
 

@@ -8,12 +8,14 @@ or FP32 + Q/DQ variant on ONNX Runtime CPU. Both through `compiler.eval.fidelity
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Mapping
 
 import numpy as np
 
 from calibration.text import feed_names, random_id_batches
 from compiler.eval.fidelity import Batch, FidelityProbe, reference_cached, reference_name
+from compiler.graph.onnx_io import onnx_sha256
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +53,13 @@ def verify_variant(fp32_model: Any, variant_model: Any, output_names: list[str],
         nonfinite_count, samples, seconds, and per output the same.
     """
     names = feed_names(variant_model)  # KV-cache inputs get an empty past (the context phase)
+    sha = onnx_sha256(fp32_model) if cache_dir and isinstance(fp32_model, (str, os.PathLike)) else None
     random = list(random_id_batches(tokens, batch_size, names, vocab_size, seed))
-    if not reference_cached(fp32_model, random, output_names, cache_dir):  # the same ids, padded: fewer runs
+    if not reference_cached(fp32_model, random, output_names, cache_dir, sha):  # the same ids, padded: fewer runs
         random = list(tokens.batches(batch_size, names, np.random.default_rng(seed), vocab_size, by_length=True))
     probe = FidelityProbe(fp32_model, output_names,
                           {"real": tokens.batches(batch_size, names, by_length=True), "random": random,
-                           **(edges or {})}, cache_dir)
+                           **(edges or {})}, cache_dir, sha)
     engine = reference_name(variant_model, optimize=True)
     result = probe.measure(variant_model, optimize=True, consume=True)
     return {**{name: f.report() for name, f in result.items()}, "reference": engine,
