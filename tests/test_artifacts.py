@@ -210,3 +210,21 @@ def test_permission_errors_name_the_folder_that_refuses(tmp_path):
     elsewhere = PermissionError(errno.EACCES, "Permission denied", "/etc/some/input.txt")
     assert artifacts.write_error(dest, elsewhere) is None  # not about the output: passes through
     assert artifacts.write_error(dest, OSError(errno.EIO, "I/O error")) is None
+
+
+def glibc_tunables() -> str | None:
+    """Runs in run_in_child's worker: the environment glibc read at its start."""
+    return os.environ.get("GLIBC_TUNABLES")
+
+
+def test_children_ask_for_transparent_huge_pages_and_the_parent_environment_is_restored(monkeypatch):
+    from compiler.artifacts import HUGETLB_TUNABLE, run_in_child
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert run_in_child(glibc_tunables, what="env") == HUGETLB_TUNABLE
+    assert "GLIBC_TUNABLES" not in os.environ
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")  # other tunables are kept
+    assert run_in_child(glibc_tunables, what="env") == f"glibc.malloc.arena_max=2:{HUGETLB_TUNABLE}"
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the user's choice wins
+    assert run_in_child(glibc_tunables, what="env") == "glibc.malloc.hugetlb=0"

@@ -219,8 +219,9 @@ class FidelityProbe:
     def session_for(self, variant: Any, optimize: bool = False, consume: bool = False) -> Any:
         """The ONNX Runtime session a variant (ModelProto) runs on: the faithful FP16 reference
         when it holds FP16 tensors, else ORT CPU with optimizations off unless `optimize`."""
-        if has_fp16(variant):
-            return session(fp16_emulation(variant), faithful_fp16=True, consume=True)
+        if has_fp16(variant):  # the widened weights go to ONNX Runtime as arrays, not through a file
+            weights: dict[str, np.ndarray] = {}
+            return session(fp16_emulation(variant, weights), faithful_fp16=True, consume=True, weights=weights)
         return session(variant, faithful_fp16=not optimize, consume=consume)
 
     def measure(self, variant: Any, optimize: bool = False, consume: bool = False) -> dict[str, Fidelity]:

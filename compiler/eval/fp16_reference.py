@@ -23,17 +23,21 @@ from typing import Any
 
 import numpy as np
 
-from compiler.graph.onnx_io import graph_copy, ort_session, without_weights
+from compiler.graph.onnx_io import graph_copy, in_memory_initializer, ort_session, without_weights
 from compiler.graph.analysis import FLOAT, FLOAT16
 
 REFERENCE_NAME = "onnx-fp16-emulation (FP32 compute, every FP16 tensor rounded through Cast, ORT graph optimizations off)"
 
 
-def fp16_emulation(model: Any) -> Any:
+def fp16_emulation(model: Any, weights: dict[str, np.ndarray] | None = None) -> Any:
     """The faithful FP16 reference graph of a strongly typed FP32/FP16 model.
 
     Args:
         model: onnx.ModelProto whose float tensors are FP32 or FP16.
+        weights: when a dict, each FP16 initializer of 64 KiB or more is widened into it
+            ({name: float32 array}) and the graph only names it
+            (`compiler.graph.onnx_io.in_memory_initializer`); give the dict to
+            `session(..., weights=)`. None: every initializer is in the returned graph.
 
     Returns:
         An all-FP32 onnx.ModelProto with a Cast(FP16) -> Cast(FP32) pair after every
@@ -60,7 +64,10 @@ def fp16_emulation(model: Any) -> Any:
                       helper.make_node("Cast", [f"{i.name}__entry16"], [f"{i.name}__entry"], to=FLOAT,
                                        name=f"{i.name}__entry_widen")]
     for t in model.graph.initializer:  # one tensor at a time: FP16 widened exactly to FP32
-        if t.data_type == FLOAT16:
+        if t.data_type == FLOAT16 and weights is not None and len(t.raw_data) >= 1 << 16:
+            weights[t.name] = numpy_helper.to_array(t).astype(np.float32)
+            graph.initializer.append(in_memory_initializer(t.name, weights[t.name]))
+        elif t.data_type == FLOAT16:
             graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
         else:
             graph.initializer.add().CopyFrom(t)
@@ -94,17 +101,18 @@ def fp16_emulation(model: Any) -> Any:
     return out
 
 
-def session(model: Any, faithful_fp16: bool, consume: bool = False) -> Any:
+def session(model: Any, faithful_fp16: bool, consume: bool = False,
+            weights: dict[str, np.ndarray] | None = None) -> Any:
     """An ONNX Runtime CPU session of a ModelProto or path; graph optimizations off for the FP16
-    emulation graph. `consume=True` lets a large ModelProto give up its weights to the session
-    (see `compiler.graph.onnx_io.ort_session`)."""
+    emulation graph. `consume=True` lets a large ModelProto give up its weights to the session;
+    `weights`: the arrays `fp16_emulation` handed out (see `compiler.graph.onnx_io.ort_session`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if faithful_fp16:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort_session(model, opts, consume=consume)
+    return ort_session(model, opts, consume=consume, weights=weights)
 
 
 def has_fp16(model: Any) -> bool:

@@ -48,7 +48,7 @@ from compiler.graph.analysis import FLOAT, FP16_MAX, FP16_SMALLEST_NORMAL, GEMM_
 from compiler.graph.onnx_io import load_onnx, session_with_outputs, without_weights
 from compiler.passes.precision import PrecisionReport, convert_precision
 from compiler.passes.precision_rules import HYBRID_RULES, MASK_FILL_MIN
-from compiler.passes.reduced_stats import cached_reduced_stats
+from compiler.passes.reduced_stats import StatsSessions, cached_reduced_stats
 from compiler.settings import PrecisionSettings
 
 log = logging.getLogger(__name__)
@@ -381,8 +381,9 @@ def _op_rule_nodes(fp32_model: Any) -> set[str]:
 
 
 def _collect_both(args: dict, kw: dict) -> None:
-    for src in ("real", "random"):
-        cached_reduced_stats(*args[src], src, **kw[src])
+    with StatsSessions() as sessions:  # one statistics session for both sets
+        for src in ("real", "random"):
+            cached_reduced_stats(*args[src], src, **kw[src], sessions=sessions)
 
 
 def _stats_in_child(args: dict, kw: dict) -> None:

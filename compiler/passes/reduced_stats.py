@@ -153,6 +153,34 @@ def reduction_session(model: Any, names: list[str], options: Any = None, subsamp
     yield sess
 
 
+class StatsSessions:
+    """Statistics sessions kept open across `reduced_activation_stats` calls on one graph.
+
+    The `auto` statistics child runs the real and the random-id set on one session instead of
+    building a second one (BERT-large: the graph's 1.3 GB read and prepacked again, ~3 s).
+    A session is built on first use, per graph, tensors and subsample; leaving the `with` block
+    frees them all.
+    """
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self._open: dict[tuple, Any] = {}
+
+    def get(self, model: Any, names: list[str], options: Any, subsample: int) -> Any:
+        """The session `reduction_session(model, names, options, subsample)` gives, built once."""
+        key = (str(model) if isinstance(model, (str, os.PathLike)) else id(model), tuple(names), subsample)
+        if key not in self._open:
+            self._open[key] = self._stack.enter_context(reduction_session(model, names, options, subsample))
+        return self._open[key]
+
+    def __enter__(self) -> StatsSessions:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._open.clear()
+        self._stack.close()
+
+
 def _append(model: Any, names: list[str], groups: list[list[Any]], tail: list[Any], inits: list[Any],
             outputs: list[Any]) -> None:
     """Add the reduction nodes to `model` in place, each group right after its tensor's producer.
@@ -175,7 +203,8 @@ def _append(model: Any, names: list[str], groups: list[list[Any]], tail: list[An
 
 def reduced_activation_stats(model: Any, batches: Any, source: str, percentile: float = 99.99,
                              tensors: list[str] | None = None, subsample: int = SUBSAMPLE,
-                             outputs: list[list[np.ndarray]] | None = None) -> ActivationStats:
+                             outputs: list[list[np.ndarray]] | None = None,
+                             sessions: StatsSessions | None = None) -> ActivationStats:
     """`calibration.stats.collect_activation_stats`, reduced inside the graph (module docstring).
 
     Args:
@@ -187,6 +216,8 @@ def reduced_activation_stats(model: Any, batches: Any, source: str, percentile: 
         outputs: a list that receives, per batch, the graph's own outputs from the same run (one
             float32 array each, in the graph's output order): the FP32 outputs without a pass of
             their own. Past `OUTPUTS_MAX_MIB` in all (e.g. LM logits) it is emptied and stays so.
+        sessions: where the statistics session is kept for the next call on the same graph
+            (`StatsSessions`); None: built here and freed on return.
 
     Returns:
         ActivationStats with one TensorStats per tensor: absmax exact (inf when a value was NaN
@@ -212,7 +243,9 @@ def reduced_activation_stats(model: Any, batches: Any, source: str, percentile: 
     # activation of the batch alive (BERT-base, 8 x 128 tokens: 4.7 GB peak against 0.6 GB)
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     acc = _Accumulator(len(names))
-    with reduction_session(model, names, opts, subsample) as sess:
+    with contextlib.ExitStack() as own:
+        sess = (sessions.get(model, names, opts, subsample) if sessions is not None
+                else own.enter_context(reduction_session(model, names, opts, subsample)))
         for feeds, lengths in tqdm(batches, desc=f"activation statistics ({source})", unit="batch",
                                    disable=None, leave=False):
             seq = next(iter(feeds.values())).shape[1]
@@ -370,7 +403,8 @@ def histogram_percentile(hist: np.ndarray, zeros: int, absmax: float, q: float) 
 
 def cached_reduced_stats(model: Any, graph_sha256: str, tokens: Any, input_names: list[str],
                          cache_dir: str | Path | None, source: str, batch_size: int = 8, percentile: float = 99.99,
-                         limit: int | None = None, vocab_size: int | None = None, seed: int = 0) -> ActivationStats:
+                         limit: int | None = None, vocab_size: int | None = None, seed: int = 0,
+                         sessions: StatsSessions | None = None) -> ActivationStats:
     """`reduced_activation_stats` over a token set in `equal_length_batches`, reused from `cache_dir`.
 
     Args:
@@ -386,6 +420,7 @@ def cached_reduced_stats(model: Any, graph_sha256: str, tokens: Any, input_names
             outputs where a `compiler.eval.fidelity.FidelityProbe` of the same batches finds
             them: verify's random-id set is this set when it covers the same samples.
         batch_size: samples per run at most. percentile: of |x|. limit: samples used (None: all).
+        sessions: keeps the statistics session for the next set (`StatsSessions`).
 
     Returns:
         ActivationStats, computed or read back (JSON keeps every float).
@@ -396,11 +431,11 @@ def cached_reduced_stats(model: Any, graph_sha256: str, tokens: Any, input_names
     def collect() -> ActivationStats:
         if source != "random":
             return reduced_activation_stats(model, equal_length_batches(tokens, batch_size, input_names, limit),
-                                            source, percentile)
+                                            source, percentile, sessions=sessions)
         batches = list(random_id_batches(tokens, batch_size, input_names, vocab_size, seed, limit))
         keep = cache_dir is not None and isinstance(model, (str, os.PathLike))
         outputs: list[list[np.ndarray]] | None = [] if keep else None
-        stats = reduced_activation_stats(model, batches, source, percentile, outputs=outputs)
+        stats = reduced_activation_stats(model, batches, source, percentile, outputs=outputs, sessions=sessions)
         if outputs:
             import onnx
 

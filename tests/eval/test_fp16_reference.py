@@ -84,3 +84,31 @@ def test_emulation_takes_fp16_graph_inputs_as_fp32_rounded_on_entry():
     np.testing.assert_array_equal(got, np.array([1.0001, 3.3e-8], np.float32).astype(np.float16).astype(np.float32))
 
 
+
+
+def test_widened_weights_in_memory_give_the_same_outputs():
+    """`fp16_emulation(model, weights)` hands large FP16 weights out as float32 arrays (the graph
+    only names them) and `session(..., weights=)` gives them to ONNX Runtime without a file:
+    bit for bit the outputs of the weights-in-graph emulation, with FP32 weights kept inline."""
+    rng = np.random.default_rng(0)
+    w16 = (rng.standard_normal((128, 256)) * 0.1).astype(np.float16)  # 64 KiB: handed out
+    b16 = rng.standard_normal(256).astype(np.float16)  # 512 B: stays in the graph
+    w32 = rng.standard_normal((256, 64)).astype(np.float32)  # FP32 island weight: copied as is
+    nodes = [helper.make_node("Cast", ["X"], ["x16"], to=FLOAT16),
+             helper.make_node("MatMul", ["x16", "W16"], ["h16"]),
+             helper.make_node("Add", ["h16", "B16"], ["a16"]),
+             helper.make_node("Cast", ["a16"], ["a32"], to=FLOAT),
+             helper.make_node("MatMul", ["a32", "W32"], ["Y"])]
+    model = make_model(nodes, [f32("X", [2, 128])], [f32("Y", [2, 64])], {"W16": w16, "B16": b16, "W32": w32})
+    x = {"X": rng.standard_normal((2, 128)).astype(np.float32)}
+    (inline,) = session(fp16_emulation(model), faithful_fp16=True).run(None, x)
+    weights: dict[str, np.ndarray] = {}
+    emulation = fp16_emulation(model, weights)
+    assert list(weights) == ["W16"] and weights["W16"].dtype == np.float32
+    assert np.array_equal(weights["W16"], w16.astype(np.float32))
+    held = {t.name: t for t in emulation.graph.initializer}
+    assert held["W16"].data_location == TensorProto.EXTERNAL and not held["W16"].raw_data
+    sess = session(emulation, faithful_fp16=True, consume=True, weights=weights)
+    weights.clear()  # ONNX Runtime holds its own copy
+    (got,) = sess.run(None, x)
+    assert np.array_equal(got, inline)

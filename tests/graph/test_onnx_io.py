@@ -65,6 +65,31 @@ def test_resave_inline_removes_stale_data_and_hash_follows_data(tmp_path):
     np.testing.assert_array_equal(weights(load_onnx(path))["W"], W)
 
 
+def test_onnx_sha256_remembers_an_unchanged_file_and_sees_a_rewrite(tmp_path, monkeypatch):
+    """One read per unchanged file and process (the stages hash the same 1.3 GB graph); an
+    in-place rewrite of the same size is seen, and a file modified just now is read again
+    each time (git's "racy clean": its stat may not change on the next rewrite)."""
+    import os
+    import time
+    from pathlib import Path
+
+    from compiler import artifacts
+
+    path = save_onnx(linear(), tmp_path / "m.onnx", external=True)
+    data = tmp_path / "m.onnx.data"
+    past = time.time() - 60
+    for f in (path, data):
+        os.utime(f, (past, past))
+    reads, real = [], artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda p, *a: reads.append(Path(p).name) or real(p, *a))
+    first = onnx_sha256(path)
+    assert onnx_sha256(path) == first and reads == ["m.onnx", "m.onnx.data"]
+    data.write_bytes(data.read_bytes()[:-4] + b"\1\1\1\1")  # same size, same inode
+    changed = onnx_sha256(path)
+    assert changed != first and len(reads) == 4
+    assert onnx_sha256(path) == changed and len(reads) == 6  # modified just now: not remembered
+
+
 def test_invalid_files_raise_invalid_onnx_error(tmp_path):
     with pytest.raises(InvalidOnnxError, match="no such ONNX file"):
         load_onnx(tmp_path / "missing.onnx")

@@ -247,3 +247,36 @@ def test_histogram_percentile_reads_ranks_over_zeros_and_bins():
     assert histogram_percentile(hist, 90, 1.01, 50.0) == 0.0  # the median is a zero
     assert histogram_percentile(hist, 90, 1.01, 99.0) == pytest.approx(1.01)  # capped at absmax
     assert histogram_percentile(hist, 0, 9.0, 99.0) == pytest.approx(2 ** (1 / 16))
+
+
+def test_one_session_serves_the_real_and_the_random_set(tiny_bert, tmp_path, monkeypatch):
+    """`StatsSessions` builds the statistics session once for both sets (the `auto` child), and
+    the figures and the random set's stored FP32 outputs are those of a session per set."""
+    from calibration.text import random_id_batches
+    from compiler.eval.fidelity import reference_cached
+    from compiler.graph.onnx_io import onnx_sha256
+    from compiler.passes import reduced_stats
+    from compiler.passes.reduced_stats import StatsSessions
+
+    model, tokens = tiny_bert
+    path = tmp_path / "model.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    save_onnx(copy, path, external=True)
+    sha, kw = onnx_sha256(path), {"batch_size": 4, "vocab_size": 30522, "seed": 3}
+    alone = {src: cached_reduced_stats(path, sha, tokens, INPUTS, tmp_path / "a", src, **kw) for src in ("real", "random")}
+    built = []
+    real_session = reduced_stats.reduction_session
+
+    def counting(*args, **kwargs):
+        built.append(args[0])
+        return real_session(*args, **kwargs)
+
+    monkeypatch.setattr(reduced_stats, "reduction_session", counting)
+    with StatsSessions() as sessions:
+        shared = {src: cached_reduced_stats(path, sha, tokens, INPUTS, tmp_path / "b", src, **kw, sessions=sessions)
+                  for src in ("real", "random")}
+    assert len(built) == 1
+    assert shared == alone
+    batches = list(random_id_batches(tokens, 4, INPUTS, 30522, 3))
+    assert reference_cached(path, batches, ["last_hidden_state"], str(tmp_path / "b"))
