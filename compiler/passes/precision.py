@@ -467,10 +467,14 @@ def _to_fp16(t: Any, name: str, clamp: float) -> tuple[Any, tuple[int, float] | 
     from onnx import numpy_helper
 
     v = array(t)
-    fill = np.abs(v) >= MASK_FILL_MIN
-    clamped = (int(fill.sum()), float(np.abs(v[fill]).max())) if fill.any() else None
-    v = np.where(fill, np.sign(v) * clamp, v)
-    flushed = int(np.sum((v != 0) & (np.abs(v) < 2.0**-24)))
+    a = np.abs(v)  # one |v| for both tests (BERT-large: 1.3 GB of weights, ~2 s less than a pass each)
+    clamped = None
+    fill = a >= MASK_FILL_MIN if v.size and not a.max() < MASK_FILL_MIN else None  # (not <: NaN too)
+    if fill is not None and fill.any():
+        clamped = (int(fill.sum()), float(a[fill].max()))
+        v = np.where(fill, np.sign(v) * clamp, v)
+        a = np.abs(v)
+    flushed = int(np.count_nonzero(a < 2.0**-24)) - int(np.count_nonzero(a == 0))
     half = numpy_helper.from_array(v.astype(np.float16), name)
     return half, clamped, flushed
 
