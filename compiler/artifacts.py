@@ -326,7 +326,8 @@ def transparent_huge_pages() -> Iterator[None]:
     process that keeps mapping and unmapping large buffers otherwise takes one page fault per
     4 KiB page, each time: the export child (`fix_mmap_threshold`: every weight copy of the
     exporter is a fresh mapping) spent about a third of its time zeroing newly faulted pages
-    (`perf`). Measured on BERT-large's export stage: 48.7 -> 32.8 s, the same peak. A no-op where
+    (`perf`). Measured on BERT-large's export worker: 52-53 -> 36-37 s (two runs each), the same
+    peak. A no-op where
     THP is `never` or already `always`, and outside glibc. A `glibc.malloc.hugetlb` the user
     set is kept (`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` turns this off).
     """

@@ -64,7 +64,7 @@ def fp16_emulation(model: Any, weights: dict[str, np.ndarray] | None = None) -> 
                       helper.make_node("Cast", [f"{i.name}__entry16"], [f"{i.name}__entry"], to=FLOAT,
                                        name=f"{i.name}__entry_widen")]
     for t in model.graph.initializer:  # one tensor at a time: FP16 widened exactly to FP32
-        if t.data_type == FLOAT16 and weights is not None and len(t.raw_data) >= 1 << 16:
+        if t.data_type == FLOAT16 and weights is not None and 2 * int(np.prod(t.dims)) >= 1 << 16:
             weights[t.name] = numpy_helper.to_array(t).astype(np.float32)
             graph.initializer.append(in_memory_initializer(t.name, weights[t.name]))
         elif t.data_type == FLOAT16:

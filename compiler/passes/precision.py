@@ -467,7 +467,7 @@ def _to_fp16(t: Any, name: str, clamp: float) -> tuple[Any, tuple[int, float] | 
     from onnx import numpy_helper
 
     v = array(t)
-    a = np.abs(v)  # one |v| for both tests (BERT-large: 1.3 GB of weights, ~2 s less than a pass each)
+    a = np.abs(v)  # one |v| for both tests (BERT-large's 1.3 GB of weights: ~1 s less)
     clamped = None
     fill = a >= MASK_FILL_MIN if v.size and not a.max() < MASK_FILL_MIN else None  # (not <: NaN too)
     if fill is not None and fill.any():

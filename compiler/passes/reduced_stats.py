@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 LOG2_MIN, LOG2_MAX, BINS_PER_OCTAVE = -24, 24, 16  # as calibration.stats
 NBINS = (LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE
 SUBSAMPLE = 1 << 11  # histogram elements per tensor per run, about (odd stride); 8192 cost BERT-large
-# ~10 s of binning and Slice work over 256 + 64 samples, for a percentile no rule reads
+# ~15 s of binning and Slice work over 256 + 64 samples, for a percentile no rule reads
 STATS_VERSION = "activation-stats-v3-in-graph"  # cache key: bump when the statistics change
 OUTPUTS_MAX_MIB = 256  # graph outputs kept from the statistics runs (`reduced_activation_stats`), at most
 OUTPUTS = ("__stats_max", "__stats_min", "__stats_sum", "__stats_size", "__stats_sub", "__stats_count")

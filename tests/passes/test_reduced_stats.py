@@ -44,6 +44,13 @@ def tiny_encoder(vocab: int = 30522, hidden: int = 32, seed: int = 0):
                       {k: np.asarray(v, np.float32) for k, v in w.items()})
 
 
+def save_external(model, path) -> None:
+    """A copy of `model` saved as the pipeline saves its FP32 graph: weights in external data."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    save_onnx(copy, path, external=True)
+
+
 @pytest.fixture(scope="module")
 def tiny_bert():
     """The tiny encoder and 12 real-text samples (MiniLM's WordPiece ids, at most 48 tokens)."""
@@ -54,9 +61,7 @@ def tiny_bert():
 def test_in_graph_statistics_agree_with_the_numpy_path(tiny_bert, tmp_path):
     model, tokens = tiny_bert
     path = tmp_path / "model.onnx"  # the pipeline's form: a file with external data, weights read by ORT
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    save_onnx(copy, path, external=True)
+    save_external(model, path)
     assert len({len(x) for x in tokens.input_ids}) < len(tokens)  # some lengths repeat: real batches
     old = collect_activation_stats(path, tokens.batches(1, INPUTS), "real")
     batches = list(equal_length_batches(tokens, 4, INPUTS))
@@ -182,9 +187,7 @@ def test_the_random_pass_leaves_the_fp32_outputs_verify_reads_back(tiny_bert, tm
 
     model, tokens = tiny_bert
     path = tmp_path / "model.onnx"
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    save_onnx(copy, path, external=True)
+    save_external(model, path)
     cache = tmp_path / "cache"
     cached_reduced_stats(path, onnx_sha256(path), tokens, INPUTS, cache, "random", batch_size=4,
                          limit=len(tokens), vocab_size=30522, seed=7)
@@ -260,9 +263,7 @@ def test_one_session_serves_the_real_and_the_random_set(tiny_bert, tmp_path, mon
 
     model, tokens = tiny_bert
     path = tmp_path / "model.onnx"
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    save_onnx(copy, path, external=True)
+    save_external(model, path)
     sha, kw = onnx_sha256(path), {"batch_size": 4, "vocab_size": 30522, "seed": 3}
     alone = {src: cached_reduced_stats(path, sha, tokens, INPUTS, tmp_path / "a", src, **kw) for src in ("real", "random")}
     built = []
