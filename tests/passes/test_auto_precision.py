@@ -73,6 +73,24 @@ def test_initializer_underflow_rule():
     assert pins == {"mm": ("initializer-underflow", "W: 75% of nonzero values below 6.1e-05")}  # 3 of every 4
 
 
+def test_initializer_underflow_rule_reads_external_weights_one_at_a_time(tmp_path):
+    from compiler.graph.onnx_io import save_onnx
+
+    rng = np.random.default_rng(0)
+    model = ids_graph([helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+                       helper.make_node("Mul", ["h", "s"], ["last_hidden_state"], name="scale")],
+                      {"W": np.where(rng.random((64, 64)) < 0.7, 1e-6, 0.5).astype(np.float32),
+                       "s": np.full(64, 1e-7, np.float32)})
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 64
+    expected = rule_initializer_underflow(model)
+    assert set(expected) == {"mm", "scale"}
+    path = save_onnx(model, tmp_path / "m.onnx", external=True)
+    light = onnx.load(str(path), load_external_data=False)
+    assert rule_initializer_underflow(light, base_dir=str(tmp_path)) == expected
+    w = next(t for t in light.graph.initializer if t.name == "W")
+    assert not w.raw_data and w.external_data  # the graph is still without its weights
+
+
 def test_merge_islands_joins_fp16_node_between_fp32_nodes():
     model = ids_graph([helper.make_node("Softmax", ["x"], ["a"], name="s1", axis=-1),
                        helper.make_node("Mul", ["a", "k"], ["b"], name="mul"),
