@@ -289,27 +289,6 @@ def in_memory_initializer(name: str, array):
     return t
 
 
-PARALLEL_PREPACK = "session.prepack.enable_parallel"  # ONNX Runtime's session config key
-
-
-def load_options(options=None):
-    """`options` (None: new `onnxruntime.SessionOptions`) with ONNX Runtime's weight prepacking
-    spread over the session's intra-op threads (`session.prepack.enable_parallel` = 1, ONNX
-    Runtime's "Accelerate model loading"; off by default there). Prepacking reorders every
-    constant MatMul weight for MLAS's GEMM once, at session creation, one weight after another
-    on the calling thread unless this is set; the packed layout, hence every output, is the
-    same. A value the caller set is kept. Every session this module builds uses it (measured
-    in docs/precision.md). Returns the options object (changed in place when given)."""
-    import onnxruntime as ort
-
-    options = options if options is not None else ort.SessionOptions()
-    try:
-        options.get_session_config_entry(PARALLEL_PREPACK)
-    except Exception:  # not set (onnxruntime raises for a missing key)
-        options.add_session_config_entry(PARALLEL_PREPACK, "1")
-    return options
-
-
 def ort_session(model, options=None, consume: bool = False, weights=None):
     """An ONNX Runtime CPU session for `model`: a ModelProto, or a path that ORT reads itself.
 
@@ -324,17 +303,15 @@ def ort_session(model, options=None, consume: bool = False, weights=None):
             returns; they are added to `options` (given or new). Only with a ModelProto. The FP16
             reference hands its widened weights this way: BERT-large's 1.3 GB then skip a
             protobuf copy and a temporary file (one session 9.0 -> 4.6 s, measured).
-        options: onnxruntime.SessionOptions or None; prepacking in parallel is added
-            (`load_options`).
     """
     import onnx
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
-    options = load_options(options)
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(model), options, providers=providers)
     if weights:
+        options = options or ort.SessionOptions()
         names = list(weights)
         options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(weights[n]) for n in names])
     size = proto_nbytes(model)
@@ -371,6 +348,6 @@ def session_with_outputs(path: str | os.PathLike, names: list[str], options=None
     tmp = temp_beside(marker)
     try:
         onnx.save_model(light, str(tmp))
-        return ort.InferenceSession(str(tmp), load_options(options), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"])
     finally:
         tmp.unlink()

@@ -125,7 +125,7 @@ def reduction_session(model: Any, names: list[str], options: Any = None, subsamp
     import onnx
     import onnxruntime as ort
 
-    from compiler.graph.onnx_io import load_options, ort_session
+    from compiler.graph.onnx_io import ort_session
 
     added = added if added is not None else reduction_nodes(names, subsample)
     if isinstance(model, (str, os.PathLike)):
@@ -137,7 +137,7 @@ def reduction_session(model: Any, names: list[str], options: Any = None, subsamp
         tmp = temp_beside(marker)
         try:
             onnx.save_model(light, str(tmp))
-            sess = ort.InferenceSession(str(tmp), load_options(options), providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"])
         finally:
             tmp.unlink()
         yield sess

@@ -285,36 +285,3 @@ def test_model_digest_follows_the_computation_not_the_file(tmp_path):
     meta = linear()
     onnx.helper.set_model_props(meta, {"note": "metadata does not compute"})
     assert model_digest(meta) == digest
-
-
-def chain(n: int = 4, width: int = 48):
-    """X (batch, width) through `n` MatMuls with constant (width, width) weights: `n` prepacked weights."""
-    rng = np.random.default_rng(0)
-    names = ["X"] + [f"h{i}" for i in range(n - 1)] + ["Y"]
-    nodes = [helper.make_node("MatMul", [names[i], f"W{i}"], [names[i + 1]], name=f"mm{i}") for i in range(n)]
-    inits = {f"W{i}": rng.standard_normal((width, width)).astype(np.float32) for i in range(n)}
-    return make_model(nodes, [f32("X", ["batch", width])], [f32("Y", ["batch", width])], inits)
-
-
-def test_sessions_prepack_in_parallel_with_the_same_outputs(tmp_path):
-    import onnxruntime as ort
-
-    from compiler.graph.onnx_io import PARALLEL_PREPACK, load_options
-
-    opts = load_options()
-    assert opts.get_session_config_entry(PARALLEL_PREPACK) == "1"
-    assert load_options(opts) is opts  # set once; a second call changes nothing
-    mine = ort.SessionOptions()
-    mine.add_session_config_entry(PARALLEL_PREPACK, "0")
-    assert load_options(mine).get_session_config_entry(PARALLEL_PREPACK) == "0"  # the caller's choice is kept
-
-    path = save_onnx(chain(), tmp_path / "m.onnx")
-    x = np.random.default_rng(1).standard_normal((5, 48)).astype(np.float32)
-    serial = ort.SessionOptions()
-    serial.intra_op_num_threads = 2
-    expected = ort.InferenceSession(str(path), serial, providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
-    parallel = ort.SessionOptions()
-    parallel.intra_op_num_threads = 2
-    for sess in (ort_session(path, parallel), ort_session(chain(), load_options()), session_with_outputs(path, ["h1"])):
-        assert parallel.get_session_config_entry(PARALLEL_PREPACK) == "1"
-        np.testing.assert_array_equal(sess.run(["Y"], {"X": x})[0], expected)  # bit for bit
