@@ -94,8 +94,8 @@ def rule_initializer_underflow(model: Any, share: float = 0.5, base_dir: str | N
             below 2**-14; constants with fewer than 16 nonzero values are never judged.
         base_dir: the folder of the model's external data, for a graph loaded without its
             weights (`onnx.load(..., load_external_data=False)`): each constant is read from
-            there alone, one at a time, and the graph stays light (BERT-large: ~1 s less than
-            loading all 1.3 GB first, and no second copy in memory).
+            there alone, one at a time, and the graph stays light (BERT-large, two runs: 0.76 and
+            1.79 s, against 1.62 and 2.37 s loading all 1.3 GB first; no second copy in memory).
 
     Returns:
         {node name: ("initializer-underflow", detail)}.
