@@ -170,9 +170,13 @@ CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 
 def _read_table(path: Path, column: str | None) -> list[str]:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""), delimiter=delimiter,
-                            quoting=csv.QUOTE_NONE)
+    """The text column of a TSV or CSV file with a header. A TSV is read as GLUE writes it:
+    quote characters are text (SST-2's sentences open and close quotes freely). A CSV is read
+    as RFC 4180 and Python's csv and pandas write it: a field holding a comma, a quote or a
+    newline is quoted, a quote inside doubled."""
+    tsv = path.suffix.lower() == ".tsv"
+    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""), delimiter="\t" if tsv else ",",
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     previous = csv.field_size_limit(CSV_FIELD_LIMIT)
     try:
         fields = reader.fieldnames or []

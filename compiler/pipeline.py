@@ -36,7 +36,7 @@ from compiler.stages.export import stage_export
 from compiler.stages.precision import stage_precision
 from compiler.stages.quantize import stage_quantize
 from compiler.stages.sparsity import stage_sparsity
-from compiler.stages.verify import stage_verify
+from compiler.stages.verify import profile_edge, stage_verify
 from compiler.stages.vocab import stage_vocab
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def run_pipeline(settings: BuildSettings, until: str = "build",
         run.export = export if export is not None else stage_export(settings)
     tokens = TokenSets(settings.data, run.export.loaded.tokenizer, settings.train.batch_size,
                        heldout=run.export.heldout_texts)
+    edge = profile_edge(settings, run.export) if runs("verify") else None  # a short text fails here, not after the work
     if runs("sparsity") and settings.sparsity.pattern is not None:
         with run.timed("sparsity"):
             run.sparsity = stage_sparsity(settings, run.export, tokens)
@@ -97,7 +98,7 @@ def run_pipeline(settings: BuildSettings, until: str = "build",
         report_path = settings.variant_dir() / "report.json"
         _drop_stale_report(report_path, run.precision.sha256)
         with run.timed("verify"):
-            run.verify = stage_verify(settings, run.export, run.precision, tokens)
+            run.verify = stage_verify(settings, run.export, run.precision, tokens, edge)
         write_report(report_path, run.report)
         if after and "verify" in after:
             after["verify"](run)

@@ -56,7 +56,7 @@ def _export(settings: BuildSettings, in_child: bool = False) -> tuple[Any, list[
         # glibc's adaptive threshold the freed copies stay resident and the next ones stack on them.
         fix_mmap_threshold()
     loaded = load_model(settings.model)
-    check_shapes(settings, max_positions(loaded.module.config))  # before any export work
+    check_shapes(settings, max_positions(loaded.module.config, loaded.module))  # before any export work
     texts = heldout_texts(settings.data)
     export = replace(settings.export, opset=export_opset(settings))
     path, report = onnx_from_torch(loaded, export, settings.model_dir() / fp32_name(settings), texts)

@@ -21,7 +21,7 @@ from compiler.settings import BuildSettings
 log = logging.getLogger(__name__)
 
 
-def _profile_edge(settings: BuildSettings, export: ExportResult) -> list[tuple[dict[str, Any], Any]]:
+def profile_edge(settings: BuildSettings, export: ExportResult) -> list[tuple[dict[str, Any], Any]]:
     """Real text at the first optimization profile's max sequence: `data.profile_max_rows`
     windows (at most the profile's max batch; None: that many) of exactly max-sequence tokens
     (`compiler.quant.calibrate.calibration_windows`) from the text after the calibration
@@ -29,7 +29,15 @@ def _profile_edge(settings: BuildSettings, export: ExportResult) -> list[tuple[d
     samples of a batch do not interact on the CPU references, so each window's output is the
     one it has in a max-batch run, while the reference's peak memory stays that of one smaller
     batch (BERT-large at 32x512 in one batch: 9.5 GB peak) and its time that of the rows
-    checked (BERT-large, 32 rows: ~4x the 8-row default)."""
+    checked (BERT-large, 32 rows: ~4x the 8-row default).
+
+    The pipeline takes these right after the export, so that a text too short for them is
+    refused before the expensive stages.
+
+    Raises:
+        compiler.errors.DataError: the text after the calibration samples holds fewer tokens
+            than one window of the max sequence (special tokens aside).
+    """
     import numpy as np
 
     max_batch, seq = settings.engine.profiles[0].max_shape
@@ -40,27 +48,28 @@ def _profile_edge(settings: BuildSettings, export: ExportResult) -> list[tuple[d
     while True:  # load_texts raises DataError past the text's end
         texts = load_texts(data, count=lines, skip=data.calib_samples, minimum=1)
         tokens = tokenized_set(texts, tok, seq, data.cache_dir)
-        if sum(len(x) for x in tokens.input_ids) >= seq or len(texts) < lines:
+        try:  # the windows' stream leaves out each line's special tokens: count it, not the lines
+            windows = calibration_windows(tokens, count=batch, length=seq)
             break
+        except ValueError as e:
+            if len(texts) < lines:  # the whole text is read
+                raise DataError(f"verify at the profile's max shape {batch}x{seq}: {e}; give a longer "
+                                "text (--calib) or a smaller --max-shape") from e
         lines *= 2
-    try:
-        windows = calibration_windows(tokens, count=batch, length=seq)
-    except ValueError as e:
-        raise DataError(f"verify at the profile's max shape {batch}x{seq}: {e}; give a longer text "
-                        "(--calib) or a smaller --max-shape") from e
     feeds, step = window_feeds(windows, export.loaded.input_names), max(1, data.batch_size)
     return [({k: v[i:i + step] for k, v in feeds.items()}, np.full(min(step, batch - i), seq))
             for i in range(0, batch, step)]
 
 
 def stage_verify(settings: BuildSettings, export: ExportResult, precision: PrecisionResult,
-                 tokens: TokenSets) -> VerifyResult:
+                 tokens: TokenSets, edge: list[tuple[dict[str, Any], Any]] | None = None) -> VerifyResult:
     """Fidelity of the variant against the dense FP32 graph on real text and random ids.
 
-    A 2:4 run also checks that the variant (FP16, Q/DQ) kept the pattern.
+    A 2:4 run also checks that the variant (FP16, Q/DQ) kept the pattern. `edge`: the
+    profile-max batches (`profile_edge`), when the caller took them already.
     """
     data = settings.data
-    edge = _profile_edge(settings, export)
+    edge = edge if edge is not None else profile_edge(settings, export)
     task = export.loaded.task
     agreement = None
     if task != "feature-extraction":  # before verify_variant, which hands the variant's weights to its session

@@ -217,7 +217,7 @@ def check_parity(loaded: LoadedModel, onnx_path: Path, names_out: list[str],
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     wrapper = export_module(loaded)
     results = []
-    limit = max_positions(getattr(loaded.module, "config", None)) or max(settings.parity_sequences) + 1
+    limit = max_positions(getattr(loaded.module, "config", None), loaded.module) or max(settings.parity_sequences) + 1
     for batch in settings.parity_batches:
         for seq in sorted({min(s, limit) for s in settings.parity_sequences}):
             enc = loaded.tokenizer(texts[:batch], padding="max_length", truncation=True,

@@ -279,13 +279,37 @@ def _from_pretrained(name: str, where: str, local_only: bool, kwargs: dict[str, 
         ) from e
 
 
-def max_positions(config: Any) -> int | None:
-    """The longest sequence a Hugging Face config's position embeddings cover (BERT
-    `max_position_embeddings`, GPT-2 `n_positions`), or None when it names none."""
+def max_positions(config: Any, module: Any = None) -> int | None:
+    """The longest sequence a Hugging Face model's position embeddings cover, or None when its
+    config names no limit.
+
+    The config's `max_position_embeddings` (BERT; GPT-2's `n_positions`, `n_ctx`), less the
+    offset of fairseq-style position ids (RoBERTa, XLM-R, CamemBERT, MPNet, Longformer): those
+    count from `padding_idx + 1`, so a table of `max_position_embeddings` rows (roberta-base:
+    514, padding index 1) serves `max_position_embeddings - padding_idx - 1` tokens (512). The
+    offset is read from `module` (a position-embedding `nn.Embedding` of exactly that many rows
+    with a `padding_idx`); without a module the config's figure is returned as is. OPT's and
+    BART's learned positions add their offset to the table instead, so they need none here.
+    """
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
         if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
+            limit = getattr(config, name)
+            return limit - position_offset(module, limit)
     return None
+
+
+def position_offset(module: Any, rows: int) -> int:
+    """`padding_idx + 1` of the module's position-embedding table when it has `rows` rows and a
+    padding index (position ids counted from past the padding index, as fairseq's), else 0."""
+    if module is None or not hasattr(module, "named_modules"):
+        return 0
+    import torch
+
+    for name, sub in module.named_modules():
+        if (isinstance(sub, torch.nn.Embedding) and "position" in name.rsplit(".", 1)[-1]
+                and sub.num_embeddings == rows and sub.padding_idx is not None):
+            return int(sub.padding_idx) + 1
+    return 0
 
 
 def weight_files(where: str | Path) -> list[Path]:

@@ -58,6 +58,23 @@ def test_csv_named_column_and_min_words(tmp_path):
         load_texts(DataSettings(path=str(table), samples=1, min_words=1))  # no sentence/text column
 
 
+def test_csv_quoted_fields_keep_their_commas_quotes_and_newlines(tmp_path):
+    import csv
+
+    texts = ['a sentence, with a comma in it', 'she said "no" and left the room',
+             'two lines\nin one field of the table', 'plain words without any quoting at all']
+    table = tmp_path / "t.csv"
+    with open(table, "w", newline="") as f:  # as Python's csv (and pandas) write a table
+        csv.writer(f).writerows([["id", "text", "label"], *[[i, t, 1] for i, t in enumerate(texts)]])
+    assert load_texts(DataSettings(path=str(table), samples=4, min_words=1)) == texts
+
+
+def test_tsv_quote_characters_are_text(tmp_path):
+    table = tmp_path / "t.tsv"  # GLUE's TSVs: an opening quote is part of the sentence
+    table.write_text('sentence\tlabel\n"the film opens\t1\nwell , " it says\t0\n')
+    assert load_texts(DataSettings(path=str(table), samples=2, min_words=1)) == ['"the film opens', 'well , " it says']
+
+
 def test_missing_file_and_too_few_samples(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_texts(DataSettings(path=str(tmp_path / "nope.txt")))

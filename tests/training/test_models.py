@@ -98,3 +98,36 @@ def test_makefile_quotes_paths_with_spaces_and_quotes():
             assert settings.data.path == calib
             assert settings.data.train_path == ("a.tsv", "b&c.txt")
             assert argv[argv.index("--prune-vocab") + 1] == "v(1).tsv"
+
+
+def _tiny(config_class, **kw):
+    import transformers
+
+    torch.manual_seed(0)
+    config = config_class(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=32, **kw)
+    return transformers.AutoModel.from_config(config).eval()
+
+
+@pytest.mark.parametrize("make, limit", [
+    # fairseq-style position ids count from padding_idx + 1: 40 rows serve 40 - 1 - 1 tokens
+    (lambda: _tiny(__import__("transformers").RobertaConfig, max_position_embeddings=40, pad_token_id=1), 38),
+    (lambda: _tiny(__import__("transformers").MPNetConfig, max_position_embeddings=40, pad_token_id=1), 38),
+    (lambda: _tiny(__import__("transformers").XLMRobertaConfig, max_position_embeddings=40, pad_token_id=0), 39),
+    (lambda: _tiny(__import__("transformers").BertConfig, max_position_embeddings=40), 40),
+    # OPT adds its offset of 2 to the table instead: 40 positions serve 40 tokens
+    (lambda: __import__("transformers").OPTModel(__import__("transformers").OPTConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
+        max_position_embeddings=40, word_embed_proj_dim=16)).eval(), 40),
+])
+def test_max_positions_is_the_longest_sequence_the_model_runs(make, limit):
+    from compiler.training.models import max_positions
+
+    model = make()
+    assert max_positions(model.config, model) == limit
+    ids = torch.full((1, limit), 5, dtype=torch.long)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))  # the limit runs
+        with pytest.raises((IndexError, RuntimeError)):  # one more token is out of the table
+            longer = torch.full((1, limit + 1), 5, dtype=torch.long)
+            model(input_ids=longer, attention_mask=torch.ones_like(longer))
