@@ -88,17 +88,19 @@ def _read_source(data: DataSettings) -> list[str]:
     if path.is_file():
         if path.suffix.lower() in (".tsv", ".csv"):
             return _read_table(path, data.text_column)
+        if path.suffix.lower() in JSON_LINES:
+            return _read_json_lines(path, data.text_column)
         return read_text_file(path).splitlines()
     if data.path is not None and _looks_like_dataset(data.path):
         return _read_hf_dataset(data.path, data.text_column)
-    raise DataError(f"{path}: no such file. Pass a text or TSV file with --calib PATH.")
+    raise DataError(f"{path}: no such file. Pass a text, TSV/CSV or JSON Lines file with --calib PATH.")
 
 
 def _looks_like_dataset(spec: str) -> bool:
     """`glue:sst2:validation` or `user/name`: at most one '/', no leading '.'/'/', no file suffix."""
     name = spec.split(":")[0]
     return (name.count("/") <= 1 and not name.startswith((".", "/"))
-            and Path(name).suffix.lower() not in (".txt", ".tsv", ".csv"))
+            and Path(name).suffix.lower() not in (".txt", ".tsv", ".csv", *JSON_LINES))
 
 
 # A control character in more than this share of a file's characters marks it as binary (real
@@ -123,7 +125,7 @@ def read_text_file(path: Path) -> str:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror or e}): check that it exists and is "
-                        "readable, or pass another text or TSV file.") from e
+                        "readable, or pass another text, TSV/CSV or JSON Lines file.") from e
     text = None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a BOM (Excel's "Unicode text")
         try:
@@ -193,6 +195,43 @@ def _read_table(path: Path, column: str | None) -> list[str]:
         csv.field_size_limit(previous)
 
 
+JSON_LINES = (".jsonl", ".ndjson")
+
+
+def _read_json_lines(path: Path, column: str | None) -> list[str]:
+    """The text field of a JSON Lines file: one object a line, as `datasets`' `to_json` and
+    pandas' `to_json(lines=True)` write them. The field is `column`, default `sentence` or
+    `text` (chosen on the first object); blank lines are skipped, a null or missing field is an
+    empty text (skipped by `min_words`), a number or list is its JSON text.
+
+    Raises:
+        DataError: a line that is not a JSON object (its line number), or a first object
+            without the field (its keys and the flag that picks another).
+    """
+    import json
+
+    texts: list[str] = []
+    name = column
+    for number, line in enumerate(read_text_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path}, line {number}: not JSON ({e}); fix that line or pass another file.") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object; JSON Lines "
+                            "text needs one object a line, e.g. {\"text\": \"...\"}.")
+        if not texts:
+            name = column or next((c for c in ("sentence", "text") if c in row), None)
+            if name not in row:
+                raise DataError(f"{path}: no field {column or 'sentence/text'!r} in its first object (keys "
+                                f"{sorted(row)[:20]}); choose one with --text-column NAME.")
+        value = row.get(name)
+        texts.append(value if isinstance(value, str) else "" if value is None else json.dumps(value))
+    return texts
+
+
 def _read_hf_dataset(spec: str, column: str | None) -> list[str]:
     """`name[:config][:split]` through the `datasets` package (needs a reachable hub)."""
     parts = spec.split(":")
@@ -206,7 +245,7 @@ def _read_hf_dataset(spec: str, column: str | None) -> list[str]:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # hub unreachable, unknown dataset: both end here
         raise DataError(f"could not load Hugging Face dataset {spec!r}: {e}. "
-                        "Pass a local text or TSV file with --calib PATH instead.") from e
+                        "Pass a local text, TSV/CSV or JSON Lines file with --calib PATH instead.") from e
     name_col = column or next((c for c in ("sentence", "text") if c in ds.column_names), None)
     if name_col not in ds.column_names:
         raise DataError(f"dataset {spec!r} has no column {column!r}: {ds.column_names}")

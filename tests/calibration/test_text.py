@@ -75,6 +75,33 @@ def test_tsv_quote_characters_are_text(tmp_path):
     assert load_texts(DataSettings(path=str(table), samples=2, min_words=1)) == ['"the film opens', 'well , " it says']
 
 
+def test_json_lines_text_field(tmp_path):
+    import json
+
+    rows = [{"id": 1, "text": "a sentence, with \"quotes\" and a comma", "label": 0},
+            {"id": 2, "text": None}, {"id": 3}, {"id": 4, "text": "line two\nof one sample", "label": 1}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # a blank line at the end
+    assert load_texts(DataSettings(path=str(path), samples=2, min_words=1)) == [rows[0]["text"], rows[3]["text"]]
+    (tmp_path / "r.ndjson").write_text('{"review": "good film overall", "text": "x"}\n')
+    data = DataSettings(path=str(tmp_path / "r.ndjson"), text_column="review", samples=1, min_words=1)
+    assert load_texts(data) == ["good film overall"]
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"text": "fine"}\n{"text": broken\n', "line 2: not JSON"),
+    ('["a list", "not an object"]\n', "line 1: a JSON list, not an object"),
+    ('{"body": "no text field"}\n', r"no field 'sentence/text'.*\['body'\].*--text-column"),
+])
+def test_json_lines_errors_name_the_line_and_the_fix(tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        load_texts(DataSettings(path=str(path), samples=1, min_words=1))
+    with pytest.raises(DataError, match="no such file"):  # a missing .jsonl is a file, not a dataset id
+        load_texts(DataSettings(path="missing.jsonl", samples=1))
+
+
 def test_missing_file_and_too_few_samples(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_texts(DataSettings(path=str(tmp_path / "nope.txt")))
