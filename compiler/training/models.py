@@ -160,8 +160,8 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     config = module.config
     family = family or _family(config)
 
-    tokenizer, note = _tokenizer(where, settings, local_only)
     vocab_size = int(module.get_input_embeddings().num_embeddings)
+    tokenizer, note = _tokenizer(where, settings, local_only, vocab_size)
     if note is None and len(tokenizer) > vocab_size:
         log.warning("tokenizer has %d tokens but the embedding table %d", len(tokenizer), vocab_size)
     params = inspect.signature(module.forward).parameters
@@ -370,18 +370,41 @@ def load_tokenizer(settings: ModelSettings) -> Any:
     return _tokenizer(where, settings, local_only)[0]
 
 
-def _tokenizer(where: str | Path, settings: ModelSettings, local_only: bool) -> tuple[Any, str | None]:
-    """The model's own tokenizer, or MiniLM's WordPiece as a stand-in for random weights."""
+# A tokenizer with fewer tokens than this share of the embedding table has lost its vocabulary
+# files: transformers builds a BERT tokenizer of the 5 special tokens from a directory that
+# holds only config.json and weights, and every word would become [UNK]. Real pairs sit above
+# 0.9 (T5 32,100 of 32,128 rows; Phi-2 50,295 of 51,200; Qwen2 151,665 of 151,936).
+MIN_TOKENIZER_SHARE = 0.5
+
+
+def _tokenizer(where: str | Path, settings: ModelSettings, local_only: bool,
+               vocab_size: int) -> tuple[Any, str | None]:
+    """The model's own tokenizer, or MiniLM's WordPiece as a stand-in for random weights.
+
+    Raises:
+        UnknownModelError: pretrained weights without a tokenizer (none found, or one with
+            fewer than `MIN_TOKENIZER_SHARE` of the `vocab_size` embedding rows), or random
+            weights whose table is smaller than the stand-in's vocabulary (its ids would fall
+            outside the table).
+    """
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=settings.trust_remote_code,
                                             local_files_only=local_only)
         note = None
+        if len(tok) < MIN_TOKENIZER_SHARE * vocab_size:
+            raise ValueError(f"the tokenizer there has {len(tok)} tokens for {vocab_size} embedding rows: its "
+                             "vocabulary files (tokenizer.json, vocab.txt, vocab.json + merges.txt, *.model) "
+                             "are missing; copy them from the checkpoint the weights came from")
     except (OSError, ValueError) as e:
         if settings.weights != "random":
             raise _unknown(settings.name, f"no tokenizer found at {where}: {e}") from e
         tok = AutoTokenizer.from_pretrained(str(_minilm_dir()))
+        if len(tok) > vocab_size:
+            raise _unknown(settings.name, f"no tokenizer at {where}, and the stand-in (MiniLM's WordPiece, "
+                           f"{len(tok)} ids) does not fit the model's {vocab_size} embedding rows; put the "
+                           "model's tokenizer files beside its config.json") from e
         note = (f"the tokenizer of {settings.name} is not at hand; MiniLM's WordPiece "
                 f"(bert-base-uncased vocabulary, {len(tok)} ids) stands in")
     if tok.pad_token_id is None:  # GPT-2 has no pad token; padded positions are masked anyway

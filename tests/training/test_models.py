@@ -100,6 +100,25 @@ def test_makefile_quotes_paths_with_spaces_and_quotes():
             assert argv[argv.index("--prune-vocab") + 1] == "v(1).tsv"
 
 
+def test_a_checkpoint_without_tokenizer_files_is_refused_not_run_on_unk_ids(tmp_path):
+    # transformers builds a tokenizer of 5 special tokens from config.json + weights alone: every
+    # word would be [UNK], and verify would "pass" on text the model never sees
+    tiny_bert().save_pretrained(tmp_path / "bare")
+    with pytest.raises(UnknownModelError, match=r"5 tokens for 30522 embedding rows.*vocab.txt"):
+        load_model(ModelSettings(name=str(tmp_path / "bare")))
+    loaded = load_model(ModelSettings(name=str(tmp_path / "bare"), weights="random"))  # structure work
+    assert "stands in" in loaded.tokenizer_note and len(loaded.tokenizer) == 30522
+
+
+def test_random_weights_refuse_a_stand_in_tokenizer_larger_than_the_table(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=1000, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "small-vocab")
+    with pytest.raises(UnknownModelError, match=r"30522 ids\) does not fit the model's 1000 embedding rows"):
+        load_model(ModelSettings(name=str(tmp_path / "small-vocab"), weights="random"))
+
+
 def _tiny(config_class, **kw):
     import transformers
 
