@@ -63,11 +63,38 @@ def array(t: Any) -> np.ndarray:
     return numpy_helper.to_array(t)
 
 
-def matmul_macs(model: Any, nodes: list[Any], mac_shape: tuple[int, int]) -> dict[int, int]:
+class MacCounts(dict):
+    """{node index: multiply-accumulates} of the MatMul/Gemm nodes, counted at `shape`
+    ((batch, sequence), `matmul_macs`)."""
+
+    def __init__(self, counts: dict[int, int], shape: tuple[int, int]) -> None:
+        super().__init__(counts)
+        self.shape = (int(shape[0]), int(shape[1]))
+
+
+def matmul_macs(model: Any, nodes: list[Any], mac_shape: tuple[int, int]) -> MacCounts:
     """{node index: multiply-accumulates} of every MatMul/Gemm in `nodes` at (batch, sequence).
 
+    A graph that cannot run at `mac_shape`'s sequence (a model with fewer positions, e.g. 64
+    rows of position embeddings against the default 128) is counted at the longest sequence
+    halved from it that it runs at; `.shape` of the result says which, for the reports.
     `nodes` must still carry `model`'s tensor names (call before rewriting them).
+
+    Raises:
+        PrecisionError: a MatMul whose shapes cannot be resolved; the graph fails at every
+            sequence down to 1 (ONNX Runtime's error is re-raised).
     """
+    batch, seq = int(mac_shape[0]), int(mac_shape[1])
+    while True:
+        try:
+            return MacCounts(_macs_at(model, nodes, (batch, seq)), (batch, seq))
+        except Exception as e:  # noqa: BLE001 - only ONNX Runtime's own errors retry, below
+            if seq <= 1 or type(e).__module__ != "onnxruntime.capi.onnxruntime_pybind11_state":
+                raise
+            seq //= 2
+
+
+def _macs_at(model: Any, nodes: list[Any], mac_shape: tuple[int, int]) -> dict[int, int]:
     names = {n.output[0]: i for i, n in enumerate(nodes) if n.op_type in GEMM_OPS}
     shapes = tensor_shapes(model, [t for i in names.values() for t in nodes[i].input[:1]] + list(names),
                            mac_shape)

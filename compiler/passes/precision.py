@@ -165,7 +165,7 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
     macs_by_node = matmul_macs(model, nodes, mac_shape)  # while node tensors keep their FP32 names
     choice = choose_precisions(nodes, types, inits, settings.mode, fp32_nodes)
     if settings.mode == "fp32":  # the graph unchanged (a copy)
-        return work, _report(settings.mode, nodes, choice, macs_by_node, mac_shape)
+        return work, _report(settings.mode, nodes, choice, macs_by_node, macs_by_node.shape)
 
     cast = CastInserter(graph.input, types, inits, settings.fp16_clamp)
     for i, n in enumerate(nodes):
@@ -177,7 +177,7 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
     graph.ClearField("node")
     graph.node.extend(cast.nodes)
     graph.ClearField("value_info")  # stale types (TensorRT and ONNX Runtime infer their own)
-    report = _report(settings.mode, nodes, choice, macs_by_node, mac_shape,
+    report = _report(settings.mode, nodes, choice, macs_by_node, macs_by_node.shape,
                      constants=[*cast.clamped, *constants, *kept], underflow=underflow,
                      casts=cast.casts_inserted + output_casts)
     log.info("precision %s: %s, %d Casts inserted, matmul_fp16_fraction %.3f", settings.mode,

@@ -35,6 +35,29 @@ def test_matmul_macs_by_hand(shape):
     assert matmul_macs(model, nodes, shape) == {0: b * s * 16 * 8, 3: b * s * 4 * 16}
 
 
+def test_matmul_macs_at_a_shorter_sequence_where_the_model_has_fewer_positions():
+    # position ids 0..sequence-1 gathered from a table of 48 rows, as DistilBERT's export does;
+    # the MatMul's input shape is known only at run time (a slice as long as a NonZero count),
+    # so it is measured by running, and at 128 or 64 tokens the Gather is out of the table
+    nodes = [
+        helper.make_node("Shape", ["X"], ["seq1"], name="shape", start=1, end=2),
+        helper.make_node("Squeeze", ["seq1"], ["seq"], name="squeeze"),
+        helper.make_node("Range", ["zero", "seq", "one"], ["ids"], name="range"),
+        helper.make_node("Gather", ["pos", "ids"], ["p"], name="positions"),
+        helper.make_node("Add", ["X", "p"], ["h"], name="add"),
+        helper.make_node("NonZero", ["X"], ["nz"], name="nonzero"),
+        helper.make_node("Shape", ["nz"], ["k"], name="count", start=1, end=2),
+        helper.make_node("Slice", ["h", "zero1", "k", "two"], ["h2"], name="slice"),
+        helper.make_node("MatMul", ["h2", "W"], ["Y"], name="mm"),
+    ]
+    inits = {"pos": np.ones((48, 8), np.float32), "zero": np.array(0, np.int64), "one": np.array(1, np.int64),
+             "zero1": np.array([0], np.int64), "two": np.array([2], np.int64), "W": np.ones((8, 4), np.float32)}
+    model = make_model(nodes, [f32("X", ["batch", "sequence", 8])], [f32("Y", ["batch", "sequence", None])], inits)
+    macs = matmul_macs(model, list(model.graph.node), (1, 128))
+    assert macs.shape == (1, 32) and macs == {8: 32 * 4 * 8}
+    assert matmul_macs(model, list(model.graph.node), (2, 40)).shape == (2, 40)  # within the table: as asked
+
+
 def test_tensor_shapes_fix_batch_and_sequence():
     model = two_matmuls()
     shapes = tensor_shapes(model, ["X", "h", "h2", "hT", "Y"], (2, 5))
