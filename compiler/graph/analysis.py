@@ -72,6 +72,15 @@ class MacCounts(dict):
         self.shape = (int(shape[0]), int(shape[1]))
 
 
+class MacList(list):
+    """Per-node records (e.g. `compiler.passes.qdq.MatMulSite`) whose MACs were counted at
+    `shape` ((batch, sequence), `MacCounts.shape`)."""
+
+    def __init__(self, items: Iterable[Any], shape: tuple[int, int]) -> None:
+        super().__init__(items)
+        self.shape = (int(shape[0]), int(shape[1]))
+
+
 def matmul_macs(model: Any, nodes: list[Any], mac_shape: tuple[int, int]) -> MacCounts:
     """{node index: multiply-accumulates} of every MatMul/Gemm in `nodes` at (batch, sequence).
 

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from compiler.graph.analysis import FLOAT, GEMM_OPS, attr, matmul_macs
+from compiler.graph.analysis import FLOAT, GEMM_OPS, MacList, attr, matmul_macs
 from compiler.settings import QuantSettings
 
 MIN_OPSET = 19  # QuantizeLinear / DequantizeLinear take float16 inputs and scales from opset 19
@@ -173,7 +173,7 @@ def _weight_axis(node: Any, weight: int, rank: int) -> int:
     return rank - 1 if weight == 1 else rank - 2
 
 
-def matmul_nodes(model: Any, mac_shape: tuple[int, int] = (1, 128)) -> MatMulSites:
+def matmul_nodes(model: Any, mac_shape: tuple[int, int] = (1, 128)) -> MacList:
     """Every MatMul/Gemm with float inputs: which inputs are activations, which a weight.
 
     A weight is a float initializer of rank >= 2; its output-channel axis is the last one for
@@ -185,8 +185,7 @@ def matmul_nodes(model: Any, mac_shape: tuple[int, int] = (1, 128)) -> MatMulSit
         mac_shape: (batch, sequence) at which MACs are counted (`graph.analysis.matmul_macs`).
 
     Returns:
-        One `MatMulSite` per MatMul/Gemm, in graph order (`MatMulSites`: a list with the
-        `mac_shape` the MACs were counted at).
+        One `MatMulSite` per MatMul/Gemm, in graph order; `.shape`: where MACs were counted.
 
     Raises:
         compiler.errors.PrecisionError: a MatMul whose shape cannot be resolved at `mac_shape`.
@@ -214,16 +213,7 @@ def matmul_nodes(model: Any, mac_shape: tuple[int, int] = (1, 128)) -> MatMulSit
     macs = matmul_macs(model, list(model.graph.node), mac_shape)
     for m in found:
         m.macs = macs[m.index]
-    return MatMulSites(found, macs.shape)
-
-
-class MatMulSites(list):
-    """`matmul_nodes`' sites, with the (batch, sequence) their MACs were counted at
-    (`mac_shape`: shorter than asked where the model has fewer positions, `matmul_macs`)."""
-
-    def __init__(self, sites: list[MatMulSite], mac_shape: tuple[int, int]) -> None:
-        super().__init__(sites)
-        self.mac_shape = mac_shape
+    return MacList(found, macs.shape)
 
 
 def calibration_tensors(model: Any) -> list[str]:
@@ -383,7 +373,7 @@ class QdqPlacer:
         self.model.CopyFrom(model)
         name_nodes(self.model)
         self.matmuls = matmul_nodes(self.model, mac_shape)
-        self.mac_shape = self.matmuls.mac_shape
+        self.mac_shape = self.matmuls.shape
         self.by_name = {m.name: m for m in self.matmuls}
         self.inits = {t.name: t for t in self.model.graph.initializer}
         self._weights: dict[tuple[str, int, bytes | None], tuple[Any, Any]] = {}
