@@ -237,7 +237,7 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
     try:
         if "profile" in parts and "profiles" in parts.get("engine", {}):
             raise CompilerError("give either --profile (repeatable) or --min-shape/--opt-shape/--max-shape, not both")
-        engine_kw = {"profiles": (ProfileSettings(**parts.pop("profile", {})),), **parts.pop("engine", {})}
+        engine_kw = {"profiles": (ProfileSettings.fitted(**parts.pop("profile", {})),), **parts.pop("engine", {})}
         engine = EngineSettings(**engine_kw)
         top = parts.pop("build", {})
         return BuildSettings(**{s: SECTIONS[s](**kw) for s, kw in parts.items()}, engine=engine, **top)

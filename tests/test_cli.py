@@ -143,6 +143,19 @@ def test_invalid_profile_is_a_clear_error(tmp_path):
     assert result.returncode == 1 and "min (4) <= opt (1)" in result.stderr
 
 
+@pytest.mark.parametrize("argv, profile", [
+    (["--max-shape", "4x64"], ((1, 1), (1, 64), (4, 64))),  # the default opt 1x128 would pass the max
+    (["--min-shape", "2x200"], ((2, 200), (2, 200), (32, 512))),
+    (["--max-shape", "4x64", "--opt-shape", "2x32"], ((1, 1), (2, 32), (4, 64))),  # given: kept
+    ([], ((1, 1), (1, 128), (32, 512))),  # the defaults, so earlier cache keys stay
+])
+def test_shapes_left_out_fit_the_ones_given(argv, profile):
+    from compiler.cli import build_parser, settings_from_args
+
+    p = settings_from_args(build_parser().parse_args(["compile", *argv])).engine.profiles[0]
+    assert (p.min_shape, p.opt_shape, p.max_shape) == profile
+
+
 def test_sparsity_and_fine_tuning_flags_reach_the_settings():
     from compiler.cli import build_parser, settings_from_args
 

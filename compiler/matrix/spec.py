@@ -289,7 +289,7 @@ def settings_for(spec: MatrixSpec, entry: ModelEntry, precision: str, sparsity: 
     engine = parts.setdefault("engine", {})
     engine["timing_cache_dir"] = _absolute(engine.get("timing_cache_dir", str(Path(out) / "timing_cache")))
     try:
-        profile = ProfileSettings(**parts.pop("profile", {}))
+        profile = ProfileSettings.fitted(**parts.pop("profile", {}))
         engine_settings = EngineSettings(profiles=(profile,), **parts.pop("engine"))
         return BuildSettings(**{s: SECTIONS[s](**kw) for s, kw in parts.items()}, engine=engine_settings,
                              output_dir=out)

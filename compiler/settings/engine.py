@@ -29,6 +29,22 @@ class ProfileSettings:
     opt_past: int = field(default=0, metadata={"hash": "if-set"})
     max_past: int = field(default=0, metadata={"hash": "if-set"})
 
+    @classmethod
+    def fitted(cls, **given: object) -> ProfileSettings:
+        """A profile from the shapes a user gave; each shape left out takes its default clamped
+        into the given ones, per axis: `--max-shape 4x64` alone gives opt 1x64 and min 1x1, not
+        the default opt 1x128 past the max; `--min-shape 1x200` alone gives opt 1x200. Shapes
+        given are kept as given (and checked as in `__post_init__`).
+
+        Raises:
+            ValueError: the shapes given contradict each other (e.g. min past max).
+        """
+        default = cls()
+        hi = given.get("max_shape", default.max_shape)
+        lo = given.get("min_shape") or tuple(min(d, m) for d, m in zip(default.min_shape, hi))
+        mid = given.get("opt_shape") or tuple(min(max(d, a), b) for d, a, b in zip(default.opt_shape, lo, hi))
+        return cls(**{**given, "min_shape": tuple(lo), "opt_shape": tuple(mid), "max_shape": tuple(hi)})
+
     def __post_init__(self) -> None:
         if not 0 <= self.min_past <= self.opt_past <= self.max_past:
             raise ValueError(f"profile past: need 0 <= min ({self.min_past}) <= opt ({self.opt_past}) <= "

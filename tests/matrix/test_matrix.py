@@ -85,6 +85,9 @@ def test_expansion_shares_one_export_per_model_and_opset(tmp_path):
     assert s.data.samples == 8 and s.quant.min_cosine == 0.9 and s.precision.min_cosine == 0.9998
     assert s.engine.profiles[0].max_shape == (8, 128) and Path(s.output_dir) == tmp_path
     assert len({c.key for c in cells}) == len(cells)
+    short = spec_from_dict({"models": ["minilm"], "precisions": ["fp16"], "settings": {"max_shape": "4x64"}})
+    profile = expand(short, str(tmp_path))[1][0].settings.engine.profiles[0]
+    assert (profile.opt_shape, profile.max_shape) == ((1, 64), (4, 64))  # the default opt fits the max given
 
 
 @pytest.mark.parametrize("raw, message", [
