@@ -19,18 +19,23 @@ from compiler.training.models import max_positions
 from compiler.training.tasks import check_training
 
 
-def check_shapes(settings: BuildSettings, limit: int | None) -> None:
+def check_shapes(settings: BuildSettings, limit: int | None, cache: bool = False) -> None:
     """Refuse sequences past the model's position limit before any work: in an optimization
-    profile they fail inside TensorRT, as `--max-length` they fail inside ONNX Runtime.
+    profile they fail inside TensorRT, as `--max-length` they fail inside ONNX Runtime. With a
+    KV cache (`cache`), a decode step's past plus its one new token must fit too.
 
     Raises:
-        CompilerError: a profile shape or `data.max_length` past `limit`, naming the flag to change.
+        CompilerError: a profile shape, `--max-past` or `data.max_length` past `limit`, naming
+            the flag to change.
     """
     if limit is None:
         return
     problems = [f"--{k}-shape {s[0]}x{s[1]}: sequence {s[1]} > {limit}; use --{k}-shape {s[0]}x{limit} or less"
                 for p in settings.engine.profiles
                 for k, s in (("min", p.min_shape), ("opt", p.opt_shape), ("max", p.max_shape)) if s[1] > limit]
+    problems += [f"--max-past {p.max_past}: a decode step at that past holds {p.max_past + 1} positions > {limit}; "
+                 f"use --max-past {limit - 1} or less" for p in settings.engine.profiles
+                 if cache and p.max_past + 1 > limit]
     if settings.data.max_length > limit:
         problems.append(f"--max-length {settings.data.max_length} > {limit}; use --max-length {limit} or less")
     if problems:
@@ -56,7 +61,8 @@ def _export(settings: BuildSettings, in_child: bool = False) -> tuple[Any, list[
         # glibc's adaptive threshold the freed copies stay resident and the next ones stack on them.
         fix_mmap_threshold()
     loaded = load_model(settings.model)
-    check_shapes(settings, max_positions(loaded.module.config, loaded.module))  # before any export work
+    check_shapes(settings, max_positions(loaded.module.config, loaded.module),  # before any export work
+                 cache=getattr(loaded, "cache", None) is not None)
     texts = heldout_texts(settings.data)
     export = replace(settings.export, opset=export_opset(settings))
     path, report = onnx_from_torch(loaded, export, settings.model_dir() / fp32_name(settings), texts)
