@@ -51,7 +51,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="a bundle folder (manifest.json inside)")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--text", action="append", help="a text to run (repeatable: one batch)")
-    text.add_argument("--text-file", type=Path, help="one text a line")
+    text.add_argument("--text-file", type=Path, help="one text a line, or a TSV/CSV or JSON Lines file "
+                                                     "(its --text-column, default sentence or text)")
+    p.add_argument("--text-column", default=None, help="with --text-file: the column or field of the texts")
     text.add_argument("--prompt", action="append", help="with --generate: a prompt (repeatable; same as --text)")
     p.add_argument("--generate", type=int, default=None, metavar="N",
                    help="greedy-decode N tokens after each text on a text-generation(-with-past) bundle")
@@ -75,11 +77,16 @@ def _texts(args: argparse.Namespace) -> list[str]:
                             "model once, use --text")
     if args.text or args.prompt:
         return list(args.text or args.prompt)
-    from calibration.text import read_text_file
+    from calibration.text import load_texts
+    from compiler.settings import DataSettings
 
-    texts = [line.strip() for line in read_text_file(args.text_file).splitlines() if line.strip()]
+    if not args.text_file.is_file():
+        raise CompilerError(f"--text-file {args.text_file}: no such file")
+    data = DataSettings(path=str(args.text_file), text_column=getattr(args, "text_column", None), min_words=1)
+    texts = [t.strip() for t in load_texts(data, count=1 << 30, minimum=0)]  # --calib's readers
     if not texts:
-        raise CompilerError(f"{args.text_file}: no text (one text a line)")
+        raise CompilerError(f"{args.text_file}: no text (one text a line, or a TSV/CSV/JSON Lines file "
+                            "with --text-column)")
     return texts
 
 

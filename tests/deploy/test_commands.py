@@ -1,0 +1,38 @@
+"""compiler/deploy/commands.py: the texts `run --text-file` reads, in the formats of `--calib`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from compiler.deploy.commands import _texts, add_run_arguments
+from compiler.errors import CompilerError
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    return parser.parse_args(["bundle", *argv])
+
+
+def test_text_file_in_each_format(tmp_path):
+    (tmp_path / "t.txt").write_text("first text\n\n  second text  \n")
+    assert _texts(_args("--text-file", str(tmp_path / "t.txt"))) == ["first text", "second text"]
+    (tmp_path / "t.tsv").write_text("sentence\tlabel\na good film\t1\n")  # the header is not a text
+    assert _texts(_args("--text-file", str(tmp_path / "t.tsv"))) == ["a good film"]
+    (tmp_path / "t.jsonl").write_text(json.dumps({"review": "fine, \"really\""}) + "\n")
+    assert _texts(_args("--text-file", str(tmp_path / "t.jsonl"), "--text-column", "review")) == ['fine, "really"']
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("missing.txt", None, "no such file"),
+    ("empty.txt", "\n \n", "no text"),
+    ("t.csv", "id,body\n1,x\n", "no column 'sentence/text'.*--text-column"),
+])
+def test_text_file_errors_name_the_file_and_the_fix(tmp_path, name, content, match):
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    with pytest.raises(CompilerError, match=match):
+        _texts(_args("--text-file", str(tmp_path / name)))
