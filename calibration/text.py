@@ -83,8 +83,8 @@ def _read_source(data: DataSettings) -> list[str]:
     else:
         path = Path(data.path)
     if path.is_dir():
-        raise DataError(f"{path} is a directory: pass a text file (one sample a line) or a TSV/CSV "
-                        "file with a header.")
+        raise DataError(f"{path} is a directory: pass a text file (one sample a line), a TSV/CSV "
+                        "file with a header or a JSON Lines file.")
     if path.is_file():
         if path.suffix.lower() in (".tsv", ".csv"):
             return _read_table(path, data.text_column)
@@ -240,7 +240,7 @@ def _read_hf_dataset(spec: str, column: str | None) -> list[str]:
         import datasets  # optional: only for hub datasets
     except ImportError as e:
         raise DataError(f"{spec!r} is not a file, and reading a Hugging Face dataset needs "
-                        f"`pip install datasets` ({e}). Or pass a local text/TSV file.") from e
+                        f"`pip install datasets` ({e}). Or pass a local text, TSV/CSV or JSON Lines file.") from e
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # hub unreachable, unknown dataset: both end here

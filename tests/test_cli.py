@@ -156,6 +156,14 @@ def test_shapes_left_out_fit_the_ones_given(argv, profile):
     assert (p.min_shape, p.opt_shape, p.max_shape) == profile
 
 
+def test_a_zero_shape_names_the_shape_given():
+    from compiler.cli import build_parser, settings_from_args
+    from compiler.errors import CompilerError
+
+    with pytest.raises(CompilerError, match=r"max shape 0x5: batch and sequence must be >= 1"):
+        settings_from_args(build_parser().parse_args(["compile", "--max-shape", "0x5"]))
+
+
 def test_sparsity_and_fine_tuning_flags_reach_the_settings():
     from compiler.cli import build_parser, settings_from_args
 

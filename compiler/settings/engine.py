@@ -39,6 +39,10 @@ class ProfileSettings:
         Raises:
             ValueError: the shapes given contradict each other (e.g. min past max).
         """
+        bad = [f"{k.replace('_', ' ')} {v[0]}x{v[1]}" for k, v in given.items()
+               if k.endswith("_shape") and min(v) < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: batch and sequence must be >= 1")
         default = cls()
         hi = given.get("max_shape", default.max_shape)
         lo = given.get("min_shape") or tuple(min(d, m) for d, m in zip(default.min_shape, hi))
