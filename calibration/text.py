@@ -171,6 +171,12 @@ def _not_text(path: Path, why: str) -> DataError:
 CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 
+def text_column(fields: Any, column: str | None) -> str | None:
+    """The column (or JSON field) that holds the text: `column` when given, else the first of
+    `sentence` and `text` among `fields`, else None."""
+    return column or next((c for c in ("sentence", "text") if c in fields), None)
+
+
 def _read_table(path: Path, column: str | None) -> list[str]:
     """The text column of a TSV or CSV file with a header. A TSV is read as GLUE writes it:
     quote characters are text (SST-2's sentences open and close quotes freely). A CSV is read
@@ -182,7 +188,7 @@ def _read_table(path: Path, column: str | None) -> list[str]:
     previous = csv.field_size_limit(CSV_FIELD_LIMIT)
     try:
         fields = reader.fieldnames or []
-        name = column or next((c for c in ("sentence", "text") if c in fields), None)
+        name = text_column(fields, column)
         if name not in fields:
             raise DataError(
                 f"{path}: no column {column or 'sentence/text'!r} in header {fields}; "
@@ -208,8 +214,6 @@ def _read_json_lines(path: Path, column: str | None) -> list[str]:
         DataError: a line that is not a JSON object (its line number), or a first object
             without the field (its keys and the flag that picks another).
     """
-    import json
-
     texts: list[str] = []
     name = column
     for number, line in enumerate(read_text_file(path).splitlines(), 1):
@@ -223,7 +227,7 @@ def _read_json_lines(path: Path, column: str | None) -> list[str]:
             raise DataError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object; JSON Lines "
                             "text needs one object a line, e.g. {\"text\": \"...\"}.")
         if not texts:
-            name = column or next((c for c in ("sentence", "text") if c in row), None)
+            name = text_column(row, column)
             if name not in row:
                 raise DataError(f"{path}: no field {column or 'sentence/text'!r} in its first object (keys "
                                 f"{sorted(row)[:20]}); choose one with --text-column NAME.")
@@ -246,7 +250,7 @@ def _read_hf_dataset(spec: str, column: str | None) -> list[str]:
     except Exception as e:  # hub unreachable, unknown dataset: both end here
         raise DataError(f"could not load Hugging Face dataset {spec!r}: {e}. "
                         "Pass a local text, TSV/CSV or JSON Lines file with --calib PATH instead.") from e
-    name_col = column or next((c for c in ("sentence", "text") if c in ds.column_names), None)
+    name_col = text_column(ds.column_names, column)
     if name_col not in ds.column_names:
         raise DataError(f"dataset {spec!r} has no column {column!r}: {ds.column_names}")
     return [str(t) for t in ds[name_col]]
