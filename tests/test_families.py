@@ -55,3 +55,22 @@ def test_family_member_compiles_and_verifies_at_its_position_limit(arch, tmp_pat
         assert fidelity[name]["nonfinite_count"] == 0, name
         assert fidelity[name]["cosine_min"] > 0.999, (name, fidelity[name])
     assert fidelity["shapes_verified"]["profile_max"] == [2, 64]
+
+
+def test_a_token_classification_checkpoint_keeps_its_head(tmp_path):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=5)
+    transformers.DistilBertForTokenClassification(config).save_pretrained(tmp_path / "ner")
+    minilm_tokenizer().save_pretrained(tmp_path / "ner")
+    settings = BuildSettings(
+        model=ModelSettings(name=str(tmp_path / "ner"), task="token-classification"),
+        precision=PrecisionSettings(mode="hybrid"),
+        data=DataSettings(samples=4, calib_samples=8, max_length=32, batch_size=4, profile_max_rows=2,
+                          cache_dir=str(tmp_path / "cache")),
+        engine=EngineSettings(profiles=(ProfileSettings.fitted(max_shape=(2, 64)),)), output_dir=str(tmp_path / "out"))
+    report = run_pipeline(settings, until="verify").report
+    assert report["fidelity"]["real"]["outputs"].keys() == {"logits"}
+    assert report["fidelity"]["task"]["token_label_agreement"] > 0.9

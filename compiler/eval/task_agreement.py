@@ -6,6 +6,7 @@ say whether the decision a user acts on changed, per task (`compiler.training.ta
 | task | metric (per sample, on held-out real text) |
 |---|---|
 | `text-classification` | label agreement: argmax of `logits` equal to FP32's |
+| `token-classification` | token label agreement: argmax of `logits` at every valid position |
 | `question-answering` | start / end / both agreement: argmax of `start_logits` / `end_logits` over valid tokens |
 | `fill-mask`, `text-generation` | top-1 token agreement at every valid position |
 | `sentence-embedding` | cosine of the pooled, normalised vectors (min / mean) |
@@ -66,6 +67,9 @@ def task_agreement(task: str, fp32_model: Any, variant: Any, output_names: list[
         got = dict(zip(names, var_sess.run(names, feeds)))
         if task == "text-classification":
             checks.setdefault("label_agreement", []).extend(_argmax_agreement(ref["logits"], got["logits"], lengths, False))
+        elif task == "token-classification":
+            checks.setdefault("token_label_agreement", []).extend(
+                _argmax_agreement(ref["logits"], got["logits"], lengths, True))
         elif task == "question-answering":
             s = _span_agreement(ref["start_logits"], got["start_logits"], lengths)
             e = _span_agreement(ref["end_logits"], got["end_logits"], lengths)

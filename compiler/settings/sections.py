@@ -20,8 +20,8 @@ RECOVER_STEPS_FP32 = 3000
 RECOVER_STEPS_BF16 = 6000
 QUANT_METHODS = ("max", "entropy", "percentile")
 WEIGHT_MODES = ("pretrained", "random")
-TASKS = ("feature-extraction", "sentence-embedding", "text-classification", "question-answering",
-         "fill-mask", "text-generation", "text-generation-with-past")  # Optimum's names
+TASKS = ("feature-extraction", "sentence-embedding", "text-classification", "token-classification",
+         "question-answering", "fill-mask", "text-generation", "text-generation-with-past")  # Optimum's names
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@ inputs positionally and returning its outputs as a tuple, with the outputs' dyna
 
 - `sentence-embedding`: the base model, then sentence-transformers pooling over valid tokens
   (mean, CLS or max) and L2 normalisation, inside the graph (Reimers & Gurevych 2019).
-- heads (`text-classification`, `question-answering`, `fill-mask`, `text-generation`): the
-  task model's named outputs, no cache.
+- heads (`text-classification`, `token-classification`, `question-answering`, `fill-mask`,
+  `text-generation`): the task model's named outputs, no cache.
 - `text-generation-with-past`: flat KV-cache tensors in and out; inside, a transformers
   `DynamicCache` is filled from `past_key_values.{i}.key/value` (batch, heads, past, head_dim)
   and its updated layers are returned as `present.{i}.key/value` (batch, heads, past +

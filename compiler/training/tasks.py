@@ -5,6 +5,7 @@
 | `feature-extraction` | `AutoModel` | `last_hidden_state` (batch, sequence, hidden), `pooler_output` (batch, hidden) where the model has one |
 | `sentence-embedding` | `AutoModel` + pooling + L2 norm in the graph | `sentence_embedding` (batch, hidden) |
 | `text-classification` | `AutoModelForSequenceClassification` | `logits` (batch, labels) |
+| `token-classification` | `AutoModelForTokenClassification` | `logits` (batch, sequence, labels) |
 | `question-answering` | `AutoModelForQuestionAnswering` | `start_logits`, `end_logits` (batch, sequence) |
 | `fill-mask` | `AutoModelForMaskedLM` | `logits` (batch, sequence, vocab) |
 | `text-generation` | `AutoModelForCausalLM` | `logits` (batch, sequence, vocab) |
@@ -12,7 +13,8 @@
 
 The natural task of a checkpoint (`natural_task`): `sentence-embedding` for a sentence-transformers
 checkpoint (its `modules.json` lists a Pooling module), else the one its `config.architectures`
-names (`...ForSequenceClassification` -> `text-classification`, `...LMHeadModel` /
+names (`...ForSequenceClassification` -> `text-classification`, `...ForTokenClassification` ->
+`token-classification`, `...LMHeadModel` /
 `...ForCausalLM` -> `text-generation-with-past`, ...), else `feature-extraction`. Optimum's
 exporter chooses the same way (`optimum.exporters.tasks.TasksManager.infer_task_from_model`).
 """
@@ -26,11 +28,12 @@ from typing import Any
 
 from compiler.settings import TASKS
 
-ENCODER_TASKS = ("sentence-embedding", "text-classification", "question-answering", "fill-mask")
+ENCODER_TASKS = ("sentence-embedding", "text-classification", "token-classification", "question-answering",
+                 "fill-mask")
 DECODER_TASKS = ("text-generation", "text-generation-with-past")
 # Architecture name endings -> task (transformers' class naming)
 _ARCHITECTURES = (("ForSequenceClassification", "text-classification"),
-                  ("ForQuestionAnswering", "question-answering"), ("ForMaskedLM", "fill-mask"),
+                  ("ForTokenClassification", "token-classification"), ("ForQuestionAnswering", "question-answering"), ("ForMaskedLM", "fill-mask"),
                   ("LMHeadModel", "text-generation-with-past"), ("ForCausalLM", "text-generation-with-past"))
 _POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens")
 
@@ -58,6 +61,7 @@ SPECS = {s.name: s for s in (
     TaskSpec("feature-extraction", None, ("last_hidden_state",), ("last_hidden_state",), "any"),
     TaskSpec("sentence-embedding", None, ("sentence_embedding",), (), "encoder"),
     TaskSpec("text-classification", "AutoModelForSequenceClassification", ("logits",), (), "any"),
+    TaskSpec("token-classification", "AutoModelForTokenClassification", ("logits",), ("logits",), "any"),
     TaskSpec("question-answering", "AutoModelForQuestionAnswering", ("start_logits", "end_logits"),
              ("start_logits", "end_logits"), "encoder"),
     TaskSpec("fill-mask", "AutoModelForMaskedLM", ("logits",), ("logits",), "encoder"),

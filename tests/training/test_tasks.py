@@ -31,8 +31,8 @@ def _save(model, directory: Path) -> str:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
     import torch
-    from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertModel, \
-        GPT2Config, GPT2LMHeadModel
+    from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, \
+        BertForTokenClassification, BertModel, GPT2Config, GPT2LMHeadModel
 
     root = tmp_path_factory.mktemp("tasks")
     torch.manual_seed(0)
@@ -43,6 +43,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     out = {"base": _save(BertModel(bert), root / "base"),
            "cls": _save(BertForSequenceClassification(bert), root / "cls"),
            "qa": _save(BertForQuestionAnswering(bert), root / "qa"),
+           "tok": _save(BertForTokenClassification(BertConfig(**{**bert.to_dict(), "num_labels": 5})), root / "tok"),
            "gpt2": _save(GPT2LMHeadModel(gpt2), root / "gpt2")}
     st = Path(_save(BertModel(bert), root / "st"))  # a sentence-transformers layout: CLS pooling, no Normalize
     (st / "modules.json").write_text(json.dumps([
@@ -64,6 +65,7 @@ def _export(tmp_path, name: str, task: str, weights: str = "pretrained"):
     ("st", "sentence-embedding", ["sentence_embedding"]),
     ("cls", "text-classification", ["logits"]),
     ("qa", "question-answering", ["start_logits", "end_logits"]),
+    ("tok", "token-classification", ["logits"]),
     ("gpt2", "text-generation", ["logits"]),
 ])
 def test_task_graph_outputs_and_parity(checkpoints, tmp_path, key, task, outputs):
@@ -74,14 +76,16 @@ def test_task_graph_outputs_and_parity(checkpoints, tmp_path, key, task, outputs
     assert max(p.max_abs_diff for p in report.parity) <= PARITY.parity_atol
     graph = onnx.load(str(path), load_external_data=False).graph
     dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
-    if task in ("question-answering", "text-generation"):
+    if task in ("question-answering", "token-classification", "text-generation"):
         assert dims[outputs[0]][:2] == ["batch", "sequence"]
     else:
         assert dims[outputs[0]][0] == "batch" and len(dims[outputs[0]]) == 2
     # only batch and sequence are dynamic: the hidden size / label count / vocabulary is static,
     # so the Triton config and the manifest state it (the tracer leaves a name after a Div)
     assert all(isinstance(d, int) and d > 0 for o in dims.values() for d in o[2 if task in (
-        "question-answering", "text-generation") else 1:]), dims
+        "question-answering", "token-classification", "text-generation") else 1:]), dims
+    if task == "token-classification":
+        assert dims["logits"] == ["batch", "sequence", 5]
 
 
 def test_sentence_embedding_pools_as_configured(checkpoints, tmp_path):
@@ -108,6 +112,7 @@ def test_fill_mask_on_random_weights_and_natural_tasks(checkpoints, tmp_path):
     assert natural_task(checkpoints["gpt2"], AutoConfig.from_pretrained(checkpoints["gpt2"])) == \
         "text-generation-with-past"
     assert natural_task(checkpoints["cls"], AutoConfig.from_pretrained(checkpoints["cls"])) == "text-classification"
+    assert natural_task(checkpoints["tok"], AutoConfig.from_pretrained(checkpoints["tok"])) == "token-classification"
     assert natural_task(checkpoints["base"], AutoConfig.from_pretrained(checkpoints["base"])) == "feature-extraction"
 
 
