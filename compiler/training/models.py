@@ -158,6 +158,10 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         raise _unknown(settings.name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     module = module.float().eval()
     config = module.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise _unknown(settings.name, f"it is an encoder-decoder (seq2seq) model ({config.model_type}); this "
+                       "toolchain compiles BERT-like encoders and GPT-2-like decoders. For its encoder alone, save "
+                       "the encoder as a checkpoint of an encoder class and pass that directory")
     family = family or _family(config)
 
     vocab_size = int(module.get_input_embeddings().num_embeddings)

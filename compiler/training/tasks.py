@@ -158,10 +158,18 @@ def natural_task(where: str | Path, config: Any) -> str:
     directory, else the task its `config.architectures` names, else `feature-extraction`."""
     if Path(str(where)).is_dir() and sentence_transformers_pooling(where) is not None:
         return "sentence-embedding"
-    for arch in getattr(config, "architectures", None) or []:
+    architectures = getattr(config, "architectures", None) or []
+    for arch in architectures:
         for ending, task in _ARCHITECTURES:
             if arch.endswith(ending):
                 return task
+    heads = [a for a in architectures if "For" in a]
+    if heads:  # e.g. ...ForMultipleChoice: no task here has that head
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: %s names a head no task here exports; compiling the base model (feature-extraction) "
+            "without its head's weights. Tasks: %s", where, ", ".join(heads), ", ".join(SPECS))
     return "feature-extraction"
 
 

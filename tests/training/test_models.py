@@ -119,6 +119,16 @@ def test_random_weights_refuse_a_stand_in_tokenizer_larger_than_the_table(tmp_pa
         load_model(ModelSettings(name=str(tmp_path / "small-vocab"), weights="random"))
 
 
+def test_an_encoder_decoder_checkpoint_is_refused_with_the_families_named(tmp_path):
+    from transformers import T5Config, T5Model
+
+    T5Model(T5Config(vocab_size=30522, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)).save_pretrained(
+        tmp_path / "t5")
+    minilm_tokenizer().save_pretrained(tmp_path / "t5")
+    with pytest.raises(UnknownModelError, match=r"encoder-decoder \(seq2seq\) model \(t5\).*BERT-like encoders"):
+        load_model(ModelSettings(name=str(tmp_path / "t5")))
+
+
 def _tiny(config_class, **kw):
     import transformers
 

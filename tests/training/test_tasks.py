@@ -116,6 +116,14 @@ def test_fill_mask_on_random_weights_and_natural_tasks(checkpoints, tmp_path):
     assert natural_task(checkpoints["base"], AutoConfig.from_pretrained(checkpoints["base"])) == "feature-extraction"
 
 
+def test_a_head_no_task_exports_falls_back_to_the_base_model_with_a_warning(tmp_path, caplog):
+    from transformers import BertConfig
+
+    config = BertConfig(architectures=["BertForMultipleChoice"])
+    assert natural_task(tmp_path, config) == "feature-extraction"
+    assert "BertForMultipleChoice names a head no task here exports" in caplog.text
+
+
 def test_missing_head_is_refused_with_what_the_checkpoint_has(checkpoints):
     with pytest.raises(UnknownModelError, match="no weights for its head.*BertModel.*--weights random"):
         load_model(ModelSettings(name=checkpoints["base"], task="text-classification"))
