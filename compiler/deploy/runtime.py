@@ -182,8 +182,10 @@ class Bundle:
         return self._tokenizer
 
     def tokenize(self, texts: list[str], truncate: bool = False) -> dict[str, np.ndarray]:
-        """{input name: int64 (batch, sequence)} of `texts`, padded to the longest; a KV-cache input
-        (`past_key_values.*`) gets an empty past, float32 (batch, heads, 0, head_dim).
+        """{input name: int64 (batch, sequence)} of `texts`, padded on the right to the longest
+        (whatever side the tokenizer was saved with: each sample's valid tokens come first, as
+        `--check` and the compile's figures count them); a KV-cache input (`past_key_values.*`)
+        gets an empty past, float32 (batch, heads, 0, head_dim).
 
         Args:
             texts: the request. truncate: cut each text at the tokenizer's `max_length` (the
@@ -191,7 +193,7 @@ class Bundle:
         """
         limit = self.manifest["tokenizer"]["max_length"]
         enc = self.tokenizer(list(texts), padding=True, truncation=truncate, max_length=limit if truncate else None,
-                             return_tensors="np")
+                             padding_side="right", return_tensors="np")
         ids = enc["input_ids"].astype(np.int64)
         from compiler.deploy.generation import cache_inputs
 

@@ -58,6 +58,15 @@ def add_engine(root: Path, version=(10, 8, 0, 43), cc="8.6", **entry) -> dict:
     return manifest
 
 
+def test_requests_are_padded_on_the_right_whatever_the_tokenizer_says(loaded):
+    loaded.tokenizer.padding_side = "left"  # as Llama's and some GPT-2 tokenizers are saved
+    try:
+        mask = loaded.tokenize(["one", "a much longer text than the first one"])["attention_mask"]
+    finally:
+        loaded.tokenizer.padding_side = "right"
+    assert mask[0, 0] == 1 and mask[0, -1] == 0  # valid tokens first: `--check` counts them so
+
+
 def test_onnxruntime_outputs_equal_the_bundled_onnx(loaded, bundle):
     assert loaded.backend == "onnxruntime" and loaded.engine is None
     feeds = loaded.tokenize(TEXTS)
