@@ -400,8 +400,9 @@ def _run(args: argparse.Namespace) -> int:
         return generate_command(args)
     settings = settings_from_args(args)
     if args.command in ("export", "verify", "compile", "bundle"):
-        from compiler.training.models import resolve_task
+        from compiler.training.models import fit_to_positions, resolve_task
 
+        settings = fit_to_positions(settings, set(vars(args)))  # defaults past a small model's positions
         settings = resolve_task(settings)  # None: the checkpoint's natural task; KV-cache profiles
     if args.command == "precision":
         return _precision_only(args, settings)

@@ -213,6 +213,51 @@ def checkpoint_config(settings: ModelSettings) -> tuple[str, Any]:
         return where, None
 
 
+def fit_to_positions(settings: Any, given: set[str]) -> Any:
+    """`settings` with the defaults the user did not give cut to the checkpoint's position limit:
+    the optimization profile (`ProfileSettings.fitted` at max sequence = the limit) and
+    `--max-length`, where the defaults (32x512, 128) exceed a small model's positions. Values
+    the user gave are kept (`compiler.stages.export.check_shapes` refuses them, naming the fix).
+    The limit is read from the config and from the model built on the meta device (no weights,
+    no memory), so a RoBERTa-style offset counts (`max_positions`).
+
+    Args:
+        settings: the CLI's settings. given: the option names given (`min_shape`, `max_length`, ...).
+    """
+    from dataclasses import replace
+
+    from compiler.settings import ProfileSettings
+
+    shapes_given = bool({"min_shape", "opt_shape", "max_shape", "profile"} & given)
+    if shapes_given and "max_length" in given:
+        return settings
+    _, config = checkpoint_config(settings.model)
+    if config is None or max_positions(config) is None or max_positions(config) >= 512:
+        return settings  # BERT, GPT-2 and larger: the defaults fit
+    limit = max_positions(config, _meta_model(config, settings.model.trust_remote_code))
+    profile = settings.engine.profiles[0]
+    if not shapes_given and len(settings.engine.profiles) == 1 and profile.max_shape[1] > limit:
+        fitted = ProfileSettings.fitted(max_shape=(profile.max_shape[0], limit))
+        settings = replace(settings, engine=replace(settings.engine, profiles=(fitted,)))
+    if "max_length" not in given and settings.data.max_length > limit:
+        settings = replace(settings, data=replace(settings.data, max_length=limit))
+    log.info("%s has %d positions: optimization profile %s, --max-length %d", settings.model.name, limit,
+             "x".join(map(str, settings.engine.profiles[0].max_shape)), settings.data.max_length)
+    return settings
+
+
+def _meta_model(config: Any, trust_remote_code: bool) -> Any:
+    """The base model of `config` on PyTorch's meta device (structure only), or None."""
+    try:
+        import torch
+        import transformers
+
+        with torch.device("meta"):
+            return transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - the offset is then unknown; check_shapes still refuses
+        return None
+
+
 def resolve_task(settings: Any) -> Any:
     """`settings` with `model.task` set to the checkpoint's natural task when it is None (and not
     `feature-extraction`, whose graph is the one a None task already gives), and with the two

@@ -160,3 +160,24 @@ def test_max_positions_is_the_longest_sequence_the_model_runs(make, limit):
         with pytest.raises((IndexError, RuntimeError)):  # one more token is out of the table
             longer = torch.full((1, limit + 1), 5, dtype=torch.long)
             model(input_ids=longer, attention_mask=torch.ones_like(longer))
+
+
+def test_defaults_the_user_did_not_give_fit_a_small_models_positions(tmp_path):
+    from compiler.cli import build_parser, settings_from_args
+    from compiler.training.models import fit_to_positions
+
+    # 66 rows from padding index 1 serve 64 tokens (read from the model built on the meta device)
+    model = _tiny(__import__("transformers").RobertaConfig, max_position_embeddings=66, pad_token_id=1)
+    path = save(model, tmp_path / "roberta-64")
+
+    def fitted(*argv):
+        args = build_parser().parse_args(["compile", "--model", path, *argv])
+        s = fit_to_positions(settings_from_args(args), set(vars(args)))
+        p = s.engine.profiles[0]
+        return p.opt_shape, p.max_shape, s.data.max_length
+
+    assert fitted() == ((1, 64), (32, 64), 64)  # defaults 1x128 / 32x512 / 128 cut to the 64 positions
+    assert fitted("--max-shape", "8x100", "--max-length", "100") == ((1, 100), (8, 100), 100)  # given: kept
+    assert fitted("--max-length", "32") == ((1, 64), (32, 64), 32)
+    bert = settings_from_args(build_parser().parse_args(["compile", "--model", save(tiny_bert(), tmp_path / "b")]))
+    assert fit_to_positions(bert, {"model"}) == bert  # 512 positions: the defaults fit, nothing changes
