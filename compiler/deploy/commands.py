@@ -82,7 +82,7 @@ def _texts(args: argparse.Namespace) -> list[str]:
 
     if not args.text_file.is_file():
         raise CompilerError(f"--text-file {args.text_file}: no such file")
-    data = DataSettings(path=str(args.text_file), text_column=getattr(args, "text_column", None), min_words=1)
+    data = DataSettings(path=str(args.text_file), text_column=args.text_column, min_words=1)
     texts = [t.strip() for t in load_texts(data, count=1 << 30, minimum=0)]  # --calib's readers
     if not texts:
         raise CompilerError(f"{args.text_file}: no text (one text a line, or a TSV/CSV/JSON Lines file "

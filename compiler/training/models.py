@@ -232,7 +232,8 @@ def fit_to_positions(settings: Any, given: set[str]) -> Any:
     if shapes_given and "max_length" in given:
         return settings
     _, config = checkpoint_config(settings.model)
-    if config is None or max_positions(config) is None or max_positions(config) >= 512:
+    table = max_positions(config) if config is not None else None
+    if table is None or table >= 512:
         return settings  # BERT, GPT-2 and larger: the defaults fit
     limit = max_positions(config, _meta_model(config, settings.model.trust_remote_code))
     profile = settings.engine.profiles[0]
@@ -416,7 +417,8 @@ def load_tokenizer(settings: ModelSettings) -> Any:
     """
     _, where, _ = _locate(settings.name)
     local_only = not Path(str(where)).is_dir() and not _hub_reachable()
-    return _tokenizer(where, settings, local_only)[0]
+    config = checkpoint_config(settings)[1]
+    return _tokenizer(where, settings, local_only, getattr(config, "vocab_size", None))[0]
 
 
 # A tokenizer with fewer tokens than this share of the embedding table has lost its vocabulary
@@ -427,8 +429,9 @@ MIN_TOKENIZER_SHARE = 0.5
 
 
 def _tokenizer(where: str | Path, settings: ModelSettings, local_only: bool,
-               vocab_size: int) -> tuple[Any, str | None]:
+               vocab_size: int | None) -> tuple[Any, str | None]:
     """The model's own tokenizer, or MiniLM's WordPiece as a stand-in for random weights.
+    `vocab_size`: the embedding rows (None: unknown, the size checks below are skipped).
 
     Raises:
         UnknownModelError: pretrained weights without a tokenizer (none found, or one with
@@ -442,7 +445,7 @@ def _tokenizer(where: str | Path, settings: ModelSettings, local_only: bool,
         tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=settings.trust_remote_code,
                                             local_files_only=local_only)
         note = None
-        if len(tok) < MIN_TOKENIZER_SHARE * vocab_size:
+        if vocab_size and len(tok) < MIN_TOKENIZER_SHARE * vocab_size:
             raise ValueError(f"the tokenizer there has {len(tok)} tokens for {vocab_size} embedding rows: its "
                              "vocabulary files (tokenizer.json, vocab.txt, vocab.json + merges.txt, *.model) "
                              "are missing; copy them from the checkpoint the weights came from")
@@ -450,7 +453,7 @@ def _tokenizer(where: str | Path, settings: ModelSettings, local_only: bool,
         if settings.weights != "random":
             raise _unknown(settings.name, f"no tokenizer found at {where}: {e}") from e
         tok = AutoTokenizer.from_pretrained(str(_minilm_dir()))
-        if len(tok) > vocab_size:
+        if vocab_size and len(tok) > vocab_size:
             raise _unknown(settings.name, f"no tokenizer at {where}, and the stand-in (MiniLM's WordPiece, "
                            f"{len(tok)} ids) does not fit the model's {vocab_size} embedding rows; put the "
                            "model's tokenizer files beside its config.json") from e

@@ -181,3 +181,12 @@ def test_defaults_the_user_did_not_give_fit_a_small_models_positions(tmp_path):
     assert fitted("--max-length", "32") == ((1, 64), (32, 64), 32)
     bert = settings_from_args(build_parser().parse_args(["compile", "--model", save(tiny_bert(), tmp_path / "b")]))
     assert fit_to_positions(bert, {"model"}) == bert  # 512 positions: the defaults fit, nothing changes
+
+
+def test_load_tokenizer_without_weights_refuses_a_lost_vocabulary_too(tmp_path):
+    from compiler.training.models import load_tokenizer
+
+    assert len(load_tokenizer(ModelSettings(name=save(tiny_bert(), tmp_path / "bert")))) == 30522
+    tiny_bert().save_pretrained(tmp_path / "bare")  # config.json and weights, no tokenizer files
+    with pytest.raises(UnknownModelError, match="5 tokens for 30522 embedding rows"):
+        load_tokenizer(ModelSettings(name=str(tmp_path / "bare")))
