@@ -142,7 +142,7 @@ OPTION_OPTIONS = [
     ("--lr", "train.lr", {"type": float, "help": "fine-tuning learning rate"}),
     ("--train-bf16", "train.bf16", {"action": "store_true",
                                     "help": "QAT and 2:4 recovery under bfloat16 autocast (FP32 master weights)"}),
-    ("--train-device", "train.device", {"metavar": "DEVICE", "help": "cpu, cuda, cuda:N, or auto"}),
+    ("--train-device", "train.device", {"metavar": "DEVICE", "help": "auto (default: the first CUDA GPU PyTorch sees, else the CPU), cpu, cuda or cuda:N"}),
     ("--no-split-batches", "train.split_by_length",
      {"action": "store_false", "help": "QAT and 2:4 recovery: one padded forward per batch, not sub-batches of "
                                        "similar length (the same gradient; CPU training devices only)"}),

@@ -184,7 +184,7 @@ def test_sparsity_and_fine_tuning_flags_reach_the_settings():
     assert (s.data.train_path, s.data.train_samples) == (("train.txt", "more.tsv"), 99)
     defaults = settings_from_args(build_parser().parse_args(["compile"]))
     assert (defaults.sparsity.method, defaults.sparsity.recover_schedule) == ("sparsegpt", "linear")
-    assert defaults.data.train_path == () and defaults.train.device == "cpu" and not defaults.train.bf16
+    assert defaults.data.train_path == () and defaults.train.device == "auto" and not defaults.train.bf16
     assert defaults.train.split_by_length
     assert defaults.sparsity.recover_from is None
 
@@ -234,7 +234,7 @@ def test_every_option_reaches_its_settings_field():
         elif flag == "--smoothquant-alpha":
             argv = [flag, "off"]
         elif flag == "--train-device":
-            argv = [flag, "auto"]
+            argv = [flag, "cpu"]
         elif flag == "--profile-max-rows":
             argv = [flag, "all"]
         elif flag == "--precision":

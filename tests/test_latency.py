@@ -110,3 +110,21 @@ def test_speedup_matrix_divides_the_baseline_p50_and_leaves_untimed_cells_blank(
                                             row("tensorrt", None, "skipped")], BASELINE)
     assert backends == [BASELINE, "ort-cpu-int8"] and cells == [(1, 32)]
     assert grid[:, 0].tolist() == [1.0, 4.0]
+
+
+def test_a_run_without_the_baseline_says_so_instead_of_a_blank_speedup_table():
+    from benchmarks.speed.report import markdown
+
+    def row(backend, p50):
+        return {"backend": backend, "batch": 1, "sequence": 32, "p50_ms": p50, "p90_ms": p50, "p99_ms": p50,
+                "mean_ms": p50, "throughput_tok_s": 32e3 / p50, "status": "ok"}
+
+    result = {"machine": {"cpu": "x", "usable_cores": 1, "threads": 1, "gpu": {"name": "GPU"},
+                          "load_average_start": [0, 0, 0]},
+              "policy": {"warmup_s": 0, "duration_s": 0, "min_iterations": 1, "budget_s": 1}, "model": "m",
+              "weights": "random", "grid": "quick", "inputs": "text", "baseline": BASELINE, "accuracy": []}
+    gpu_only = markdown({**result, "rows": [row("torch-cuda-fp16", 2.0)]}, ["torch-cuda-fp16"])
+    assert f"not measured: {BASELINE} was not timed" in gpu_only
+    both = markdown({**result, "rows": [row(BASELINE, 10.0), row("torch-cuda-fp16", 2.0)]},
+                    [BASELINE, "torch-cuda-fp16"])
+    assert "not measured" not in both and "| 1x32 | 5.00x |" in both

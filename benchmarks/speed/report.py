@@ -101,9 +101,11 @@ def markdown(result: dict[str, Any], backends: list[str]) -> str:
             f"; load average {m['load_average_start']} at start, {m.get('load_average_end')} at end (a shared "
             f"machine: other jobs add noise). Warm-up {pol['warmup_s']} s, then >= {pol['duration_s']} s and >= "
             f"{pol['min_iterations']} iterations; cell budget {pol['budget_s']} s. Inputs: {result['inputs']}.\n")
+    speedup = (speedup_table(rows, timed, result["baseline"]) if result["baseline"] in timed else
+               f"not measured: {result['baseline']} was not timed in this run (e.g. a GPU-only run on another host)")
     return "\n\n".join([
         head, "## p50 latency (ms); fastest in bold", p50_table(rows, timed),
-        f"## Speed-up over {result['baseline']} (p50)", speedup_table(rows, timed, result["baseline"]),
+        f"## Speed-up over {result['baseline']} (p50)", speedup,
         "## Throughput (tokens/s)", throughput_table(rows, timed),
         "## Accuracy against PyTorch FP32 (held-out WikiText-2)", accuracy_table(result["accuracy"]),
         "## Not timed", skipped_table(rows)]) + "\n"

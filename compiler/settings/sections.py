@@ -327,8 +327,8 @@ class TrainSettings:
             6,093 samples of mixed text (412k tokens, 7 states of 384) uses ~4.2 GiB, all of
             them (the earlier 4 GiB left ~5 % of the samples to the teacher every epoch).
             Samples past the cap cost the teacher's forward on those samples only.
-        device: where the student and teacher train: `cpu` (default), `cuda` / `cuda:N`, or
-            `auto` (the first CUDA GPU when PyTorch sees one, else the CPU). The models return to
+        device: where the student and teacher train: `auto` (default: the first CUDA GPU when
+            PyTorch sees one, else the CPU), `cpu`, or `cuda` / `cuda:N`. The models return to
             the CPU afterwards (export runs there). A CUDA device PyTorch cannot see raises
             `compiler.errors.CompilerError` before any training.
     """
@@ -345,7 +345,7 @@ class TrainSettings:
     split_by_length: bool = True
     bf16: bool = field(default=False, metadata={"hash": "if-set"})  # keys of earlier caches unchanged
     teacher_cache_mib: int = field(default=6144, metadata={"hash": False})  # cost, not result
-    device: str = field(default="cpu", metadata={"hash": False})  # where, not what: caches reuse across devices
+    device: str = field(default="auto", metadata={"hash": False})  # where, not what: caches reuse across devices
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr <= 0 or self.scale_lr <= 0 or self.batch_size < 1 or self.teacher_cache_mib < 0:

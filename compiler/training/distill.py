@@ -253,6 +253,9 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
     # API): a microcode assist each on x86. MiniLM 2:4, 60 steps on 2 cores: 47.0 s, not 49.1-49.7 s,
     # the loss the same to 1e-9 (docs/sparsity.md). Back to PyTorch's default (off) on return.
     flushed = device.type == "cpu" and torch.set_flush_denormal(True)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    log.info("distillation on %s (%s): %d steps of batch %d, bf16 autocast %s", device, where, settings.steps,
+             settings.batch_size, "on" if settings.bf16 else "off")
     try:
         student.to(device)
         teacher.to(device)
