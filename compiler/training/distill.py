@@ -244,9 +244,12 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
         intermediate block outputs when `settings.layerwise`).
 
     Raises:
-        CompilerError: `settings.device` is a CUDA device PyTorch cannot see (`train_device`).
+        CompilerError: `settings.device` is a CUDA device PyTorch cannot see (`train_device`), or
+            training there ran out of GPU memory (the fixes named; the models are back on the CPU).
     """
     import torch
+
+    from compiler.errors import CompilerError
 
     device = train_device(settings.device)
     # Denormals (< 1.2e-38) flushed to zero while training, on the calling thread (PyTorch's
@@ -261,6 +264,11 @@ def distill(student: Any, teacher: Any, tokens: Any, input_names: list[str], set
         teacher.to(device)
         return _distill(student, teacher, tokens, input_names, settings, param_groups, after_step, evaluate,
                         device)
+    except torch.cuda.OutOfMemoryError as e:  # `auto` picks any GPU PyTorch sees, a small or busy one too
+        raise CompilerError(
+            f"training on {device} ran out of GPU memory ({str(e).splitlines()[0][:160]}); use "
+            "--train-device cpu, a smaller --recover-batch-size / --train-batch-size, or a GPU with more "
+            "free memory") from e
     finally:
         student.to("cpu")
         teacher.to("cpu")

@@ -371,6 +371,24 @@ def test_bf16_autocast_trains_fp32_weights(tokens):
 # Device
 
 
+def test_out_of_gpu_memory_is_a_clear_error_and_the_models_come_back(tokens, monkeypatch):
+    """`auto` trains on any GPU PyTorch sees: running out of its memory names the fixes
+    (CompilerError, exit 1) instead of an internal error, and the models are on the CPU after.
+    The step raises PyTorch's own OutOfMemoryError (what a CUDA allocation raises)."""
+    from compiler.training import distill as distill_module
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(distill_module, "_sub_batch_backward", out_of_memory)
+    teacher = tiny_bert(layers=1)
+    student = copy.deepcopy(teacher)
+    with pytest.raises(CompilerError, match="ran out of GPU memory") as err:
+        distill(student, teacher, tokens, BERT_INPUTS, TrainSettings(steps=2, lr=1e-3, batch_size=4, device="cpu"))
+    assert "--train-device cpu" in str(err.value) and "Tried to allocate 2.00 GiB" in str(err.value)
+    assert all(p.device.type == "cpu" for p in student.parameters())
+
+
 def test_train_device_errors_and_cache_keys(tokens):
     """A CUDA device PyTorch cannot see fails before any step, with the fix, the models untouched
     and on the CPU; `auto` falls back to the CPU; the device never changes a cache key."""
