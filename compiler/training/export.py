@@ -140,11 +140,8 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
         with tempfile.TemporaryDirectory(dir=onnx_path.parent if onnx_path.parent.exists() else None) as tmp, \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic are expected
-            tmp_file = Path(tmp) / "export.onnx"
-            torch.onnx.export(wrapper, dummy, str(tmp_file), input_names=[str(n) for n in loaded.input_names],
-                              output_names=names_out, dynamic_axes=axes, opset_version=settings.opset,
-                              do_constant_folding=True, dynamo=False)
-            model = load_onnx(tmp_file, check=False)
+            model = traced_onnx(wrapper, dummy, Path(tmp) / "export.onnx", [str(n) for n in loaded.input_names],
+                                names_out, axes, settings.opset)
             static_output_dims(model, wrapper, dummy, axes)
             # External data: later stages open the graph without loading the weights.
             save_onnx(model, onnx_path, external=True)
@@ -164,6 +161,100 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
         raise ExportParityError(failures, settings.parity_atol)
     log.info("export: %s (%d nodes, %s)", onnx_path, report.nodes, "reused" if reused else "new")
     return onnx_path, report
+
+
+def traced_onnx(wrapper: Any, dummy: tuple, tmp_file: Path, input_names: list[str], output_names: list[str],
+                axes: dict[str, dict[int, str]], opset: int) -> Any:
+    """`torch.onnx.export` of `wrapper` (TorchScript exporter, constants folded) as a ModelProto
+    with its weights as initializers: the same graph, names and bytes as `export_params=True`.
+
+    The exporter runs with `export_params=False`, and the weights it folded (its `params_dict`:
+    the parameters, and e.g. each Linear's transposed weight) are taken from its
+    `_model_to_graph` and put back as initializers in its order. PyTorch then does not copy
+    every weight into a protobuf and a file that is parsed back (BERT-large, 1.3 GB: see
+    docs/precision.md). Where that hook is missing (another PyTorch) or does not give every
+    weight input, the plain export (`export_params=True`) runs instead. Tests:
+    tests/training/test_export_trace.py (byte for byte against the plain export).
+
+    Args:
+        dummy: the example inputs, (batch, sequence) int64 tensors; `tmp_file`: a scratch path.
+
+    Returns:
+        onnx.ModelProto, weights in memory (`raw_data`).
+    """
+    import torch
+
+    captured: dict[str, Any] = {}
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils as exporter
+
+        to_graph = exporter._model_to_graph
+    except (ImportError, AttributeError):
+        exporter = to_graph = None
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        graph, params, out = to_graph(*args, **kwargs)
+        captured.update(params)
+        return graph, params, out
+
+    def export(with_params: bool) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic are expected
+            torch.onnx.export(wrapper, dummy, str(tmp_file), input_names=input_names, output_names=output_names,
+                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+                              export_params=with_params)
+
+    if exporter is not None:
+        exporter._model_to_graph = capture
+        try:
+            export(False)
+        finally:
+            exporter._model_to_graph = to_graph
+        model = load_onnx(tmp_file, check=False)
+        if _weights_back(model, len(_tensors(dummy)), captured):
+            return model
+        log.info("export: the exporter's weights were not all captured; exporting them with the graph")
+    export(True)
+    return load_onnx(tmp_file, check=False)
+
+
+def _tensors(item: Any) -> list[Any]:
+    """The tensors in a nest of tuples, lists and dicts, in order (the exporter's inputs)."""
+    if isinstance(item, dict):
+        return [t for v in item.values() for t in _tensors(v)]
+    if isinstance(item, (tuple, list)):
+        return [t for v in item for t in _tensors(v)]
+    return [item] if hasattr(item, "shape") else []
+
+
+def _weights_back(model: Any, inputs: int, weights: dict[str, Any]) -> bool:
+    """Move the graph inputs named in `weights` (name -> torch tensor) to initializers, in
+    place and in order; False (model untouched) unless exactly `inputs` other inputs are left
+    (the model's own) and every weight has a NumPy dtype."""
+    import onnx
+    from onnx import numpy_helper
+
+    names = [i.name for i in model.graph.input if i.name in weights]
+    if len(model.graph.input) - len(names) != inputs:
+        return False
+    arrays = {}
+    for name in names:
+        try:
+            arrays[name] = weights[name].detach().cpu().contiguous().numpy()
+        except (TypeError, RuntimeError):  # e.g. bfloat16, which NumPy lacks
+            return False
+    kept = [i for i in model.graph.input if i.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    for name in names:
+        array, proto = arrays.pop(name), model.graph.initializer.add()
+        if array.dtype.kind == "f":  # in place: no second copy of the weight through a message
+            proto.name, proto.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            proto.dims.extend(array.shape)
+            proto.raw_data = array.tobytes()
+        else:
+            proto.CopyFrom(numpy_helper.from_array(array, name))
+    return True
 
 
 def static_output_dims(model: Any, wrapper: Any, dummy: tuple, axes: dict[str, dict[int, str]]) -> None:
