@@ -233,8 +233,10 @@ def fit_to_positions(settings: Any, given: set[str]) -> Any:
         return settings
     _, config = checkpoint_config(settings.model)
     table = max_positions(config) if config is not None else None
-    if table is None or table >= 512:
-        return settings  # BERT, GPT-2 and larger: the defaults fit
+    pad = getattr(config, "pad_token_id", None)
+    most_offset = pad + 1 if isinstance(pad, int) and pad >= 0 else 0  # fairseq-style ids start past padding
+    if table is None or table - most_offset >= 512:
+        return settings  # BERT, GPT-2, roberta-base (514 rows from padding index 1) and larger: the defaults fit
     limit = max_positions(config, _meta_model(config, settings.model.trust_remote_code))
     profile = settings.engine.profiles[0]
     if not shapes_given and len(settings.engine.profiles) == 1 and profile.max_shape[1] > limit:

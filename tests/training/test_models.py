@@ -181,6 +181,13 @@ def test_defaults_the_user_did_not_give_fit_a_small_models_positions(tmp_path):
     assert fitted("--max-length", "32") == ((1, 64), (32, 64), 32)
     bert = settings_from_args(build_parser().parse_args(["compile", "--model", save(tiny_bert(), tmp_path / "b")]))
     assert fit_to_positions(bert, {"model"}) == bert  # 512 positions: the defaults fit, nothing changes
+    # a RoBERTa-style table of 512 rows from padding index 1 serves 510 tokens, not the default 512
+    model = _tiny(__import__("transformers").RobertaConfig, max_position_embeddings=512, pad_token_id=1)
+    path = save(model, tmp_path / "roberta-510")
+    assert fitted() == ((1, 128), (32, 510), 128)
+    roberta_base_like = _tiny(__import__("transformers").RobertaConfig, max_position_embeddings=514, pad_token_id=1)
+    s = settings_from_args(build_parser().parse_args(["compile", "--model", save(roberta_base_like, tmp_path / "r")]))
+    assert fit_to_positions(s, {"model"}) == s  # 514 rows from padding index 1: 512 tokens, the defaults fit
 
 
 def test_load_tokenizer_without_weights_refuses_a_lost_vocabulary_too(tmp_path):
