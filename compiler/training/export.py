@@ -174,7 +174,9 @@ def traced_onnx(wrapper: Any, dummy: tuple, tmp_file: Path, input_names: list[st
     every weight into a protobuf and a file that is parsed back (BERT-large, 1.3 GB: see
     docs/precision.md). Where that hook is missing (another PyTorch) or does not give every
     weight input, the plain export (`export_params=True`) runs instead. Tests:
-    tests/training/test_export_trace.py (byte for byte against the plain export).
+    tests/training/test_export_trace.py (byte for byte against the plain export). Above 2 GiB
+    the plain export writes external data itself and then also names each Constant node's
+    attribute tensor; this does not (same weights, same nodes otherwise).
 
     Args:
         dummy: the example inputs, (batch, sequence) int64 tensors; `tmp_file`: a scratch path.
