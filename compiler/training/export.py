@@ -130,13 +130,7 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
     reused = read_key(onnx_path) == key
     if not reused:
         wrapper = export_module(loaded)
-        if _is_task(loaded):
-            dummy, axes = dummy_inputs(loaded), task_axes(loaded, names_out)
-        else:
-            dummy = tuple(torch.ones(2, 16, dtype=torch.long) for _ in loaded.input_names)
-            axes = {n: DYNAMIC_AXES for n in loaded.input_names}
-            axes.update({n: DYNAMIC_AXES if n == "last_hidden_state" or "hidden" in n else {0: "batch"}
-                         for n in names_out})
+        dummy, axes = export_inputs(loaded, names_out)
         with tempfile.TemporaryDirectory(dir=onnx_path.parent if onnx_path.parent.exists() else None) as tmp, \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic are expected
@@ -161,6 +155,19 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
         raise ExportParityError(failures, settings.parity_atol)
     log.info("export: %s (%d nodes, %s)", onnx_path, report.nodes, "reused" if reused else "new")
     return onnx_path, report
+
+
+def export_inputs(loaded: LoadedModel, names_out: list[str]) -> tuple[tuple, dict[str, dict[int, str]]]:
+    """The exporter's example inputs ((batch 2, sequence 16) int64 tensors, or a task's own,
+    `heads.dummy_inputs`) and dynamic axes of every input and output (`names_out`)."""
+    import torch
+
+    if _is_task(loaded):
+        return dummy_inputs(loaded), task_axes(loaded, names_out)
+    dummy = tuple(torch.ones(2, 16, dtype=torch.long) for _ in loaded.input_names)
+    axes = {n: DYNAMIC_AXES for n in loaded.input_names}
+    axes.update({n: DYNAMIC_AXES if n == "last_hidden_state" or "hidden" in n else {0: "batch"} for n in names_out})
+    return dummy, axes
 
 
 def traced_onnx(wrapper: Any, dummy: tuple, tmp_file: Path, input_names: list[str], output_names: list[str],

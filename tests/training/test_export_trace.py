@@ -16,7 +16,6 @@ from compiler.graph.onnx_io import load_onnx
 from compiler.settings import ModelSettings
 from compiler.training import export as export_module_
 from compiler.training.export import export_module, traced_onnx
-from compiler.training.heads import dummy_inputs, task_axes
 from compiler.training.models import load_model
 from tests.models import minilm_tokenizer, tiny_bert, tiny_gpt2
 
@@ -56,15 +55,10 @@ def _plain(loaded, path):
 
 
 def _args(loaded):
-    from compiler.training.export import DYNAMIC_AXES, _is_task, output_names
+    from compiler.training.export import export_inputs, output_names
 
     outputs = output_names(loaded)
-    if _is_task(loaded):
-        return dummy_inputs(loaded), task_axes(loaded, outputs), list(loaded.input_names), outputs
-    dummy = tuple(torch.ones(2, 16, dtype=torch.long) for _ in loaded.input_names)
-    axes = {n: DYNAMIC_AXES for n in loaded.input_names}
-    axes.update({n: DYNAMIC_AXES if n == "last_hidden_state" or "hidden" in n else {0: "batch"} for n in outputs})
-    return dummy, axes, list(loaded.input_names), outputs
+    return (*export_inputs(loaded, outputs), list(loaded.input_names), outputs)
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "gpt2-lm", "gpt2-past", "bert-cls"])
