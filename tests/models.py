@@ -2,7 +2,7 @@
 a planted-overflow BERT, and a once-per-session MiniLM export.
 
 Everything here is deterministic and CPU-only. The MiniLM helpers are cached per process (keyed
-by the directory they write into), so that tests/test_precision.py and tests/test_verify.py
+by the directory they write into), so that tests/passes/test_precision.py and tests/eval/test_verify.py
 share one export and one conversion per mode in a pytest session.
 """
 

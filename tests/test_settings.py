@@ -1,4 +1,4 @@
-"""compiler/settings.py: every section refuses bad values with the reason, and the cache keys."""
+"""compiler/settings/: every section refuses bad values with the reason, and the cache keys."""
 
 from __future__ import annotations
 

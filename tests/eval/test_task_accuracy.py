@@ -1,4 +1,4 @@
-"""compiler/task_accuracy.py: mean-pooled sentence embeddings of an ONNX graph, SST-2
+"""compiler/eval/task_accuracy.py: mean-pooled sentence embeddings of an ONNX graph, SST-2
 loading and the linear probe.
 
 A tiny random BERT (hidden 32, 2 layers, MiniLM's WordPiece) is exported once; its ONNX

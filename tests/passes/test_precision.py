@@ -1,4 +1,4 @@
-"""compiler/precision.py: the ONNX-to-ONNX precision pass (fp32 / fp16 / hybrid).
+"""compiler/passes/precision.py: the ONNX-to-ONNX precision pass (fp32 / fp16 / hybrid).
 
 Tiny graphs built with onnx.helper check each rule and the type-agreement machinery (Casts,
 initializer copies, graph outputs); the real MiniLM export checks the hybrid rule's pins and
