@@ -115,6 +115,9 @@ PRECISION_OPTIONS = [
     ("--max-nonfinite", "precision.max_nonfinite", {"type": int, "help": "auto: NaN/Inf values allowed"}),
     ("--overflow-margin", "precision.overflow_margin",
      {"type": float, "help": "auto: pin a node when absmax x margin >= 65504"}),
+    ("--allow-nonfinite", "precision.allow_nonfinite",
+     {"action": "store_true", "help": "keep a variant that gives NaN/Inf on real text where FP32 does not "
+                                      "(default: stop after verify, exit 1)"}),
 ]
 OPTION_OPTIONS = [
     ("--quant-method", "quant.method", {"choices": QUANT_METHODS, "help": "activation calibration (ONNX Runtime's)"}),

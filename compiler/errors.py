@@ -63,6 +63,11 @@ class PrecisionError(CompilerError):
     """The precision pass cannot convert a graph (unsupported construct)."""
 
 
+class VerificationError(CompilerError):
+    """Verify refused the variant (NaN/Inf on real text where the FP32 graph gives none): the
+    report is written, nothing is built or bundled from it."""
+
+
 class TensorRTUnavailableError(CompilerError):
     """TensorRT's builder or a CUDA GPU is missing; the TensorRT-ready ONNX is still written."""
 

@@ -36,7 +36,7 @@ from compiler.stages.export import stage_export
 from compiler.stages.precision import stage_precision
 from compiler.stages.quantize import stage_quantize
 from compiler.stages.sparsity import stage_sparsity
-from compiler.stages.verify import profile_edge, stage_verify
+from compiler.stages.verify import profile_edge, refuse_nonfinite, stage_verify
 from compiler.stages.vocab import stage_vocab
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,9 @@ def run_pipeline(settings: BuildSettings, until: str = "build",
     Raises:
         ValueError: `until` is not a stage.
         compiler.errors.CompilerError: from any stage (exit status 1, or 2 where TensorRT or a
-            GPU is missing); artifacts of finished stages remain.
+            GPU is missing); artifacts of finished stages remain. `VerificationError` (exit 1)
+            after verify has written report.json: the variant gives NaN/Inf on real text where
+            the FP32 graph gives none (`PrecisionSettings.allow_nonfinite` keeps it).
     """
     if until not in STAGES:
         raise ValueError(f"until={until!r}: expected one of {list(STAGES)}")
@@ -102,6 +104,8 @@ def run_pipeline(settings: BuildSettings, until: str = "build",
         write_report(report_path, run.report)
         if after and "verify" in after:
             after["verify"](run)
+        # NaN/Inf on real text where FP32 has none: nothing is built or bundled from it
+        refuse_nonfinite(run.verify.fidelity["nonfinite_check"], settings.precision.mode, report_path)
     if runs("build"):
         with run.timed("build"):
             run.build = _build_recorded(settings, run)

@@ -74,6 +74,8 @@ class OutputFidelity:
         max_abs_err: largest |variant - reference| over the samples without a non-finite value.
         nonfinite_count: NaN/Inf values of the variant at valid positions.
         samples: samples compared.
+        reference_nonfinite_count: NaN/Inf values of the reference at valid positions (a
+            variant is not to blame for those; verify's refusal counts on it).
     """
 
     name: str
@@ -83,6 +85,7 @@ class OutputFidelity:
     max_abs_err: float
     nonfinite_count: int
     samples: int
+    reference_nonfinite_count: int = 0
 
     def report(self) -> dict[str, Any]:
         """The verify report's view: cosine and error are None (JSON null) once any value is
@@ -153,6 +156,7 @@ class Fidelity:
         value), non-finite values over every output, and each output's own figures."""
         head = self.first.report()
         head["nonfinite_count"] = self.nonfinite_count
+        head["reference_nonfinite_count"] = sum(o.reference_nonfinite_count for o in self.outputs)
         return {**head, "seconds": self.seconds, "reused": self.reused,
                 "outputs": {o.name: o.report() for o in self.outputs}}
 
@@ -256,7 +260,7 @@ class FidelityProbe:
         engine = reference_name(variant, optimize)
         # the version tag stands for the emulation (`fp16_emulation`) and the metrics
         # (`sample_fidelity`): bump it when either changes, so that no stale figure is read back
-        return {name: settings_hash("variant-fidelity-v1", key, self.output_names, engine, digest)
+        return {name: settings_hash("variant-fidelity-v2", key, self.output_names, engine, digest)
                 for name, key in self.set_keys.items()}
 
     def _path(self, key: str) -> Path:
@@ -306,6 +310,7 @@ class FidelityTally:
         self.cosines: list[list[float]] = [[] for _ in self.output_names]
         self.max_err = [0.0] * len(self.output_names)
         self.nonfinite = [0] * len(self.output_names)
+        self.reference_nonfinite = [0] * len(self.output_names)
 
     def add(self, ref: list[np.ndarray], got: list[np.ndarray], lengths: Iterable[int]) -> None:
         """One batch: `ref[k]` / `got[k]` are output k, (batch, ...) float arrays; `lengths[i]` is
@@ -316,6 +321,8 @@ class FidelityTally:
                 cosine, bad, err = sample_fidelity(ref[k], got[k], i, n)
                 self.cosines[k].append(cosine)
                 self.nonfinite[k] += bad
+                r = valid_positions(ref[k], i, n)
+                self.reference_nonfinite[k] += r.size - int(np.count_nonzero(np.isfinite(r)))
                 if not bad:
                     self.max_err[k] = max(self.max_err[k], err)
 
@@ -325,7 +332,8 @@ class FidelityTally:
         for k, out in enumerate(self.output_names):
             c = np.array(self.cosines[k])
             result.append(OutputFidelity(out, float(c.min()), float(c.mean()), float(np.mean(1.0 - c)),
-                                         float(self.max_err[k]), self.nonfinite[k], len(c)))
+                                         float(self.max_err[k]), self.nonfinite[k], len(c),
+                                         self.reference_nonfinite[k]))
         return result
 
 

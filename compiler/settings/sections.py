@@ -99,6 +99,10 @@ class PrecisionSettings:
             real text's in the report, at the first held-out samples' lengths; they decide
             nothing. When they cover the held-out set (the default, 64 of 64), verify's
             random-id set is the same set and reads this pass's FP32 outputs back.
+        allow_nonfinite: keep a variant that verify found giving NaN/Inf on real text (held-out
+            or at the profile's max shape) where the FP32 graph gives none. Off: the run stops
+            after writing the report, before the build or bundle (exit 1;
+            `compiler.stages.verify.nonfinite_verdict`). Any mode, whatever `auto`'s budget.
     """
 
     mode: str = "hybrid"
@@ -111,6 +115,7 @@ class PrecisionSettings:
     max_search_steps: int = 32
     sensitivity_samples: int = 8  # calibration samples per sensitivity measurement
     random_samples: int = 64  # random-id samples for the report's real-vs-random statistics
+    allow_nonfinite: bool = field(default=False, metadata={"hash": False})  # what ships, not what is made
 
     def __post_init__(self) -> None:
         if self.mode not in PRECISION_MODES:

@@ -10,7 +10,7 @@ from typing import Any
 from calibration.layout import TokenSets
 from calibration.text import load_texts, tokenized_set
 from compiler.build.engine import sparse_weights_flag
-from compiler.errors import DataError
+from compiler.errors import DataError, VerificationError
 from compiler.eval.task_agreement import task_agreement
 from compiler.eval.verify import verify_variant
 from compiler.graph.onnx_io import load_onnx
@@ -65,8 +65,10 @@ def stage_verify(settings: BuildSettings, export: ExportResult, precision: Preci
                  tokens: TokenSets, edge: list[tuple[dict[str, Any], Any]] | None = None) -> VerifyResult:
     """Fidelity of the variant against the dense FP32 graph on real text and random ids.
 
-    A 2:4 run also checks that the variant (FP16, Q/DQ) kept the pattern. `edge`: the
-    profile-max batches (`profile_edge`), when the caller took them already.
+    `fidelity["nonfinite_check"]` says whether the variant may ship (`nonfinite_verdict`; the
+    pipeline stops on a refusal after writing the report). A 2:4 run also checks that the
+    variant (FP16, Q/DQ) kept the pattern. `edge`: the profile-max batches (`profile_edge`),
+    when the caller took them already.
     """
     data = settings.data
     edge = edge if edge is not None else profile_edge(settings, export)
@@ -96,9 +98,79 @@ def stage_verify(settings: BuildSettings, export: ExportResult, precision: Preci
         log.info("verify %s: cosine min %s mean %s, max abs error %s, %d non-finite over %d samples", which,
                  num(f["cosine_min"]), num(f["cosine_mean"]), num(f["max_abs_err"]), f["nonfinite_count"],
                  f["samples"])
+    fidelity["nonfinite_check"] = nonfinite_verdict(fidelity, settings.precision.mode,
+                                                    settings.precision.allow_nonfinite)
     check = None
     if settings.sparsity.pattern is not None:  # FP16 and Q/DQ must keep the 2:4 pattern
 
         flag, found = sparse_weights_flag(precision.onnx, settings.engine)
         check = {**found, "sparse_weights_flag": flag}
     return VerifyResult(fidelity, check)
+
+
+SHIPPED_SETS = ("real", "profile_max")  # real text: what the engine will be given
+_TO_AUTO = ("PRECISION=auto (--precision auto) finds the tensors that pass FP16's 65504 on real text and keeps "
+            "their producers in FP32")
+_FLOAT_FP32 = "--float-mode fp32 keeps what runs outside Q/DQ in FP32"
+NONFINITE_FIX = {  # per precision mode: what removes the NaN/Inf
+    "fp16": _TO_AUTO, "hybrid": _TO_AUTO, "int8": _FLOAT_FP32, "int8-qat": _FLOAT_FP32,
+    "auto": "auto's search ended with them (precision_report.json lists its steps); PRECISION=fp32 ships the "
+            "FP32 graph",
+    "fp32": "the variant's FP32 graph itself (2:4 recovery or vocabulary pruning) gives them: check that step's "
+            "report",
+}
+
+
+def nonfinite_verdict(fidelity: dict[str, Any], mode: str, allow: bool) -> dict[str, Any]:
+    """Whether verify lets the variant ship: NaN/Inf values on real text (held-out samples and
+    the profile's max shape, `SHIPPED_SETS`) where the FP32 graph gives none refuse it. On random
+    ids only, or where the FP32 graph is itself non-finite on that text, it ships with a
+    warning: random ids are not what the engine will see, and the precision is not to blame for
+    the model's own overflow. The FP16 reference shows an overflow as TensorRT computes it
+    (`compiler.eval.fp16_reference`), so a refused FP16 variant would give NaN/Inf on the GPU.
+
+    Args:
+        fidelity: verify's `fidelity` section: {set: {"nonfinite_count", "reference_nonfinite_count", ...}}.
+        mode: the precision mode (`PrecisionSettings.mode`): which fix the message names.
+        allow: `PrecisionSettings.allow_nonfinite`: ship it all the same.
+
+    Returns:
+        {"status": "ok" | "refused" | "allowed", "nonfinite": {set: variant's NaN/Inf values},
+        "reference_nonfinite": {set: the FP32 graph's}}, and unless ok "sets" (the real-text
+        sets to blame) and "fix" (`NONFINITE_FIX`).
+    """
+    sets = [s for s in ("real", "profile_max", "random") if s in fidelity]
+    counts = {s: int(fidelity[s]["nonfinite_count"]) for s in sets}
+    ref = {s: int(fidelity[s].get("reference_nonfinite_count", 0)) for s in sets}
+    for s in sets:
+        if ref[s]:
+            log.warning("verify %s: the FP32 graph itself gives %d NaN/Inf values on this text; the variant is "
+                        "compared against them", s, ref[s])
+    blamed = [s for s in SHIPPED_SETS if counts.get(s) and not ref.get(s)]
+    if counts.get("random") and not ref.get("random") and not blamed:
+        log.warning("verify random: the variant gives %d NaN/Inf values on random ids, none on real text: "
+                    "inputs unlike the real text may overflow FP16", counts["random"])
+    verdict: dict[str, Any] = {"status": "ok", "nonfinite": counts, "reference_nonfinite": ref}
+    if blamed:
+        verdict.update(status="allowed" if allow else "refused", fix=NONFINITE_FIX.get(mode, NONFINITE_FIX["fp32"]),
+                       sets=blamed)
+    return verdict
+
+
+def refuse_nonfinite(verdict: dict[str, Any], mode: str, report_path: Any) -> None:
+    """Raise for a refused `nonfinite_verdict`; log an allowed one.
+
+    Raises:
+        compiler.errors.VerificationError: status "refused" (exit 1): the message names the
+            sets, the counts, the fix and `--allow-nonfinite`.
+    """
+    if verdict["status"] == "ok":
+        return
+    found = ", ".join(f"{verdict['nonfinite'][s]} on {s.replace('_', ' ')}" for s in verdict["sets"])
+    what = f"the {mode} variant gives NaN/Inf values on real text where the FP32 graph gives none ({found})"
+    if verdict["status"] == "allowed":
+        log.warning("verify: %s; kept (--allow-nonfinite)", what)
+        return
+    raise VerificationError(f"verify refused it: {what}. Fix: {verdict['fix']}; or pass --allow-nonfinite to "
+                            f"keep it anyway. Figures: {report_path}")
+

@@ -91,6 +91,12 @@ def test_nonfinite_sample_budget_view_and_report_view():
     assert not g.within(-1.0, 0) and g.within(-1.0, 1)
     report = g.report()
     assert report["cosine_min"] is None and report["max_abs_err"] is None and report["nonfinite_count"] == 1
+    assert report["reference_nonfinite_count"] == 0
+    # the reference's own NaN/Inf at valid positions are counted apart: the log graph as the
+    # reference, the variant the same graph: both have sample 0's -inf, padding's stays out
+    same = FidelityProbe(ids_model(log=True), ["Y"], {"set": batches + IDS_BATCHES}).score(ids_model(log=True))
+    assert same.outputs[0].reference_nonfinite_count == 1 and same.nonfinite_count == 1
+    assert same.report()["reference_nonfinite_count"] == 1
 
 
 def test_every_output_is_measured_and_nonfinite_counted_over_all():

@@ -20,7 +20,7 @@ from compiler.training.models import LoadedModel
 from tests.models import (FP16_MAX, layer0_residual, minilm, minilm_dir, minilm_export, minilm_fp32_model,
                           minilm_variant, planted_overflow_bert)
 
-FIDELITY_KEYS = {"cosine_min", "cosine_mean", "max_abs_err", "nonfinite_count", "samples", "seconds", "reused", "outputs"}
+FIDELITY_KEYS = {"cosine_min", "cosine_mean", "max_abs_err", "nonfinite_count", "reference_nonfinite_count", "samples", "seconds", "reused", "outputs"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_planted_fp16_overflow_shows_on_real_text(planted):
     assert fidelity["reference"] == REFERENCE_NAME
     real = fidelity["real"]
     assert set(real) == FIDELITY_KEYS and real["samples"] == 16
-    assert real["nonfinite_count"] > 0
+    assert real["nonfinite_count"] > 0 and real["reference_nonfinite_count"] == 0
     assert real["cosine_min"] is None and real["max_abs_err"] is None
 
 

@@ -1,18 +1,21 @@
 """compiler/stages/verify.py: the profile-max windows, read from the text after the calibration
-samples, and refused before any stage's work when the text is too short for them."""
+samples, and refused before any stage's work when the text is too short for them; a variant
+that gives NaN/Inf on real text where the FP32 graph does not is refused after the report."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 
-from compiler.errors import DataError
-from compiler.settings import BuildSettings, DataSettings, EngineSettings, ModelSettings, ProfileSettings
-from compiler.stages.verify import profile_edge
-from tests.models import minilm_tokenizer
+from compiler.errors import EXIT_BAD_INPUT, DataError, VerificationError
+from compiler.settings import (BuildSettings, DataSettings, EngineSettings, ExportSettings, ModelSettings,
+                               PrecisionSettings, ProfileSettings)
+from compiler.stages.verify import nonfinite_verdict, profile_edge, refuse_nonfinite
+from tests.models import minilm_tokenizer, planted_hazard_bert
 
 WORDS = "one two three four five six seven eight nine ten".split()  # one WordPiece token each
 
@@ -54,3 +57,77 @@ def test_the_pipeline_refuses_a_short_text_before_the_precision_stage(tmp_path, 
     with caplog.at_level(logging.INFO), pytest.raises(DataError, match="max shape"):
         run_pipeline(settings, until="verify")
     assert "stage precision" not in caplog.text
+
+
+def _sets(**counts):
+    """A fidelity section: {set: (variant's NaN/Inf values, the FP32 graph's)}."""
+    return {k: {"nonfinite_count": v, "reference_nonfinite_count": r} for k, (v, r) in counts.items()}
+
+
+def test_nonfinite_on_real_text_is_refused_with_the_modes_fix(tmp_path):
+    verdict = nonfinite_verdict(_sets(real=(3, 0), profile_max=(0, 0), random=(5, 0)), "hybrid", allow=False)
+    assert verdict["status"] == "refused" and verdict["sets"] == ["real"] and verdict["nonfinite"]["random"] == 5
+    with pytest.raises(VerificationError) as e:
+        refuse_nonfinite(verdict, "hybrid", tmp_path / "report.json")
+    message = str(e.value)
+    assert e.value.exit_code == EXIT_BAD_INPUT
+    assert "3 on real" in message and "PRECISION=auto" in message and "--allow-nonfinite" in message
+    assert str(tmp_path / "report.json") in message
+    # the profile's max shape is real text too; an INT8 variant is told about its float part
+    verdict = nonfinite_verdict(_sets(real=(0, 0), profile_max=(7, 0)), "int8", allow=False)
+    assert verdict["sets"] == ["profile_max"] and "--float-mode fp32" in verdict["fix"]
+
+
+def test_random_ids_alone_or_the_fp32_graphs_own_nonfinite_values_only_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="compiler.stages.verify"):
+        assert nonfinite_verdict(_sets(real=(0, 0), random=(4, 0)), "fp16", allow=False)["status"] == "ok"
+        assert "random ids" in caplog.text
+        caplog.clear()
+        ok = nonfinite_verdict(_sets(real=(6, 6), profile_max=(0, 0)), "fp32", allow=False)
+        assert ok["status"] == "ok" and "the FP32 graph itself gives 6" in caplog.text
+    refuse_nonfinite(ok, "fp32", "report.json")  # nothing raised
+
+
+def test_allow_nonfinite_keeps_the_variant_with_a_warning(caplog):
+    verdict = nonfinite_verdict(_sets(real=(2, 0)), "fp16", allow=True)
+    assert verdict["status"] == "allowed"
+    with caplog.at_level(logging.WARNING, logger="compiler.stages.verify"):
+        refuse_nonfinite(verdict, "fp16", "report.json")
+    assert "kept (--allow-nonfinite)" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def planted_checkpoint(tmp_path_factory):
+    """The planted FP16 hazard (`tests.models.planted_hazard_bert`: layer 1 passes 65504 on
+    frequent tokens, FP32 stays finite) saved as a local checkpoint with MiniLM's tokenizer."""
+    path = tmp_path_factory.mktemp("planted-ckpt")
+    tok = minilm_tokenizer()
+    planted_hazard_bert(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_the_pipeline_writes_the_report_then_refuses_an_overflowing_fp16_variant(planted_checkpoint, tmp_path):
+    from compiler.pipeline import run_pipeline
+
+    settings = BuildSettings(model=ModelSettings(name=str(planted_checkpoint), task="feature-extraction"),
+                             export=ExportSettings(parity_atol=1e-2),  # ~1.2e5 activations: FP32 rounding moves ~1e-3
+                             precision=PrecisionSettings(mode="fp16"),
+                             data=DataSettings(samples=8, calib_samples=16, profile_max_rows=2),
+                             engine=EngineSettings(profiles=(ProfileSettings(max_shape=(4, 128)),)),
+                             output_dir=str(tmp_path))
+    with pytest.raises(VerificationError, match="PRECISION=auto"):
+        run_pipeline(settings, until="build")
+    report = json.loads((settings.variant_dir() / "report.json").read_text())
+    check = report["fidelity"]["nonfinite_check"]
+    assert check["status"] == "refused" and check["nonfinite"]["real"] > 0
+    assert check["reference_nonfinite"]["real"] == 0 and "build" not in report
+    # kept on request: the same artifacts (the flag is not in any cache key), then the build stage
+    allowed = replace(settings, precision=replace(settings.precision, allow_nonfinite=True))
+    run = run_pipeline(allowed, until="verify")
+    assert run.verify.fidelity["nonfinite_check"]["status"] == "allowed"
+    assert run.report["export"]["reused"]
+    # auto keeps the overflowing feed-forward output in FP32: it ships
+    auto = replace(settings, precision=PrecisionSettings(mode="auto"))
+    assert run_pipeline(auto, until="verify").verify.fidelity["nonfinite_check"]["status"] == "ok"
+
