@@ -137,6 +137,10 @@ def run_command(args: argparse.Namespace) -> int:
                   f"{o['nonfinite_count']:>10}")
     write_json(out / "run.json", summary)
     print(f"outputs: {out}/ (*.npy, run.json)")
+    if args.check:
+        from compiler.deploy.hostcheck import refuse_nonfinite_here
+
+        refuse_nonfinite_here(summary["check"], out / "run.json")  # exit 4 after the figures are written
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from compiler.deploy.runtime import Bundle
-from compiler.errors import CompilerError
+from compiler.errors import CompilerError, DeploymentRefusedError
 from compiler.eval.fidelity import Fidelity, FidelityTally
 
 log = logging.getLogger(__name__)
@@ -74,3 +74,24 @@ def check_on_host(bundle: Bundle, texts: list[str], batch_size: int = 8) -> dict
     report.pop("seconds", None)
     return {"backend": bundle.backend, "engine": (bundle.engine or {}).get("file") or bundle.manifest["onnxruntime"]["file"],
             "reference": bundle.manifest["reference"]["file"], "texts": len(texts), **report}
+
+
+def refuse_nonfinite_here(check: dict[str, Any], run_json: Any) -> None:
+    """The verify stage's rule on this host: the backend's NaN/Inf values where the FP32
+    reference gives none on the same texts refuse it (`compiler.stages.verify.nonfinite_verdict`).
+    ONNX Runtime CPU runs FP16 chains in FP32, so it is the TensorRT plan this catches.
+
+    Args:
+        check: `check_on_host`'s result. run_json: where the figures were written (named in the message).
+
+    Raises:
+        compiler.errors.DeploymentRefusedError: (check "fidelity on this host", exit 4).
+    """
+    if check["nonfinite_count"] and not check.get("reference_nonfinite_count"):
+        raise DeploymentRefusedError(
+            "fidelity on this host", f"{check['nonfinite_count']} NaN/Inf values from {check['backend']} "
+            f"({check['engine']}) on {check['texts']} texts (figures: {run_json})",
+            "none, as the FP32 reference gives none on the same texts",
+            "rebuild the bundle with PRECISION=auto (it keeps the layers that overflow FP16 in FP32) and build "
+            "the plan again; compare with --backend onnxruntime")
+

@@ -183,3 +183,18 @@ def test_built_bundle_runs_on_tensorrt_close_to_the_reference(bundle_copy):
     assert loaded.backend == "tensorrt"
     check = check_on_host(loaded, TEXTS)
     assert check["cosine_min"] > 0.999 and check["nonfinite_count"] == 0
+
+
+def test_run_check_refuses_nonfinite_values_the_reference_does_not_give():
+    from compiler.deploy.hostcheck import refuse_nonfinite_here
+    from compiler.errors import EXIT_REFUSED, DeploymentRefusedError
+
+    check = {"backend": "tensorrt", "engine": "model.plan", "texts": 9, "nonfinite_count": 12,
+             "reference_nonfinite_count": 0}
+    with pytest.raises(DeploymentRefusedError) as e:
+        refuse_nonfinite_here(check, "out/run.json")
+    assert e.value.exit_code == EXIT_REFUSED and e.value.check == "fidelity on this host"
+    assert "12 NaN/Inf values from tensorrt" in str(e.value) and "out/run.json" in str(e.value)
+    assert "PRECISION=auto" in e.value.fix
+    refuse_nonfinite_here({**check, "reference_nonfinite_count": 12}, "run.json")  # the model's own: not refused
+    refuse_nonfinite_here({**check, "nonfinite_count": 0}, "run.json")
