@@ -10,7 +10,7 @@ statuses a script can rely on (`python -m compiler ...`; through `make` every fa
 | 1 | bad input or a refused result: the message names the problem and the fix |
 | 2 | the TensorRT-ready ONNX and report are written, but TensorRT or a GPU is missing here |
 | 3 | internal error (a bug): the traceback is printed; please report it |
-| 4 | refused by a deployment check (`compiler.deploy`): a file's hash, the plan's TensorRT version, the GPU's compute capability, a shape outside the optimization profile, host code not allowed; the message names what was found, what was expected and the fix |
+| 4 | refused by a deployment check (`compiler.deploy`): a file's hash, the plan's TensorRT version, the GPU's compute capability, a shape outside the optimization profile, host code not allowed, NaN/Inf from the backend under `run --check` where the FP32 reference gives none; the message names what was found, what was expected and the fix |
 | 130 | interrupted (Ctrl-C); artifacts are written atomically, nothing half-written stays |
 """
 
