@@ -31,9 +31,7 @@ def lookup(table: np.ndarray, output: str, reduce: bool = False, fp16: bool = Fa
     if reduce:
         nodes.append(helper.make_node("ReduceSum", ["g", "axes"], [output], keepdims=0))
         inits["axes"] = np.array([1], np.int64)
-    shape = ["batch", "sequence"] + ([table.shape[1]] if table.ndim == 2 else [])
-    if reduce:
-        shape = ["batch", table.shape[1]]
+    shape = ["batch", table.shape[1]] if reduce else ["batch", "sequence", *table.shape[1:]]
     return make_model(nodes, [IDS], [f32(output, shape)], inits)
 
 
