@@ -34,25 +34,38 @@ class InvalidOnnxError(CompilerError, ValueError):
 
 
 class ExportParityError(CompilerError):
-    """ONNX Runtime and PyTorch disagree beyond tolerance on one or more outputs.
+    """ONNX Runtime and PyTorch disagree beyond tolerance on one or more outputs, or the exported
+    graph does not run at one of the parity shapes.
 
     Attributes:
         failures: list of (output name, batch, sequence, max abs difference).
+        run_error: ONNX Runtime's message where the graph failed to run (then `failures` holds
+            the shape it failed at, difference inf), else None.
     """
 
-    def __init__(self, failures: list[tuple[str, int, int, float]], atol: float) -> None:
+    def __init__(self, failures: list[tuple[str, int, int, float]], atol: float,
+                 run_error: str | None = None) -> None:
         self.failures = failures
         self.atol = atol
-        lines = [f"  {name} at batch={b} sequence={s}: max abs diff {d:.3g} > atol {atol:g}"
-                 for name, b, s, d in failures]
-        super().__init__(
-            "exported ONNX disagrees with PyTorch (FP32):\n" + "\n".join(lines)
-            + "\nCheck for ops the exporter traces as constants (data-dependent control flow), "
-            "or raise --parity-atol if the difference is expected."
-        )
+        self.run_error = run_error
+        if run_error is not None:
+            where = ", ".join(f"batch={b} sequence={s}" for _, b, s, _ in failures)
+            message = (f"exported ONNX fails in ONNX Runtime at {where}: {run_error}\n"
+                       "The tracing exporter fixed a size or an index that depends on the input's length "
+                       "(data-dependent control flow in the model's Python, e.g. a sequence pooled or "
+                       "bucketed by length), so the graph is wrong at other shapes. This architecture "
+                       "cannot be compiled with dynamic shapes; export its encoder without that "
+                       "step, or use another checkpoint.")
+        else:
+            lines = [f"  {name} at batch={b} sequence={s}: max abs diff {d:.3g} > atol {atol:g}"
+                     for name, b, s, d in failures]
+            message = ("exported ONNX disagrees with PyTorch (FP32):\n" + "\n".join(lines)
+                       + "\nCheck for ops the exporter traces as constants (data-dependent control flow), "
+                       "or raise --parity-atol if the difference is expected.")
+        super().__init__(message)
 
     def __reduce__(self):  # picklable: the export stage may run in a child process
-        return (type(self), (self.failures, self.atol))
+        return (type(self), (self.failures, self.atol, self.run_error))
 
 
 class DataError(CompilerError, ValueError):

@@ -120,7 +120,8 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
         (onnx_path, report). Outputs are FP32 with dims (batch, sequence, ...) or (batch, ...).
 
     Raises:
-        ExportParityError: any output differs from PyTorch by more than `parity_atol`.
+        ExportParityError: any output differs from PyTorch by more than `parity_atol`, or the
+            graph fails to run in ONNX Runtime at a parity shape (a size the trace fixed).
     """
     import torch
 
@@ -324,7 +325,7 @@ def check_parity(loaded: LoadedModel, onnx_path: Path, names_out: list[str],
                                    max_length=seq, return_tensors="np")
             feeds = text_feeds({n: enc[n].astype(np.int64) if n in enc else np.zeros_like(enc["input_ids"], np.int64)
                                 for n in ("input_ids", "attention_mask", "token_type_ids")}, loaded.input_names)
-            ort_out = session.run(names_out, feeds)
+            ort_out = _run_or_refuse(session, names_out, feeds, batch, seq, settings)
             with torch.no_grad():
                 ref = wrapper(*(torch.from_numpy(feeds[n]) for n in loaded.input_names))
             results += [ParityResult(name, batch, seq, _max_diff(got, r)) for name, got, r in zip(names_out, ort_out, ref)]
@@ -333,12 +334,28 @@ def check_parity(loaded: LoadedModel, onnx_path: Path, names_out: list[str],
                 with torch.no_grad():
                     ref = wrapper(*(torch.from_numpy(feeds[n]) for n in loaded.input_names))
                 results += [ParityResult(f"{name} (decode, past {seq})", batch, 1, _max_diff(got, r))
-                            for name, got, r in zip(names_out, session.run(names_out, feeds), ref)]
+                            for name, got, r in zip(names_out, _run_or_refuse(session, names_out, feeds, batch, 1,
+                                                                              settings), ref)]
     return results
 
 
+def _run_or_refuse(session: Any, names_out: list[str], feeds: dict[str, np.ndarray], batch: int, seq: int,
+                   settings: ExportSettings) -> list[np.ndarray]:
+    """`session.run`, with ONNX Runtime's failure at this shape raised as `ExportParityError`."""
+    try:
+        return session.run(names_out, feeds)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind11 classes
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ExportParityError([("(all outputs)", batch, seq, float("inf"))], settings.parity_atol,
+                                run_error=first[:400]) from None
+
+
 def _max_diff(got: np.ndarray, ref: Any) -> float:
-    return float(np.max(np.abs(got - ref.numpy()))) if got.size else 0.0
+    """Max abs difference; inf where the shapes differ (a size the trace fixed)."""
+    ref = ref.numpy()
+    if got.shape != ref.shape:
+        return float("inf")
+    return float(np.max(np.abs(got - ref))) if got.size else 0.0
 
 
 def decode_feeds(feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray], input_names: list[str]) -> dict[str, np.ndarray]:

@@ -176,7 +176,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     if task == "sentence-embedding":
         pooling = (tasks.sentence_transformers_pooling(where) if Path(str(where)).is_dir() else None) or tasks.Pooling()
     if task == "text-generation-with-past":
-        cache = tasks.cache_spec(config)
+        cache = tasks.cache_spec(config, module)
         names += [CacheInput(n, cache.heads, cache.head_dim) for n in cache.input_names()]
     return LoadedModel(module, tokenizer, note, names, vocab_size, family, source, key, task, pooling, cache)
 
@@ -197,7 +197,22 @@ def _locate(name: str) -> tuple[ArchitectureSpec | None, str, str]:
 
 
 def _family(config: Any) -> str:
-    return "decoder" if getattr(config, "is_decoder", False) or config.model_type in _DECODER_TYPES else "encoder"
+    """"decoder" for a GPT-2-like causal LM, else "encoder".
+
+    A decoder is a config with `is_decoder` set, or a `model_type` that transformers maps to a
+    causal-LM class and to no masked-LM class (gpt2, llama, falcon, gemma, codegen, ...; BERT
+    and RoBERTa have both and stay encoders), or one of `_DECODER_TYPES` where the mapping
+    cannot be read."""
+    if getattr(config, "is_decoder", False) or config.model_type in _DECODER_TYPES:
+        return "decoder"
+    try:
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    except ImportError:
+        return "encoder"
+    causal_only = (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                   and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    return "decoder" if causal_only else "encoder"
 
 
 def checkpoint_config(settings: ModelSettings) -> tuple[str, Any]:

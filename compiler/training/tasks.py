@@ -98,14 +98,51 @@ class CacheSpec:
         return [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
 
 
-def cache_spec(config: Any) -> CacheSpec:
-    """The KV cache geometry of a Hugging Face decoder config (GPT-2's n_layer/n_head/n_embd or the
-    generic num_hidden_layers/num_attention_heads/hidden_size, num_key_value_heads when set)."""
+def cache_spec(config: Any, module: Any = None) -> CacheSpec:
+    """The KV cache geometry of a Hugging Face decoder: layers, KV heads and head_dim.
+
+    With `module` (the loaded decoder), measured: one forward of 2 tokens with `use_cache=True`,
+    the shapes read from the cache it returns, (batch, kv_heads, past, head_dim) per layer. This
+    holds for layouts a config describes in its own words (Falcon's `multi_query`: one KV head;
+    grouped-query `num_key_value_heads`; Gemma's `head_dim` apart from hidden / heads). Without
+    it, or where the cache is not in that form, read from the config: GPT-2's
+    n_layer/n_head/n_embd or num_hidden_layers/num_attention_heads/hidden_size,
+    num_key_value_heads when set."""
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     heads = getattr(config, "num_attention_heads", None) or config.n_head
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return CacheSpec(int(layers), int(kv_heads), int(getattr(config, "head_dim", None) or hidden // heads))
+    spec = CacheSpec(int(layers), int(kv_heads), int(getattr(config, "head_dim", None) or hidden // heads))
+    measured = _measured_cache_spec(module) if module is not None else None
+    return measured or spec
+
+
+def _measured_cache_spec(module: Any) -> CacheSpec | None:
+    """The cache geometry from one 2-token forward of `module`, or None where the cache it
+    returns is not per-layer (batch, kv_heads, past, head_dim) tensors of one shape."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = module(input_ids=torch.zeros((1, 2), dtype=torch.long), use_cache=True)
+    except Exception:  # noqa: BLE001 - a model that cannot run this probe keeps its config's figures
+        return None
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        return None
+    if hasattr(cache, "layers"):  # transformers' Cache: one object per layer with .keys
+        keys = [getattr(layer, "keys", None) for layer in cache.layers]
+    elif hasattr(cache, "key_cache"):
+        keys = list(cache.key_cache)
+    else:
+        keys = [layer[0] if isinstance(layer, (tuple, list)) and layer else None for layer in cache]
+    shapes = {tuple(k.shape) for k in keys if isinstance(k, torch.Tensor)}
+    if len(keys) == 0 or len(shapes) != 1 or len(next(iter(shapes))) != 4:
+        return None
+    batch, kv_heads, past, head_dim = next(iter(shapes))
+    if batch != 1 or past != 2:
+        return None
+    return CacheSpec(len(keys), int(kv_heads), int(head_dim))
 
 
 def check_task(task: str, family: str, name: str) -> TaskSpec:

@@ -7,6 +7,7 @@ at a (batch, sequence) outside the parity set, and make sure a broken export is 
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
 import numpy as np
 import onnx
@@ -118,6 +119,44 @@ def test_broken_export_raises_parity_error_naming_the_output(tmp_path, texts):
     assert failed == {("last_hidden_state", b, s) for b in (1, 3) for s in (33, 128)}
     assert "last_hidden_state at batch=1 sequence=33" in str(err.value)
     assert all(diff > 0.1 for *_, diff in err.value.failures)
+
+
+class FixedLength(torch.nn.Module):
+    """Reads the sequence length as a Python int, which the tracer records as the (2, 16) dummy's
+    constant: `reshape` makes the graph fail to run at other lengths, `slice` makes it cut every
+    longer sequence to 16 tokens (an output of the wrong shape)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.how = torch.nn.Embedding(30522, 8), how
+
+    def forward(self, input_ids, attention_mask, return_dict=True):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        h = self.embed(input_ids) * attention_mask.unsqueeze(-1)
+        length = int(input_ids.shape[1])
+        h = h.reshape(-1, length, 8) if self.how == "reshape" else h[:, :length]
+        return BaseModelOutput(last_hidden_state=h)
+
+
+def test_a_graph_that_fails_to_run_at_a_parity_shape_is_a_parity_error(tmp_path, texts):
+    loaded = tiny_loaded(FixedLength("reshape").eval(), "export-fixed-reshape-v1", ["input_ids", "attention_mask"])
+    with pytest.raises(ExportParityError) as err:
+        onnx_from_torch(loaded, ExportSettings(), tmp_path / "fixed.onnx", texts)
+    assert err.value.run_error and "Reshape" in err.value.run_error
+    assert "fails in ONNX Runtime at batch=1 sequence=8" in str(err.value)
+    assert "dynamic shapes" in str(err.value)
+    assert pickle.loads(pickle.dumps(err.value)).run_error == err.value.run_error  # crosses the child process
+
+
+def test_an_output_of_the_wrong_shape_is_a_parity_failure(tmp_path, texts):
+    loaded = tiny_loaded(FixedLength("slice").eval(), "export-fixed-slice-v1", ["input_ids", "attention_mask"])
+    with pytest.raises(ExportParityError) as err:
+        onnx_from_torch(loaded, ExportSettings(), tmp_path / "sliced.onnx", texts)
+    failed = {(name, b, s) for name, b, s, _diff in err.value.failures}
+    assert failed == {("last_hidden_state", b, s) for b in (1, 3) for s in (33, 128)}
+    assert all(diff == float("inf") for *_, diff in err.value.failures)
 
 
 def test_minilm_export_matches_pytorch_at_an_unseen_shape(tmp_path_factory, texts):

@@ -12,6 +12,14 @@ from compiler.training.models import REGISTRY, load_model
 from tests.models import minilm_tokenizer, tiny_bert, tiny_gpt2
 
 
+@pytest.fixture(scope="module")
+def texts():
+    from calibration import load_texts
+    from compiler.settings import DataSettings
+
+    return load_texts(DataSettings(samples=3))
+
+
 def save(module, directory):
     module.save_pretrained(directory)
     minilm_tokenizer().save_pretrained(directory)
@@ -197,3 +205,36 @@ def test_load_tokenizer_without_weights_refuses_a_lost_vocabulary_too(tmp_path):
     tiny_bert().save_pretrained(tmp_path / "bare")  # config.json and weights, no tokenizer files
     with pytest.raises(UnknownModelError, match="5 tokens for 30522 embedding rows"):
         load_tokenizer(ModelSettings(name=str(tmp_path / "bare")))
+
+
+@pytest.mark.parametrize("config, family", [
+    ("BertConfig", "encoder"), ("RobertaConfig", "encoder"), ("ElectraConfig", "encoder"),  # also causal-LM classes
+    ("DebertaV2Config", "encoder"), ("GPT2Config", "decoder"),
+    ("FalconConfig", "decoder"), ("GemmaConfig", "decoder"), ("CodeGenConfig", "decoder"),  # in no hand-kept list
+])
+def test_the_family_follows_transformers_causal_and_masked_lm_classes(config, family):
+    import transformers
+
+    from compiler.training.models import _family
+
+    assert _family(getattr(transformers, config)()) == family
+
+
+def test_a_multi_query_decoder_exports_its_one_kv_head(tmp_path, texts):
+    """Falcon's config says `multi_query`, not `num_key_value_heads`: the cache's geometry is
+    measured from the model (one KV head of 16), and the KV-cache export passes parity."""
+    import transformers
+
+    from compiler.settings import ExportSettings
+    from compiler.training.export import onnx_from_torch
+
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    assert config.multi_query and getattr(config, "num_key_value_heads", None) in (None, 4)  # the config does not say 1
+    directory = save(transformers.FalconForCausalLM(config), tmp_path / "falcon")
+    loaded = load_model(ModelSettings(name=directory, task="text-generation-with-past"))
+    assert loaded.family == "decoder"
+    assert (loaded.cache.layers, loaded.cache.heads, loaded.cache.head_dim) == (2, 1, 16)
+    _, report = onnx_from_torch(loaded, ExportSettings(parity_sequences=(8, 33)), tmp_path / "falcon.onnx", texts)
+    assert any("decode" in p.output for p in report.parity)
+    assert max(p.max_abs_diff for p in report.parity) < 1e-4
