@@ -180,11 +180,15 @@ def load_spec(path: str | Path) -> MatrixSpec:
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes())  # bytes: PyYAML reads UTF-8 and UTF-16 by their BOM
     except OSError as e:
         raise CompilerError(f"matrix spec {path}: cannot read it ({e.strerror})") from e
     except yaml.YAMLError as e:
-        raise CompilerError(f"matrix spec {path}: not valid YAML: {e}") from e
+        raise CompilerError(f"matrix spec {path}: not valid YAML text: {e}\n"
+                            "Fix the line it names; save the spec as UTF-8 (docs/matrix.md).") from e
+    if raw is None:
+        raise CompilerError(f"matrix spec {path} is empty: give at least models and precisions "
+                            "(docs/examples/matrix-minilm.yaml is one to copy).")
     return spec_from_dict(raw, default_name=re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem) or "matrix")
 
 

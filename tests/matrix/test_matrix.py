@@ -117,6 +117,30 @@ def test_cli_exits_1_on_a_bad_spec(tmp_path, capsys):
     assert "precisions: ['fp4'] not known" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not valid YAML text"),  # not text: was an internal error (exit 3)
+    (b"models: [minilm\n", "not valid YAML text"),
+    (b"", "is empty"),
+    (b"# only a comment\n", "is empty"),
+])
+def test_a_spec_file_that_is_not_a_yaml_mapping_exits_1(tmp_path, capsys, content, message):
+    from compiler.cli import main
+
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(content)
+    assert main(["matrix", str(path), "--no-progress"]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_a_utf16_spec_with_its_bom_reads_like_utf8(tmp_path):
+    from compiler.matrix.spec import load_spec
+
+    text = "models: [minilm]\nprecisions: [hybrid]\n"
+    (tmp_path / "a.yaml").write_bytes(text.encode("utf-16"))  # Windows editors' "Unicode"
+    (tmp_path / "b.yaml").write_bytes(text.encode("utf-8-sig"))
+    assert load_spec(tmp_path / "a.yaml").precisions == load_spec(tmp_path / "b.yaml").precisions == ("hybrid",)
+
+
 def test_targets_ask_for_the_accelerator_or_the_compute_capability():
     h100, sm90 = parse_target("h100"), parse_target("9.0")
     assert (h100.label, h100.cc) == ("H100", "9.0") and sm90.label is None
