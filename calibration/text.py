@@ -61,15 +61,31 @@ def load_texts(data: DataSettings, count: int | None = None, skip: int = 0,
     """
     count = data.samples if count is None else count
     texts = _read_source(data)
-    picked = [t for t in texts if len(t.split()) >= data.min_words][skip : skip + count]
+    long_enough = [t for t in texts if word_count(t) >= data.min_words]
+    picked = long_enough[skip : skip + count]
     need = count if minimum is None else min(minimum, count)
     if len(picked) < need:
         raise DataError(
             f"{data.path or 'default text'}: found {len(picked)} samples with >= {data.min_words} "
-            f"words after skipping {skip}, need {need}. Use a larger file (CALIB=path), fewer "
+            f"words after skipping {skip}, need {need} (of the file's {len(texts)} lines or rows, "
+            f"{len(long_enough)} are long enough). Use a larger file (CALIB=path), fewer "
             "samples (--samples, --calib-samples, --train-samples), or a smaller --min-words."
         )
     return picked
+
+
+# Scripts written without spaces between words: each character counts as a word, as BERT's
+# basic tokenizer splits CJK ideographs into tokens of their own (Devlin et al. 2019,
+# `_tokenize_chinese_chars`); kana, Thai, Lao, Khmer and Myanmar the same way.
+_UNSPACED = ("\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+             "\uf900-\ufaff\U00020000-\U0002ffff")
+WORD = re.compile(f"[{_UNSPACED}]|[^\\s{_UNSPACED}]+")
+
+
+def word_count(text: str) -> int:
+    """Words in `text` for the `min_words` filter: runs of non-space characters, where each
+    character of a script written without spaces (Chinese, Japanese kana, Thai, ...) is one."""
+    return len(WORD.findall(text))
 
 
 def _read_source(data: DataSettings) -> list[str]:

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import bisect
 import logging
-import re
 from typing import Any
+
+from calibration.text import WORD
 
 log = logging.getLogger(__name__)
 
 
 def split_windows(texts: list[str], tokenizer: Any, max_length: int, min_words: int = 1) -> list[str]:
-    """Each text, cut at whitespace into consecutive pieces of at most `max_length` tokens
+    """Each text, cut between words (`calibration.text.word_count`'s: at whitespace, and between
+    the characters of a script written without spaces) into consecutive pieces of at most `max_length` tokens
     (special tokens included), in order; a text that fits stays as it is.
 
     Words are packed greedily by their token counts in the whole text; each piece is then
@@ -57,7 +59,7 @@ def split_windows(texts: list[str], tokenizer: Any, max_length: int, min_words: 
         if len(enc.ids) <= body:
             out.append(text)
             continue
-        spans = [m.span() for m in re.finditer(r"\S+", text)]
+        spans = [m.span() for m in WORD.finditer(text)]
         ends = [e for _, e in spans]
         counts = [0] * len(spans)
         for start, _ in enc.offsets:  # a token belongs to the word it starts in or before

@@ -149,8 +149,9 @@ class DataSettings:
             `calibration.windows.split_windows`), counted in `train_samples`; off, it is
             truncated to its first window.
         max_length: tokens per sample, after truncation.
-        min_words: lines with fewer whitespace-separated words are skipped (WikiText-2 has
-            empty lines and `= Heading =` lines).
+        min_words: lines with fewer words are skipped (WikiText-2 has empty lines and
+            `= Heading =` lines); a word is a run of non-space characters, or one character of
+            a script written without spaces (`calibration.text.word_count`).
         batch_size: samples per inference batch (padded to the longest in the batch).
         profile_max_rows: windows of real text verified at the optimization profile's max
             sequence length (None: the profile's max batch). The CPU references compute each

@@ -113,6 +113,21 @@ def test_missing_file_and_too_few_samples(tmp_path):
         "one two three four five six seven eight"]
 
 
+def test_text_without_spaces_counts_a_word_a_character(tmp_path):
+    """Chinese or Japanese lines have no spaces: each ideograph or kana is a word (as BERT's
+    tokenizer splits them), so `min_words` does not drop every line of such a file."""
+    from calibration.text import word_count
+
+    assert word_count("the quick  brown fox") == 4 and word_count("") == 0
+    assert word_count("这是一个测试") == 6 and word_count("これはテスト") == 6
+    assert word_count("Hello 世界 ok") == 4 and word_count("한국어 문장") == 2  # Hangul is spaced
+    text = tmp_path / "zh.txt"
+    text.write_text("这是一个用于校准模型精度的测试句子\n太短了\n", encoding="utf-8")
+    assert load_texts(DataSettings(path=str(text), samples=1)) == ["这是一个用于校准模型精度的测试句子"]
+    with pytest.raises(DataError, match=r"of the file's 2 lines or rows, 1 are long enough"):
+        load_texts(DataSettings(path=str(text), samples=2))
+
+
 def test_tokenized_set_cache_reused_and_keyed(tmp_path, tokenizer):
     texts = load_texts(DataSettings(samples=10))
     counting = CountingTokenizer(tokenizer)

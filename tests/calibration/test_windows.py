@@ -41,6 +41,14 @@ def test_windows_cover_every_word_in_order_within_max_length():
     assert split_windows([short, lines[0]], tok, 64)[0] == short
 
 
+def test_a_line_without_spaces_is_cut_between_characters():
+    tok = minilm_tokenizer()
+    line = "这是一个用于校准模型精度的测试句子。" * 20  # 360 characters, one token each, no space
+    pieces = split_windows([line], tok, 64, min_words=1)
+    assert len(pieces) >= 6 and all(_length(tok, p) <= 64 for p in pieces)
+    assert "".join(pieces) == line
+
+
 def test_short_tails_dropped_first_window_kept():
     tok = minilm_tokenizer()
     line = " ".join(["house"] * 70)  # one token a word: 62 words a window of 64, a tail of 8
