@@ -1,8 +1,9 @@
 """The export wrappers of the tasks (`compiler.training.tasks`): a module taking the graph's
 inputs positionally and returning its outputs as a tuple, with the outputs' dynamic axes.
 
-- `sentence-embedding`: the base model, then sentence-transformers pooling over valid tokens
-  (mean, CLS or max) and L2 normalisation, inside the graph (Reimers & Gurevych 2019).
+- `sentence-embedding`: the base model, then the checkpoint's sentence-transformers modules
+  inside the graph: pooling over valid tokens, Dense layers, L2 normalisation
+  (`compiler.training.sentence_modules`; Reimers & Gurevych 2019).
 - heads (`text-classification`, `token-classification`, `question-answering`, `fill-mask`,
   `text-generation`): the task model's named outputs, no cache.
 - `text-generation-with-past`: flat KV-cache tensors in and out; inside, a transformers
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from compiler.training.sentence_modules import dense_module, pool
 from compiler.training.tasks import SPECS
 
 BATCH_SEQUENCE = {0: "batch", 1: "sequence"}
@@ -39,11 +41,12 @@ def task_module(loaded: Any) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.model = module
+            self.dense = torch.nn.ModuleList(dense_module(d) for d in loaded.pooling.dense)
 
         def forward(self, *inputs: torch.Tensor):
             kw = kwargs_of(inputs)
             states = self.model(**kw, return_dict=True).last_hidden_state
-            return (pool(states, kw["attention_mask"], loaded.pooling),)
+            return (pool(states, kw["attention_mask"], loaded.pooling, self.dense),)
 
     class Head(torch.nn.Module):
         def __init__(self) -> None:
@@ -72,21 +75,6 @@ def task_module(loaded: Any) -> Any:
 
     wrapper = {"sentence-embedding": Pooled, "text-generation-with-past": WithPast}.get(task, Head)
     return wrapper().eval()
-
-
-def pool(states: Any, mask: Any, pooling: Any) -> Any:
-    """Sentence-transformers pooling of (batch, sequence, hidden) states over the valid tokens of a
-    (batch, sequence) mask -> (batch, hidden), L2-normalised when `pooling.normalize`."""
-    import torch
-
-    m = mask.unsqueeze(-1).to(states.dtype)
-    if pooling.mode == "cls_token":
-        out = states[:, 0]
-    elif pooling.mode == "max_tokens":
-        out = (states + (m - 1.0) * 1e9).max(dim=1).values
-    else:
-        out = (states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(out, p=2.0, dim=1) if pooling.normalize else out
 
 
 def task_axes(loaded: Any, output_names: list[str]) -> dict[str, dict[int, str]]:

@@ -129,6 +129,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     import transformers
 
     from compiler.training import tasks
+    from compiler.training.sentence_modules import Pooling, sentence_transformers_pooling
 
     spec, where, family = _locate(settings.name)
     kwargs = {"trust_remote_code": settings.trust_remote_code, "attn_implementation": "eager"}
@@ -174,7 +175,8 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         names.append("token_type_ids")
     pooling = cache = None
     if task == "sentence-embedding":
-        pooling = (tasks.sentence_transformers_pooling(where) if Path(str(where)).is_dir() else None) or tasks.Pooling()
+        pooling = (sentence_transformers_pooling(where) if Path(str(where)).is_dir() else None) or Pooling()
+        key = settings_hash(key, pooling)  # the pooling chain is in the graph: its files are in the key
     if task == "text-generation-with-past":
         cache = tasks.cache_spec(config, module)
         names += [CacheInput(n, cache.heads, cache.head_dim) for n in cache.input_names()]
@@ -189,7 +191,12 @@ def _locate(name: str) -> tuple[ArchitectureSpec | None, str, str]:
         return spec, str(spec.hub_id() if callable(spec.hub_id) else spec.hub_id), spec.family
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise _unknown(name, f"directory {local} has no config.json")
+            from compiler.training.sentence_modules import transformer_folder
+
+            inner = transformer_folder(local)  # an older sentence-transformers layout: 0_Transformer/
+            if inner is None:
+                raise _unknown(name, f"directory {local} has no config.json")
+            return None, str(inner), ""
         return None, str(local), ""
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise _unknown(name, f"{local} is not a directory")
@@ -324,7 +331,8 @@ def _from_pretrained(name: str, where: str, local_only: bool, kwargs: dict[str, 
     auto = getattr(transformers, SPECS[task].auto_class or "AutoModel")
     try:
         module, info = auto.from_pretrained(where, local_files_only=local_only, output_loading_info=True, **kwargs)
-        missing = [k for k in info.get("missing_keys", ()) if "position_ids" not in k]
+        missing = [k for k in info.get("missing_keys", ()) if "position_ids" not in k
+                   and not (task == "sentence-embedding" and k.startswith("pooler."))]  # pooling replaces it
         if missing and task != "feature-extraction":
             config = module.config
             raise UnknownModelError(

@@ -21,12 +21,12 @@ exporter chooses the same way (`optimum.exporters.tasks.TasksManager.infer_task_
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from compiler.settings import TASKS
+from compiler.training.sentence_modules import sentence_transformers_pooling
 
 ENCODER_TASKS = ("sentence-embedding", "text-classification", "token-classification", "question-answering",
                  "fill-mask")
@@ -35,7 +35,6 @@ DECODER_TASKS = ("text-generation", "text-generation-with-past")
 _ARCHITECTURES = (("ForSequenceClassification", "text-classification"),
                   ("ForTokenClassification", "token-classification"), ("ForQuestionAnswering", "question-answering"), ("ForMaskedLM", "fill-mask"),
                   ("LMHeadModel", "text-generation-with-past"), ("ForCausalLM", "text-generation-with-past"))
-_POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens")
 
 
 @dataclass(frozen=True)
@@ -68,19 +67,6 @@ SPECS = {s.name: s for s in (
     TaskSpec("text-generation", "AutoModelForCausalLM", ("logits",), ("logits",), "decoder"),
     TaskSpec("text-generation-with-past", "AutoModelForCausalLM", ("logits",), ("logits",), "decoder"),
 )}
-
-
-@dataclass(frozen=True)
-class Pooling:
-    """Sentence-transformers pooling (`1_Pooling/config.json`) and whether a Normalize module follows.
-
-    Attributes:
-        mode: `mean_tokens` (mean over valid tokens), `cls_token` (the first token) or `max_tokens`.
-        normalize: L2-normalize the pooled vector (a `sentence_transformers.models.Normalize` module).
-    """
-
-    mode: str = "mean_tokens"
-    normalize: bool = True
 
 
 @dataclass(frozen=True)
@@ -162,32 +148,6 @@ def check_task(task: str, family: str, name: str) -> TaskSpec:
         raise CompilerError(f"--task {task} needs a{'n' if spec.family == 'encoder' else ''} {spec.family} "
                             f"model; {name} is a {family}: use one of {', '.join(fits)}")
     return spec
-
-
-def sentence_transformers_pooling(where: str | Path) -> Pooling | None:
-    """The pooling of a sentence-transformers checkpoint directory (`modules.json` and its Pooling
-    module's `config.json`), or None when `where` is not one.
-
-    Raises:
-        CompilerError: a pooling mode the graph does not implement (only cls/mean/max).
-    """
-    from compiler.errors import CompilerError
-
-    modules_file = Path(where) / "modules.json"
-    if not modules_file.is_file():
-        return None
-    modules = json.loads(modules_file.read_text())
-    pool = next((m for m in modules if m.get("type", "").endswith("models.Pooling")), None)
-    if pool is None:
-        return None
-    cfg = json.loads((Path(where) / pool.get("path", "") / "config.json").read_text())
-    modes = [m for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens",
-                         "lasttoken") if cfg.get(f"pooling_mode_{m}")]
-    if len(modes) != 1 or modes[0] not in _POOLING_MODES:
-        raise CompilerError(f"{where}: pooling {modes} is not supported in the graph; supported: one of "
-                            f"{', '.join(_POOLING_MODES)}")
-    normalize = any(m.get("type", "").endswith("models.Normalize") for m in modules)
-    return Pooling(modes[0], normalize)
 
 
 def natural_task(where: str | Path, config: Any) -> str:
