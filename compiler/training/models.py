@@ -405,12 +405,17 @@ _DECODER_TYPES = {"gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral", "op
 
 
 def _weights_digest(module: Any) -> str:
-    """sha256 over parameter names, shapes and bytes (a changed weight gives a new key)."""
+    """sha256 over parameter names, shapes and bytes (a changed weight gives a new key). The
+    bytes are read as uint8, so every dtype hashes (NumPy has no bfloat16) and FP32/FP16 keys
+    are those of `tensor.numpy().tobytes()`."""
+    import torch
+
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        flat = tensor.detach().contiguous().cpu().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()
 
 

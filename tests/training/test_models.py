@@ -238,3 +238,22 @@ def test_a_multi_query_decoder_exports_its_one_kv_head(tmp_path, texts):
     _, report = onnx_from_torch(loaded, ExportSettings(parity_sequences=(8, 33)), tmp_path / "falcon.onnx", texts)
     assert any("decode" in p.output for p in report.parity)
     assert max(p.max_abs_diff for p in report.parity) < 1e-4
+
+
+def test_a_bfloat16_checkpoint_loads_and_fp32_keys_keep_their_bytes(tmp_path):
+    """NumPy has no bfloat16: the weights digest reads raw bytes, and for FP32 weights those are
+    the bytes it always hashed (`tensor.numpy().tobytes()`), so earlier caches keep their keys."""
+    import hashlib
+
+    from compiler.training.models import _weights_digest
+
+    model = tiny_bert()
+    old = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        old.update(name.encode())
+        old.update(str(tuple(tensor.shape)).encode())
+        old.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    assert _weights_digest(model) == old.hexdigest()
+    loaded = load_model(ModelSettings(name=save(tiny_bert().to(torch.bfloat16), tmp_path / "bf16")))
+    assert next(loaded.module.parameters()).dtype == torch.float32  # compiled from FP32 weights
+    assert load_model(ModelSettings(name=str(tmp_path / "bf16"))).key == loaded.key
