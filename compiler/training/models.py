@@ -156,7 +156,11 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     except UnknownModelError:
         raise  # already says what to do (a corrupt weights file)
     except (OSError, ValueError, KeyError) as e:
-        raise _unknown(settings.name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if "trust_remote_code" in str(e):
+            why += (" It loads with its own Python code (auto_map in its config.json): read that code, then "
+                    "pass --trust-remote-code (Makefile: ARGS=--trust-remote-code) to run it.")
+        raise _unknown(settings.name, why) from e
     module = module.float().eval()
     config = module.config
     if getattr(config, "is_encoder_decoder", False):

@@ -257,3 +257,22 @@ def test_a_bfloat16_checkpoint_loads_and_fp32_keys_keep_their_bytes(tmp_path):
     loaded = load_model(ModelSettings(name=save(tiny_bert().to(torch.bfloat16), tmp_path / "bf16")))
     assert next(loaded.module.parameters()).dtype == torch.float32  # compiled from FP32 weights
     assert load_model(ModelSettings(name=str(tmp_path / "bf16"))).key == loaded.key
+
+
+def test_a_checkpoint_with_its_own_code_names_the_flag_and_runs_with_it(tmp_path):
+    import json
+
+    directory = tmp_path / "custom"
+    save(tiny_bert(), directory)
+    (directory / "modeling_custom.py").write_text(
+        "from transformers import BertConfig, BertModel\n"
+        "class CustomConfig(BertConfig):\n    model_type = 'custom-bert'\n"
+        "class CustomModel(BertModel):\n    config_class = CustomConfig\n")
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="custom-bert", architectures=["CustomModel"],
+                  auto_map={"AutoConfig": "modeling_custom.CustomConfig", "AutoModel": "modeling_custom.CustomModel"})
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnknownModelError, match=r"pass --trust-remote-code \(Makefile: ARGS=--trust-remote-code\)"):
+        load_model(ModelSettings(name=str(directory)))
+    loaded = load_model(ModelSettings(name=str(directory), trust_remote_code=True))
+    assert type(loaded.module).__name__ == "CustomModel" and loaded.family == "encoder"
