@@ -17,7 +17,6 @@ flattened values, max |variant - reference|, and the count of NaN/Inf values.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,14 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from compiler.eval.fp16_reference import REFERENCE_NAME, fp16_emulation, has_fp16, session
+from compiler.eval.reference_outputs import Batch, reference_outputs, row_chunks, rows_per_run, set_keys
 
-Batch = tuple[dict[str, np.ndarray], np.ndarray]  # (feeds of (batch, sequence) int64, valid lengths (batch,))
 ORT_FP32_NAME = "onnxruntime CPU (FP32 graph)"
-REFERENCE_CACHE_MAX_MIB = 256  # larger reference outputs (per set and output) are not cached
+
+
+# sample_fidelity reads a sample in chunks of this many values (32 MiB as float64): one sample of
+# LM logits at 512 tokens x 250k vocabulary is 128M values, 1 GiB as float64 for each copy
+FIDELITY_CHUNK = 1 << 22
 
 
 def valid_positions(x: np.ndarray, i: int, length: int) -> np.ndarray:
@@ -53,14 +56,21 @@ def sample_fidelity(ref: np.ndarray, got: np.ndarray, i: int, length: int) -> tu
         A sample with a non-finite value scores cosine -1 and max error nan; a zero vector
         matches only a zero vector (cosine 1 or 0).
     """
-    g = valid_positions(got, i, length).astype(np.float64).ravel()
-    r = valid_positions(ref, i, length).astype(np.float64).ravel()
-    bad = g.size - int(np.count_nonzero(np.isfinite(g)))
+    g_all, r_all = valid_positions(got, i, length).ravel(), valid_positions(ref, i, length).ravel()
+    dot = g_norm = r_norm = err = 0.0
+    bad, equal = 0, True
+    for start in range(0, max(g_all.size, 1), FIDELITY_CHUNK):  # float64 copies of one chunk at a time
+        g = g_all[start:start + FIDELITY_CHUNK].astype(np.float64)
+        r = r_all[start:start + FIDELITY_CHUNK].astype(np.float64)
+        bad += g.size - int(np.count_nonzero(np.isfinite(g)))
+        if bad:
+            continue
+        dot, g_norm, r_norm = dot + float(g @ r), g_norm + float(g @ g), r_norm + float(r @ r)
+        err, equal = max(err, float(np.max(np.abs(g - r))) if g.size else 0.0), equal and np.array_equal(g, r)
     if bad:
         return -1.0, bad, float("nan")
-    denom = np.linalg.norm(g) * np.linalg.norm(r)
-    cosine = float(g @ r / denom) if denom else float(np.array_equal(g, r))
-    return cosine, 0, float(np.max(np.abs(g - r))) if g.size else 0.0
+    denom = np.sqrt(g_norm) * np.sqrt(r_norm)
+    return (float(dot / denom) if denom else float(equal)), 0, err
 
 
 @dataclass
@@ -193,6 +203,8 @@ class FidelityProbe:
     Attributes:
         samples: {set name: samples}. evaluations: variants measured so far.
         reused: set names whose reference outputs came from the cache.
+        streamed: set names whose reference outputs would exceed `REFERENCE_MEMORY_MAX_MIB`: not
+            kept, the FP32 graph runs again beside each variant, batch by batch (nothing cached).
 
     Raises:
         ValueError: no set, or a set without a sample.
@@ -204,9 +216,11 @@ class FidelityProbe:
         self.batches = {name: list(b) for name, b in sets.items()}
         if not self.batches or not all(self.batches.values()):
             raise ValueError(f"FidelityProbe needs at least one non-empty input set, got {list(self.batches)}")
-        self.cache_dir, self.set_keys = cache_dir, _set_keys(reference, self.batches, cache_dir, graph_sha256)
-        self.reference, self.reused = _reference_outputs(reference, self.output_names, self.batches, self.set_keys,
+        self.cache_dir, self.set_keys = cache_dir, set_keys(reference, self.batches, cache_dir, graph_sha256)
+        self.reference, self.reused = reference_outputs(reference, self.output_names, self.batches, self.set_keys,
                                                          cache_dir)
+        self.streamed = [name for name, outputs in self.reference.items() if outputs is None]
+        self._reference_model, self._reference_session = reference, None
         self.samples = {name: int(sum(len(n) for _, n in b)) for name, b in self.batches.items()}
         self.evaluations = 0
 
@@ -292,9 +306,25 @@ class FidelityProbe:
     def _compare(self, sess: Any, name: str) -> Fidelity:
         start = time.perf_counter()
         tally = FidelityTally(self.output_names)
-        for (feeds, lengths), ref in zip(self.batches[name], self.reference[name]):
-            tally.add(ref, sess.run(self.output_names, feeds), lengths)
+        kept = self.reference[name]
+        for i, (feeds, lengths) in enumerate(self.batches[name]):
+            if kept is not None:
+                tally.add(kept[i], sess.run(self.output_names, feeds), lengths)
+                continue
+            first, rest = next(iter(row_chunks(feeds, lengths, 1))), {k: v[1:] for k, v in feeds.items()}
+            ref = self._reference_run(first[0])  # one row first: its size sets how many rows run at once
+            tally.add(ref, sess.run(self.output_names, first[0]), first[1])
+            rows = rows_per_run(ref)
+            del ref
+            for chunk, part in row_chunks(rest, lengths[1:], rows):
+                tally.add(self._reference_run(chunk), sess.run(self.output_names, chunk), part)
         return Fidelity(tally.outputs(), round(time.perf_counter() - start, 2))
+
+    def _reference_run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The FP32 outputs of one batch of a streamed set (its session opened once)."""
+        if self._reference_session is None:
+            self._reference_session = session(self._reference_model, faithful_fp16=False)
+        return self._reference_session.run(self.output_names, feeds)
 
 
 class FidelityTally:
@@ -342,136 +372,3 @@ def reference_name(variant: Any, optimize: bool = False) -> str:
     if has_fp16(variant):
         return REFERENCE_NAME
     return ORT_FP32_NAME if optimize else "onnxruntime CPU (graph optimizations off)"
-
-
-
-def _set_digest(batches: list[Batch]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for feeds, lengths in batches:
-        for name in sorted(feeds):
-            a = np.ascontiguousarray(feeds[name])
-            h.update(f"{name}:{a.dtype}:{a.shape}".encode())
-            h.update(a.tobytes())
-        h.update(np.asarray(lengths, np.int64).tobytes())
-    return h.hexdigest()
-
-
-def _set_keys(reference: Any, sets: Mapping[str, list[Batch]], cache_dir: str | None,
-              graph_sha256: str | None = None) -> dict[str, str]:
-    """{set: key of the FP32 reference on that set}: sha256 over the graph file(s), the set's feeds
-    and the ONNX Runtime version; empty without a cache folder or with a ModelProto reference.
-    `graph_sha256`: the file's `onnx_sha256` when the caller has it (saves reading it again)."""
-    if not cache_dir or not isinstance(reference, (str, os.PathLike)):
-        return {}
-    import onnxruntime
-
-    from compiler.graph.onnx_io import onnx_sha256
-    from compiler.settings import settings_hash
-
-    graph = graph_sha256 or onnx_sha256(reference)
-    return {name: settings_hash("fp32-reference-v1", graph, _set_digest(b), onnxruntime.__version__)
-            for name, b in sets.items()}
-
-
-def _output_key(set_key: str, output: str) -> str:
-    from compiler.settings import settings_hash
-
-    return settings_hash("fp32-reference-outputs-v2", set_key, output)
-
-
-def _output_path(cache_dir: str, key: str) -> Path:
-    return Path(str(cache_dir)) / f"fp32-outputs-{key[:32]}.npz"
-
-
-def _write_reference(cache_dir: str, set_key: str, run_names: list[str], results: list[list[np.ndarray]],
-                     wanted: list[str]) -> None:
-    """Store one set's FP32 outputs (`results[batch][k]` is output `run_names[k]`): every output
-    when they fit `REFERENCE_CACHE_MAX_MIB` together, else only `wanted`, each within it."""
-    from compiler.artifacts import atomic_write, write_key
-
-    per = {o: {f"b{i}": r[k] for i, r in enumerate(results)} for k, o in enumerate(run_names)}
-    cap = REFERENCE_CACHE_MAX_MIB << 20
-    store = run_names if sum(a.nbytes for d in per.values() for a in d.values()) <= cap else wanted
-    for o in store:
-        if o not in per or sum(a.nbytes for a in per[o].values()) > cap:
-            continue  # e.g. LM logits over a 50k vocabulary: recomputing beats the disk
-
-        def write(tmp: Path, arrays: dict = per[o]) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-                np.savez(f, **arrays)
-
-        key = _output_key(set_key, o)
-        path = _output_path(cache_dir, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, write)
-        write_key(path, key)
-
-
-def store_reference_outputs(reference: str | os.PathLike, graph_sha256: str, batches: list[Batch],
-                            output_names: list[str], results: list[list[np.ndarray]], cache_dir: str) -> None:
-    """Put FP32 outputs computed elsewhere into the reference cache, where a `FidelityProbe` of
-    the same graph file and the same batches finds them (the `auto` statistics pass runs the
-    FP32 graph over verify's random-id set and stores its outputs here).
-
-    Args:
-        reference: the FP32 ONNX file; graph_sha256: its `onnx_sha256`.
-        batches: the (feeds, lengths) batches run, as the probe will receive them.
-        output_names: the graph outputs in `results`' order.
-        results: per batch, one array per output, (batch, ...) float32.
-        cache_dir: the probe's cache folder.
-    """
-    key = _set_keys(reference, {"set": batches}, cache_dir, graph_sha256)["set"]
-    _write_reference(cache_dir, key, list(output_names), results, list(output_names))
-
-
-def reference_cached(reference: Any, batches: list[Batch], output_names: list[str], cache_dir: str | None,
-                     graph_sha256: str | None = None) -> bool:
-    """Whether a `FidelityProbe` of `reference` (an ONNX path) would read the FP32 outputs of
-    `batches` for every one of `output_names` from `cache_dir` instead of running the graph.
-    `graph_sha256`: as `FidelityProbe`'s."""
-    from compiler.artifacts import read_key
-
-    keys = _set_keys(reference, {"set": batches}, cache_dir, graph_sha256)
-    return bool(keys) and all(read_key(_output_path(str(cache_dir), k)) == k
-                              for k in (_output_key(keys["set"], o) for o in output_names))
-
-
-def _reference_outputs(reference: Any, output_names: list[str], sets: Mapping[str, list[Batch]],
-                       set_keys: Mapping[str, str],
-                       cache_dir: str | None) -> tuple[dict[str, list[list[np.ndarray]]], list[str]]:
-    """{set: [per batch: [per output: array]]} of the FP32 reference, read from the cache where a
-    content key shows them unchanged (see `FidelityProbe`); the names of the sets reused.
-
-    A set computed here with a cache stores every output of the graph, not only the ones asked
-    for (the forward pass computes them all anyway; a later probe of more outputs, like verify
-    after a one-output budget, then finds them), unless they exceed `REFERENCE_CACHE_MAX_MIB`
-    together; then only the outputs asked for, each within that limit.
-    """
-    from compiler.artifacts import read_key
-
-    out: dict[str, list[list[np.ndarray]]] = {}
-    reused = []
-    for name in sets if set_keys and cache_dir else []:
-        keys = [_output_key(set_keys[name], o) for o in output_names]
-        if all(read_key(_output_path(cache_dir, k)) == k for k in keys):
-            per_output = []
-            for k in keys:
-                with np.load(_output_path(cache_dir, k)) as z:
-                    per_output.append([z[f"b{i}"] for i in range(len(sets[name]))])
-            out[name] = [list(row) for row in zip(*per_output)]
-            reused.append(name)
-    todo = [name for name in sets if name not in out]
-    if todo:
-        ref = session(reference, faithful_fp16=False)
-        every = [o.name for o in ref.get_outputs()] if set_keys and cache_dir else []
-        run_names = list(output_names) + [o for o in every if o not in output_names]
-        for name in todo:
-            results = [ref.run(run_names, feeds) for feeds, _ in sets[name]]
-            out[name] = [r[: len(output_names)] for r in results]
-            if set_keys and cache_dir:
-                _write_reference(cache_dir, set_keys[name], run_names, results, list(output_names))
-            del results
-        del ref
-    return {name: out[name] for name in sets}, reused

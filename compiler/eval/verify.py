@@ -14,7 +14,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from calibration.text import feed_names, random_id_batches
-from compiler.eval.fidelity import Batch, FidelityProbe, reference_cached, reference_name
+from compiler.eval.fidelity import Batch, FidelityProbe, reference_name
+from compiler.eval.reference_outputs import reference_cached
 from compiler.graph.onnx_io import onnx_sha256
 
 log = logging.getLogger(__name__)

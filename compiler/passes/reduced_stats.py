@@ -440,7 +440,7 @@ def cached_reduced_stats(model: Any, graph_sha256: str, tokens: Any, input_names
         if outputs:
             import onnx
 
-            from compiler.eval.fidelity import store_reference_outputs
+            from compiler.eval.reference_outputs import store_reference_outputs
 
             names = [o.name for o in onnx.load(str(model), load_external_data=False).graph.output]
             store_reference_outputs(model, graph_sha256, batches, names, outputs, str(cache_dir))

@@ -136,6 +136,7 @@ def test_reference_outputs_are_cached_by_graph_feeds_and_output(tmp_path, monkey
     import onnx
 
     from compiler.eval import fidelity as F
+    from compiler.eval import reference_outputs as R
 
     path, cache = tmp_path / "ref.onnx", tmp_path / "cache"
     onnx.save(ids_model(), path)
@@ -147,7 +148,8 @@ def test_reference_outputs_are_cached_by_graph_feeds_and_output(tmp_path, monkey
 
     opened = []
     real_session = F.session
-    monkeypatch.setattr(F, "session", lambda *a, **k: opened.append(a) or real_session(*a, **k))
+    for module in (F, R):  # the variant's sessions, the reference's
+        monkeypatch.setattr(module, "session", lambda *a, **k: opened.append(a) or real_session(*a, **k))
     again = FidelityProbe(path, ["Y", "P"], {"a": IDS_BATCHES, "b": IDS_BATCHES[1:]}, str(cache))
     assert again.reused == ["a", "b"] and opened == []
     got = again.measure(ids_model(scale=2.0))
@@ -170,6 +172,7 @@ def test_variant_figures_are_cached_by_reference_samples_outputs_and_graph(tmp_p
     import onnx
 
     from compiler.eval import fidelity as F
+    from compiler.eval import reference_outputs as R
 
     path, cache = tmp_path / "ref.onnx", tmp_path / "cache"
     onnx.save(ids_model(), path)
@@ -179,7 +182,8 @@ def test_variant_figures_are_cached_by_reference_samples_outputs_and_graph(tmp_p
 
     opened = []
     real_session = F.session
-    monkeypatch.setattr(F, "session", lambda *a, **k: opened.append(a) or real_session(*a, **k))
+    for module in (F, R):  # the variant's sessions, the reference's
+        monkeypatch.setattr(module, "session", lambda *a, **k: opened.append(a) or real_session(*a, **k))
     verify = FidelityProbe(path, ["Y", "P"], {"real": IDS_BATCHES, "random": IDS_BATCHES[1:]}, str(cache))
     got = verify.measure(ids_model(scale=2.0))  # "real" = the budget's batches under another name
     # sessions: the FP32 reference and the variant on "random" only
@@ -200,3 +204,46 @@ def test_variant_figures_are_cached_by_reference_samples_outputs_and_graph(tmp_p
         f.write_text("{not json")
     fresh = FidelityProbe(path, ["Y", "P"], {"real": IDS_BATCHES}, str(cache))
     assert fresh.score(ids_model(scale=2.0)).reused is False
+
+
+def test_a_set_too_large_to_keep_is_streamed_with_the_same_figures(monkeypatch):
+    """Outputs over `REFERENCE_MEMORY_MAX_MIB` (LM logits over a 250k vocabulary) are not kept:
+    the reference runs again beside the variant a few rows at a time, with the figures of a
+    probe that kept them. Sizes shrunk here so that three tiny samples count as too large."""
+    from compiler.eval import fidelity as F
+    from compiler.eval import reference_outputs as R
+
+    kept = FidelityProbe(ids_model(), ["Y", "P"], {"set": IDS_BATCHES})
+    want = kept.score(ids_model(scale=2.0))
+    monkeypatch.setattr(R, "REFERENCE_MEMORY_MAX_MIB", 0)
+    monkeypatch.setattr(R, "STREAMED_CHUNK_MIB", 0)  # one row a run
+    runs = []
+    real_session = R.session
+
+    def counting(*a, **k):
+        sess = real_session(*a, **k)
+        return type("S", (), {"run": lambda self, n, f: runs.append(len(next(iter(f.values())))) or sess.run(n, f),
+                              "get_outputs": lambda self: sess.get_outputs()})()
+
+    for module in (F, R):
+        monkeypatch.setattr(module, "session", counting)
+    streamed = FidelityProbe(ids_model(), ["Y", "P"], {"set": IDS_BATCHES})
+    assert streamed.streamed == ["set"] and streamed.reference["set"] is None
+    got = streamed.score(ids_model(scale=2.0))
+    assert got.to_json() | {"seconds": 0} == want.to_json() | {"seconds": 0}
+    assert max(runs) == 1  # no run of more than one row
+
+
+def test_a_sample_larger_than_a_chunk_scores_as_in_one_piece(monkeypatch):
+    from compiler.eval import fidelity as F
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((2, 7, 5)).astype(np.float32)
+    got = ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.01
+    whole = sample_fidelity(ref, got, 1, 6)
+    monkeypatch.setattr(F, "FIDELITY_CHUNK", 4)  # 30 values in 8 chunks
+    chunked = sample_fidelity(ref, got, 1, 6)
+    assert chunked[1:] == whole[1:] and chunked[0] == pytest.approx(whole[0], abs=1e-12)
+    bad = got.copy()
+    bad[1, 5, 4] = np.nan  # in the last chunk
+    assert sample_fidelity(ref, bad, 1, 6)[:2] == (-1.0, 1)

@@ -99,3 +99,22 @@ def test_feature_extraction_has_no_task_metric():
     graph = lookup(TABLE, "last_hidden_state")
     assert task_agreement("feature-extraction", graph, graph, ["last_hidden_state"], BATCHES) == {
         "task": "feature-extraction", "samples": 3}
+
+
+def test_large_outputs_run_a_row_at_a_time_with_the_same_metrics(monkeypatch):
+    """Outputs over `STREAMED_CHUNK_MIB` a run (LM logits over a large vocabulary) go through the
+    sessions a few rows at a time; the metrics are those of whole batches."""
+    from compiler.eval import reference_outputs as R
+
+    variant = TABLE.copy()
+    variant[3] = [0, 1, 2]
+    whole = task_agreement("fill-mask", lookup(TABLE, "logits"), lookup(variant, "logits"), ["logits"], BATCHES)
+    monkeypatch.setattr(R, "STREAMED_CHUNK_MIB", 0)  # one row a run
+    assert task_agreement("fill-mask", lookup(TABLE, "logits"), lookup(variant, "logits"), ["logits"],
+                          BATCHES) == whole
+    start, end = np.array([0.0, 5.0, 1.0, 0.0], np.float32), np.array([0.0, 1.0, 5.0, 0.0], np.float32)
+    moved = end.copy()
+    moved[3] = 9.0
+    qa = task_agreement("question-answering", span_graph(start, end), span_graph(start, moved),
+                        ["start_logits", "end_logits"], BATCHES)
+    assert qa["samples"] == 3 and qa["span_agreement"] == pytest.approx(2 / 3)  # as test_span_agreement_ignores_padding

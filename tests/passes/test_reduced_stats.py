@@ -182,7 +182,8 @@ def test_the_random_pass_leaves_the_fp32_outputs_verify_reads_back(tiny_bert, tm
     import onnxruntime as ort
 
     from calibration.text import random_id_batches
-    from compiler.eval.fidelity import FidelityProbe, reference_cached
+    from compiler.eval.fidelity import FidelityProbe
+    from compiler.eval.reference_outputs import reference_cached
     from compiler.graph.onnx_io import onnx_sha256
 
     model, tokens = tiny_bert
@@ -256,7 +257,7 @@ def test_one_session_serves_the_real_and_the_random_set(tiny_bert, tmp_path, mon
     """`StatsSessions` builds the statistics session once for both sets (the `auto` child), and
     the figures and the random set's stored FP32 outputs are those of a session per set."""
     from calibration.text import random_id_batches
-    from compiler.eval.fidelity import reference_cached
+    from compiler.eval.reference_outputs import reference_cached
     from compiler.graph.onnx_io import onnx_sha256
     from compiler.passes import reduced_stats
     from compiler.passes.reduced_stats import StatsSessions
