@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import add_out_argument, markdown_table, write_result
-from calibration.text import default_text_path, shared_data_path
+from calibration.readers import default_text_path, shared_data_path
 from compiler.pipeline import run_pipeline
 from compiler.settings import (BuildSettings, DataSettings, ModelSettings, PrecisionSettings, QuantSettings,
                                SparsitySettings, TrainSettings)

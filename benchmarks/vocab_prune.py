@@ -32,7 +32,8 @@ import numpy as np
 from benchmarks.common import add_out_argument, markdown_table, run_main, save_plot, write_result
 from benchmarks.ort_latency import feeds_for, open_session, packed_ids, summarize
 from calibration.layout import vocabulary_texts
-from calibration.text import shared_data_path, tokenized_set
+from calibration.readers import shared_data_path
+from calibration.text import tokenized_set
 from calibration.vocabulary import oov_rate
 from compiler.eval.fidelity import FidelityProbe
 from compiler.graph.onnx_io import load_onnx, onnx_mib

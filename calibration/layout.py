@@ -21,7 +21,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from calibration.text import TokenizedSet, default_text_path, load_texts, shared_data_path, tokenized_set
+from calibration.readers import default_text_path, shared_data_path
+from calibration.text import TokenizedSet, load_texts, tokenized_set
 from calibration.windows import split_windows
 from compiler.errors import DataError
 from compiler.settings import DataSettings, VocabSettings

@@ -97,7 +97,8 @@ MODEL_OPTIONS = [
     ("--opset", "export.opset", {"type": int}),
     ("--parity-atol", "export.parity_atol", {"type": float}),
     ("--calib", "data.path", {"help": "text file (one sample a line), TSV/CSV with a header, JSON Lines "
-                                      "(.jsonl), or a HF dataset name; None: ../shared/data/wikitext-2/test.txt"}),
+                                      "(.jsonl), Parquet (with pyarrow), or a HF dataset name; None: "
+                                      "../shared/data/wikitext-2/test.txt"}),
     ("--text-column", "data.text_column", {}),
     ("--samples", "data.samples", {"type": int, "help": "held-out samples for verification and the budgets"}),
     ("--calib-samples", "data.calib_samples", {"type": int, "help": "calibration samples"}),

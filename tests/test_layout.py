@@ -17,6 +17,7 @@ LAYERS = [
     ("compiler.settings", 0), ("compiler.errors", 0), ("compiler.artifacts", 0), ("compiler", 0),
     ("compiler.graph", 1),
     ("calibration", 2), ("compiler.eval.fp16_reference", 2), ("compiler.eval.fidelity", 2),
+    ("compiler.eval.reference_outputs", 2),
     ("compiler.build", 2),
     ("compiler.passes", 3),
     ("compiler.quant", 4),

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from calibration.text import read_text_file
+from calibration.readers import read_text_file
 from compiler.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def sentence_embeddings(model: Any, texts: Sequence[str], tokenizer: Any,
 
 def default_sst2_dir() -> Path | None:
     """`shared/data/sst2` beside the checkout or the cwd, or None."""
-    from calibration.text import shared_data_path
+    from calibration.readers import shared_data_path
 
     return shared_data_path("sst2")
 

@@ -128,6 +128,28 @@ def test_text_without_spaces_counts_a_word_a_character(tmp_path):
         load_texts(DataSettings(path=str(text), samples=2))
 
 
+def test_parquet_text_column(tmp_path, monkeypatch):
+    """A Parquet file (the hub's dataset format) is read through pyarrow: its `sentence`/`text`
+    column or --text-column; without pyarrow, or with no such column, a DataError says the fix."""
+    import sys
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"idx": [0, 1, 2], "sentence": ["one two three four", None, "five six seven eight"]}), path)
+    assert load_texts(DataSettings(path=str(path), samples=2, min_words=4)) == ["one two three four",
+                                                                                "five six seven eight"]
+    with pytest.raises(DataError, match=r"no column 'review' .*--text-column"):
+        load_texts(DataSettings(path=str(path), text_column="review", samples=1, min_words=1))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_texts(DataSettings(path=str(tmp_path / "bad.parquet"), samples=1, min_words=1))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as where pyarrow is not installed
+    with pytest.raises(DataError, match=r"pip install pyarrow.*TSV/CSV or JSON Lines"):
+        load_texts(DataSettings(path=str(path), samples=1, min_words=1))
+
+
 def test_tokenized_set_cache_reused_and_keyed(tmp_path, tokenizer):
     texts = load_texts(DataSettings(samples=10))
     counting = CountingTokenizer(tokenizer)
