@@ -93,14 +93,27 @@ def cache_spec(config: Any, module: Any = None) -> CacheSpec:
     grouped-query `num_key_value_heads`; Gemma's `head_dim` apart from hidden / heads). Without
     it, or where the cache is not in that form, read from the config: GPT-2's
     n_layer/n_head/n_embd or num_hidden_layers/num_attention_heads/hidden_size,
-    num_key_value_heads when set."""
-    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
-    hidden = getattr(config, "hidden_size", None) or config.n_embd
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    spec = CacheSpec(int(layers), int(kv_heads), int(getattr(config, "head_dim", None) or hidden // heads))
+    num_key_value_heads when set.
+
+    Raises:
+        CompilerError: neither gives a KV cache (a state-space model such as Mamba), naming
+            `--task text-generation` instead.
+    """
+    from compiler.errors import CompilerError
+
     measured = _measured_cache_spec(module) if module is not None else None
-    return measured or spec
+    if measured is not None:
+        return measured
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if not (layers and heads and hidden):
+        raise CompilerError(
+            f"--task text-generation-with-past needs a KV cache of (batch, heads, past, head_dim) tensors per "
+            f"layer; this {getattr(config, 'model_type', 'model')} model keeps no such cache (e.g. a state-space "
+            "model's recurrent state). Use --task text-generation (the whole prefix every step).")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return CacheSpec(int(layers), int(kv_heads), int(getattr(config, "head_dim", None) or hidden // heads))
 
 
 def _measured_cache_spec(module: Any) -> CacheSpec | None:

@@ -276,3 +276,17 @@ def test_a_checkpoint_with_its_own_code_names_the_flag_and_runs_with_it(tmp_path
         load_model(ModelSettings(name=str(directory)))
     loaded = load_model(ModelSettings(name=str(directory), trust_remote_code=True))
     assert type(loaded.module).__name__ == "CustomModel" and loaded.family == "encoder"
+
+
+def test_a_decoder_without_a_kv_cache_is_refused_for_with_past_naming_text_generation():
+    import transformers
+
+    from compiler.errors import CompilerError
+    from compiler.training.models import _family
+    from compiler.training.tasks import cache_spec
+
+    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8)
+    assert _family(config) == "decoder"  # a causal LM: its natural task is with-past
+    torch.manual_seed(0)
+    with pytest.raises(CompilerError, match=r"keeps no such cache .* Use --task text-generation"):
+        cache_spec(config, transformers.MambaForCausalLM(config).eval())
