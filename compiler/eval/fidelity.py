@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from compiler.eval.fp16_reference import REFERENCE_NAME, fp16_emulation, has_fp16, session
-from compiler.eval.reference_outputs import Batch, reference_outputs, row_chunks, rows_per_run, set_keys
+from compiler.eval.reference_outputs import Batch, chunked_batches, reference_outputs, set_keys
 
 ORT_FP32_NAME = "onnxruntime CPU (FP32 graph)"
 
@@ -306,18 +306,12 @@ class FidelityProbe:
     def _compare(self, sess: Any, name: str) -> Fidelity:
         start = time.perf_counter()
         tally = FidelityTally(self.output_names)
-        kept = self.reference[name]
-        for i, (feeds, lengths) in enumerate(self.batches[name]):
-            if kept is not None:
-                tally.add(kept[i], sess.run(self.output_names, feeds), lengths)
-                continue
-            first, rest = next(iter(row_chunks(feeds, lengths, 1))), {k: v[1:] for k, v in feeds.items()}
-            ref = self._reference_run(first[0])  # one row first: its size sets how many rows run at once
-            tally.add(ref, sess.run(self.output_names, first[0]), first[1])
-            rows = rows_per_run(ref)
-            del ref
-            for chunk, part in row_chunks(rest, lengths[1:], rows):
-                tally.add(self._reference_run(chunk), sess.run(self.output_names, chunk), part)
+        if self.reference[name] is not None:
+            for (feeds, lengths), ref in zip(self.batches[name], self.reference[name]):
+                tally.add(ref, sess.run(self.output_names, feeds), lengths)
+        else:  # streamed: the reference beside the variant, a few rows at a time
+            for feeds, lengths in chunked_batches(self.batches[name], self._reference_run):
+                tally.add(self._reference_run(feeds), sess.run(self.output_names, feeds), lengths)
         return Fidelity(tally.outputs(), round(time.perf_counter() - start, 2))
 
     def _reference_run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

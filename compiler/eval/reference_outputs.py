@@ -7,7 +7,7 @@ content key, or streamed where they would not fit in memory.
   back. Outputs over `REFERENCE_CACHE_MAX_MIB` per set are not cached.
 - Memory: a set whose outputs would exceed `REFERENCE_MEMORY_MAX_MIB` (estimated from one
   row) is not kept (None): the probe runs the reference again beside each variant, a few rows
-  at a time (`row_chunks`, `STREAMED_CHUNK_MIB` of output a run). LM logits over a large
+  at a time (`chunked_batches`: `STREAMED_CHUNK_MIB` of output a run). LM logits over a large
   vocabulary (XLM-R's 250k: 64 samples x 128 tokens are 8 GB a set; one row at 512 tokens,
   0.5 GB) would otherwise fill the host's memory.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -174,9 +174,17 @@ def row_chunks(feeds: dict[str, np.ndarray], lengths: np.ndarray, rows: int) -> 
         yield {k: v[i:i + rows] for k, v in feeds.items()}, lengths[i:i + rows]
 
 
-def rows_per_run(outputs: list[np.ndarray], rows: int = 1) -> int:
-    """How many rows give `STREAMED_CHUNK_MIB` of outputs, from `outputs` of `rows` rows (>= 1)."""
-    return max(1, (STREAMED_CHUNK_MIB << 20) * rows // max(sum(a.nbytes for a in outputs), 1))
+def chunked_batches(batches: list[Batch], run: Callable[[dict[str, np.ndarray]], list[np.ndarray]]) -> Iterator[Batch]:
+    """`batches`, each cut into runs of as many rows as give `STREAMED_CHUNK_MIB` of outputs, as
+    `run` (a session's run on feeds) gives them for the first batch's first row (the longest
+    where batched longest first); a batch within that stays whole."""
+    if not batches:
+        return
+    one_row = run(next(iter(row_chunks(*batches[0], 1)))[0])
+    rows = max(1, (STREAMED_CHUNK_MIB << 20) // max(sum(a.nbytes for a in one_row), 1))
+    del one_row
+    for feeds, lengths in batches:
+        yield from row_chunks(feeds, lengths, rows) if len(lengths) > rows else [(feeds, lengths)]
 
 
 def _estimated_bytes(one_row: list[np.ndarray], feeds: dict[str, np.ndarray], batches: list[Batch]) -> float:

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from compiler.eval.fidelity import Batch
-from compiler.eval.reference_outputs import row_chunks, rows_per_run
+from compiler.eval.reference_outputs import chunked_batches
 from compiler.eval.fp16_reference import fp16_emulation, has_fp16, session
 from compiler.eval.generate import agreement, greedy_generate, ort_step
 
@@ -63,7 +63,7 @@ def task_agreement(task: str, fp32_model: Any, variant: Any, output_names: list[
     var_sess = session(fp16_emulation(variant), True) if has_fp16(variant) else session(variant, False)
     names = [n for n in output_names if not n.startswith("present.")]
     checks: dict[str, list[Any]] = {}
-    for feeds, lengths in _chunked(batches, ref_sess, names):
+    for feeds, lengths in chunked_batches(batches, lambda f: ref_sess.run(names, f)):  # large logits: a few rows a run
         ref = dict(zip(names, ref_sess.run(names, feeds)))
         got = dict(zip(names, var_sess.run(names, feeds)))
         if task == "text-classification":
@@ -93,18 +93,6 @@ def task_agreement(task: str, fp32_model: Any, variant: Any, output_names: list[
     if task == "text-generation-with-past" and generate:
         out["generation"] = generation_agreement(fp32_model, variant, batches, **generate)
     return out
-
-
-def _chunked(batches: list[Batch], ref_sess: Any, names: list[str]) -> Iterable[Batch]:
-    """`batches`, each run a few rows at a time where its outputs would exceed
-    `STREAMED_CHUNK_MIB` (LM logits over a large vocabulary); the first row of the first batch
-    (the longest, batched longest first) sizes the chunks."""
-    if not batches:
-        return
-    one = next(iter(row_chunks(*batches[0], 1)))[0]
-    rows = rows_per_run(ref_sess.run(names, one))
-    for feeds, lengths in batches:
-        yield from row_chunks(feeds, lengths, rows) if len(lengths) > rows else [(feeds, lengths)]
 
 
 def generation_agreement(fp32_model: Any, variant: Any, batches: list[Batch], prompt_tokens: int = 16,
