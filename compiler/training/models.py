@@ -208,22 +208,15 @@ def _locate(name: str) -> tuple[ArchitectureSpec | None, str, str]:
 
 
 def _family(config: Any) -> str:
-    """"decoder" for a GPT-2-like causal LM, else "encoder".
+    """"decoder" for a GPT-2-like causal LM, else "encoder": a config with `is_decoder` set, or a
+    `model_type` that transformers maps to a causal-LM class and to no masked-LM class (gpt2,
+    llama, falcon, gemma, codegen, ...; BERT and RoBERTa have both and stay encoders)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
-    A decoder is a config with `is_decoder` set, or a `model_type` that transformers maps to a
-    causal-LM class and to no masked-LM class (gpt2, llama, falcon, gemma, codegen, ...; BERT
-    and RoBERTa have both and stay encoders), or one of `_DECODER_TYPES` where the mapping
-    cannot be read."""
-    if getattr(config, "is_decoder", False) or config.model_type in _DECODER_TYPES:
-        return "decoder"
-    try:
-        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-    except ImportError:
-        return "encoder"
     causal_only = (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
                    and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-    return "decoder" if causal_only else "encoder"
+    return "decoder" if getattr(config, "is_decoder", False) or causal_only else "encoder"
 
 
 def checkpoint_config(settings: ModelSettings) -> tuple[str, Any]:
@@ -403,9 +396,6 @@ def weight_files(where: str | Path) -> list[Path]:
         return []
     found = (try_to_load_from_cache(str(where), f) for f in ("model.safetensors", "pytorch_model.bin"))
     return [Path(f) for f in found if isinstance(f, str)]
-
-
-_DECODER_TYPES = {"gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral", "opt", "bloom", "qwen2", "phi"}
 
 
 def _weights_digest(module: Any) -> str:
