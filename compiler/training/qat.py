@@ -99,6 +99,8 @@ def linear_placement(onnx_model: Any, quantized_nodes: list[str], module: Any) -
         module: the student whose modules the nodes map to.
 
     Raises:
+        PrecisionError: a quantized node outside the Hugging Face model (a sentence-transformers
+            Dense head of the export wrapper), naming `--precision int8` instead.
         ValueError: a quantized node whose weight MatMul maps to no Linear module (`is_linear`;
             e.g. the attention batched matmuls of `quantize_attention_bmm`): the QAT placement
             would then differ from PTQ's.
@@ -113,6 +115,14 @@ def linear_placement(onnx_model: Any, quantized_nodes: list[str], module: Any) -
                 out[path] = (n.name, n.input[0])
             else:
                 missing.append(n.name)
+    outside = [m for m in missing if not m.startswith("/model/")]
+    if outside:  # the export wrapper's own layers: a sentence-transformers Dense head
+        from compiler.errors import PrecisionError
+
+        raise PrecisionError(
+            f"QAT: {len(outside)} quantized layer(s) lie outside the Hugging Face model (first: {outside[0]}), "
+            "e.g. a sentence-transformers Dense module after the pooling; QAT fine-tunes the model's own "
+            "Linear layers only. Use --precision int8 (PTQ, which quantizes them) for this checkpoint.")
     if missing:
         raise ValueError(f"QAT: {len(missing)} quantized MatMul/Gemm nodes map to no Linear module "
                          f"(first: {missing[0]}); QAT fake-quantizes Linear layers only (set "
