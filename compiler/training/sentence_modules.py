@@ -106,9 +106,11 @@ def read_modules(where: str | Path) -> list[dict] | None:
 def transformer_folder(where: str | Path) -> Path | None:
     """The folder of the `Transformer` module where it is not the checkpoint's root (older
     layouts: `0_Transformer/config.json`), else None."""
+    from compiler.errors import CompilerError
+
     try:
         modules = read_modules(where)
-    except Exception:  # noqa: BLE001 - reported when the pooling is read
+    except CompilerError:  # an unreadable modules.json: reported when the pooling is read
         return None
     for m in modules or []:
         if _kind(m) == "Transformer" and m.get("path"):
