@@ -149,7 +149,9 @@ def write_error(dest: Path, e: OSError, nbytes: int | None = None, exact: bool =
     Returns:
         A CompilerError (exit 1) for a full disk or quota (ENOSPC, EDQUOT: names the space needed
         and the space free, from `shutil.disk_usage`) or for a folder that cannot be written
-        (EACCES, EPERM, EROFS on `dest`, a file beside it or a folder above it); else None.
+        (EACCES, EPERM, EROFS on `dest`, a file beside it or a folder above it), or an output
+        folder that cannot be created (a file in its place or above it: EEXIST, ENOTDIR; a
+        filesystem such as /proc that refuses it: ENOENT); else None.
     """
     if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         need = (f"{_human(nbytes)} to write" if exact else f"more than the {_human(nbytes)} written") if nbytes \
@@ -167,7 +169,35 @@ def write_error(dest: Path, e: OSError, nbytes: int | None = None, exact: bool =
             return None  # about another file (one being read): not the output folder
         return CompilerError(f"{folder}: cannot write {dest.name} there ({e.strerror}). Make the folder "
                              "writable, or write to a writable folder (--output-dir; --out for `precision`).")
+    if e.errno in (errno.EEXIST, errno.ENOTDIR, errno.ENOENT) and e.filename:
+        where = Path(e.filename)
+        if where == dest.parent or where in dest.parents:  # creating an output folder failed
+            blocker = next((p for p in [where, *where.parents] if p.exists() and not p.is_dir()), None)
+            why = f"{blocker} is a file, not a folder" if blocker else f"{e.strerror} (the filesystem refuses it)"
+            return CompilerError(f"{where}: cannot create the output folder ({why}). Write to a folder that can "
+                                 "hold it (--output-dir; --out for `precision`, `bundle` and `run`).")
     return None
+
+
+def output_folder(path: str | os.PathLike) -> Path:
+    """Create the output folder `path` (and its parents) before any work, so that a folder that
+    cannot hold artifacts stops the command in a second, not after the model has loaded.
+
+    Raises:
+        compiler.errors.CompilerError: (exit 1, `write_error`) a file in its place or above it,
+            a folder that is not writable, a read-only or refusing filesystem.
+    """
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+    except OSError as e:
+        error = write_error(folder / "artifacts", e)
+        if error is None:
+            raise
+        raise error from e
+    return folder
 
 
 def _size(path: Path | None) -> int | None:

@@ -404,7 +404,10 @@ def _run(args: argparse.Namespace) -> int:
         return generate_command(args)
     settings = settings_from_args(args)
     if args.command in ("export", "verify", "compile", "bundle"):
+        from compiler.artifacts import output_folder
         from compiler.training.models import fit_to_positions, resolve_task
+
+        output_folder(settings.output_dir)  # a folder that cannot hold artifacts: exit 1 before any work
 
         settings = fit_to_positions(settings, set(vars(args)))  # defaults past a small model's positions
         settings = resolve_task(settings)  # None: the checkpoint's natural task; KV-cache profiles

@@ -212,6 +212,24 @@ def test_permission_errors_name_the_folder_that_refuses(tmp_path):
     assert artifacts.write_error(dest, OSError(errno.EIO, "I/O error")) is None
 
 
+def test_an_output_folder_that_a_file_blocks_is_a_clear_error_and_the_file_is_kept(tmp_path):
+    blocker = tmp_path / "results"
+    blocker.write_text("keep me")
+    for dest in (blocker / "x.json", blocker / "run" / "x.npy"):  # EEXIST (the folder itself), ENOTDIR (above)
+        with pytest.raises(CompilerError) as e:
+            write_bytes(dest, b"data")
+        assert f"{blocker} is a file, not a folder" in str(e.value) and "--output-dir" in str(e.value)
+        assert e.value.exit_code == 1
+    assert blocker.read_text() == "keep me"
+
+
+def test_a_folder_the_filesystem_refuses_is_a_clear_error():
+    dest = Path("/proc/trt-compiler-test/run/x.npy")  # /proc: mkdir is ENOENT
+    with pytest.raises(CompilerError) as e:
+        write_bytes(dest, b"data")
+    assert "cannot create the output folder" in str(e.value) and e.value.exit_code == 1
+
+
 def glibc_tunables() -> str | None:
     """Runs in run_in_child's worker: the environment glibc read at its start."""
     return os.environ.get("GLIBC_TUNABLES")

@@ -368,3 +368,15 @@ def test_profile_max_rows_takes_a_count_or_all():
     for bad in ("0", "-2", "many"):
         with pytest.raises(SystemExit):
             parse("--profile-max-rows", bad)
+
+
+def test_an_output_dir_that_cannot_hold_artifacts_stops_before_the_model_loads(tmp_path, monkeypatch):
+    from compiler import cli
+    from compiler.training import models
+
+    blocker = tmp_path / "engines"
+    blocker.write_text("a file where the output folder should be")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for out in (blocker, blocker / "sub", "/proc/trt-compiler-test"):  # were exit 3, after the export
+        assert cli.main(["compile", "--model", "minilm", "--output-dir", str(out), "--no-build"]) == 1
+    assert blocker.read_text().startswith("a file")
