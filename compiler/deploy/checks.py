@@ -285,7 +285,8 @@ def check_request_shape(profiles: list[dict], shapes: dict[str, tuple[int, ...]]
     raise DeploymentRefusedError(
         "request shape", f"input {name!r} with shape {_axes(found)}",
         f"a shape within one optimization profile ({ranges})",
-        f"send at most {_axes(limit)} (split the batch, truncate to the tokenizer's max_length), or rebuild "
+        f"send at most {_axes(limit)} (split the batch; truncate to the tokenizer's max_length: `run --truncate`), "
+        "or rebuild "
         f"with a larger profile: `python -m compiler build --bundle {_bundle_arg(bundle)} --max-shape {_axes(want[:2])}` "
         "(or another `--profile MINxOPTxMAX`)")
 

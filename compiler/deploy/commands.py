@@ -49,8 +49,9 @@ def build_bundle_command(args: argparse.Namespace, settings: BuildSettings, engi
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The `run` subcommand's arguments."""
     p.add_argument("bundle", type=Path, help="a bundle folder (manifest.json inside)")
-    text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("--text", action="append", help="a text to run (repeatable: one batch)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--text", action="append", help="a text to run (repeatable: one request, split into "
+                                                      "batches the optimization profiles admit)")
     text.add_argument("--text-file", type=Path, help="one text a line, or a TSV/CSV or JSON Lines file "
                                                      "(its --text-column, default sentence or text)")
     p.add_argument("--text-column", default=None, help="with --text-file: the column or field of the texts")
@@ -67,7 +68,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                                                            "instead of refusing them")
     p.add_argument("--out", type=Path, default=None, help="where outputs go (default: <bundle>/../run)")
     p.add_argument("--check", action="store_true", help="compare with the bundled FP32 reference on these texts "
-                                                        "and a few held-out real texts")
+                                                        "and a few held-out real texts (alone: on those)")
     p.add_argument("--check-samples", type=int, default=16, help="held-out texts added by --check (default 16)")
 
 
@@ -77,6 +78,17 @@ def _texts(args: argparse.Namespace) -> list[str]:
                             "model once, use --text")
     if args.text or args.prompt:
         return list(args.text or args.prompt)
+    if args.text_file is None:
+        from compiler.deploy.hostcheck import heldout_sample
+
+        texts = heldout_sample(args.check_samples) if args.check and args.generate is None else []
+        if not texts:
+            raise CompilerError("run: give the texts with --text TEXT (repeatable), --text-file FILE or, with "
+                                "--generate N, --prompt TEXT" + ("; --check alone runs on held-out real text, "
+                                "which is not on this host" if args.check else ""))
+        args.check_samples = 0  # the held-out texts are the request: --check adds none
+        args.truncate = True  # and are cut at the profile's longest sequence, as --check cuts them
+        return texts
     from calibration.text import load_texts
     from compiler.settings import DataSettings
 
@@ -100,7 +112,8 @@ def run_command(args: argparse.Namespace) -> int:
         return generate_run(args, texts)
     bundle = Bundle.load(args.bundle, args.backend, args.device, args.allow_host_code)
     feeds = bundle.tokenize(texts, truncate=args.truncate)
-    outputs = bundle.infer(**feeds)
+    outputs = bundle.infer_batches(feeds)
+    step = bundle.max_batch(feeds["input_ids"].shape[1])  # rows per request (texts beyond it: more requests)
     embeddings = sentence_embeddings(outputs, feeds, bundle.output_names[0])
     out = args.out or args.bundle.resolve().parent / "run"
     files = {}
@@ -111,14 +124,16 @@ def run_command(args: argparse.Namespace) -> int:
         "bundle": str(args.bundle), "backend": bundle.backend,
         "engine": (bundle.engine or {}).get("file") or bundle.manifest["onnxruntime"]["file"],
         "texts": texts, "inputs": {k: list(v.shape) for k, v in feeds.items()},
-        "profile": bundle.check_request(feeds),
+        "profile": bundle.check_request({k: v[:step] for k, v in feeds.items()}),
+        "requests": -(-len(texts) // step),
         "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "nonfinite": int(np.size(v) - np.isfinite(v).sum())}
                     for k, v in outputs.items()},
         "embedding": {"shape": list(embeddings.shape), "norms": [round(float(n), 6) for n in np.linalg.norm(embeddings, axis=1)]},
         "files": files,
     }
     print(f"{bundle.backend} on {summary['engine']}: {len(texts)} text(s), inputs "
-          f"{summary['inputs'][bundle.input_names[0]]} (optimization profile {summary['profile']})")
+          f"{summary['inputs'][bundle.input_names[0]]} in {summary['requests']} request(s) of <= {step} "
+          f"(optimization profile {summary['profile']})")
     for name, o in summary["outputs"].items():
         print(f"  {name}: {o['dtype']} {o['shape']}, non-finite {o['nonfinite']}")
     how = "the graph's sentence_embedding" if "sentence_embedding" in outputs else \

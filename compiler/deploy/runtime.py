@@ -236,10 +236,33 @@ class Bundle:
         profile = self.check_request(feeds)
         return self.runner.run(feeds, profile)
 
+    def max_batch(self, sequence: int) -> int:
+        """The largest batch one request of `sequence` tokens may have: the largest max batch of
+        the optimization profiles whose `input_ids` sequence range admits it (of all profiles
+        when none does: the request is then refused by `check_request`)."""
+        ranges = [p["input_ids"] for p in self.manifest["profiles"] if "input_ids" in p]
+        admits = [r for r in ranges if int(r["min"][1]) <= sequence <= int(r["max"][1])] or ranges
+        return max([int(r["max"][0]) for r in admits] or [1])
+
+    def infer_batches(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`infer` on a request of any batch size: split along the batch axis into requests of at
+        most `max_batch` rows (every input is (batch, ...), e.g. int64 (batch, sequence)), the
+        outputs concatenated back in order (each (batch, ...)).
+
+        Raises:
+            DeploymentRefusedError: (exit 4) a sequence no optimization profile admits.
+        """
+        total, sequence = feeds["input_ids"].shape[:2]
+        step = self.max_batch(int(sequence))
+        if total <= step:
+            return self.infer(**feeds)
+        parts = [self.infer(**{k: v[start:start + step] for k, v in feeds.items()}) for start in range(0, total, step)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
     def embed(self, texts: list[str], truncate: bool = False) -> np.ndarray:
         """Sentence embeddings of `texts`, float32 (N, hidden) (`sentence_embeddings`)."""
         feeds = self.tokenize(texts, truncate)
-        return sentence_embeddings(self.infer(**feeds), feeds, self.output_names[0])
+        return sentence_embeddings(self.infer_batches(feeds), feeds, self.output_names[0])
 
     def generate(self, prompts: list[str] | np.ndarray, max_new_tokens: int, use_cache: bool = True) -> Any:
         """Greedy decoding of `max_new_tokens` tokens after each prompt on this bundle's backend

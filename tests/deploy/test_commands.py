@@ -36,3 +36,8 @@ def test_text_file_errors_name_the_file_and_the_fix(tmp_path, name, content, mat
         (tmp_path / name).write_text(content)
     with pytest.raises(CompilerError, match=match):
         _texts(_args("--text-file", str(tmp_path / name)))
+
+
+def test_no_texts_is_a_clear_error():
+    with pytest.raises(CompilerError, match="--text TEXT.*--text-file FILE"):
+        _texts(_args())

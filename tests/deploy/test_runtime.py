@@ -98,6 +98,32 @@ def test_run_cli_writes_outputs_and_checks_against_the_reference(bundle, tmp_pat
     assert set(check["outputs"]) == {"last_hidden_state", "pooler_output"}
 
 
+def test_run_splits_more_texts_than_the_profile_batch_into_requests(bundle, loaded, tmp_path, capsys, monkeypatch):
+    texts = [f"text number {i} of a file longer than one request" for i in range(2 * PROFILE_MAX[0] + 1)]
+    (tmp_path / "t.txt").write_text("\n".join(texts))
+    batches = []
+    real_run = OnnxRuntimeRunner.run
+    monkeypatch.setattr(OnnxRuntimeRunner, "run", lambda self, feeds, profile:
+                        batches.append(len(feeds["input_ids"])) or real_run(self, feeds, profile))
+    assert main(["run", str(bundle), "--text-file", str(tmp_path / "t.txt"), "--out", str(tmp_path / "out")]) == 0
+    assert batches == [PROFILE_MAX[0], PROFILE_MAX[0], 1]  # was: one 9-row request, refused (exit 4)
+    summary = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert summary["requests"] == 3 and summary["inputs"]["input_ids"][0] == len(texts)
+    hidden = np.load(tmp_path / "out" / "last_hidden_state.npy")
+    feeds = loaded.tokenize(texts)
+    assert hidden.shape[:2] == feeds["input_ids"].shape  # one array, rows in the file's order
+    np.testing.assert_allclose(hidden[-1:], loaded.infer(**{k: v[-1:] for k, v in feeds.items()})["last_hidden_state"],
+                               rtol=1e-5, atol=1e-5)
+    assert "in 3 request(s) of <= 4" in capsys.readouterr().out
+
+
+def test_run_check_alone_runs_on_heldout_text(bundle, tmp_path):
+    assert main(["run", str(bundle), "--check", "--check-samples", "5", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert len(summary["texts"]) == 5 and summary["check"]["texts"] == 5  # the held-out texts, not added twice
+    assert summary["check"]["nonfinite_count"] == 0
+
+
 def test_tampered_file_is_refused_before_loading(bundle_copy, capsys):
     onnx_file = bundle_copy / json.loads((bundle_copy / "manifest.json").read_text())["onnxruntime"]["file"]
     data = bytearray(onnx_file.read_bytes())
