@@ -149,10 +149,39 @@ def agreement(reference: Generation, other: Generation) -> dict[str, Any]:
     return {"first_divergence": first, "token_agreement": same, "logits_cosine": cos}
 
 
+def output_names(onnx_path: Path) -> list[str]:
+    """The graph's output names (its weights are not read)."""
+    import onnx
+
+    return [o.name for o in onnx.load(str(onnx_path), load_external_data=False).graph.output]
+
+
+def tokenizer_source(onnx_path: Path) -> tuple[str, Path | None]:
+    """Whose tokenizer goes with `onnx_path`: (model name, None) from the `report.json` a compile
+    writes beside its ONNX; ("", the tokenizer folder) of the bundle the file lies in (its
+    `manifest.json` up to three folders above); else ("gpt2", None)."""
+    import json
+
+    report = onnx_path.parent / "report.json"
+    try:
+        return str(json.loads(report.read_text())["settings"]["model"]["name"]), None
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for folder in list(onnx_path.resolve().parents)[:3]:
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            return "", folder / manifest["tokenizer"]["dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return "gpt2", None
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     """The `generate` subcommand's arguments."""
     p.add_argument("--onnx", type=Path, required=True, help="a text-generation(-with-past) ONNX graph")
-    p.add_argument("--model", default="gpt2", help="whose tokenizer (a registered name or a checkpoint directory)")
+    p.add_argument("--model", default=None, help="whose tokenizer (a registered name or a checkpoint directory); "
+                                                 "default: the model of the compile or bundle the ONNX file lies "
+                                                 "in, else gpt2")
     p.add_argument("--weights", choices=("pretrained", "random"), default="pretrained",
                    help="random: MiniLM's WordPiece stands in where the model's tokenizer is not at hand")
     text = p.add_mutually_exclusive_group(required=True)
@@ -175,7 +204,17 @@ def generate_command(args: argparse.Namespace) -> int:
 
     check_onnx_file(args.onnx)
     step, names, cache = ort_step(args.onnx, args.threads)
-    tok = load_tokenizer(ModelSettings(name=args.model, weights=args.weights))
+    if "logits" not in output_names(args.onnx):
+        raise CompilerError(f"{args.onnx}: not a text-generation graph (no 'logits' output; it gives "
+                            f"{', '.join(output_names(args.onnx))}). Export one of a decoder with `python -m "
+                            "compiler export --model MODEL --task text-generation-with-past`")
+    model, bundled = tokenizer_source(args.onnx) if args.model is None else (args.model, None)
+    if bundled is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(bundled))
+    else:
+        tok = load_tokenizer(ModelSettings(name=model, weights=args.weights))
     if args.prompt_ids:
         vocab = len(tok)
         prompt = np.random.default_rng(0).integers(0, vocab, tuple(args.prompt_ids)).astype(np.int64)

@@ -170,3 +170,14 @@ def test_tensorrt_generation_equals_onnxruntime(gen_bundle, loaded, tmp_path):
     engine = Bundle.load(copy, backend="tensorrt")
     for use_cache in (True, False):
         assert engine.generate(PROMPTS, 6, use_cache).tokens == loaded.generate(PROMPTS, 6, use_cache).tokens
+
+
+def test_generate_subcommand_takes_the_tokenizer_of_the_bundle_its_onnx_lies_in(gen_bundle, tiny_bundle, capsys):
+    manifest = json.loads((gen_bundle / "manifest.json").read_text())
+    onnx_file = gen_bundle / manifest["onnxruntime"]["file"]
+    # no --model: was gpt2's tokenizer from the hub (exit 1 offline, the wrong vocabulary online)
+    assert main(["generate", "--onnx", str(onnx_file), "--prompt", "The tower is", "-n", "3"]) == 0
+    assert "with KV cache: 3 tokens" in capsys.readouterr().out
+    encoder = tiny_bundle[0] / json.loads((tiny_bundle[0] / "manifest.json").read_text())["onnxruntime"]["file"]
+    assert main(["generate", "--onnx", str(encoder), "--prompt", "hi"]) == 1
+    assert "not a text-generation graph (no 'logits' output" in capsys.readouterr().err
