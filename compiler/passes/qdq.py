@@ -380,7 +380,19 @@ class QdqPlacer:
 
     def plan(self, settings: QuantSettings, exclude_nodes: Mapping[str, str] | None = None
              ) -> tuple[list[MatMulSite], list[ExcludedNode]]:
-        """(MatMuls to quantize, MatMuls left float with the reason), by the module's rules 1-5."""
+        """(MatMuls to quantize, MatMuls left float with the reason), by the module's rules 1-5.
+
+        Raises:
+            PrecisionError: an `exclude` pattern that matches no MatMul/Gemm node (a typo would
+                otherwise quantize what the user meant to keep float); names some node names.
+        """
+        unmatched = [p for p in settings.exclude if not any(fnmatch.fnmatchcase(m.name, p) for m in self.matmuls)]
+        if unmatched:
+            from compiler.errors import PrecisionError
+
+            names = ", ".join(m.name for m in self.matmuls[:4])
+            raise PrecisionError(f"--exclude {' '.join(unmatched)}: matches no MatMul/Gemm node of the graph; "
+                                 f"they are named like {names} (fnmatch patterns: e.g. '*attention*')")
         quantized, excluded = [], []
         exclude_nodes = dict(exclude_nodes or {})
         for m in self.matmuls:

@@ -8,6 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from compiler.errors import PrecisionError
 from compiler.passes.precision import convert_precision
 from compiler.passes.qdq import (MIN_OPSET, QdqPlacer, calibration_tensors, insert_qdq, matmul_nodes,
                                  upgrade_opset)
@@ -177,6 +178,9 @@ def test_attention_bmm_on_and_exclusion_patterns():
     reasons = {e.name: (e.reason, e.detail) for e in report.excluded}
     assert reasons["k_proj"] == ("pattern", "matches 'k_*'") and reasons["head"][0] == "pattern"
     assert report.quantized_matmuls == 2
+
+    with pytest.raises(PrecisionError, match="--exclude kproj: matches no MatMul/Gemm node.*named like q_proj"):
+        insert_qdq(block(), thresholds(), QuantSettings(exclude=("k_*", "kproj")))  # a typo: was quietly INT8
 
     q, report = insert_qdq(block(), thresholds(), QuantSettings(), exclude_nodes={"v_proj": "measured"})
     assert dq_of(q, "v_proj", 0) is None
