@@ -28,7 +28,9 @@ import numpy as np
 from compiler.errors import CompilerError
 from compiler.graph.analysis import array, attr, tensor_consumers
 
-PASS_THROUGH = ("Cast", "Identity")  # ops allowed between the ids input and the embedding Gather
+# ops allowed between the ids input and the embedding Gather: they keep the id values (GPT-2's
+# `input_ids.view(-1, seq)` exports as a Reshape)
+PASS_THROUGH = ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten")
 FLOAT_TYPES = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
@@ -75,7 +77,8 @@ def find_word_embedding(model: Any, input_name: str = "input_ids") -> tuple[int,
     """The word-embedding Gather of `model`: (node index, table initializer name).
 
     It is the Gather (axis 0) whose indices come from graph input `input_name`, directly or
-    through Cast/Identity nodes, and whose data is a float initializer of rank 2, [V, H].
+    through nodes that keep the id values (`PASS_THROUGH`: Cast, Identity, Reshape, ...), and
+    whose data is a float initializer of rank 2, [V, H].
 
     Raises:
         CompilerError: `input_name` is no graph input; the table is the output of a
@@ -110,7 +113,7 @@ def find_word_embedding(model: Any, input_name: str = "input_ids") -> tuple[int,
         raise CompilerError(
             f"vocabulary pruning: found {what} word-embedding Gather: looked for a Gather (axis 0) of a "
             f"float [V, H] initializer indexed by graph input {input_name!r} (directly or through "
-            f"Cast/Identity). Gathers reading those ids: {seen}; graph inputs: {inputs}. "
+            f"{'/'.join(PASS_THROUGH)}). Gathers reading those ids: {seen}; graph inputs: {inputs}. "
             "Name the ids input (input_name) or prune before other rewrites.")
     return found[0]
 

@@ -30,12 +30,17 @@ def ids_input() -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
 
 
-def encoder(cast: bool = False) -> onnx.ModelProto:
+def encoder(cast: bool | str = False) -> onnx.ModelProto:
     """input_ids -> [Cast int32 -> Identity ->] Gather(table) -> MatMul(W) -> y; `shape` reads
-    input_ids too (it must keep reading the original ids)."""
+    input_ids too (it must keep reading the original ids). cast="reshape": input_ids ->
+    Reshape(-1, 4) -> Gather, as GPT-2's `input_ids.view(-1, seq)` exports."""
     nodes = [helper.make_node("Shape", ["input_ids"], ["shape"], name="shape")]
     ids = "input_ids"
-    if cast:
+    extra = {}
+    if cast == "reshape":
+        nodes += [helper.make_node("Reshape", ["input_ids", "rows"], ["ids_rows"], name="view")]
+        ids, extra = "ids_rows", {"rows": np.array([-1, 4], np.int64)}
+    elif cast:
         nodes += [helper.make_node("Cast", ["input_ids"], ["ids32"], to=TensorProto.INT32, name="cast"),
                   helper.make_node("Identity", ["ids32"], ["ids_same"], name="same")]
         ids = "ids_same"
@@ -43,7 +48,7 @@ def encoder(cast: bool = False) -> onnx.ModelProto:
               helper.make_node("MatMul", ["h", "W"], ["y"], name="proj")]
     return make_model(nodes, [ids_input()],
                       [f32("y", ["batch", "seq", N]), helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
-                      {"table": TABLE, "W": W})
+                      {"table": TABLE, "W": W, **extra})
 
 
 def check(model: onnx.ModelProto) -> None:
@@ -51,7 +56,7 @@ def check(model: onnx.ModelProto) -> None:
     onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 
-@pytest.mark.parametrize("cast", [False, True])
+@pytest.mark.parametrize("cast", [False, True, "reshape"])  # reshape: GPT-2 (was "found no word-embedding Gather")
 def test_kept_ids_give_identical_outputs_and_dropped_ids_behave_as_unk(cast):
     model = encoder(cast)
     pruned, report = prune_vocabulary(model, KEPT, UNK)
