@@ -259,7 +259,8 @@ def fit_to_positions(settings: Any, given: set[str]) -> Any:
     limit = max_positions(config, _meta_model(config, settings.model.trust_remote_code))
     profile = settings.engine.profiles[0]
     if not shapes_given and len(settings.engine.profiles) == 1 and profile.max_shape[1] > limit:
-        fitted = ProfileSettings.fitted(max_shape=(profile.max_shape[0], limit))
+        fitted = ProfileSettings.fitted(max_shape=(profile.max_shape[0], limit), min_past=profile.min_past,
+                                        opt_past=profile.opt_past, max_past=profile.max_past)  # --max-past kept
         settings = replace(settings, engine=replace(settings.engine, profiles=(fitted,)))
     if "max_length" not in given and settings.data.max_length > limit:
         settings = replace(settings, data=replace(settings.data, max_length=limit))

@@ -187,6 +187,9 @@ def test_defaults_the_user_did_not_give_fit_a_small_models_positions(tmp_path):
     assert fitted() == ((1, 64), (32, 64), 64)  # defaults 1x128 / 32x512 / 128 cut to the 64 positions
     assert fitted("--max-shape", "8x100", "--max-length", "100") == ((1, 100), (8, 100), 100)  # given: kept
     assert fitted("--max-length", "32") == ((1, 64), (32, 64), 32)
+    args = build_parser().parse_args(["compile", "--model", path, "--max-past", "1000"])
+    assert fit_to_positions(settings_from_args(args), set(vars(args))).engine.profiles[0].max_past == 1000  # kept,
+    # so check_shapes refuses it (it was dropped for the default, and the decode profile quietly shrank)
     bert = settings_from_args(build_parser().parse_args(["compile", "--model", save(tiny_bert(), tmp_path / "b")]))
     assert fit_to_positions(bert, {"model"}) == bert  # 512 positions: the defaults fit, nothing changes
     # a RoBERTa-style table of 512 rows from padding index 1 serves 510 tokens, not the default 512
