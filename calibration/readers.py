@@ -65,6 +65,9 @@ def read_source(data: DataSettings) -> list[str]:
         return read_text_file(path).splitlines()
     if data.path is not None and _looks_like_dataset(data.path):
         return _read_hf_dataset(data.path, data.text_column)
+    if path.exists():  # a device or a pipe (/dev/null, <(zcat ...)): read more than once, so refused
+        raise DataError(f"{path} is not a regular file (a device or a pipe): write the text to a file and pass "
+                        "its path (the text is read by more than one stage).")
     raise DataError(f"{path}: no such file. Pass a text, TSV/CSV, JSON Lines or Parquet file with --calib PATH.")
 
 

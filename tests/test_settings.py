@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from compiler.settings import (BuildSettings, DataSettings, PrecisionSettings, ProfileSettings, QuantSettings,
+from compiler.settings import (BuildSettings, DataSettings, ModelSettings, PrecisionSettings, ProfileSettings, QuantSettings,
                                SparsitySettings, TrainSettings, settings_hash)
 
 
@@ -25,6 +25,8 @@ def test_quant_settings_validate():
     (lambda: SparsitySettings(recover_steps="600"), "recover_steps='600'"),
     (lambda: TrainSettings(device="tpu"), "device='tpu'"),
     (lambda: DataSettings(train_path=("a", "b"), train_samples=1), "2 training texts"),
+    (lambda: ModelSettings(seed=-1), "seed=-1"),  # was exit 3 in NumPy's SeedSequence
+    (lambda: TrainSettings(seed=2**32), "seed=4294967296"),
 ])
 def test_bad_values_name_the_problem(make, match):
     with pytest.raises(ValueError, match=match):

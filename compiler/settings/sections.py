@@ -50,6 +50,8 @@ class ModelSettings:
     task: str | None = field(default=None, metadata={"hash": "if-set"})  # keys of earlier caches unchanged
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed}: expected 0 <= seed < 2**32 (NumPy's and PyTorch's seed range)")
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights={self.weights!r}: expected one of {WEIGHT_MODES}")
         if self.task is not None and self.task not in TASKS:
@@ -356,6 +358,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr <= 0 or self.scale_lr <= 0 or self.batch_size < 1 or self.teacher_cache_mib < 0:
             raise ValueError("need steps >= 0, lr > 0, scale_lr > 0, batch_size >= 1, teacher_cache_mib >= 0")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed}: expected 0 <= seed < 2**32 (NumPy's and PyTorch's seed range)")
         if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
             raise ValueError(f"device={self.device!r}: expected cpu, auto, cuda or cuda:N")
         if self.schedule not in LR_SCHEDULES:

@@ -20,7 +20,7 @@ import numpy as np
 
 from calibration.text import text_feeds
 from compiler.artifacts import read_key, write_key
-from compiler.errors import ExportParityError
+from compiler.errors import CompilerError, ExportParityError
 from compiler.training.heads import dummy_inputs, task_axes, task_module, task_output_names
 from compiler.training.models import LoadedModel, max_positions
 from compiler.graph.onnx_io import check_model_file, load_onnx, save_onnx
@@ -122,9 +122,15 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
     Raises:
         ExportParityError: any output differs from PyTorch by more than `parity_atol`, or the
             graph fails to run in ONNX Runtime at a parity shape (a size the trace fixed).
+        CompilerError: an opset above what this PyTorch's TorchScript exporter writes
+            (`max_export_opset`).
     """
     import torch
 
+    highest = max_export_opset()
+    if settings.opset > highest:
+        raise CompilerError(f"--opset {settings.opset}: this PyTorch ({torch.__version__}) exports ONNX opsets "
+                            f"17..{highest} (TorchScript exporter); pass --opset {highest} or lower (default 17)")
     key = settings_hash("export-v3", loaded.key, settings, torch.__version__)
     start = time.perf_counter()
     names_out = output_names(loaded)
@@ -169,6 +175,17 @@ def export_inputs(loaded: LoadedModel, names_out: list[str]) -> tuple[tuple, dic
     axes = {n: DYNAMIC_AXES for n in loaded.input_names}
     axes.update({n: DYNAMIC_AXES if n == "last_hidden_state" or "hidden" in n else {0: "batch"} for n in names_out})
     return dummy, axes
+
+
+def max_export_opset() -> int:
+    """The newest opset this PyTorch's TorchScript exporter writes (20 for PyTorch 2.x; its
+    `torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET`, 20 where that name is missing)."""
+    try:
+        from torch.onnx import _constants
+
+        return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+    except ImportError:
+        return 20
 
 
 def traced_onnx(wrapper: Any, dummy: tuple, tmp_file: Path, input_names: list[str], output_names: list[str],

@@ -159,7 +159,7 @@ def check_task(task: str, family: str, name: str) -> TaskSpec:
     if spec.family not in ("any", family):
         fits = [t for t, s in SPECS.items() if s.family in ("any", family)]
         raise CompilerError(f"--task {task} needs a{'n' if spec.family == 'encoder' else ''} {spec.family} "
-                            f"model; {name} is a {family}: use one of {', '.join(fits)}")
+                            f"model; {name} is a{'n' if family == 'encoder' else ''} {family}: use one of {', '.join(fits)}")
     return spec
 
 

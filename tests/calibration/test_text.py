@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -270,6 +272,14 @@ def test_binary_file_is_refused(tmp_path, content):
 def test_directory_is_refused(tmp_path):
     with pytest.raises(DataError, match="is a directory"):
         load_texts(DataSettings(path=str(tmp_path), samples=1))
+
+
+def test_a_device_or_pipe_is_refused_as_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in ("/dev/null", str(fifo)):  # was "no such file" for a file that exists
+        with pytest.raises(DataError, match="is not a regular file .*write the text to a file"):
+            load_texts(DataSettings(path=path, samples=1))
 
 
 def test_too_few_samples_suggests_only_flags_that_exist(tmp_path):

@@ -166,3 +166,14 @@ def test_minilm_export_matches_pytorch_at_an_unseen_shape(tmp_path_factory, text
     assert outputs[0] == "last_hidden_state"
     diffs = ort_against_torch(loaded, path, texts, 2, 50)
     assert set(diffs) == set(outputs) and max(diffs.values()) < 1e-4
+
+
+def test_an_opset_the_exporter_cannot_write_is_a_clear_error(tmp_path):
+    from compiler.errors import CompilerError
+    from compiler.settings import ExportSettings
+    from compiler.training.export import max_export_opset, onnx_from_torch
+
+    assert max_export_opset() >= 17
+    with pytest.raises(CompilerError, match=f"--opset 30: .* exports ONNX opsets 17..{max_export_opset()}") as e:
+        onnx_from_torch(None, ExportSettings(opset=30), tmp_path / "model.onnx", [])  # was exit 3 in torch.onnx
+    assert e.value.exit_code == 1 and not (tmp_path / "model.onnx").exists()
