@@ -122,6 +122,11 @@ def recovery_data(data: DataSettings, samples: int) -> DataSettings:
     paths = [shared_data_path(p) for p in RECOVERY_MIX]
     if any(p is None for p in paths):
         return data
+    if samples < len(paths):
+        from compiler.errors import DataError
+
+        raise DataError(f"--recover-samples {samples}: the default recovery text mixes {len(paths)} files in even "
+                        f"shares; pass --recover-samples {len(paths)} or more (default 6144)")
     return replace(data, train_path=tuple(str(p) for p in paths), train_samples=samples)
 
 

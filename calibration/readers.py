@@ -68,7 +68,8 @@ def read_source(data: DataSettings) -> list[str]:
     if path.exists():  # a device or a pipe (/dev/null, <(zcat ...)): read more than once, so refused
         raise DataError(f"{path} is not a regular file (a device or a pipe): write the text to a file and pass "
                         "its path (the text is read by more than one stage).")
-    raise DataError(f"{path}: no such file. Pass a text, TSV/CSV, JSON Lines or Parquet file with --calib PATH.")
+    raise DataError(f"{path}: no such file. Check the path given to --calib, --train-text, --prune-vocab or "
+                    "--text-file: a text, TSV/CSV, JSON Lines or Parquet file.")
 
 
 def _looks_like_dataset(spec: str) -> bool:

@@ -29,6 +29,10 @@ class UnknownModelError(CompilerError, ValueError):
     """A model name that is neither registered, nor a local directory, nor loadable."""
 
 
+class SettingsError(CompilerError, ValueError):
+    """A setting that does not fit this model or its data (e.g. a layer pattern matching no layer)."""
+
+
 class InvalidOnnxError(CompilerError, ValueError):
     """An ONNX file that cannot be read or does not pass `onnx.checker`."""
 

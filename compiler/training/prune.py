@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+from compiler.errors import SettingsError
 from compiler.graph.sparsity import GROUP, KEEP
 from compiler.settings import SparsitySettings, TrainSettings
 from compiler.training.distill import TrainReport, distill
@@ -95,8 +96,8 @@ def block_linears(module: Any, layers: tuple[str, ...] = ()) -> dict[str, Any]:
         {name: module} in `module.named_modules()` order.
 
     Raises:
-        ValueError: no pattern matches a linear layer, or (default) no ModuleList of blocks
-            holds one.
+        SettingsError: (a ValueError; exit 1) no pattern matches a linear layer, or (default)
+            no ModuleList of blocks holds one.
     """
     import torch
 
@@ -105,19 +106,20 @@ def block_linears(module: Any, layers: tuple[str, ...] = ()) -> dict[str, Any]:
         chosen = {n: m for n, m in linears.items() if any(fnmatch.fnmatchcase(n, p) for p in layers)}
         if not chosen:
             some = ", ".join(list(linears)[:6]) or "none"
-            raise ValueError(f"sparsity layers {list(layers)} match no linear layer of "
-                             f"{type(module).__name__}; linear layers are named like: {some}")
+            raise SettingsError(f"--sparse-layers {' '.join(layers)}: matches no linear layer of "
+                                f"{type(module).__name__}; linear layers are named like: {some} (fnmatch "
+                                "patterns, e.g. '*ffn*')")
         return chosen
     lists = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.ModuleList)]
     if not lists:
-        raise ValueError(f"{type(module).__name__} has no nn.ModuleList of transformer blocks; "
-                         "choose the layers with SparsitySettings.layers (fnmatch patterns)")
+        raise SettingsError(f"{type(module).__name__} has no nn.ModuleList of transformer blocks; "
+                            "choose the layers with --sparse-layers (fnmatch patterns on module names)")
     name, _ = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
     prefix = f"{name}." if name else ""
     chosen = {n: m for n, m in linears.items() if n.startswith(prefix)}
     if not chosen:
-        raise ValueError(f"the blocks {name!r} of {type(module).__name__} hold no nn.Linear or Conv1D; "
-                         "choose the layers with SparsitySettings.layers (fnmatch patterns)")
+        raise SettingsError(f"the blocks {name!r} of {type(module).__name__} hold no nn.Linear or Conv1D; "
+                            "choose the layers with --sparse-layers (fnmatch patterns on module names)")
     return chosen
 
 
@@ -240,7 +242,8 @@ def prune_2_4(module: Any, settings: SparsitySettings, tokens: Any = None,
             continue
         chosen[name] = m
     if not chosen:
-        raise ValueError(f"no layer could be pruned 2:4: {skipped}")
+        raise SettingsError(f"no layer could be pruned 2:4 (2:4 groups run along the input axis): {skipped}; "
+                            "leave out --sparsity 2:4 for this model, or choose other layers with --sparse-layers")
     norms = input_norms(module, chosen, tokens, input_names) if settings.method == "wanda" else {}
     if settings.method == "sparsegpt":  # masks chosen and kept weights updated, layer by layer
         masks = sparsegpt_2_4(module, chosen, {n: input_axis(m) for n, m in chosen.items()}, tokens, input_names)

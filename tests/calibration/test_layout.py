@@ -77,6 +77,8 @@ def test_recovery_data_is_the_mix_only_by_default_and_where_the_data_is(tmp_path
     mixed = recovery_data(default, 6144)
     assert mixed.train_path == tuple(str(root / rel) for rel in RECOVERY_MIX) and mixed.train_samples == 6144
     assert (mixed.samples, mixed.calib_samples, mixed.path) == (default.samples, default.calib_samples, None)
+    with pytest.raises(DataError, match="--recover-samples 1: .* mixes 3 files.*--recover-samples 3"):
+        recovery_data(default, 1)  # was exit 3 (the settings' ValueError, raised inside the stage)
     given = DataSettings(train_path=("mine.txt",))
     assert recovery_data(given, 6144) is given  # a --train-text wins
     other = DataSettings(path="deploy.txt")

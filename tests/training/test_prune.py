@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from compiler.errors import SettingsError
 from compiler.settings import SparsitySettings, TrainSettings
 from compiler.training.distill import distill
 from compiler.training.prune import (SparsityPruneReport, block_linears, hold_masks, input_axis, input_norms,
@@ -69,7 +70,7 @@ def test_block_linears_default_patterns_and_errors():
     assert list(picked) == ["encoder.layer.0.attention.output.dense", "encoder.layer.0.intermediate.dense",
                             "encoder.layer.0.output.dense"]
     assert list(block_linears(model, ("pooler.*",))) == ["pooler.dense"]  # patterns override the default
-    with pytest.raises(ValueError, match="match no linear layer"):
+    with pytest.raises(SettingsError, match="--sparse-layers decoder.\\*: matches no linear layer"):  # was exit 3
         block_linears(model, ("decoder.*",))
     with pytest.raises(ValueError, match="no nn.ModuleList"):
         block_linears(torch.nn.Sequential(torch.nn.Linear(8, 8)))
