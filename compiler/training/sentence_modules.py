@@ -6,7 +6,7 @@ sentence-transformers saves a model as `modules.json`, a list of modules run in 
 | module (the class name ends `type`) | here |
 |---|---|
 | `Transformer` (path "" or a folder such as `0_Transformer`) | the Hugging Face model the graph starts from |
-| `Pooling` (`1_Pooling/config.json`) | in the graph: `cls`, `mean`, `max`, `mean_sqrt_len_tokens`, several concatenated in their order |
+| `Pooling` (`1_Pooling/config.json`) | in the graph: `cls`, `mean`, `max`, `mean_sqrt_len_tokens`, `weightedmean`, `lasttoken` (decoder embedders), several concatenated in the library's order |
 | `Dense` (`2_Dense/config.json` + `model.safetensors` or `pytorch_model.bin`) | in the graph: `activation(x W^T + b)`, W (out_features, in_features) |
 | `Normalize` | in the graph: L2 normalisation |
 | `Dropout` | nothing (identity at inference) |
@@ -14,9 +14,13 @@ sentence-transformers saves a model as `modules.json`, a list of modules run in 
 Both spellings of the files are read: the library's older ones (`sentence_transformers.models.Pooling`,
 `pooling_mode_mean_tokens: true`) and those of sentence-transformers 5/6
 (`sentence_transformers.sentence_transformer.modules.pooling.Pooling`, `pooling_mode: "mean"`).
-Any other module (`LayerNorm`, `WordWeights`, `CNN`, `LSTM`, a custom one) or pooling mode
-(`weightedmean`, `lasttoken`) is refused with its name: a graph without it would give other
-embeddings than the checkpoint, silently.
+The older keys concatenate in the library's fixed order (cls, max, mean, mean_sqrt_len_tokens,
+weightedmean, lasttoken); a `pooling_mode` list in its own order, as sentence-transformers 6 does.
+`cls` is the first position, `weightedmean` and `lasttoken` follow the library's formulas (SGPT,
+Muennighoff 2022: position weights counted from the first valid token; the last valid token) on
+inputs padded on the right, as the bundle and every figure here send them.
+Any other module (`LayerNorm`, `WordWeights`, `CNN`, `LSTM`, a custom one) is refused with its
+name: a graph without it would give other embeddings than the checkpoint, silently.
 """
 
 from __future__ import annotations
@@ -29,8 +33,12 @@ from typing import Any
 
 # sentence-transformers' mode names -> the names used here (the older config keys' spelling)
 _MODES = {"cls": "cls_token", "cls_token": "cls_token", "mean": "mean_tokens", "mean_tokens": "mean_tokens",
-          "max": "max_tokens", "max_tokens": "max_tokens", "mean_sqrt_len_tokens": "mean_sqrt_len_tokens"}
-_LEGACY_KEYS = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+          "max": "max_tokens", "max_tokens": "max_tokens", "mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+          "weightedmean": "weightedmean_tokens", "weightedmean_tokens": "weightedmean_tokens",
+          "lasttoken": "lasttoken"}
+# the older `pooling_mode_<key>: true` keys, in the order sentence-transformers concatenates them
+# (its `_LEGACY_POOLING_MODE_KWARGS`; the older Pooling.forward ran them in this order too)
+_LEGACY_KEYS = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
 _ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid", "SiLU")
 
 
@@ -61,8 +69,10 @@ class Pooling:
 
     Attributes:
         modes: one or more of `mean_tokens` (mean over valid tokens), `cls_token` (the first
-            token), `max_tokens`, `mean_sqrt_len_tokens` (sum over valid tokens / sqrt(count));
-            several are concatenated in this order, as sentence-transformers does.
+            token), `max_tokens`, `mean_sqrt_len_tokens` (sum over valid tokens / sqrt(count)),
+            `weightedmean_tokens` (weights 1, 2, ... from the first valid token), `lasttoken`
+            (the last valid token); several are concatenated in this order, as
+            sentence-transformers does.
         normalize: L2-normalize the final vector (a `Normalize` module).
         dense: the `Dense` modules between pooling and normalisation, in order.
     """
@@ -185,7 +195,8 @@ def _pooling_modes(folder: Path, where: str | Path) -> tuple[str, ...]:
     unknown = [n for n in names if n not in _MODES]
     if not names or unknown:
         raise CompilerError(f"{where}: pooling {names or 'none'} is not supported in the graph; supported: "
-                            f"cls, mean, max, mean_sqrt_len_tokens (one or several). Compile the token states "
+                            f"cls, mean, max, mean_sqrt_len_tokens, weightedmean, lasttoken (one or several). "
+                            "Compile the token states "
                             "with --task feature-extraction and pool them after the engine")
     if cfg.get("include_prompt") is False:
         import logging
@@ -254,6 +265,17 @@ def pool(states: Any, mask: Any, pooling: Pooling, dense: Any = None) -> Any:
             parts.append(states[:, 0])
         elif mode == "max_tokens":
             parts.append((states + (m - 1.0) * 1e9).max(dim=1).values)
+        elif mode == "weightedmean_tokens":  # weights 1..S, shifted so the first valid token has 1
+            mask32 = mask.to(torch.int32)  # ArgMax of int64 is not in ONNX Runtime's CPU kernels
+            positions = torch.cumsum(torch.ones_like(mask32), dim=1).to(states.dtype)  # 1..S, traced dynamic
+            weights = (positions - mask32.argmax(dim=1, keepdim=True).to(states.dtype)).unsqueeze(-1) * m
+            parts.append((states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9))
+        elif mode == "lasttoken":  # the last position whose mask is 1 (an empty mask gives zeros)
+            mask32 = mask.to(torch.int32)
+            values, from_end = mask32.flip(1).max(dim=1)
+            last = mask32.shape[1] - 1 - torch.where(values == 0, torch.zeros_like(from_end), from_end)
+            index = last.view(-1, 1, 1).expand(-1, 1, states.shape[-1])
+            parts.append(torch.gather(states * m, 1, index).squeeze(1))
         else:
             count = m.sum(dim=1).clamp(min=1e-9)
             parts.append((states * m).sum(dim=1) / (count if mode == "mean_tokens" else count.sqrt()))

@@ -28,7 +28,7 @@ from typing import Any
 from compiler.settings import TASKS
 from compiler.training.sentence_modules import sentence_transformers_pooling
 
-ENCODER_TASKS = ("sentence-embedding", "text-classification", "token-classification", "question-answering",
+ENCODER_TASKS = ("text-classification", "token-classification", "question-answering",
                  "fill-mask")
 DECODER_TASKS = ("text-generation", "text-generation-with-past")
 # Architecture name endings -> task (transformers' class naming)
@@ -58,7 +58,7 @@ class TaskSpec:
 
 SPECS = {s.name: s for s in (
     TaskSpec("feature-extraction", None, ("last_hidden_state",), ("last_hidden_state",), "any"),
-    TaskSpec("sentence-embedding", None, ("sentence_embedding",), (), "encoder"),
+    TaskSpec("sentence-embedding", None, ("sentence_embedding",), (), "any"),  # decoders: lasttoken pooling
     TaskSpec("text-classification", "AutoModelForSequenceClassification", ("logits",), (), "any"),
     TaskSpec("token-classification", "AutoModelForTokenClassification", ("logits",), ("logits",), "any"),
     TaskSpec("question-answering", "AutoModelForQuestionAnswering", ("start_logits", "end_logits"),

@@ -115,8 +115,8 @@ def test_a_transformer_in_its_own_folder_loads_with_the_pooling_of_the_root(bert
 
 @pytest.mark.parametrize("edit, message", [
     (lambda p: _add_module(p, "sentence_transformers.models.LayerNorm"), "'sentence_transformers.models.LayerNorm' module"),
-    (lambda p: (p / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "weightedmean"})),
-     "pooling ['weightedmean'] is not supported"),
+    (lambda p: (p / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "attention"})),
+     "pooling ['attention'] is not supported"),  # a mode of some later library: refused by name
     (lambda p: (p / "modules.json").write_text("[{"), "not readable JSON"),
     (lambda p: (p / "modules.json").write_text('{"0": "Transformer"}'), "expected a list of modules"),
 ])
@@ -141,3 +141,42 @@ def test_the_pooling_chain_is_in_the_models_key(bert_dir, tmp_path):
     assert load_model(ModelSettings(name=str(path), task="sentence-embedding")).key == before
     (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "cls"}))
     assert load_model(ModelSettings(name=str(path), task="sentence-embedding")).key != before
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("st") / "gpt2"
+    GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=30522, n_positions=128)).save_pretrained(path)
+    minilm_tokenizer().save_pretrained(path)  # a pad token, as decoder embedders' tokenizers have
+    config = json.loads((path / "tokenizer_config.json").read_text())  # and no token_type_ids (GPT-2
+    config["model_input_names"] = ["input_ids", "attention_mask"]  # would add their embedding)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("pooling", ["lasttoken", "weightedmean", ("max", "mean"), ("mean", "max")])
+def test_decoder_embedders_and_the_last_pooling_modes_match_the_library(gpt2_dir, tmp_path, pooling):
+    """A decoder with last-token pooling (SGPT; Qwen3-Embedding and e5-mistral pool so): was
+    refused twice ("needs an encoder model", then pooling ['lasttoken'] not supported). Two modes
+    concatenate in the order given."""
+    path = _saved(gpt2_dir, tmp_path / "decoder", pooling, [], normalize=True)
+    assert natural_task(path, None) == "sentence-embedding"
+    assert _graph_against_library(path, tmp_path) < 1e-5
+
+
+def test_the_older_keys_concatenate_in_the_librarys_order(bert_dir, tmp_path):
+    """`pooling_mode_mean_tokens` and `pooling_mode_max_tokens` both true: the library puts max
+    first (its `_LEGACY_POOLING_MODE_KWARGS` order); the graph put mean first."""
+    path = tmp_path / "legacy2"
+    shutil.copytree(bert_dir, path)
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 32, "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}))
+    assert sentence_transformers_pooling(path).modes == ("max_tokens", "mean_tokens")
+    assert _graph_against_library(path, tmp_path) < 1e-5
