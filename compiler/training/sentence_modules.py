@@ -275,7 +275,7 @@ def pool(states: Any, mask: Any, pooling: Pooling, dense: Any = None) -> Any:
             values, from_end = mask32.flip(1).max(dim=1)
             last = mask32.shape[1] - 1 - torch.where(values == 0, torch.zeros_like(from_end), from_end)
             index = last.view(-1, 1, 1).expand(-1, 1, states.shape[-1])
-            parts.append(torch.gather(states * m, 1, index).squeeze(1))
+            parts.append(torch.gather(states * m, 1, index)[:, 0])  # not squeeze(1): it exports as an If
         else:
             count = m.sum(dim=1).clamp(min=1e-9)
             parts.append((states * m).sum(dim=1) / (count if mode == "mean_tokens" else count.sqrt()))
