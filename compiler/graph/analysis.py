@@ -56,6 +56,44 @@ def tensor_types(model: Any) -> dict[str, int]:
     return types
 
 
+STANDARD_DOMAINS = ("", "ai.onnx")
+LOW_FLOATS = {10: "float16", 16: "bfloat16"}  # onnx.TensorProto.FLOAT16, BFLOAT16
+
+
+def check_fp32_straight_line(model: Any) -> None:
+    """Refuse a graph the precision pass cannot rewrite: it takes the FP32, standard-opset,
+    straight-line graph an exporter writes (TensorRT 11 parses only the standard domain).
+
+    Raises:
+        PrecisionError: a node holding a subgraph (If, Loop, Scan); nodes of another domain
+            (ONNX Runtime's `com.microsoft` fusions from its transformer optimizer: Attention,
+            SkipLayerNormalization, ...), named with their counts; FP16/BF16 initializers or graph
+            inputs/outputs (an already converted graph: the rules would leave it as it is).
+    """
+    import onnx
+
+    for n in model.graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            raise GraphError(f"node {n.name!r} ({n.op_type}) has a subgraph; the precision pass "
+                             "handles straight-line graphs only (export without control flow)")
+    foreign: dict[str, int] = defaultdict(int)
+    for n in model.graph.node:
+        if n.domain not in STANDARD_DOMAINS:
+            foreign[f"{n.domain}.{n.op_type}"] += 1
+    if foreign:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(foreign.items()))
+        raise GraphError(f"the graph has nodes outside the standard ONNX domain ({ops}); TensorRT's ONNX parser "
+                         "takes standard ops only. Give the exporter's graph (`python -m compiler export`), not "
+                         "one fused by onnxruntime.transformers.optimizer")
+    low = [f"{t.name} ({LOW_FLOATS[t.data_type]})" for t in model.graph.initializer if t.data_type in LOW_FLOATS]
+    low += [f"{v.name} ({LOW_FLOATS[v.type.tensor_type.elem_type]})" for v in (*model.graph.input, *model.graph.output)
+            if v.type.tensor_type.elem_type in LOW_FLOATS]
+    if low:
+        raise GraphError(f"the graph is not FP32: {len(low)} tensor(s) already in a 16-bit float type, e.g. "
+                         f"{', '.join(low[:3])}; the precision pass rewrites the FP32 export (it would leave these "
+                         "as they are, softmax and layer norm included). Give the FP32 graph")
+
+
 def array(t: Any) -> np.ndarray:
     """An initializer (TensorProto) as a numpy array."""
     from onnx import numpy_helper

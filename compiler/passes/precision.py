@@ -39,7 +39,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from compiler.errors import PrecisionError
-from compiler.graph.analysis import FLOAT, FLOAT16, FP16_MAX, array, matmul_macs, tensor_consumers, tensor_types
+from compiler.graph.analysis import (FLOAT, FLOAT16, FP16_MAX, array, check_fp32_straight_line, matmul_macs,
+                                     tensor_consumers, tensor_types)
 from compiler.graph.onnx_io import constants_to_initializers, graph_copy
 from compiler.passes.precision_rules import HYBRID_RULES, MASK_FILL_MIN, constant_absmax, rule_fp16_range
 from compiler.settings import PrecisionSettings
@@ -154,7 +155,8 @@ def convert_precision(model: Any, settings: PrecisionSettings, mac_shape: tuple[
         (new ModelProto, PrecisionReport). Graph inputs/outputs keep their dtypes.
 
     Raises:
-        PrecisionError: the graph has control flow (If/Loop/Scan), tensors whose type shape
+        PrecisionError: the graph has control flow (If/Loop/Scan), ops outside the standard
+            domain, 16-bit float tensors (`check_fp32_straight_line`), tensors whose type shape
             inference cannot tell, or `fp32_nodes` names a node that is not in the graph.
     """
     work, all_inits = working_copy(model, settings.mode)
@@ -199,7 +201,7 @@ def working_copy(original: Any, mode: str) -> tuple[Any, list[Any]]:
         Constant nodes']).
 
     Raises:
-        PrecisionError: a node holds a subgraph (If, Loop, Scan).
+        PrecisionError: a subgraph, another domain's ops or 16-bit floats (`check_fp32_straight_line`).
     """
     import onnx
 
@@ -213,10 +215,7 @@ def working_copy(original: Any, mode: str) -> tuple[Any, list[Any]]:
     for i, n in enumerate(graph.node):  # rules and reports address nodes by unique names
         if not n.name:
             n.name = f"{n.op_type}_{i}"
-    for n in graph.node:
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
-            raise PrecisionError(f"node {n.name!r} ({n.op_type}) has a subgraph; the precision pass "
-                                 "handles straight-line graphs only (export without control flow)")
+    check_fp32_straight_line(original)
     if mode == "fp32":
         return model, list(graph.initializer)
     constants_as_inits = []

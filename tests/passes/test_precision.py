@@ -126,6 +126,24 @@ def test_control_flow_is_refused():
         convert(model, "hybrid")
 
 
+def test_contrib_ops_and_an_already_fp16_graph_are_refused():
+    """An ONNX Runtime transformer-optimizer graph (com.microsoft fusions) failed with "shape
+    inference gives no type"; an FP16 graph came back as it was, softmax in FP16, exit 0."""
+    fused = [helper.make_node("SkipLayerNormalization", ["X", "X", "g", "b"], ["Y"], domain="com.microsoft")]
+    model = helper.make_model(helper.make_graph(fused, "g", [f32("X", [2, 4])], [f32("Y", [2, 4])], initializer=[
+        numpy_helper.from_array(np.ones(4, np.float32), "g"), numpy_helper.from_array(np.zeros(4, np.float32), "b")]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(PrecisionError, match=r"outside the standard ONNX domain \(com.microsoft.SkipLayerNormalization x1\)"):
+        convert(model, "hybrid")
+    half = [helper.make_node("MatMul", ["X", "W"], ["h"]), helper.make_node("Softmax", ["h"], ["Y"])]
+    x16 = helper.make_tensor_value_info("X", TensorProto.FLOAT16, [2, 4])
+    model = make_model(half, [x16], [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, [2, 4])],
+                       {"W": np.eye(4, dtype=np.float16)})
+    for mode in ("hybrid", "fp16"):
+        with pytest.raises(PrecisionError, match="not FP32: 3 tensor.*e.g. W \\(float16\\)"):
+            convert(model, mode)
+
+
 # --------------------------------------------------------------------------------------------
 # hybrid rules
 
