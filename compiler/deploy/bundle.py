@@ -4,7 +4,7 @@
 
     manifest.json  README.md
     <name>/config.pbtxt          platform "tensorrt_plan"; <name>/1/ holds the plan(s)
-    <name>/tokenizer/  <name>/reference/model.fp32.onnx
+    <name>/tokenizer/  <name>/reference/model.fp32.onnx  [<name>/labels.txt: a classifier's class names]
     <name>_onnxruntime/config.pbtxt, <name>_onnxruntime/1/model.onnx   platform "onnxruntime_onnx"
 
 The tokenizer and the FP32 reference sit inside the TensorRT model's folder: Triton ignores a model
@@ -48,6 +48,7 @@ FORMAT = "trt-compiler-bundle/1"
 MANIFEST = "manifest.json"
 REFERENCE = "{name}/reference/model.fp32.onnx"  # inside the TensorRT model folder: Triton skips non-numeric subfolders
 TOKENIZER_DIR = "{name}/tokenizer"
+LABELS_FILE = "labels.txt"  # in each model folder: Triton's `label_filename` (classification extension)
 BUILD_OPTION_FIELDS = ("hardware_compat", "version_compatible", "exclude_lean_runtime", "workspace_mib",
                        "optimization_level")
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
@@ -166,11 +167,15 @@ def _write_configs(root: Path, manifest: dict[str, Any]) -> None:
     default = next((Path(e["file"]).name for e in engines if e.get("hardware_compat") == "ampere+"),
                    triton.PLAN_FILENAME)
     (root / name / "1").mkdir(parents=True, exist_ok=True)
-    triton.write_config(root / name / "config.pbtxt",
-                        triton.tensorrt_config(name, manifest["io"], manifest["profiles"], cc_files, default))
+    labels = manifest.get("labels") or {}
+    trt = triton.tensorrt_config(name, manifest["io"], manifest["profiles"], cc_files, default)
     ort_io = manifest["onnxruntime"]["io"]
-    triton.write_config(root / f"{name}_onnxruntime" / "config.pbtxt", triton.onnxruntime_config(
-        f"{name}_onnxruntime", ort_io, triton.max_batch_size(ort_io, manifest["profiles"])))
+    ort = triton.onnxruntime_config(f"{name}_onnxruntime", ort_io, triton.max_batch_size(ort_io, manifest["profiles"]))
+    for folder, config in ((name, trt), (f"{name}_onnxruntime", ort)):
+        if labels:
+            write_bytes(root / folder / LABELS_FILE, "".join(f"{n}\n" for n in labels["names"]).encode())
+            triton.set_label_file(config, labels["output"], LABELS_FILE)
+        triton.write_config(root / folder / "config.pbtxt", config)
 
 
 def prepare_bundle(settings: BuildSettings, run: PipelineRun | None = None, out_dir: Path | None = None,
@@ -230,6 +235,8 @@ def prepare_bundle(settings: BuildSettings, run: PipelineRun | None = None, out_
             "precision": precision_recipe(report, run.variant_onnx),
             "fidelity": report.get("fidelity"),
         }
+        if getattr(run.loaded, "labels", None):  # classification: names in id order, as Triton's labels.txt
+            manifest["labels"] = {"output": "logits", "names": list(run.loaded.labels), "file": LABELS_FILE}
         _write_configs(tmp, manifest)
         finish_bundle(tmp, manifest, dest)
     log.info("bundle prepared: %s", dest)

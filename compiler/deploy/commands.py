@@ -137,8 +137,18 @@ def run_command(args: argparse.Namespace) -> int:
     for name, o in summary["outputs"].items():
         print(f"  {name}: {o['dtype']} {o['shape']}, non-finite {o['nonfinite']}")
     how = "the graph's sentence_embedding" if "sentence_embedding" in outputs else \
+        f"{bundle.output_names[0]} as it is" if outputs[bundle.output_names[0]].ndim == 2 else \
         f"mean of {bundle.output_names[0]} over unmasked tokens"
     print(f"  embedding: float32 {summary['embedding']['shape']} ({how})")
+    from compiler.deploy.answers import answer_line, task_answers
+
+    task = bundle.manifest["model"].get("task", "feature-extraction")
+    answers = task_answers(task, outputs, feeds, bundle.tokenizer, (bundle.manifest.get("labels") or {}).get("names"))
+    if answers is not None:
+        summary["answers"] = answers
+        print(f"answers ({task}):")
+        for i, a in enumerate(answers):
+            print(f"  [{i}] {answer_line(task, a)}")
     if args.check:
         from compiler.deploy.hostcheck import check_on_host, heldout_sample
 

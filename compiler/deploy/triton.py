@@ -169,6 +169,15 @@ def onnxruntime_config(name: str, io: Mapping[str, Any], max_batch: int, kind: s
     return config
 
 
+def set_label_file(config: Any, output: str, filename: str) -> None:
+    """Name the label file of a classification output (`ModelOutput.label_filename`, relative to
+    the model folder: one class name a line, in id order), so Triton's classification extension
+    returns class names. An output `config` does not have is left alone."""
+    for o in config.output:
+        if o.name == output:
+            o.label_filename = filename
+
+
 def config_text(config: Any) -> str:
     """The protobuf text format of a `ModelConfig` (what `config.pbtxt` holds)."""
     from google.protobuf import text_format

@@ -8,7 +8,7 @@ in order (`QdqPlacer.plan`), each MatMul/Gemm left float reporting the rule's na
 
 1. `not-eligible`: inputs not FP32, a constant input of rank < 2, or two constants.
 2. `sensitivity`: named in `exclude_nodes` (the budget loop's measured exclusions).
-3. `pattern`: the name matches a `QuantSettings.exclude` fnmatch pattern.
+3. `pattern`: the name matches a `QuantSettings.exclude` fnmatch pattern (one matching nothing is refused).
 4. `attention-bmm`: both inputs are activations (Q.K^T, probs.V), unless
    `QuantSettings.quantize_attention_bmm`.
 5. Every other node is quantized:
@@ -33,6 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from compiler.errors import PrecisionError
 from compiler.graph.analysis import FLOAT, GEMM_OPS, MacList, attr, matmul_macs
 from compiler.settings import QuantSettings
 
@@ -380,19 +381,11 @@ class QdqPlacer:
 
     def plan(self, settings: QuantSettings, exclude_nodes: Mapping[str, str] | None = None
              ) -> tuple[list[MatMulSite], list[ExcludedNode]]:
-        """(MatMuls to quantize, MatMuls left float with the reason), by the module's rules 1-5.
-
-        Raises:
-            PrecisionError: an `exclude` pattern that matches no MatMul/Gemm node (a typo would
-                otherwise quantize what the user meant to keep float); names some node names.
-        """
+        """(MatMuls to quantize, MatMuls left float with the reason), by rules 1-5 (PrecisionError: see 3)."""
         unmatched = [p for p in settings.exclude if not any(fnmatch.fnmatchcase(m.name, p) for m in self.matmuls)]
         if unmatched:
-            from compiler.errors import PrecisionError
-
-            names = ", ".join(m.name for m in self.matmuls[:4])
-            raise PrecisionError(f"--exclude {' '.join(unmatched)}: matches no MatMul/Gemm node of the graph; "
-                                 f"they are named like {names} (fnmatch patterns: e.g. '*attention*')")
+            raise PrecisionError(f"--exclude {' '.join(unmatched)}: matches no MatMul/Gemm node of the graph; they "
+                                 f"are named like {', '.join(m.name for m in self.matmuls[:4])} (fnmatch patterns)")
         quantized, excluded = [], []
         exclude_nodes = dict(exclude_nodes or {})
         for m in self.matmuls:

@@ -106,6 +106,7 @@ class LoadedModel:
     task: str = "feature-extraction"
     pooling: Any = None  # compiler.training.tasks.Pooling for sentence-embedding
     cache: Any = None  # compiler.training.tasks.CacheSpec for text-generation-with-past
+    labels: tuple[str, ...] | None = None  # class names in id order (text- and token-classification)
 
 
 def _unknown(name: str, why: str) -> UnknownModelError:
@@ -184,7 +185,8 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     if task == "text-generation-with-past":
         cache = tasks.cache_spec(config, module)
         names += [CacheInput(n, cache.heads, cache.head_dim) for n in cache.input_names()]
-    return LoadedModel(module, tokenizer, note, names, vocab_size, family, source, key, task, pooling, cache)
+    return LoadedModel(module, tokenizer, note, names, vocab_size, family, source, key, task, pooling, cache,
+                       tasks.class_labels(config, task))
 
 
 def _locate(name: str) -> tuple[ArchitectureSpec | None, str, str]:

@@ -219,3 +219,14 @@ def check_training(settings: Any) -> None:
                             "over the kept tokens only, which cannot be verified against the full-vocabulary FP32 "
                             "graph (and whose argmax is no longer a token id). Prune the vocabulary of a "
                             "feature-extraction or sentence-embedding graph, or leave the vocabulary whole.")
+
+
+def class_labels(config: Any, task: str) -> tuple[str, ...] | None:
+    """The class names of a classification head in id order (`config.id2label`; transformers
+    fills it with LABEL_0, LABEL_1, ... when the checkpoint names none), for `text-classification`
+    and `token-classification`; None for other tasks."""
+    if task not in ("text-classification", "token-classification"):
+        return None
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    count = int(getattr(config, "num_labels", len(id2label)) or len(id2label))
+    return tuple(id2label.get(i, f"LABEL_{i}") for i in range(count)) or None

@@ -1,0 +1,89 @@
+"""compiler/deploy/answers.py, and a classifier bundle end to end: its class names reach Triton's
+`labels.txt` (`label_filename` in both configs) and `run` answers with them. Before, `run` on a
+classifier printed the logits as an "embedding" ("mean of logits over unmasked tokens") and the
+bundle kept no class names."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compiler.cli import main
+from compiler.deploy.answers import answer_line, softmax, task_answers
+from compiler.deploy.triton import read_config
+from tests.models import minilm_tokenizer
+
+LABELS = ("NEGATIVE", "POSITIVE")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return minilm_tokenizer()
+
+
+def test_each_task_answers_from_its_outputs(tokenizer):
+    feeds = {k: v.astype(np.int64) for k, v in tokenizer(["a [MASK] film", "paris is nice"], padding=True,
+                                                        return_tensors="np").items()}
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
+    b, s = ids.shape
+    cls = task_answers("text-classification", {"logits": np.array([[0.0, 2.0], [3.0, 0.0]], np.float32)}, feeds,
+                       tokenizer, LABELS)
+    assert [a["label"] for a in cls] == ["POSITIVE", "NEGATIVE"] and cls[0]["score"] == pytest.approx(0.880797, 1e-5)
+    tok = np.zeros((b, s, 2), np.float32)
+    tok[..., 1] = 1.0
+    rows = task_answers("token-classification", {"logits": tok}, feeds, tokenizer, LABELS)
+    assert [t["token"] for t in rows[1]] == ["paris", "is", "nice"]  # no [CLS], [SEP] or padding
+    assert {t["label"] for r in rows for t in r} == {"POSITIVE"}
+    vocab = np.zeros((b, s, len(tokenizer)), np.float32)
+    vocab[0, 2, tokenizer.convert_tokens_to_ids("good")] = 9.0  # position 2: [CLS] a [MASK]
+    filled = task_answers("fill-mask", {"logits": vocab}, feeds, tokenizer, top_k=3)
+    assert filled[0][0][0]["token"] == "good" and len(filled[0][0]) == 3 and filled[1] == []
+    start, end = np.zeros((b, s), np.float32), np.zeros((b, s), np.float32)
+    start[1, 1], end[1, 3] = 5.0, 5.0  # "paris is nice"
+    end[1, 0] = 9.0  # [CLS] is never an answer
+    assert task_answers("question-answering", {"start_logits": start, "end_logits": end}, feeds,
+                        tokenizer)[1]["answer"] == "paris is nice"
+    logits = np.zeros((b, s, len(tokenizer)), np.float32)
+    last = mask.sum(axis=1) - 1
+    logits[0, last[0], tokenizer.convert_tokens_to_ids("end")] = 1.0
+    assert task_answers("text-generation", {"logits": logits}, feeds, tokenizer)[0]["next_token"] == "end"
+    assert task_answers("feature-extraction", {"last_hidden_state": tok}, feeds, tokenizer) is None
+    assert answer_line("text-classification", cls[0]) == "POSITIVE (0.8808)"
+    np.testing.assert_allclose(softmax(np.array([[1000.0, 1000.0]])), [[0.5, 0.5]])  # no overflow
+
+
+def test_a_classifier_bundle_carries_its_class_names_to_triton_and_run(tmp_path):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "classifier"
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=30522, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    BertForSequenceClassification(config).save_pretrained(checkpoint)
+    minilm_tokenizer().save_pretrained(checkpoint)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["-q", "bundle", "--model", str(checkpoint), "--samples", "2", "--calib-samples", "2",
+                     "--max-length", "16", "--max-shape", "2x16", "--output-dir", str(tmp_path / "out"),
+                     "--out", str(tmp_path / "bundle")]) == 0
+    bundle = tmp_path / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["model"]["task"] == "text-classification"
+    assert manifest["labels"] == {"output": "logits", "names": list(LABELS), "file": "labels.txt"}
+    for folder in (manifest["name"], f"{manifest['name']}_onnxruntime"):
+        assert (bundle / folder / "labels.txt").read_text().splitlines() == list(LABELS)
+        assert f"{folder}/labels.txt" in manifest["files"]  # hashed: a changed label file is refused
+        (logits,) = [o for o in read_config(bundle / folder / "config.pbtxt").output if o.name == "logits"]
+        assert logits.label_filename == "labels.txt"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", str(bundle), "--text", "a good film", "--text", "bad", "--out", str(tmp_path / "r")]) == 0
+    answers = json.loads((tmp_path / "r" / "run.json").read_text())["answers"]
+    assert len(answers) == 2 and {a["label"] for a in answers} <= set(LABELS)
+    assert "answers (text-classification):" in printed.getvalue() and "(logits as it is)" in printed.getvalue()
+    assert Path(tmp_path / "r" / "logits.npy").is_file()
