@@ -411,6 +411,13 @@ def _run(args: argparse.Namespace) -> int:
 
         settings = fit_to_positions(settings, set(vars(args)))  # defaults past a small model's positions
         settings = resolve_task(settings)  # None: the checkpoint's natural task; KV-cache profiles
+        if settings.model.task == "sentence-embedding":
+            from compiler.training.models import checkpoint_config
+            from compiler.training.sentence_modules import library_notes
+
+            longest = max(p.max_shape[1] for p in settings.engine.profiles)
+            for note in library_notes(checkpoint_config(settings.model)[0], longest):
+                log.warning("%s", note)
     if args.command == "precision":
         return _precision_only(args, settings)
     if args.command == "run":

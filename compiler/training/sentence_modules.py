@@ -138,6 +138,36 @@ def _root(where: str | Path) -> Path:
     return where
 
 
+def library_notes(where: str | Path, max_sequence: int) -> list[str]:
+    """What `SentenceTransformer.encode` does to a text before the model and the graph does not
+    (warnings for the CLI): it truncates at `sentence_bert_config.json`'s `max_seq_length` when
+    that is below the profile's longest sequence, and it prepends the default prompt
+    (`config_sentence_transformers.json`: `default_prompt_name` in `prompts`). [] when neither."""
+    root = _root(where)
+    if not (root / "modules.json").is_file():
+        return []
+
+    def read(path: Path) -> dict:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    notes = []
+    limit = read((transformer_folder(root) or root) / "sentence_bert_config.json").get("max_seq_length")
+    if isinstance(limit, int) and 0 < limit < max_sequence:
+        notes.append(f"sentence-transformers truncates texts at max_seq_length={limit} tokens; the engine's profile "
+                     f"takes {max_sequence}: longer texts give vectors encode() never gives. Pass --max-shape "
+                     f"BATCHx{limit} to match it (or truncate in the client)")
+    st = read(root / "config_sentence_transformers.json")
+    name, prompts = st.get("default_prompt_name"), st.get("prompts") or {}
+    if isinstance(prompts, dict) and name in prompts and prompts[name]:
+        notes.append(f"encode() prepends the default prompt {name!r} ({prompts[name]!r}) to every text; the engine "
+                     "takes the text as given: prepend it in the client")
+    return notes
+
+
 def sentence_transformers_pooling(where: str | Path) -> Pooling | None:
     """The pooling chain of a sentence-transformers checkpoint directory (or of the directory
     whose `Transformer` folder `where` is), or None when `where` is not one (no `modules.json`,

