@@ -177,8 +177,9 @@ def _attr_int(node: Any, name: str) -> int:
 def inspect_onnx(path: Path) -> dict[str, Any]:
     """An ONNX model: {"kind": "onnx", "path", "mib", "sha256", "ir_version", "opset": {domain:
     version}, "producer", "inputs"/"outputs": [{"name", "dtype", "shape"}], "precision":
-    `precision_counts`, "sparsity_2_4": {"eligible", "ineligible", "activation_matmuls",
-    "sparse_mac_fraction", "eligible_nodes"}}.
+    `precision_counts`, "tensorrt_ready": None or why not (ops of another domain),
+    "sparsity_2_4": {"eligible", "ineligible", "activation_matmuls", "sparse_mac_fraction",
+    "eligible_nodes"}}.
 
     Raises:
         InvalidOnnxError: `path` is not readable ONNX or fails `onnx.checker`.
@@ -193,6 +194,7 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "inputs": _io(model.graph.input), "outputs": _io(model.graph.output),
         "precision": precision_counts(model),
+        "tensorrt_ready": _tensorrt_ready(model),
     }
     try:
         sparse = check_2_4(model).to_dict()
@@ -202,6 +204,18 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
     except CompilerError as e:
         report["sparsity_2_4"] = {"problem": str(e)}
     return report
+
+
+def _tensorrt_ready(model: Any) -> str | None:
+    """None where TensorRT's ONNX parser takes the graph's ops (the standard domain, as the
+    precision pass requires: `check_fp32_straight_line`), else why not."""
+    from compiler.graph.analysis import STANDARD_DOMAINS
+
+    foreign = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    if foreign:
+        return (f"ops outside the standard ONNX domain ({', '.join(foreign)}): TensorRT's ONNX parser takes "
+                "standard ops only")
+    return None
 
 
 def inspect_bundle(bundle: Path, host: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -358,6 +372,8 @@ def _format_onnx(r: dict[str, Any]) -> list[str]:
               f"  Casts: {sum(p['casts'].values())} ({_counts(p['casts'])})",
               f"  Q/DQ: {p['qdq']['quantize']} QuantizeLinear, {p['qdq']['dequantize']} DequantizeLinear, "
               f"{p['qdq']['pairs']} Q->DQ pairs, {p['qdq']['weight_dequantize']} weight DQ"]
+    if r.get("tensorrt_ready"):
+        lines.append(f"  not TensorRT-ready: {r['tensorrt_ready']}")
     if "problem" in sp:
         lines.append(f"  2:4 sparsity: not checked ({sp['problem']})")
     else:

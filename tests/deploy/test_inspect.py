@@ -67,6 +67,20 @@ def test_onnx_opset_io_precisions_qdq_and_2_4(tmp_path):
     assert p["qdq"] == {"quantize": 1, "dequantize": 2, "pairs": 1, "weight_dequantize": 1}
     sparse = report["sparsity_2_4"]
     assert (sparse["eligible"], sparse["ineligible"], sparse["eligible_nodes"]) == (1, 1, ["gemm_fp16"])
+    assert report["tensorrt_ready"] is None
+
+
+def test_an_onnx_runtime_fused_graph_is_named_not_tensorrt_ready(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    fused = helper.make_node("SkipLayerNormalization", ["x", "x", "g", "b"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([fused], "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(np.ones(4, np.float32), "g"),
+                               numpy_helper.from_array(np.zeros(4, np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, tmp_path / "fused.onnx")
+    assert "com.microsoft.SkipLayerNormalization" in inspect_onnx(tmp_path / "fused.onnx")["tensorrt_ready"]
+    code, out, _ = _cli(str(tmp_path / "fused.onnx"))
+    assert code == EXIT_OK and "not TensorRT-ready: ops outside the standard ONNX domain" in out
 
 
 def test_inspect_onnx_on_the_command_line(tmp_path):
