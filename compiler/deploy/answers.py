@@ -6,7 +6,7 @@
 | `text-classification` | the top class (`labels.txt` name) and its softmax probability |
 | `token-classification` | each real token (special tokens and padding left out) with its top class |
 | `fill-mask` | for each mask token, the `top_k` tokens and their probabilities |
-| `question-answering` | the best span (start <= end, at most `MAX_ANSWER_TOKENS`) of the text, decoded |
+| `question-answering` | the best span (start <= end, at most `MAX_ANSWER_TOKENS`) of the context (`run --context`; else of the text), decoded |
 | `text-generation` | the greedy next token after the text |
 
 Other tasks (`feature-extraction`, `sentence-embedding`) have no answer beyond the embedding.
@@ -29,7 +29,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def task_answers(task: str, outputs: dict[str, np.ndarray], feeds: dict[str, np.ndarray], tokenizer: Any,
-                 labels: Sequence[str] | None = None, top_k: int = 5) -> list[Any] | None:
+                 labels: Sequence[str] | None = None, top_k: int = 5, paired: bool = False) -> list[Any] | None:
     """One answer per text for `task`, or None for a task without one.
 
     Args:
@@ -39,6 +39,8 @@ def task_answers(task: str, outputs: dict[str, np.ndarray], feeds: dict[str, np.
         tokenizer: the bundle's tokenizer (token strings, the mask token, decoding).
         labels: class names in id order (the bundle's `labels.txt`); ids where None.
         top_k: tokens listed per mask (fill-mask).
+        paired: the texts were tokenized as (question, context) pairs: an answer span lies in
+            the context, after the first separator token.
 
     Returns:
         A list with one JSON-ready answer per text (dicts of str, int and float), or None.
@@ -66,6 +68,9 @@ def task_answers(task: str, outputs: dict[str, np.ndarray], feeds: dict[str, np.
                              for i in np.argsort(-p[pos])[:top_k]] for pos in where])
         return answers
     if task == "question-answering":
+        if paired and tokenizer.sep_token_id is not None:  # the context: after the question's separator
+            after = np.cumsum(ids == tokenizer.sep_token_id, axis=1) >= 1
+            mask = mask * after
         return [_best_span(s, e, row, valid, tokenizer) for s, e, row, valid
                 in zip(outputs["start_logits"], outputs["end_logits"], ids, mask)]
     if task in ("text-generation", "text-generation-with-past"):

@@ -55,6 +55,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     text.add_argument("--text-file", type=Path, help="one text a line, or a TSV/CSV or JSON Lines file "
                                                      "(its --text-column, default sentence or text)")
     p.add_argument("--text-column", default=None, help="with --text-file: the column or field of the texts")
+    p.add_argument("--context", action="append", default=None,
+                   help="question-answering: the passage to answer from, one per --text (the question)")
     text.add_argument("--prompt", action="append", help="with --generate: a prompt (repeatable; same as --text)")
     p.add_argument("--generate", type=int, default=None, metavar="N",
                    help="greedy-decode N tokens after each text on a text-generation(-with-past) bundle")
@@ -108,10 +110,13 @@ def run_command(args: argparse.Namespace) -> int:
     from compiler.deploy.runtime import Bundle, sentence_embeddings
 
     texts = _texts(args)
+    if args.context is not None and (args.check or args.generate is not None):
+        raise CompilerError("--context goes with --text questions on a question-answering bundle; leave out "
+                            "--check and --generate")
     if args.generate is not None:
         return generate_run(args, texts)
     bundle = Bundle.load(args.bundle, args.backend, args.device, args.allow_host_code)
-    feeds = bundle.tokenize(texts, truncate=args.truncate)
+    feeds = bundle.tokenize(texts, truncate=args.truncate, pairs=args.context)
     outputs = bundle.infer_batches(feeds)
     step = bundle.max_batch(feeds["input_ids"].shape[1])  # rows per request (texts beyond it: more requests)
     embeddings = sentence_embeddings(outputs, feeds, bundle.output_names[0])
@@ -143,7 +148,8 @@ def run_command(args: argparse.Namespace) -> int:
     from compiler.deploy.answers import answer_line, task_answers
 
     task = bundle.manifest["model"].get("task", "feature-extraction")
-    answers = task_answers(task, outputs, feeds, bundle.tokenizer, (bundle.manifest.get("labels") or {}).get("names"))
+    answers = task_answers(task, outputs, feeds, bundle.tokenizer, (bundle.manifest.get("labels") or {}).get("names"),
+                           paired=args.context is not None)
     if answers is not None:
         summary["answers"] = answers
         print(f"answers ({task}):")

@@ -181,7 +181,8 @@ class Bundle:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.root / self.manifest["tokenizer"]["dir"]))
         return self._tokenizer
 
-    def tokenize(self, texts: list[str], truncate: bool = False) -> dict[str, np.ndarray]:
+    def tokenize(self, texts: list[str], truncate: bool = False,
+                 pairs: list[str] | None = None) -> dict[str, np.ndarray]:
         """{input name: int64 (batch, sequence)} of `texts`, padded on the right to the longest
         (whatever side the tokenizer was saved with: each sample's valid tokens come first, as
         `--check` and the compile's figures count them); a KV-cache input (`past_key_values.*`)
@@ -190,10 +191,15 @@ class Bundle:
         Args:
             texts: the request. truncate: cut each text at the tokenizer's `max_length` (the
                 profile's longest sequence); without it a longer text is refused by `infer`.
+            pairs: second segments, one per text (question-answering: texts are the questions,
+                pairs the contexts; truncation then cuts the context only).
         """
         limit = self.manifest["tokenizer"]["max_length"]
-        enc = self.tokenizer(list(texts), padding=True, truncation=truncate, max_length=limit if truncate else None,
-                             padding_side="right", return_tensors="np")
+        if pairs is not None and len(pairs) != len(texts):
+            raise CompilerError(f"{len(texts)} text(s) but {len(pairs)} context(s): give one --context per --text")
+        cut = ("only_second" if pairs is not None else True) if truncate else False
+        enc = self.tokenizer(list(texts), list(pairs) if pairs is not None else None, padding=True, truncation=cut,
+                             max_length=limit if truncate else None, padding_side="right", return_tensors="np")
         ids = enc["input_ids"].astype(np.int64)
         from compiler.deploy.generation import cache_inputs
 

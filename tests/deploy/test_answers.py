@@ -87,3 +87,16 @@ def test_a_classifier_bundle_carries_its_class_names_to_triton_and_run(tmp_path)
     assert len(answers) == 2 and {a["label"] for a in answers} <= set(LABELS)
     assert "answers (text-classification):" in printed.getvalue() and "(logits as it is)" in printed.getvalue()
     assert Path(tmp_path / "r" / "logits.npy").is_file()
+
+
+def test_a_question_answering_span_lies_in_the_context_of_a_pair(tokenizer):
+    enc = tokenizer(["who wrote it"], ["mary shelley wrote it"], return_tensors="np")
+    feeds = {k: v.astype(np.int64) for k, v in enc.items()}
+    tokens = tokenizer.convert_ids_to_tokens(feeds["input_ids"][0].tolist())
+    start, end = np.zeros((1, len(tokens)), np.float32), np.zeros((1, len(tokens)), np.float32)
+    start[0, tokens.index("who")], end[0, tokens.index("who")] = 9.0, 9.0  # the question's own words
+    first = tokens.index("mary")
+    start[0, first], end[0, first + 1] = 5.0, 5.0
+    out = {"start_logits": start, "end_logits": end}
+    assert task_answers("question-answering", out, feeds, tokenizer, paired=True)[0]["answer"] == "mary shelley"
+    assert task_answers("question-answering", out, feeds, tokenizer)[0]["answer"] == "who"  # one text: anywhere
