@@ -200,6 +200,10 @@ def _locate(name: str) -> tuple[ArchitectureSpec | None, str, str]:
             from compiler.training.sentence_modules import transformer_folder
 
             inner = transformer_folder(local)  # an older sentence-transformers layout: 0_Transformer/
+            if inner is None and (local / "adapter_config.json").is_file():
+                raise _unknown(name, f"{local} holds a PEFT adapter (adapter_config.json), not a model: merge it "
+                               "into its base model (peft: PeftModel.from_pretrained(base, dir).merge_and_unload()"
+                               ".save_pretrained(out), with the tokenizer) and pass that folder")
             if inner is None:
                 raise _unknown(name, f"directory {local} has no config.json")
             return None, str(inner), ""

@@ -137,6 +137,13 @@ def test_an_encoder_decoder_checkpoint_is_refused_with_the_families_named(tmp_pa
         load_model(ModelSettings(name=str(tmp_path / "t5")))
 
 
+def test_a_peft_adapter_folder_says_to_merge_it(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "bert"}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(UnknownModelError, match="holds a PEFT adapter .*merge_and_unload"):  # was "has no config.json"
+        load_model(ModelSettings(name=str(tmp_path)))
+
+
 def _tiny(config_class, **kw):
     import transformers
 
