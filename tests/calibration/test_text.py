@@ -295,3 +295,17 @@ def test_too_few_samples_suggests_only_flags_that_exist(tmp_path):
     compile_parser = build_parser()._subparsers._group_actions[0].choices["compile"]
     known = {s for a in compile_parser._actions for s in a.option_strings}
     assert suggested >= {"--min-words", "--samples"} and suggested <= known
+
+
+def test_a_large_corpus_is_word_counted_only_as_far_as_the_samples_wanted(tmp_path, monkeypatch):
+    import calibration.text as text
+
+    big = tmp_path / "corpus.txt"
+    big.write_text("".join(f"line {i} has a few more words in it\n" for i in range(20000)))
+    calls = []
+    counted = text.word_count
+    monkeypatch.setattr(text, "word_count", lambda t: calls.append(t) or counted(t))
+    picked = load_texts(DataSettings(path=str(big), min_words=3), count=4, skip=2)
+    assert picked[0].startswith("line 2 ") and len(picked) == 4 and len(calls) == 6  # was 20000
+    with pytest.raises(DataError, match="of the file's 20000 lines or rows, 0 are long enough"):
+        load_texts(DataSettings(path=str(big), min_words=50), count=4)  # too few: the message still counts all
