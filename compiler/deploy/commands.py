@@ -104,6 +104,25 @@ def _texts(args: argparse.Namespace) -> list[str]:
     return texts
 
 
+RUN_OUTPUT_MAX_MIB = 4096  # the outputs `run` holds and writes at once (per-token outputs grow as texts x tokens)
+
+
+def _check_output_size(outputs: list[dict[str, Any]], texts: int, sequence: int, source: Any) -> None:
+    """Refuse a request whose outputs would exceed `RUN_OUTPUT_MAX_MIB` (a dynamic axis counted
+    as `texts` on axis 0, `sequence` elsewhere; 4 bytes a value), before anything runs.
+
+    Raises:
+        CompilerError: naming the size and how many texts fit.
+    """
+    per_text = sum(int(np.prod([sequence if d < 0 else d for d in o["shape"][1:]] or [1])) for o in outputs) * 4
+    mib = texts * per_text / 2**20
+    if mib > RUN_OUTPUT_MAX_MIB:
+        fit = max(1, int(RUN_OUTPUT_MAX_MIB * 2**20 // per_text))
+        raise CompilerError(f"{texts} texts padded to {sequence} tokens give {mib:,.0f} MiB of outputs (more than "
+                            f"{RUN_OUTPUT_MAX_MIB} MiB held and written at once): run at most {fit} texts a time"
+                            + (f" (split {source})" if source else ""))
+
+
 def run_command(args: argparse.Namespace) -> int:
     """`run`: load (after every check), run the texts, print a summary, write .npy and JSON outputs;
     with --check, the fidelity against the bundled FP32 reference."""
@@ -117,6 +136,7 @@ def run_command(args: argparse.Namespace) -> int:
         return generate_run(args, texts)
     bundle = Bundle.load(args.bundle, args.backend, args.device, args.allow_host_code)
     feeds = bundle.tokenize(texts, truncate=args.truncate, pairs=args.context)
+    _check_output_size(bundle.manifest["io"]["outputs"], *feeds["input_ids"].shape, args.text_file)
     outputs = bundle.infer_batches(feeds)
     step = bundle.max_batch(feeds["input_ids"].shape[1])  # rows per request (texts beyond it: more requests)
     embeddings = sentence_embeddings(outputs, feeds, bundle.output_names[0])

@@ -41,3 +41,14 @@ def test_text_file_errors_name_the_file_and_the_fix(tmp_path, name, content, mat
 def test_no_texts_is_a_clear_error():
     with pytest.raises(CompilerError, match="--text TEXT.*--text-file FILE"):
         _texts(_args())
+
+
+def test_outputs_too_large_to_hold_are_refused_before_running():
+    from compiler.deploy.commands import RUN_OUTPUT_MAX_MIB, _check_output_size
+
+    hidden = [{"name": "last_hidden_state", "shape": [-1, -1, 384]}, {"name": "pooler_output", "shape": [-1, 384]}]
+    _check_output_size(hidden, 1000, 128, "t.txt")  # 188 MiB: fine
+    with pytest.raises(CompilerError, match=r"100000 texts padded to 512 tokens give 75,146 MiB .* at most 5450 "
+                                            r"texts a time \(split t.txt\)"):  # was killed for memory
+        _check_output_size(hidden, 100_000, 512, "t.txt")
+    assert RUN_OUTPUT_MAX_MIB == 4096
