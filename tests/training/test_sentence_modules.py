@@ -84,20 +84,30 @@ def test_dense_and_normalize_saved_by_the_library_match_its_encode(bert_dir, tmp
     assert _graph_against_library(path, tmp_path) < 1e-5  # (4, 8): without the Dense modules it was (4, 32)
 
 
-def test_the_older_file_spelling_and_concatenated_modes_match_the_library(bert_dir, tmp_path):
-    """`sentence_transformers.models.Pooling` with `pooling_mode_*_token(s): true` keys, two
-    modes at once (concatenated: CLS then max), as checkpoints saved before v5 have it."""
-    path = tmp_path / "legacy"
-    shutil.copytree(bert_dir, path)
-    (path / "modules.json").write_text(json.dumps([
+def _legacy(bert_dir: Path, out: Path, keys: dict) -> Path:
+    """A checkpoint in the older spelling (`sentence_transformers.models.Pooling`, `pooling_mode_*` keys)."""
+    shutil.copytree(bert_dir, out)
+    (out / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
-    (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_max_tokens": True,
-        "pooling_mode_mean_tokens": False}))
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **keys}))
+    return out
+
+
+@pytest.mark.parametrize("keys, modes", [
+    ({"pooling_mode_cls_token": True, "pooling_mode_max_tokens": True, "pooling_mode_mean_tokens": False},
+     ("cls_token", "max_tokens")),
+    # the library puts max first (its `_LEGACY_POOLING_MODE_KWARGS` order); the graph put mean first
+    ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, ("max_tokens", "mean_tokens")),
+])
+def test_the_older_file_spelling_and_concatenated_modes_match_the_library(bert_dir, tmp_path, keys, modes):
+    """`sentence_transformers.models.Pooling` with `pooling_mode_*_token(s): true` keys, two
+    modes at once, as checkpoints saved before v5 have it: concatenated in the library's order."""
+    path = _legacy(bert_dir, tmp_path / "legacy", keys)
     pooling = sentence_transformers_pooling(path)
-    assert pooling.modes == ("cls_token", "max_tokens") and not pooling.normalize
+    assert pooling.modes == modes and not pooling.normalize
+    assert natural_task(path, None) == "sentence-embedding"
     assert _graph_against_library(path, tmp_path) < 1e-5
 
 
@@ -171,19 +181,6 @@ def test_decoder_embedders_and_the_last_pooling_modes_match_the_library(gpt2_dir
     assert _graph_against_library(path, tmp_path) < 1e-5
 
 
-def test_the_older_keys_concatenate_in_the_librarys_order(bert_dir, tmp_path):
-    """`pooling_mode_mean_tokens` and `pooling_mode_max_tokens` both true: the library puts max
-    first (its `_LEGACY_POOLING_MODE_KWARGS` order); the graph put mean first."""
-    path = tmp_path / "legacy2"
-    shutil.copytree(bert_dir, path)
-    (path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
-    (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": 32, "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}))
-    assert sentence_transformers_pooling(path).modes == ("max_tokens", "mean_tokens")
-    assert _graph_against_library(path, tmp_path) < 1e-5
 
 
 def test_what_encode_does_before_the_model_is_named(bert_dir, tmp_path):
