@@ -327,6 +327,27 @@ def test_vocabulary_pruning_composes_with_int8(tiny_bert, tmp_path):
     assert dom["max_abs_err"] < 1e-5 and state.report["fidelity"]["real"]["nonfinite_count"] == 0
 
 
+def test_vocabulary_pruning_leaves_out_tokenizer_ids_past_the_table(tiny_bert, tmp_path):
+    """A tokenizer with an added special token the embedding table has no row for (30522 of a
+    30522-row table): was exit 3 in the pass ("kept ids must be ... within [0, 30522)")."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from compiler.settings import VocabSettings
+
+    model = shutil.copytree(tiny_bert, tmp_path / "added-token")
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
+    tok.save_pretrained(model)
+    assert tok.convert_tokens_to_ids("<|extra|>") == 30522
+    domain = tmp_path / "domain.txt"
+    domain.write_text("a charming and often affecting journey .\nthe film never finds its way .\n")
+    settings = settings_for(model, tmp_path, "fp32", vocab=VocabSettings(texts=(str(domain),)))
+    v = run_pipeline(settings, until="verify").report["vocabulary"]
+    assert v["vocab_size"] == 30522 and 5 < v["kept"] < 40
+
+
 def test_a_stale_report_is_dropped_and_an_unchanged_one_not_rewritten(tmp_path):
     from compiler.pipeline import _drop_stale_report, write_report
 

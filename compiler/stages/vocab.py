@@ -44,6 +44,12 @@ def stage_vocab(settings: BuildSettings, export: ExportResult, graph: Path, toke
         general = count_tokens(tokens.calibration_texts, tok, data.max_length) if vocab.keep_top else None
         kept = choose_vocabulary(count_tokens(domain, tok, data.max_length), vocab.min_count,
                                  special_token_ids(tok), general, vocab.keep_top)
+        beyond = kept[kept >= loaded.vocab_size]  # tokenizer ids with no embedding row (an added token)
+        if beyond.size:
+            log.warning("vocab: %d tokenizer id(s) past the embedding table's %d rows are not kept (%s): the model "
+                        "has no row for them", beyond.size, loaded.vocab_size,
+                        ", ".join(repr(t) for t in tok.convert_ids_to_tokens(beyond[:5].tolist())))
+            kept = kept[kept < loaded.vocab_size]
         model, report = prune_vocabulary(load_onnx(graph, check=False), kept, tok.unk_token_id, allow_tied=vocab.tied)
         save_onnx(model, out, external=True)
         sample = tokenized_set(domain[: data.samples], tok, data.max_length, data.cache_dir)
