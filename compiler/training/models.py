@@ -174,6 +174,10 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     tokenizer, note = _tokenizer(where, settings, local_only, vocab_size)
     if note is None and len(tokenizer) > vocab_size:
         log.warning("tokenizer has %d tokens but the embedding table %d", len(tokenizer), vocab_size)
+    if task == "text-classification" and family == "decoder" and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id  # it pools the last non-pad token: the pad id the pipeline pads with
+        log.warning("%s: no pad_token_id in its config; the classifier reads the last token before pad id %s (%r)",
+                    settings.name, tokenizer.pad_token_id, tokenizer.pad_token)
     params = inspect.signature(module.forward).parameters
     names = ["input_ids", "attention_mask"]
     if family == "encoder" and "token_type_ids" in params and getattr(config, "type_vocab_size", 0) > 1:

@@ -300,3 +300,23 @@ def test_a_decoder_without_a_kv_cache_is_refused_for_with_past_naming_text_gener
     torch.manual_seed(0)
     with pytest.raises(CompilerError, match=r"keeps no such cache .* Use --task text-generation"):
         cache_spec(config, transformers.MambaForCausalLM(config).eval())
+
+
+def test_a_decoder_classifier_without_a_pad_token_id_reads_the_pipelines_pad(tmp_path):
+    """GPT2ForSequenceClassification pools the last non-pad token and cannot batch without
+    `pad_token_id` (was exit 3 in the export: "Cannot handle batch sizes > 1")."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=30522, n_positions=64, num_labels=3)
+    assert config.pad_token_id is None
+    loaded = load_model(ModelSettings(name=save(GPT2ForSequenceClassification(config), tmp_path / "cls"),
+                                      task="text-classification"))
+    assert loaded.module.config.pad_token_id == loaded.tokenizer.pad_token_id == 0  # MiniLM's [PAD]
+    assert loaded.labels == ("LABEL_0", "LABEL_1", "LABEL_2")
+    ids = torch.tensor([[101, 2023, 102, 0], [101, 2023, 2003, 102]])
+    with torch.no_grad():
+        out = loaded.module(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        alone = loaded.module(input_ids=ids[:1, :3]).logits
+    torch.testing.assert_close(out[:1], alone, rtol=1e-4, atol=1e-5)  # the padded row reads its last real token
