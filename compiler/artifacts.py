@@ -409,9 +409,19 @@ def die_with_parent(parent_pid: int) -> None:
 
 def _child_entry(level: int, fn: Any, args: tuple) -> Any:
     import logging
+    import pickle
 
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as e:  # one the parent cannot unpickle would break the pool ("process died")
+        try:
+            pickle.loads(pickle.dumps(e))
+        except Exception:  # noqa: BLE001 - any failure to travel: send its type, message and traceback
+            import traceback
+
+            raise RuntimeError(f"{type(e).__name__}: {e}\n{''.join(traceback.format_exception(e))}") from None
+        raise
 
 
 def run_in_child(fn: Any, *args: Any, what: str) -> Any:

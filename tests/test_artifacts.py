@@ -246,3 +246,22 @@ def test_children_ask_for_transparent_huge_pages_and_the_parent_environment_is_r
     assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the user's choice wins
     assert run_in_child(glibc_tunables, what="env") == "glibc.malloc.hugetlb=0"
+
+
+class _Unpicklable(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.hook = lambda: None  # as some library errors hold: cannot travel back to the parent
+
+
+def raise_unpicklable() -> None:
+    """Runs in run_in_child's worker."""
+    raise _Unpicklable("the exporter says no")
+
+
+def test_an_exception_that_cannot_travel_back_keeps_its_message():
+    from compiler.artifacts import run_in_child
+
+    with pytest.raises(RuntimeError, match="_Unpicklable: the exporter says no") as e:  # was "the worker
+        run_in_child(raise_unpicklable, what="export")  # process died ... out of memory" (CompilerError)
+    assert not isinstance(e.value, CompilerError)

@@ -141,8 +141,13 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
         with tempfile.TemporaryDirectory(dir=onnx_path.parent if onnx_path.parent.exists() else None) as tmp, \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic are expected
-            model = traced_onnx(wrapper, dummy, Path(tmp) / "export.onnx", [str(n) for n in loaded.input_names],
-                                names_out, axes, settings.opset)
+            try:
+                model = traced_onnx(wrapper, dummy, Path(tmp) / "export.onnx", [str(n) for n in loaded.input_names],
+                                    names_out, axes, settings.opset)
+            except torch.onnx.errors.UnsupportedOperatorError as e:
+                raise CompilerError(f"the ONNX exporter cannot write an operator this model runs: {e}. The "
+                                    "architecture cannot be compiled as it is (e.g. mixture-of-experts routing "
+                                    "counts tokens per expert with aten::histc)") from e
             static_output_dims(model, wrapper, dummy, axes)
             # External data: later stages open the graph without loading the weights.
             save_onnx(model, onnx_path, external=True)

@@ -177,3 +177,27 @@ def test_an_opset_the_exporter_cannot_write_is_a_clear_error(tmp_path):
     with pytest.raises(CompilerError, match=f"--opset 30: .* exports ONNX opsets 17..{max_export_opset()}") as e:
         onnx_from_torch(None, ExportSettings(opset=30), tmp_path / "model.onnx", [])  # was exit 3 in torch.onnx
     assert e.value.exit_code == 1 and not (tmp_path / "model.onnx").exists()
+
+
+class ExpertCounts(torch.nn.Module):
+    """Counts tokens per id bucket with `torch.histc`, as mixture-of-experts routing does (Mixtral)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(30522, 8)
+
+    def forward(self, input_ids, attention_mask, return_dict=True):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        counts = torch.histc(input_ids.float(), bins=4, min=0, max=30522)
+        return BaseModelOutput(last_hidden_state=self.embed(input_ids) * counts.sum())
+
+
+def test_an_operator_the_exporter_cannot_write_is_a_clear_error(tmp_path, texts):
+    from compiler.errors import CompilerError
+
+    loaded = tiny_loaded(ExpertCounts().eval(), "export-histc-v1", ["input_ids", "attention_mask"])
+    with pytest.raises(CompilerError, match="cannot write an operator this model runs: .*aten::histc"):
+        onnx_from_torch(loaded, ExportSettings(), tmp_path / "moe.onnx", texts)  # was exit 3 (in a child:
+        # "the worker process died ... out of memory")
