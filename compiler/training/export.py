@@ -102,8 +102,21 @@ def output_names(loaded: LoadedModel) -> list[str]:
         kwargs = {n: torch.ones(1, 4, dtype=torch.long) for n in loaded.input_names}
         if "use_cache" in _params(loaded.module):
             kwargs["use_cache"] = False
-        out = loaded.module(**kwargs, return_dict=True)
+        out = torch_forward(lambda: loaded.module(**kwargs, return_dict=True), 1, 4)
     return [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+
+
+def torch_forward(run: Any, batch: int, seq: int) -> Any:
+    """`run()`, a forward of the PyTorch model at (batch, seq), with the model's own failure
+    raised as a CompilerError: a model that does not run at every sequence length (Nystromformer's
+    landmark segments) cannot be compiled with dynamic shapes."""
+    try:
+        return run()
+    except (RuntimeError, ValueError, IndexError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), "")[:300]
+        raise CompilerError(f"the PyTorch model itself fails at batch={batch} sequence={seq} ({type(e).__name__}: "
+                            f"{first}); a model that does not run at every sequence length cannot be compiled "
+                            "with dynamic shapes") from e
 
 
 def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Path,
@@ -349,7 +362,8 @@ def check_parity(loaded: LoadedModel, onnx_path: Path, names_out: list[str],
                                 for n in ("input_ids", "attention_mask", "token_type_ids")}, loaded.input_names)
             ort_out = _run_or_refuse(session, names_out, feeds, batch, seq, settings)
             with torch.no_grad():
-                ref = wrapper(*(torch.from_numpy(feeds[n]) for n in loaded.input_names))
+                ref = torch_forward(lambda: wrapper(*(torch.from_numpy(feeds[n]) for n in loaded.input_names)),
+                                    batch, seq)
             results += [ParityResult(name, batch, seq, _max_diff(got, r)) for name, got, r in zip(names_out, ort_out, ref)]
             if getattr(loaded, "cache", None) is not None and seq < limit:  # a decode step on the ONNX cache
                 feeds = decode_feeds(feeds, dict(zip(names_out, ort_out)), loaded.input_names)

@@ -161,7 +161,11 @@ def load_model(settings: ModelSettings) -> LoadedModel:
                        "the encoder as a checkpoint of an encoder class and pass that directory")
     family = family or _family(config)
 
-    vocab_size = int(module.get_input_embeddings().num_embeddings)
+    try:
+        vocab_size = int(module.get_input_embeddings().num_embeddings)
+    except (NotImplementedError, AttributeError) as e:  # CANINE embeds characters by hashing: no table
+        raise _unknown(settings.name, f"{type(module).__name__} has no token embedding table ({e}); this toolchain "
+                       "compiles models over a token vocabulary") from e
     tokenizer, note = model_tokenizer(where, settings, local_only, vocab_size, lambda why: _unknown(settings.name, why))
     if note is None and len(tokenizer) > vocab_size:
         log.warning("tokenizer has %d tokens but the embedding table %d", len(tokenizer), vocab_size)

@@ -201,3 +201,26 @@ def test_an_operator_the_exporter_cannot_write_is_a_clear_error(tmp_path, texts)
     with pytest.raises(CompilerError, match="cannot write an operator this model runs: .*aten::histc"):
         onnx_from_torch(loaded, ExportSettings(), tmp_path / "moe.onnx", texts)  # was exit 3 (in a child:
         # "the worker process died ... out of memory")
+
+
+class EvenOnly(torch.nn.Module):
+    """Runs only at sequence lengths divisible by 8 (as Nystromformer's landmark segments need)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(30522, 8)
+
+    def forward(self, input_ids, attention_mask, return_dict=True):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        h = self.embed(input_ids)
+        return BaseModelOutput(last_hidden_state=h.view(h.shape[0], -1, 8, 8).mean(dim=2))
+
+
+def test_a_model_that_fails_in_pytorch_at_some_length_is_a_clear_error(tmp_path, texts):
+    from compiler.errors import CompilerError
+
+    loaded = tiny_loaded(EvenOnly().eval(), "export-even-only-v1", ["input_ids", "attention_mask"])
+    with pytest.raises(CompilerError, match=r"PyTorch model itself fails at batch=1 sequence=4 \(RuntimeError: "
+                                            r".*cannot be compiled with dynamic shapes"):  # was exit 3
+        onnx_from_torch(loaded, ExportSettings(), tmp_path / "even.onnx", texts)

@@ -337,3 +337,12 @@ def test_a_sentencepiece_tokenizer_that_cannot_load_here_says_why(tmp_path, monk
     with pytest.raises(UnknownModelError, match=r"SentencePiece model \(spiece.model\) without tokenizer.json.*"
                                                 r"pip install sentencepiece"):  # was: "`tiktoken` is required"
         load_model(ModelSettings(name=path))
+
+
+def test_a_model_without_a_token_embedding_table_is_refused(tmp_path):
+    from transformers import CanineConfig, CanineModel
+
+    path = save(CanineModel(CanineConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64)), tmp_path / "canine")
+    with pytest.raises(UnknownModelError, match="CanineModel has no token embedding table"):  # was exit 3
+        load_model(ModelSettings(name=path))
