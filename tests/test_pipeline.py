@@ -237,6 +237,26 @@ def test_qat_with_zero_steps_starts_where_ptq_ends(tiny_bert, tmp_path):
     assert abs(qat["cosine_min"] - ptq["cosine_min"]) < 2e-3
 
 
+def test_qat_of_a_sentence_transformers_chain_with_a_dense_layer(tiny_bert, tmp_path):
+    """The Dense layer after the pooling lies outside the model QAT fine-tunes: it keeps PTQ's
+    smoothing and scale (was refused, naming --precision int8). Zero steps: QAT computes PTQ's graph."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+
+    torch.manual_seed(1)
+    word = models.Transformer(str(tiny_bert))
+    dense = models.Dense(32, 16, activation_function=torch.nn.Tanh())
+    SentenceTransformer(modules=[word, models.Pooling(32, pooling_mode="mean"), dense, models.Normalize()],
+                        device="cpu").save(str(tmp_path / "st-dense"))
+    settings = replace(settings_for(tmp_path / "st-dense", tmp_path, "int8-qat"), train=TrainSettings(steps=0))
+    settings = replace(settings, model=replace(settings.model, task="sentence-embedding"))
+    run_pipeline(settings, until="quantize")
+    saved = json.loads((settings.variant_dir() / "quant_report.json").read_text())
+    assert any(n.startswith("/dense.0/") for n in saved["qat"]["quantized_nodes"])
+    ptq, qat = saved["heldout"]["ptq_same_placement"], saved["heldout"]["qat"]
+    assert abs(qat["cosine_min"] - ptq["cosine_min"]) < 1e-4  # without PTQ's smoothing on the Dense: 0.97 vs 0.9999
+
+
 def test_auto_meets_its_budget_and_verify_agrees(tiny_bert, tmp_path):
     settings = settings_for(tiny_bert, tmp_path, "auto")
     state = run_pipeline(settings, until="verify")

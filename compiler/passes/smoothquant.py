@@ -98,7 +98,8 @@ def _relink(graph: Any, graph_nodes: list[Any], before: dict[int, Any]) -> None:
 
 
 def smooth(model: Any, act_absmax: Mapping[str, np.ndarray], alpha: float,
-           nodes: Iterable[str] | None = None) -> tuple[Any, dict[str, Any]]:
+           nodes: Iterable[str] | None = None,
+           scales: Mapping[str, np.ndarray] | None = None) -> tuple[Any, dict[str, Any]]:
     """SmoothQuant the graph's weight MatMuls (the module's rules 1-4); exact in FP32.
 
     Args:
@@ -107,6 +108,8 @@ def smooth(model: Any, act_absmax: Mapping[str, np.ndarray], alpha: float,
             `compiler.quant.calibrate.channel_absmax`.
         alpha: migration strength in [0, 1] (0: s = 1 / max|W_j|; 1: s = max|X_j|).
         nodes: weight MatMul names to smooth (default every one whose input is in `act_absmax`).
+        scales: {tensor: (K,) s} to apply as given instead of rule 2's (e.g. another graph's
+            factors, read back from its `<tensor>_smooth_inv_scale`).
 
     Returns:
         (new ModelProto, {tensor: {"channels", "scale_min", "scale_max", "consumers"}}), one
@@ -131,7 +134,7 @@ def smooth(model: Any, act_absmax: Mapping[str, np.ndarray], alpha: float,
                 for m in members]
         if any(r.ndim != 2 for r in rows):
             continue  # batched weights: not smoothed
-        s = _channel_scales(act_absmax[t], rows, alpha)
+        s = np.asarray(scales[t], np.float32) if scales is not None else _channel_scales(act_absmax[t], rows, alpha)
         if s is None:
             continue
         inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{t}_smooth_inv_scale")

@@ -31,6 +31,7 @@ from compiler.graph.modules import module_for_node
 from compiler.graph.onnx_io import onnx_sha256
 from compiler.passes.precision import convert_precision
 from compiler.passes.qdq import QuantReport, insert_qdq
+from compiler.passes.smoothquant import smooth
 from compiler.quant.budget import quantize_within_budget
 from compiler.settings import BuildSettings, ExportSettings, QuantSettings, TrainSettings, settings_hash
 from compiler.training.distill import TrainReport, distill
@@ -98,9 +99,11 @@ def linear_placement(onnx_model: Any, quantized_nodes: list[str], module: Any) -
         quantized_nodes: the MatMul/Gemm nodes PTQ quantized.
         module: the student whose modules the nodes map to.
 
+    A quantized node outside the Hugging Face model (a sentence-transformers Dense layer of the
+    export wrapper, after the pooling) is not fake-quantized: QAT fine-tunes the model's own
+    Linear layers, and the Dense layers keep PTQ's calibrated scale (`_qdq_of_tuned`).
+
     Raises:
-        PrecisionError: a quantized node outside the Hugging Face model (a sentence-transformers
-            Dense head of the export wrapper), naming `--precision int8` instead.
         ValueError: a quantized node whose weight MatMul maps to no Linear module (`is_linear`;
             e.g. the attention batched matmuls of `quantize_attention_bmm`): the QAT placement
             would then differ from PTQ's.
@@ -117,12 +120,8 @@ def linear_placement(onnx_model: Any, quantized_nodes: list[str], module: Any) -
                 missing.append(n.name)
     outside = [m for m in missing if not m.startswith("/model/")]
     if outside:  # the export wrapper's own layers: a sentence-transformers Dense head
-        from compiler.errors import PrecisionError
-
-        raise PrecisionError(
-            f"QAT: {len(outside)} quantized layer(s) lie outside the Hugging Face model (first: {outside[0]}), "
-            "e.g. a sentence-transformers Dense module after the pooling; QAT fine-tunes the model's own "
-            "Linear layers only. Use --precision int8 (PTQ, which quantizes them) for this checkpoint.")
+        log.info("QAT: %d quantized layer(s) after the model (first: %s) keep PTQ's scales", len(outside), outside[0])
+        missing = [m for m in missing if m not in outside]
     if missing:
         raise ValueError(f"QAT: {len(missing)} quantized MatMul/Gemm nodes map to no Linear module "
                          f"(first: {missing[0]}); QAT fake-quantizes Linear layers only (set "
@@ -314,10 +313,14 @@ def int8_qat(inputs: QatInputs, settings: BuildSettings, export: ExportSettings,
                                             precision=float_precision)
     smoothing = smoothing_factors(ptq_model)
     light = onnx.load(str(inputs.fp32_path), load_external_data=False)
+    thresholds = ptq_thresholds(light, ptq, smoothing)
     learned, training = qat_model(inputs.student, inputs.teacher, input_names, light, ptq.quantized_nodes,
-                                  ptq_thresholds(light, ptq, smoothing), inputs.train, settings.train,
-                                  inputs.after_step, smoothing)
-    model, rep, export_report = _qdq_of_tuned(inputs, settings, export, qat_onnx, ptq, learned)
+                                  thresholds, inputs.train, settings.train, inputs.after_step, smoothing)
+    by_name = {n.name: n for n in light.graph.node}  # layers after the model (Dense) keep PTQ's scales
+    kept = {node: thresholds[by_name[node].input[0]] for node in ptq.quantized_nodes if node not in learned}
+    model, rep, export_report = _qdq_of_tuned(inputs, settings, export, qat_onnx, ptq, {**kept, **learned},
+                                              {by_name[n].input[0]: smoothing[by_name[n].input[0]] for n in kept
+                                               if by_name[n].input[0] in smoothing}, list(kept))
     probe = FidelityProbe.on_tokens(inputs.reference_path, inputs.heldout, input_names, inputs.output_names[0],
                                     data.batch_size)
     fid_ptq = probe.score(convert_precision(ptq_model, float_precision)[0]).to_dict()
@@ -360,15 +363,21 @@ def ptq_thresholds(light: Any, ptq: QuantReport, smoothing: dict[str, np.ndarray
 
 
 def _qdq_of_tuned(inputs: QatInputs, settings: BuildSettings, export: ExportSettings, qat_onnx: Path,
-                  ptq: QuantReport, learned: dict[str, float]) -> tuple[Any, QuantReport, ExportReport]:
+                  ptq: QuantReport, learned: dict[str, float], kept_smoothing: dict[str, np.ndarray],
+                  kept_nodes: list[str]) -> tuple[Any, QuantReport, ExportReport]:
     """Export the fine-tuned student and place Q/DQ with the learned thresholds and PTQ's
-    sensitivity exclusions; raises ValueError when the placement differs from PTQ's."""
+    sensitivity exclusions; raises ValueError when the placement differs from PTQ's. Layers
+    after the model (`kept_nodes`, not fine-tuned) get PTQ's smoothing back ({tensor: 1/s}),
+    so that PTQ's thresholds of their smoothed inputs apply."""
     loaded, quant = inputs.loaded, settings.quant
     tuned = replace(loaded, module=inputs.student,
                     key=settings_hash("qat-v3", loaded.key, onnx_sha256(inputs.fp32_path), quant,
                                       settings.train, inputs.calib.key, inputs.train.key))
     path, export_report = onnx_from_torch(tuned, export, Path(qat_onnx), inputs.texts)
     exported = onnx.load(str(path))
+    if kept_smoothing:
+        s = {t: 1.0 / inv for t, inv in kept_smoothing.items()}
+        exported, _ = smooth(exported, s, 0.0, nodes=kept_nodes, scales=s)
     act = {n.input[0]: learned[n.name] for n in exported.graph.node if n.name in learned}
     exclude = {e.name: "sensitivity" for e in ptq.excluded if e.reason == "sensitivity"}
     model, rep = insert_qdq(exported, act, replace(quant, smoothquant_alpha=None), exclude_nodes=exclude)

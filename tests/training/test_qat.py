@@ -170,15 +170,12 @@ def test_linear_placement_maps_nodes_to_linear_modules():
                          "encoder.layer.0.intermediate.dense": (FFN[1], FFN[2])}
 
 
-def test_a_quantized_layer_outside_the_model_is_refused_naming_ptq():
+def test_a_quantized_layer_outside_the_model_is_left_to_ptq():
     """A sentence-transformers Dense head sits in the export wrapper, outside the model QAT
-    fine-tunes: a clear refusal (exit 1) that names --precision int8, not an internal error."""
-    from compiler.errors import EXIT_BAD_INPUT, PrecisionError
-
+    fine-tunes: it is not fake-quantized (it keeps PTQ's scale); was a refusal naming int8."""
     dense = "/dense.0/dense.0.0/Gemm"
-    with pytest.raises(PrecisionError, match=r"outside the Hugging Face model \(first: /dense\.0/.*--precision int8") as e:
-        linear_placement(onnx_nodes(*QKV, ("Gemm", dense, "/Div_output_0")), [QKV[0][1], dense], tiny_bert())
-    assert e.value.exit_code == EXIT_BAD_INPUT
+    placement = linear_placement(onnx_nodes(*QKV, ("Gemm", dense, "/Div_output_0")), [QKV[0][1], dense], tiny_bert())
+    assert placement == {"encoder.layer.0.attention.self.query": (QKV[0][1], QKV_INPUT)}
 
 
 def test_linear_placement_errors_name_the_node():
