@@ -246,23 +246,38 @@ class Bundle:
         """The largest batch one request of `sequence` tokens may have: the largest max batch of
         the optimization profiles whose `input_ids` sequence range admits it (of all profiles
         when none does: the request is then refused by `check_request`)."""
+        return self._batch_range(sequence)[1]
+
+    def _batch_range(self, sequence: int) -> tuple[int, int]:
+        """(min, max) batch of the profile with the largest max batch admitting `sequence`."""
         ranges = [p["input_ids"] for p in self.manifest["profiles"] if "input_ids" in p]
         admits = [r for r in ranges if int(r["min"][1]) <= sequence <= int(r["max"][1])] or ranges
-        return max([int(r["max"][0]) for r in admits] or [1])
+        best = max(admits, key=lambda r: int(r["max"][0]), default=None)
+        return (int(best["min"][0]), int(best["max"][0])) if best is not None else (1, 1)
 
     def infer_batches(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`infer` on a request of any batch size: split along the batch axis into requests of at
         most `max_batch` rows (every input is (batch, ...), e.g. int64 (batch, sequence)), the
-        outputs concatenated back in order (each (batch, ...)).
+        outputs concatenated back in order (each (batch, ...)). A request below the profile's min
+        batch (a profile built for batches of 4 and up) repeats its last row to reach it; those
+        rows' outputs are dropped.
 
         Raises:
             DeploymentRefusedError: (exit 4) a sequence no optimization profile admits.
         """
         total, sequence = feeds["input_ids"].shape[:2]
-        step = self.max_batch(int(sequence))
+        least, step = self._batch_range(int(sequence))
+
+        def run(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            n = len(rows["input_ids"])
+            if n >= least:
+                return self.infer(**rows)
+            padded = {k: np.concatenate([v, np.repeat(v[-1:], least - n, axis=0)]) for k, v in rows.items()}
+            return {name: out[:n] for name, out in self.infer(**padded).items()}
+
         if total <= step:
-            return self.infer(**feeds)
-        parts = [self.infer(**{k: v[start:start + step] for k, v in feeds.items()}) for start in range(0, total, step)]
+            return run(feeds)
+        parts = [run({k: v[start:start + step] for k, v in feeds.items()}) for start in range(0, total, step)]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def embed(self, texts: list[str], truncate: bool = False) -> np.ndarray:

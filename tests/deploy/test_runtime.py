@@ -117,6 +117,22 @@ def test_run_splits_more_texts_than_the_profile_batch_into_requests(bundle, load
     assert "in 3 request(s) of <= 4" in capsys.readouterr().out
 
 
+def test_a_remainder_below_the_profiles_min_batch_is_padded_not_refused(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    for corners in manifest["profiles"][0].values():
+        corners["min"][0] = 2  # a profile built for batches of 2 and up
+    write_json(bundle_copy / "manifest.json", manifest)
+    loaded = Bundle.load(bundle_copy, backend="onnxruntime")
+    feeds = loaded.tokenize([f"text {i}" for i in range(PROFILE_MAX[0] + 1)])  # 4 + 1 rows
+    with pytest.raises(DeploymentRefusedError, match="request shape"):
+        loaded.infer(**{k: v[:1] for k, v in feeds.items()})  # one row alone: below the min
+    got = loaded.infer_batches(feeds)["last_hidden_state"]
+    direct = ort.InferenceSession(str(bundle_copy / manifest["onnxruntime"]["file"]), providers=["CPUExecutionProvider"])
+    ref = direct.run(["last_hidden_state"], feeds)[0]
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_run_check_alone_runs_on_heldout_text(bundle, tmp_path):
     assert main(["run", str(bundle), "--check", "--check-samples", "5", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "run.json").read_text())
