@@ -50,6 +50,15 @@ def _special_tokens(samples: list[np.ndarray]) -> tuple[int | None, int | None]:
     return (firsts.pop() if len(firsts) == 1 else None), (lasts.pop() if len(lasts) == 1 else None)
 
 
+class WindowTooShort(ValueError):
+    """A window length its special tokens fill: `needed` is the shortest that holds a text token."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(f"a window of {needed - 1} token(s) holds no text once its special tokens are in; "
+                         f"{needed} or more are needed")
+        self.needed = needed
+
+
 def calibration_windows(tokens: Any, count: int | None = None, length: int | None = None) -> np.ndarray:
     """Fixed-length windows of real text, no padding: (count, length) int64 token ids.
 
@@ -67,6 +76,7 @@ def calibration_windows(tokens: Any, count: int | None = None, length: int | Non
         (count, length) int64 token ids.
 
     Raises:
+        WindowTooShort: (a ValueError) `length` leaves no room for text after the special tokens.
         ValueError: the text holds fewer tokens than one window, or the set is empty.
     """
     samples = [np.asarray(s, np.int64) for s in tokens.input_ids]
@@ -78,7 +88,9 @@ def calibration_windows(tokens: Any, count: int | None = None, length: int | Non
     cut = slice(1 if first is not None else 0, -1 if last is not None else None)
     stream = np.concatenate([s[cut] for s in samples])
     body = length - (first is not None) - (last is not None)
-    if body < 1 or len(stream) < body:
+    if body < 1:
+        raise WindowTooShort(length - body + 1)
+    if len(stream) < body:
         raise ValueError(f"calibration text holds {len(stream)} tokens, fewer than one window of {length}: "
                          "use more calibration samples")
     starts = np.linspace(0, len(stream) - body, count).round().astype(np.int64)

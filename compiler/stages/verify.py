@@ -14,7 +14,7 @@ from compiler.errors import DataError, VerificationError
 from compiler.eval.task_agreement import task_agreement
 from compiler.eval.verify import verify_variant
 from compiler.graph.onnx_io import load_onnx
-from compiler.quant.calibrate import calibration_windows, window_feeds
+from compiler.quant.calibrate import WindowTooShort, calibration_windows, window_feeds
 from compiler.results import ExportResult, PrecisionResult, VerifyResult
 from compiler.settings import BuildSettings
 
@@ -51,6 +51,9 @@ def profile_edge(settings: BuildSettings, export: ExportResult) -> list[tuple[di
         try:  # the windows' stream leaves out each line's special tokens: count it, not the lines
             windows = calibration_windows(tokens, count=batch, length=seq)
             break
+        except WindowTooShort as e:  # more text does not help
+            raise DataError(f"verify at the profile's max shape {batch}x{seq}: {e}; use --max-shape "
+                            f"{batch}x{e.needed} or longer") from e
         except ValueError as e:
             if len(texts) < lines:  # the whole text is read
                 raise DataError(f"verify at the profile's max shape {batch}x{seq}: {e}; give a longer "

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from calibration import TokenizedSet, load_texts, tokenized_set
 from compiler.errors import DataError
 from compiler.quant import calibrate as C
-from compiler.quant.calibrate import (cached_channel_absmax, calibrate, calibration_windows, channel_absmax,
+from compiler.quant.calibrate import (WindowTooShort, cached_channel_absmax, calibrate, calibration_windows, channel_absmax,
                                       channel_absmax_in_graph, thresholds_from_channels, window_feeds, window_set)
 from compiler.settings import DataSettings, ExportSettings, QuantSettings
 from tests.models import f32, make_model, minilm
@@ -80,6 +80,9 @@ def test_calibration_windows_are_fixed_length_real_text():
     assert plain.shape == (7, 9) and (plain > 0).all()
     with pytest.raises(ValueError, match="fewer than one window"):
         calibration_windows(tokens, length=20)
+    with pytest.raises(WindowTooShort, match="a window of 2 token.* holds no text .* 3 or more") as e:
+        calibration_windows(tokens, length=2)  # [CLS] [SEP]: was "holds 9 tokens, fewer than one window of 2"
+    assert e.value.needed == 3
     with pytest.raises(ValueError, match="no calibration samples"):
         calibration_windows(token_set([], "empty"))
 
