@@ -49,6 +49,9 @@ MANIFEST = "manifest.json"
 REFERENCE = "{name}/reference/model.fp32.onnx"  # inside the TensorRT model folder: Triton skips non-numeric subfolders
 TOKENIZER_DIR = "{name}/tokenizer"
 LABELS_FILE = "labels.txt"  # in each model folder: Triton's `label_filename` (classification extension)
+# what `inspect`, `run` and `build --bundle` read from every manifest (`run` also RUN_KEYS)
+MANIFEST_KEYS = ("name", "files", "io", "profiles", "engines", "onnxruntime")
+RUN_KEYS = ("model", "tokenizer", "reference")
 BUILD_OPTION_FIELDS = ("hardware_compat", "version_compatible", "exclude_lean_runtime", "workspace_mib",
                        "optimization_level")
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
@@ -243,11 +246,12 @@ def prepare_bundle(settings: BuildSettings, run: PipelineRun | None = None, out_
     return dest
 
 
-def read_manifest(bundle_dir: Path) -> dict[str, Any]:
-    """The bundle's manifest.json.
+def read_manifest(bundle_dir: Path, need: tuple[str, ...] = MANIFEST_KEYS) -> dict[str, Any]:
+    """The bundle's manifest.json, holding at least the keys `need`.
 
     Raises:
-        compiler.errors.CompilerError: no manifest (not a bundle), unreadable JSON, or another format.
+        compiler.errors.CompilerError: no manifest (not a bundle), unreadable JSON, another format,
+            or a key of `need` missing.
     """
     path = Path(bundle_dir) / MANIFEST
     if not path.is_file():
@@ -257,9 +261,14 @@ def read_manifest(bundle_dir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise CompilerError(f"{path}: not readable JSON ({e}); make the bundle again") from e
-    if manifest.get("format") != FORMAT:
-        raise CompilerError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; make the bundle again "
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CompilerError(f"{path}: format {found!r}, expected {FORMAT!r}; make the bundle again "
                             "with this version of trt-compiler")
+    missing = [k for k in need if k not in manifest]
+    if missing:
+        raise CompilerError(f"{path}: lacks {', '.join(missing)} (edited by hand, or cut short); make the bundle "
+                            "again with `python -m compiler bundle`")
     return manifest
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from compiler.build.device import GpuInfo, find_gpu
-from compiler.deploy.bundle import read_manifest
+from compiler.deploy.bundle import MANIFEST_KEYS, RUN_KEYS, read_manifest
 from compiler.deploy.checks import (check_file_hashes, check_host_code, check_request_shape, check_tensorrt_version,
                                     select_engine)
 from compiler.deploy.plan import read_plan_header
@@ -146,7 +146,7 @@ class Bundle:
         if backend not in BACKENDS or device not in DEVICES:
             raise CompilerError(f"backend {backend!r} / device {device!r}: expected one of {BACKENDS} / {DEVICES}")
         root = Path(path)
-        manifest = read_manifest(root)
+        manifest = read_manifest(root, MANIFEST_KEYS + RUN_KEYS)
         check_file_hashes(root, manifest["files"])
         if backend != "onnxruntime":
             try:

@@ -52,3 +52,16 @@ def test_outputs_too_large_to_hold_are_refused_before_running():
                                             r"texts a time \(split t.txt\)"):  # was killed for memory
         _check_output_size(hidden, 100_000, 512, "t.txt")
     assert RUN_OUTPUT_MAX_MIB == 4096
+
+
+def test_a_manifest_missing_a_key_is_refused_by_name(tmp_path):
+    from compiler.deploy.bundle import FORMAT, MANIFEST_KEYS, read_manifest
+
+    manifest = {"format": FORMAT, **{k: {} for k in MANIFEST_KEYS}}
+    del manifest["profiles"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CompilerError, match="lacks profiles .*make the bundle again"):  # was exit 3 in run
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(CompilerError, match="format 'list'"):
+        read_manifest(tmp_path)
