@@ -149,7 +149,7 @@ def run_command(args: argparse.Namespace) -> int:
         "bundle": str(args.bundle), "backend": bundle.backend,
         "engine": (bundle.engine or {}).get("file") or bundle.manifest["onnxruntime"]["file"],
         "texts": texts, "inputs": {k: list(v.shape) for k, v in feeds.items()},
-        "profile": bundle.check_request({k: v[:step] for k, v in feeds.items()}),
+        "profile": bundle.request_profile(feeds),
         "requests": -(-len(texts) // step),
         "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "nonfinite": int(np.size(v) - np.isfinite(v).sum())}
                     for k, v in outputs.items()},

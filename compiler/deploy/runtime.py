@@ -248,6 +248,12 @@ class Bundle:
         when none does: the request is then refused by `check_request`)."""
         return self._batch_range(sequence)[1]
 
+    def request_profile(self, feeds: dict[str, np.ndarray]) -> int:
+        """The optimization profile `infer_batches` runs `feeds` (batch, sequence) with."""
+        least, step = self._batch_range(int(feeds["input_ids"].shape[1]))
+        rows = max(least, min(step, len(feeds["input_ids"])))
+        return self.check_request({k: np.repeat(v[:1], rows, axis=0) for k, v in feeds.items()})
+
     def _batch_range(self, sequence: int) -> tuple[int, int]:
         """(min, max) batch of the profile with the largest max batch admitting `sequence`."""
         ranges = [p["input_ids"] for p in self.manifest["profiles"] if "input_ids" in p]

@@ -131,6 +131,7 @@ def test_a_remainder_below_the_profiles_min_batch_is_padded_not_refused(bundle_c
     ref = direct.run(["last_hidden_state"], feeds)[0]
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert main(["run", str(bundle_copy), "--text", "one text", "--out", str(bundle_copy.parent / "r")]) == 0
 
 
 def test_run_check_alone_runs_on_heldout_text(bundle, tmp_path):
