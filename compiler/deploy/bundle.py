@@ -174,10 +174,14 @@ def _write_configs(root: Path, manifest: dict[str, Any]) -> None:
     trt = triton.tensorrt_config(name, manifest["io"], manifest["profiles"], cc_files, default)
     ort_io = manifest["onnxruntime"]["io"]
     ort = triton.onnxruntime_config(f"{name}_onnxruntime", ort_io, triton.max_batch_size(ort_io, manifest["profiles"]))
+    # Triton's classification extension ranks one class vector per batch item: (batch, labels) only,
+    # not token-classification's (batch, sequence, labels), whose labels.txt is for clients
+    per_item = any(o["name"] == labels.get("output") and len(o["shape"]) == 2 for o in manifest["io"]["outputs"])
     for folder, config in ((name, trt), (f"{name}_onnxruntime", ort)):
         if labels:
             write_bytes(root / folder / LABELS_FILE, "".join(f"{n}\n" for n in labels["names"]).encode())
-            triton.set_label_file(config, labels["output"], LABELS_FILE)
+            if per_item:
+                triton.set_label_file(config, labels["output"], LABELS_FILE)
         triton.write_config(root / folder / "config.pbtxt", config)
 
 

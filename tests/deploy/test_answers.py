@@ -100,3 +100,25 @@ def test_a_question_answering_span_lies_in_the_context_of_a_pair(tokenizer):
     out = {"start_logits": start, "end_logits": end}
     assert task_answers("question-answering", out, feeds, tokenizer, paired=True)[0]["answer"] == "mary shelley"
     assert task_answers("question-answering", out, feeds, tokenizer)[0]["answer"] == "who"  # one text: anywhere
+
+
+def test_token_classification_labels_are_written_without_triton_label_filename(tmp_path):
+    import torch
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "ner"
+    names = ("O", "B-PER", "I-PER")
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=30522, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    BertForTokenClassification(config).save_pretrained(checkpoint)
+    minilm_tokenizer().save_pretrained(checkpoint)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["-q", "bundle", "--model", str(checkpoint), "--samples", "2", "--calib-samples", "2",
+                     "--max-length", "16", "--max-shape", "2x16", "--output-dir", str(tmp_path / "out"),
+                     "--out", str(tmp_path / "bundle")]) == 0
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    folder = tmp_path / "bundle" / manifest["name"]
+    assert (folder / "labels.txt").read_text().splitlines() == list(names)
+    (logits,) = [o for o in read_config(folder / "config.pbtxt").output if o.name == "logits"]
+    assert logits.label_filename == ""  # Triton's classification ranks one vector per item: not per token
