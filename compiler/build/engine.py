@@ -43,7 +43,7 @@ from compiler.build.options import build_flags, build_options, cuda_version
 from compiler.build.plan_header import read_plan_header
 from compiler.build.profiles import ProfileShapes, profile_shapes
 from compiler.errors import EngineBuildError, TensorRTUnavailableError
-from compiler.graph.onnx_io import check_onnx_file, load_onnx
+from compiler.graph.onnx_io import check_onnx_file, check_standard_ops, load_onnx
 from compiler.graph.sparsity import check_2_4
 from compiler.settings import BuildSettings, EngineSettings, ProfileSettings
 
@@ -185,6 +185,7 @@ def engine_from_onnx(
     """
     onnx_path = Path(onnx_path)
     check_onnx_file(onnx_path)  # a missing or broken file is bad input (exit 1), whatever the machine
+    check_standard_ops(onnx_path)  # ONNX Runtime's fusions: TensorRT's parser would fail on the GPU host
     gpu = check_tensorrt(onnx_path, engine=settings.engine)
 
     import tensorrt as trt

@@ -209,9 +209,9 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
 def _tensorrt_ready(model: Any) -> str | None:
     """None where TensorRT's ONNX parser takes the graph's ops (the standard domain, as the
     precision pass requires: `check_fp32_straight_line`), else why not."""
-    from compiler.graph.analysis import STANDARD_DOMAINS
+    from compiler.graph.onnx_io import foreign_ops
 
-    foreign = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    foreign = sorted(foreign_ops(model))
     if foreign:
         return (f"ops outside the standard ONNX domain ({', '.join(foreign)}): TensorRT's ONNX parser takes "
                 "standard ops only")

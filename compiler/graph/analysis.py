@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from compiler.errors import PrecisionError as GraphError
-from compiler.graph.onnx_io import ort_session, without_weights
+from compiler.graph.onnx_io import foreign_ops, ort_session, without_weights
 
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT / FLOAT16
 FP16_MAX = 65504.0
@@ -56,7 +56,6 @@ def tensor_types(model: Any) -> dict[str, int]:
     return types
 
 
-STANDARD_DOMAINS = ("", "ai.onnx")
 LOW_FLOATS = {10: "float16", 16: "bfloat16"}  # onnx.TensorProto.FLOAT16, BFLOAT16
 
 
@@ -76,10 +75,7 @@ def check_fp32_straight_line(model: Any) -> None:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
             raise GraphError(f"node {n.name!r} ({n.op_type}) has a subgraph; the precision pass "
                              "handles straight-line graphs only (export without control flow)")
-    foreign: dict[str, int] = defaultdict(int)
-    for n in model.graph.node:
-        if n.domain not in STANDARD_DOMAINS:
-            foreign[f"{n.domain}.{n.op_type}"] += 1
+    foreign = foreign_ops(model)
     if foreign:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(foreign.items()))
         raise GraphError(f"the graph has nodes outside the standard ONNX domain ({ops}); TensorRT's ONNX parser "

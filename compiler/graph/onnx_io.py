@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from compiler.errors import InvalidOnnxError
 
@@ -50,6 +51,32 @@ def check_model_file(path: str | os.PathLike) -> None:
         onnx.checker.check_model(str(path))
     except Exception as e:
         raise InvalidOnnxError(f"{path}: fails onnx.checker: {e}") from e
+
+
+def foreign_ops(model: Any) -> dict[str, int]:
+    """{"domain.op_type": count} of the nodes outside the standard ONNX domain ("" / "ai.onnx")."""
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx"):
+            counts[f"{n.domain}.{n.op_type}"] = counts.get(f"{n.domain}.{n.op_type}", 0) + 1
+    return counts
+
+
+def check_standard_ops(path: str | os.PathLike) -> None:
+    """Refuse a graph with ops outside the standard ONNX domain (ONNX Runtime's `com.microsoft`
+    fusions from its transformer optimizer) before a TensorRT build: its ONNX parser takes
+    standard ops only. The graph is read without its weights.
+
+    Raises:
+        InvalidOnnxError: naming the foreign ops.
+    """
+    import onnx
+
+    foreign = sorted(foreign_ops(onnx.load(str(path), load_external_data=False)))
+    if foreign:
+        raise InvalidOnnxError(f"{path}: ops outside the standard ONNX domain ({', '.join(foreign)}); TensorRT's ONNX "
+                               "parser takes standard ops only. Build from the exporter's graph (`make onnx`), not "
+                               "one fused by onnxruntime.transformers.optimizer")
 
 
 def check_onnx_file(path: str | os.PathLike) -> None:
