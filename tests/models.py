@@ -292,3 +292,14 @@ def pruned_tiny_bert() -> tuple[Any, Any, dict[str, Any], Any]:
     module = copy.deepcopy(dense)
     masks, report = prune_2_4(module, SparsitySettings(pattern="2:4", method="magnitude"))
     return dense, module, masks, report
+
+
+def fused_onnx_model() -> Any:
+    """A graph of one ONNX Runtime contrib op (com.microsoft SkipLayerNormalization on x (2, 4)),
+    as onnxruntime.transformers.optimizer writes: not a graph TensorRT parses."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    fused = helper.make_node("SkipLayerNormalization", ["x", "x", "g", "b"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([fused], "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(np.ones(4, np.float32), "g"),
+                               numpy_helper.from_array(np.zeros(4, np.float32), "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])

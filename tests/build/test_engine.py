@@ -440,21 +440,14 @@ def test_the_build_later_hint_keeps_several_profiles_and_the_deployment_options(
 
 
 def test_onnx_runtime_fused_ops_are_refused_before_tensorrt(tmp_path):
-    import numpy as np
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     from compiler.build.engine import engine_from_onnx
     from compiler.errors import InvalidOnnxError
     from compiler.settings import BuildSettings
+    from tests.models import fused_onnx_model
 
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
-    fused = helper.make_node("SkipLayerNormalization", ["x", "x", "g", "b"], ["y"], domain="com.microsoft")
-    graph = helper.make_graph([fused], "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
-                              [numpy_helper.from_array(np.ones(4, np.float32), "g"),
-                               numpy_helper.from_array(np.zeros(4, np.float32), "b")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]),
-              tmp_path / "fused.onnx")
+    onnx.save(fused_onnx_model(), tmp_path / "fused.onnx")
     with pytest.raises(InvalidOnnxError, match=r"com\.microsoft\.SkipLayerNormalization.*takes standard ops only"):
-        engine_from_onnx(tmp_path / "fused.onnx", BuildSettings(output_dir=str(tmp_path)), {})  # was exit 2 here, a
-        # parser failure on the GPU host
+        engine_from_onnx(tmp_path / "fused.onnx", BuildSettings(output_dir=str(tmp_path)), {})  # was exit 2 here,
+        # a parser failure on the GPU host

@@ -26,6 +26,24 @@ def tokenizer():
     return minilm_tokenizer()
 
 
+def _classifier_bundle(head: type, names: tuple[str, ...], tmp_path: Path) -> Path:
+    """A bundle (ONNX Runtime only, here) of a tiny BERT with `head` and class `names`."""
+    import torch
+    from transformers import BertConfig
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "classifier"
+    head(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=30522,
+                    id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+         ).save_pretrained(checkpoint)
+    minilm_tokenizer().save_pretrained(checkpoint)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["-q", "bundle", "--model", str(checkpoint), "--samples", "2", "--calib-samples", "2",
+                     "--max-length", "16", "--max-shape", "2x16", "--output-dir", str(tmp_path / "out"),
+                     "--out", str(tmp_path / "bundle")]) == 0
+    return tmp_path / "bundle"
+
+
 def test_each_task_answers_from_its_outputs(tokenizer):
     feeds = {k: v.astype(np.int64) for k, v in tokenizer(["a [MASK] film", "paris is nice"], padding=True,
                                                         return_tensors="np").items()}
@@ -58,20 +76,9 @@ def test_each_task_answers_from_its_outputs(tokenizer):
 
 
 def test_a_classifier_bundle_carries_its_class_names_to_triton_and_run(tmp_path):
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "classifier"
-    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                        vocab_size=30522, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
-    BertForSequenceClassification(config).save_pretrained(checkpoint)
-    minilm_tokenizer().save_pretrained(checkpoint)
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["-q", "bundle", "--model", str(checkpoint), "--samples", "2", "--calib-samples", "2",
-                     "--max-length", "16", "--max-shape", "2x16", "--output-dir", str(tmp_path / "out"),
-                     "--out", str(tmp_path / "bundle")]) == 0
-    bundle = tmp_path / "bundle"
+    bundle = _classifier_bundle(BertForSequenceClassification, LABELS, tmp_path)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["model"]["task"] == "text-classification"
     assert manifest["labels"] == {"output": "logits", "names": list(LABELS), "file": "labels.txt"}
@@ -103,22 +110,11 @@ def test_a_question_answering_span_lies_in_the_context_of_a_pair(tokenizer):
 
 
 def test_token_classification_labels_are_written_without_triton_label_filename(tmp_path):
-    import torch
-    from transformers import BertConfig, BertForTokenClassification
+    from transformers import BertForTokenClassification
 
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "ner"
     names = ("O", "B-PER", "I-PER")
-    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                        vocab_size=30522, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    BertForTokenClassification(config).save_pretrained(checkpoint)
-    minilm_tokenizer().save_pretrained(checkpoint)
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["-q", "bundle", "--model", str(checkpoint), "--samples", "2", "--calib-samples", "2",
-                     "--max-length", "16", "--max-shape", "2x16", "--output-dir", str(tmp_path / "out"),
-                     "--out", str(tmp_path / "bundle")]) == 0
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    folder = tmp_path / "bundle" / manifest["name"]
+    bundle = _classifier_bundle(BertForTokenClassification, names, tmp_path)
+    folder = bundle / json.loads((bundle / "manifest.json").read_text())["name"]
     assert (folder / "labels.txt").read_text().splitlines() == list(names)
     (logits,) = [o for o in read_config(folder / "config.pbtxt").output if o.name == "logits"]
     assert logits.label_filename == ""  # Triton's classification ranks one vector per item: not per token

@@ -71,13 +71,9 @@ def test_onnx_opset_io_precisions_qdq_and_2_4(tmp_path):
 
 
 def test_an_onnx_runtime_fused_graph_is_named_not_tensorrt_ready(tmp_path):
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
-    fused = helper.make_node("SkipLayerNormalization", ["x", "x", "g", "b"], ["y"], domain="com.microsoft")
-    graph = helper.make_graph([fused], "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
-                              [numpy_helper.from_array(np.ones(4, np.float32), "g"),
-                               numpy_helper.from_array(np.zeros(4, np.float32), "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    onnx.save(model, tmp_path / "fused.onnx")
+    from tests.models import fused_onnx_model
+
+    onnx.save(fused_onnx_model(), tmp_path / "fused.onnx")
     assert "com.microsoft.SkipLayerNormalization" in inspect_onnx(tmp_path / "fused.onnx")["tensorrt_ready"]
     code, out, _ = _cli(str(tmp_path / "fused.onnx"))
     assert code == EXIT_OK and "not TensorRT-ready: ops outside the standard ONNX domain" in out

@@ -129,10 +129,9 @@ def test_control_flow_is_refused():
 def test_contrib_ops_and_an_already_fp16_graph_are_refused():
     """An ONNX Runtime transformer-optimizer graph (com.microsoft fusions) failed with "shape
     inference gives no type"; an FP16 graph came back as it was, softmax in FP16, exit 0."""
-    fused = [helper.make_node("SkipLayerNormalization", ["X", "X", "g", "b"], ["Y"], domain="com.microsoft")]
-    model = helper.make_model(helper.make_graph(fused, "g", [f32("X", [2, 4])], [f32("Y", [2, 4])], initializer=[
-        numpy_helper.from_array(np.ones(4, np.float32), "g"), numpy_helper.from_array(np.zeros(4, np.float32), "b")]),
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    from tests.models import fused_onnx_model
+
+    model = fused_onnx_model()
     with pytest.raises(PrecisionError, match=r"outside the standard ONNX domain \(com.microsoft.SkipLayerNormalization x1\)"):
         convert(model, "hybrid")
     half = [helper.make_node("MatMul", ["X", "W"], ["h"]), helper.make_node("Softmax", ["h"], ["Y"])]
