@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -408,7 +409,7 @@ def build_into_bundle(bundle_dir: Path, engine: EngineSettings | None = None, co
         manifest["io"] = {"inputs": built["inputs"], "outputs": built["outputs"]}  # as TensorRT stores them
         manifest["build_options"] = build_options(eng)
         manifest["status"] = "built"
-        manifest.setdefault("builds", []).append(command or BUILD_COMMAND.format(dir=bundle_dir))
+        manifest.setdefault("builds", []).append(command or BUILD_COMMAND.format(dir=shlex.quote(str(bundle_dir))))
         _write_configs(tmp, manifest)
         finish_bundle(tmp, manifest, bundle_dir)
     return manifest

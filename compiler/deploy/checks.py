@@ -56,7 +56,9 @@ ARCHITECTURES = {(7, 0): "Volta", (7, 2): "Volta", (7, 5): "Turing", (8, 0): "Am
 
 
 def _bundle_arg(bundle: str | Path | None) -> str:
-    return str(bundle) if bundle is not None else "BUNDLE_DIR"
+    import shlex
+
+    return shlex.quote(str(bundle)) if bundle is not None else "BUNDLE_DIR"  # a path with spaces: one argument
 
 
 def _version(v: tuple[int, ...] | list[int] | str) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ parses the arguments and calls these)."""
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def bundle_command(args: argparse.Namespace, settings: BuildSettings, print_vari
         print(f"bundle: {path} (status built: {', '.join(e['file'] for e in manifest['engines'])})")
         return 0
     print(f"bundle: {path}\nstatus: prepared (everything but the TensorRT plan: {problem})\n"
-          f"On the GPU host that will serve it, with TensorRT 11:\n  {BUILD_COMMAND.format(dir=path)}")
+          f"On the GPU host that will serve it, with TensorRT 11:\n  {BUILD_COMMAND.format(dir=shlex.quote(str(path)))}")
     return 0
 
 

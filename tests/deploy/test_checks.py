@@ -79,6 +79,8 @@ def test_a_tensorrt_10_plan_is_refused_on_11():
     assert "built by TensorRT 10.16.1.11 (not version-compatible)" in e.found and "11.4.0.106 is installed" in e.found
     assert "TensorRT 10.16.1.11 exactly" in e.expected
     assert "`python -m compiler build --bundle dist/b` on this host" in e.fix and "--version-compatible" in e.fix
+    spaced = _refusal(checks.check_tensorrt_version, _version((10, 16, 1, 11)), INSTALLED, False, bundle="my dir/b")
+    assert "`python -m compiler build --bundle 'my dir/b'` on this host" in spaced.fix  # one shell argument
 
 
 def test_without_version_compatibility_any_other_build_is_refused():
