@@ -140,10 +140,13 @@ def run_command(args: argparse.Namespace) -> int:
     _check_output_size(bundle.manifest["io"]["outputs"], *feeds["input_ids"].shape, args.text_file)
     outputs = bundle.infer_batches(feeds)
     step = bundle.max_batch(feeds["input_ids"].shape[1])  # rows per request (texts beyond it: more requests)
-    embeddings = sentence_embeddings(outputs, feeds, bundle.output_names[0])
+    task = bundle.manifest["model"].get("task", "feature-extraction")
+    # a sentence vector for the tasks that give one (a classifier's logits are no embedding)
+    embeddings = sentence_embeddings(outputs, feeds, bundle.output_names[0]) \
+        if task in ("feature-extraction", "sentence-embedding") else None
     out = args.out or args.bundle.resolve().parent / "run"
     files = {}
-    for name, value in {**outputs, "embedding": embeddings}.items():
+    for name, value in {**outputs, **({"embedding": embeddings} if embeddings is not None else {})}.items():
         buffer = _npy(value)
         files[name] = str(write_bytes(out / f"{name}.npy", buffer))
     summary: dict[str, Any] = {
@@ -154,7 +157,6 @@ def run_command(args: argparse.Namespace) -> int:
         "requests": -(-len(texts) // step),
         "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "nonfinite": int(np.size(v) - np.isfinite(v).sum())}
                     for k, v in outputs.items()},
-        "embedding": {"shape": list(embeddings.shape), "norms": [round(float(n), 6) for n in np.linalg.norm(embeddings, axis=1)]},
         "files": files,
     }
     print(f"{bundle.backend} on {summary['engine']}: {len(texts)} text(s), inputs "
@@ -162,13 +164,15 @@ def run_command(args: argparse.Namespace) -> int:
           f"(optimization profile {summary['profile']})")
     for name, o in summary["outputs"].items():
         print(f"  {name}: {o['dtype']} {o['shape']}, non-finite {o['nonfinite']}")
-    how = "the graph's sentence_embedding" if "sentence_embedding" in outputs else \
-        f"{bundle.output_names[0]} as it is" if outputs[bundle.output_names[0]].ndim == 2 else \
-        f"mean of {bundle.output_names[0]} over unmasked tokens"
-    print(f"  embedding: float32 {summary['embedding']['shape']} ({how})")
+    if embeddings is not None:
+        summary["embedding"] = {"shape": list(embeddings.shape),
+                                "norms": [round(float(n), 6) for n in np.linalg.norm(embeddings, axis=1)]}
+        how = "the graph's sentence_embedding" if "sentence_embedding" in outputs else \
+            f"{bundle.output_names[0]} as it is" if outputs[bundle.output_names[0]].ndim == 2 else \
+            f"mean of {bundle.output_names[0]} over unmasked tokens"
+        print(f"  embedding: float32 {summary['embedding']['shape']} ({how})")
     from compiler.deploy.answers import answer_line, task_answers
 
-    task = bundle.manifest["model"].get("task", "feature-extraction")
     answers = task_answers(task, outputs, feeds, bundle.tokenizer, (bundle.manifest.get("labels") or {}).get("names"),
                            paired=args.context is not None)
     if answers is not None:

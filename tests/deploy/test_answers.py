@@ -92,8 +92,8 @@ def test_a_classifier_bundle_carries_its_class_names_to_triton_and_run(tmp_path)
         assert main(["run", str(bundle), "--text", "a good film", "--text", "bad", "--out", str(tmp_path / "r")]) == 0
     answers = json.loads((tmp_path / "r" / "run.json").read_text())["answers"]
     assert len(answers) == 2 and {a["label"] for a in answers} <= set(LABELS)
-    assert "answers (text-classification):" in printed.getvalue() and "(logits as it is)" in printed.getvalue()
-    assert Path(tmp_path / "r" / "logits.npy").is_file()
+    assert "answers (text-classification):" in printed.getvalue() and "embedding" not in printed.getvalue()
+    assert Path(tmp_path / "r" / "logits.npy").is_file() and not Path(tmp_path / "r" / "embedding.npy").exists()
 
 
 def test_a_question_answering_span_lies_in_the_context_of_a_pair(tokenizer):
