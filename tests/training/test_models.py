@@ -322,23 +322,6 @@ def test_a_decoder_classifier_without_a_pad_token_id_reads_the_pipelines_pad(tmp
     torch.testing.assert_close(out[:1], alone, rtol=1e-4, atol=1e-5)  # the padded row reads its last real token
 
 
-def test_a_sentencepiece_tokenizer_that_cannot_load_here_says_why(tmp_path, monkeypatch):
-    import importlib.util
-
-    from compiler.training import tokenizers
-
-    path = save(tiny_bert(), tmp_path / "spm")
-    for name in ("tokenizer.json", "vocab.txt"):
-        (tmp_path / "spm" / name).unlink(missing_ok=True)
-    (tmp_path / "spm" / "spiece.model").write_bytes(b"\x00" * 64)
-    (tmp_path / "spm" / "tokenizer_config.json").write_text('{"tokenizer_class": "AlbertTokenizer"}')
-    real = importlib.util.find_spec
-    monkeypatch.setattr(tokenizers, "find_spec", lambda n: None if n == "sentencepiece" else real(n))
-    with pytest.raises(UnknownModelError, match=r"SentencePiece model \(spiece.model\) without tokenizer.json.*"
-                                                r"pip install sentencepiece"):  # was: "`tiktoken` is required"
-        load_model(ModelSettings(name=path))
-
-
 def test_a_model_without_a_token_embedding_table_is_refused(tmp_path):
     from transformers import CanineConfig, CanineModel
 
