@@ -411,6 +411,10 @@ def _run(args: argparse.Namespace) -> int:
 
         settings = fit_to_positions(settings, set(vars(args)))  # defaults past a small model's positions
         settings = resolve_task(settings)  # None: the checkpoint's natural task; KV-cache profiles
+        from compiler.settings.effect import options_without_effect
+
+        for line in options_without_effect(vars(args), settings):  # an option its stage never reads
+            log.warning("%s", line)
         if settings.model.task == "sentence-embedding":
             from compiler.training.models import checkpoint_config
             from compiler.training.sentence_modules import library_notes

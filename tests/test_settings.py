@@ -56,3 +56,19 @@ def test_artifact_folders():
     s = BuildSettings(precision=PrecisionSettings(mode="fp16"), sparsity=SparsitySettings(pattern="2:4"))
     assert str(s.model_dir()) == "engines/minilm/pretrained"
     assert str(s.variant_dir()) == "engines/minilm/pretrained/sparse24/fp16"
+
+
+def test_options_given_where_no_stage_reads_them_are_named():
+    from compiler.settings import ModelSettings
+    from compiler.settings.effect import options_without_effect
+
+    hybrid = BuildSettings(precision=PrecisionSettings(mode="hybrid"))
+    lines = options_without_effect({"exclude", "recover_steps", "train_steps", "samples"}, hybrid)
+    assert lines == ["--exclude: no effect here (only with --precision int8 or int8-qat)",
+                     "--train-steps: no effect here (only with --precision int8-qat)",
+                     "--recover-steps: no effect here (only with --sparsity 2:4)"]  # were ignored without a word
+    qat = BuildSettings(precision=PrecisionSettings(mode="int8-qat"), sparsity=SparsitySettings(pattern="2:4"))
+    assert options_without_effect({"exclude", "recover_steps", "train_steps", "train_text"}, qat) == []
+    decoder = BuildSettings(model=ModelSettings(task="feature-extraction"))
+    assert options_without_effect({"max_past"}, decoder) == [
+        "--max-past: no effect here (only with --task text-generation-with-past)"]
