@@ -60,6 +60,8 @@ def read_source(data: DataSettings) -> list[str]:
             return _read_table(path, data.text_column)
         if path.suffix.lower() in JSON_LINES:
             return _read_json_lines(path, data.text_column)
+        if path.suffix.lower() == ".json":
+            return _read_json(path, data.text_column)
         if path.suffix.lower() == ".parquet":
             return _read_parquet(path, data.text_column)
         return read_text_file(path).splitlines()
@@ -149,7 +151,8 @@ CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 def text_column(fields: Any, column: str | None) -> str | None:
     """The column (or JSON field) that holds the text: `column` when given, else the first of
-    `sentence` and `text` among `fields`, else None."""
+    `sentence` and `text` among `fields`, else None. (A TSV/CSV's `column` that is a number names
+    a column of a file without a header, from 1: `_read_table`.)"""
     return column or next((c for c in ("sentence", "text") if c in fields), None)
 
 
@@ -165,10 +168,17 @@ def _read_table(path: Path, column: str | None) -> list[str]:
     try:
         fields = reader.fieldnames or []
         name = text_column(fields, column)
+        if column is not None and column.isdigit():
+            # a number: the column of a file without a header (AG News, Yelp CSVs), from 1; the first line is a row
+            if not 1 <= int(column) <= len(fields):
+                raise DataError(f"{path}: --text-column {column}: its first line has {len(fields)} column(s)")
+            rows = csv.reader(io.StringIO(read_text_file(path), newline=""), delimiter="\t" if tsv else ",",
+                              quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+            return [row[int(column) - 1] if len(row) >= int(column) else "" for row in rows]
         if name not in fields:
             raise DataError(
                 f"{path}: no column {column or 'sentence/text'!r} in header {fields}; "
-                "choose one with --text-column NAME."
+                "choose one with --text-column NAME (a file without a header: the column's number, from 1)."
             )
         return [row[name] or "" for row in reader]
     except csv.Error as e:
@@ -210,6 +220,38 @@ def _read_json_lines(path: Path, column: str | None) -> list[str]:
         value = row.get(name)
         texts.append(value if isinstance(value, str) else "" if value is None else json.dumps(value))
     return texts
+
+
+def _read_json(path: Path, column: str | None) -> list[str]:
+    """The texts of a `.json` file: a JSON array of objects (their text field, as for JSON
+    Lines) or of strings; an object holding one such array (`{"data": [...]}`); SQuAD's nesting
+    (`data[].paragraphs[].context`: the passages). A file of one object a line is JSON Lines
+    (`datasets`' `to_json` writes it under `.json`).
+
+    Raises:
+        DataError: JSON of another shape (names what was found and the forms read).
+    """
+    text = read_text_file(path)
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return _read_json_lines(path, column)  # one object a line
+    if isinstance(doc, dict):
+        lists = [v for v in doc.values() if isinstance(v, list)]
+        doc = lists[0] if len(lists) == 1 else doc
+    if isinstance(doc, list) and doc and all(isinstance(r, dict) and "paragraphs" in r for r in doc):
+        doc = [{"text": p.get("context", "")} for r in doc for p in r["paragraphs"] if isinstance(p, dict)]
+    if isinstance(doc, list) and all(isinstance(r, str) for r in doc):
+        return list(doc)
+    if isinstance(doc, list) and doc and all(isinstance(r, dict) for r in doc):
+        name = text_column(doc[0], column)
+        if name not in doc[0]:
+            raise DataError(f"{path}: no field {column or 'sentence/text'!r} in its first object (keys "
+                            f"{sorted(doc[0])[:20]}); choose one with --text-column NAME.")
+        return [v if isinstance(v, str) else "" if v is None else json.dumps(v) for v in (r.get(name) for r in doc)]
+    found = type(doc).__name__ + (f" with keys {sorted(doc)[:10]}" if isinstance(doc, dict) else "")
+    raise DataError(f"{path}: a JSON {found}; the texts are read from an array of objects or strings, an object "
+                    "holding one such array, SQuAD's data[].paragraphs[].context, or JSON Lines.")
 
 
 def _read_parquet(path: Path, column: str | None) -> list[str]:

@@ -96,10 +96,10 @@ MODEL_OPTIONS = [
                                                         "None: the checkpoint's natural task"}),
     ("--opset", "export.opset", {"type": int}),
     ("--parity-atol", "export.parity_atol", {"type": float}),
-    ("--calib", "data.path", {"help": "text file (one sample a line), TSV/CSV with a header, JSON Lines "
-                                      "(.jsonl), Parquet (with pyarrow), or a HF dataset name; None: "
-                                      "../shared/data/wikitext-2/test.txt"}),
-    ("--text-column", "data.text_column", {}),
+    ("--calib", "data.path", {"help": "text file (one sample a line), TSV/CSV, JSON Lines (.jsonl), JSON, Parquet "
+                                      "(with pyarrow), or a HF dataset name; None: ../shared/data/wikitext-2/test.txt"}),
+    ("--text-column", "data.text_column", {"help": "the column or field of the texts; a number: the column of a "
+                                                   "TSV/CSV without a header, from 1"}),
     ("--samples", "data.samples", {"type": int, "help": "held-out samples for verification and the budgets"}),
     ("--calib-samples", "data.calib_samples", {"type": int, "help": "calibration samples"}),
     ("--max-length", "data.max_length", {"type": int}),

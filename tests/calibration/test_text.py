@@ -90,6 +90,41 @@ def test_json_lines_text_field(tmp_path):
     assert load_texts(data) == ["good film overall"]
 
 
+def test_a_json_file_in_each_form(tmp_path):
+    """`.json` was read as plain text: a JSON array came back as one "sample" of JSON syntax."""
+    import json
+
+    forms = {
+        "array.json": [{"text": "first text here"}, {"text": "second text here"}],
+        "strings.json": ["first text here", "second text here"],
+        "wrapped.json": {"version": 2, "data": [{"text": "first text here"}, {"text": "second text here"}]},
+        "squad.json": {"data": [{"title": "t", "paragraphs": [{"context": "first text here", "qas": []},
+                                                              {"context": "second text here", "qas": []}]}]},
+    }
+    for name, doc in forms.items():
+        (tmp_path / name).write_text(json.dumps(doc))
+        assert load_texts(DataSettings(path=str(tmp_path / name), samples=2, min_words=1)) == [
+            "first text here", "second text here"], name
+    (tmp_path / "lines.json").write_text('{"text": "first text here"}\n{"text": "second text here"}\n')  # to_json
+    assert len(load_texts(DataSettings(path=str(tmp_path / "lines.json"), samples=2, min_words=1))) == 2
+    (tmp_path / "odd.json").write_text('{"a": 1, "b": 2}')
+    with pytest.raises(DataError, match=r"a JSON dict with keys \['a', 'b'\]; the texts are read from"):
+        load_texts(DataSettings(path=str(tmp_path / "odd.json"), samples=1, min_words=1))
+
+
+def test_a_csv_without_a_header_by_column_number(tmp_path):
+    path = tmp_path / "ag_news.csv"  # AG News: class, title, description; no header
+    path.write_text('3,"Wall St. Bears Claw Back","Short-sellers, Wall Street\'s band, see green again."\n'
+                    '4,"Carlyle Looks Toward Aerospace","Private investment firm Carlyle Group."\n')
+    data = DataSettings(path=str(path), text_column="3", samples=2, min_words=1)
+    assert load_texts(data) == ["Short-sellers, Wall Street's band, see green again.",
+                                "Private investment firm Carlyle Group."]  # the first line is a row too
+    with pytest.raises(DataError, match="the column's number, from 1"):
+        load_texts(DataSettings(path=str(path), samples=2, min_words=1))
+    with pytest.raises(DataError, match="--text-column 9: its first line has 3 column"):
+        load_texts(DataSettings(path=str(path), text_column="9", samples=2, min_words=1))
+
+
 @pytest.mark.parametrize("content, match", [
     ('{"text": "fine"}\n{"text": broken\n', "line 2: not JSON"),
     ('["a list", "not an object"]\n', "line 1: a JSON list, not an object"),
