@@ -56,13 +56,14 @@ def read_source(data: DataSettings) -> list[str]:
         raise DataError(f"{path} is a directory: pass a text file (one sample a line), a TSV/CSV "
                         "file with a header or a JSON Lines file.")
     if path.is_file():
-        if path.suffix.lower() in (".tsv", ".csv"):
+        kind = format_suffix(path)
+        if kind in (".tsv", ".csv"):
             return _read_table(path, data.text_column)
-        if path.suffix.lower() in JSON_LINES:
+        if kind in JSON_LINES:
             return _read_json_lines(path, data.text_column)
-        if path.suffix.lower() == ".json":
+        if kind == ".json":
             return _read_json(path, data.text_column)
-        if path.suffix.lower() == ".parquet":
+        if kind == ".parquet":
             return _read_parquet(path, data.text_column)
         return read_text_file(path).splitlines()
     if data.path is not None and _looks_like_dataset(data.path):
@@ -78,7 +79,8 @@ def _looks_like_dataset(spec: str) -> bool:
     """`glue:sst2:validation` or `user/name`: at most one '/', no leading '.'/'/', no file suffix."""
     name = spec.split(":")[0]
     return (name.count("/") <= 1 and not name.startswith((".", "/"))
-            and Path(name).suffix.lower() not in (".txt", ".tsv", ".csv", ".parquet", *JSON_LINES))
+            and Path(name).suffix.lower() not in (".txt", ".tsv", ".csv", ".parquet", ".json", *JSON_LINES,
+                                                  *COMPRESSED))
 
 
 # A control character in more than this share of a file's characters marks it as binary (real
@@ -87,15 +89,25 @@ MAX_CONTROL_SHARE = 0.01
 _CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f]")  # C0/C1 controls but \t \n \v \f \r
 
 
+COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}  # read through the standard library's modules
+
+
+def format_suffix(path: Path) -> str:
+    """The suffix that names the format, past a compression suffix: `corpus.tsv.gz` -> ".tsv"."""
+    suffixes = [x.lower() for x in path.suffixes]
+    return suffixes[-2] if len(suffixes) > 1 and suffixes[-1] in COMPRESSED else path.suffix.lower()
+
+
 def read_text_file(path: Path) -> str:
-    """The text of `path`: UTF-8 (a BOM dropped), UTF-16 with a BOM, else Windows-1252/Latin-1.
+    """The text of `path`: UTF-8 (a BOM dropped), UTF-16 with a BOM, else Windows-1252/Latin-1;
+    decompressed first where its suffix is `.gz`, `.bz2` or `.xz` (`COMPRESSED`).
 
     A file that is not UTF-8 is decoded as cp1252 (latin-1 where cp1252 leaves a byte
     undefined) with a WARNING naming the file and the encoding; a UTF-8 file with a few stray
     bytes keeps its UTF-8 and reads each stray byte as U+FFFD, also with a WARNING.
 
     Raises:
-        DataError: the file cannot be read (permissions), or is not text: it holds NUL bytes
+        DataError: the file cannot be read (permissions) or decompressed, or is not text: it holds NUL bytes
             (executables, .safetensors, archives) or more than `MAX_CONTROL_SHARE` control
             characters.
     """
@@ -104,6 +116,14 @@ def read_text_file(path: Path) -> str:
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror or e}): check that it exists and is "
                         "readable, or pass another text, TSV/CSV or JSON Lines file.") from e
+    if path.suffix.lower() in COMPRESSED:  # corpus.txt.gz, data.jsonl.bz2, ...
+        import importlib
+
+        try:
+            raw = importlib.import_module(COMPRESSED[path.suffix.lower()]).decompress(raw)
+        except Exception as e:  # noqa: BLE001 - gzip.BadGzipFile, OSError, lzma.LZMAError, EOFError
+            raise DataError(f"{path}: not a readable {COMPRESSED[path.suffix.lower()]} file ({e}); "
+                            "decompress it or pass the plain file.") from e
     text = None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a BOM (Excel's "Unicode text")
         try:
@@ -161,7 +181,7 @@ def _read_table(path: Path, column: str | None) -> list[str]:
     quote characters are text (SST-2's sentences open and close quotes freely). A CSV is read
     as RFC 4180 and Python's csv and pandas write it: a field holding a comma, a quote or a
     newline is quoted, a quote inside doubled."""
-    tsv = path.suffix.lower() == ".tsv"
+    tsv = format_suffix(path) == ".tsv"
     reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""), delimiter="\t" if tsv else ",",
                             quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     previous = csv.field_size_limit(CSV_FIELD_LIMIT)

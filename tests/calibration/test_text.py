@@ -112,6 +112,19 @@ def test_a_json_file_in_each_form(tmp_path):
         load_texts(DataSettings(path=str(tmp_path / "odd.json"), samples=1, min_words=1))
 
 
+def test_compressed_files_read_as_their_inner_format(tmp_path):
+    import bz2
+    import gzip
+
+    (tmp_path / "t.tsv.gz").write_bytes(gzip.compress(b"sentence\tlabel\na good film indeed\t1\n"))
+    assert load_texts(DataSettings(path=str(tmp_path / "t.tsv.gz"), samples=1, min_words=1)) == ["a good film indeed"]
+    (tmp_path / "t.txt.bz2").write_bytes(bz2.compress("one line of text\n".encode()))  # was "not a text file"
+    assert load_texts(DataSettings(path=str(tmp_path / "t.txt.bz2"), samples=1, min_words=1)) == ["one line of text"]
+    (tmp_path / "bad.txt.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="not a readable gzip file"):
+        load_texts(DataSettings(path=str(tmp_path / "bad.txt.gz"), samples=1, min_words=1))
+
+
 def test_a_csv_without_a_header_by_column_number(tmp_path):
     path = tmp_path / "ag_news.csv"  # AG News: class, title, description; no header
     path.write_text('3,"Wall St. Bears Claw Back","Short-sellers, Wall Street\'s band, see green again."\n'
