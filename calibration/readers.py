@@ -17,6 +17,7 @@ from compiler.errors import DataError
 from compiler.settings import DataSettings
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, str]] = set()  # (file, --text-column) already named as without effect
 
 
 def shared_data_path(relative: str) -> Path | None:
@@ -65,6 +66,10 @@ def read_source(data: DataSettings) -> list[str]:
             return _read_json(path, data.text_column)
         if kind == ".parquet":
             return _read_parquet(path, data.text_column)
+        if data.text_column is not None and (str(path), data.text_column) not in _WARNED:  # once a file
+            _WARNED.add((str(path), data.text_column))
+            log.warning("%s: --text-column %s has no effect on a plain text file (one sample a line); it picks a "
+                        "column of a TSV/CSV, JSON or Parquet file", path, data.text_column)
         return read_text_file(path).splitlines()
     if data.path is not None and _looks_like_dataset(data.path):
         return _read_hf_dataset(data.path, data.text_column)

@@ -357,3 +357,10 @@ def test_a_large_corpus_is_word_counted_only_as_far_as_the_samples_wanted(tmp_pa
     assert picked[0].startswith("line 2 ") and len(picked) == 4 and len(calls) == 6  # was 20000
     with pytest.raises(DataError, match="of the file's 20000 lines or rows, 0 are long enough"):
         load_texts(DataSettings(path=str(big), min_words=50), count=4)  # too few: the message still counts all
+
+
+def test_a_text_column_on_a_plain_text_file_is_named_as_without_effect(tmp_path, caplog):
+    path = tmp_path / "plain.txt"
+    path.write_text("one line of text\n")
+    assert load_texts(DataSettings(path=str(path), text_column="review", samples=1, min_words=1)) == ["one line of text"]
+    assert "--text-column review has no effect on a plain text file" in caplog.text  # was ignored without a word
