@@ -252,7 +252,7 @@ def inspect_bundle(bundle: Path, host: dict[str, Any] | None = None) -> dict[str
             selected = None
     ort = manifest.get("onnxruntime") or {}
     summary = {k: manifest.get(k) for k in ("name", "status", "model", "variant", "created", "command", "io",
-                                            "profiles", "build_options", "tokenizer")}
+                                            "profiles", "build_options", "tokenizer", "labels")}
     summary["precision"] = {k: (manifest.get("precision") or {}).get(k) for k in ("mode", "int8_mac_fraction")}
     summary["precision"]["fp32_nodes"] = len((manifest.get("precision") or {}).get("fp32_nodes") or [])
     summary["fidelity"] = _fidelity_summary(manifest.get("fidelity"))
@@ -391,7 +391,8 @@ def _format_bundle(r: dict[str, Any]) -> list[str]:
     s, h = r["summary"], r["hashes"]
     model = s.get("model") or {}
     lines = [f"bundle {r['path']}: {s.get('name')} ({s.get('status')}), model {model.get('name')} "
-             f"({model.get('weights')}), variant {s.get('variant')}, made {s.get('created')}",
+             f"({model.get('weights')}), task {model.get('task', 'feature-extraction')}, variant {s.get('variant')}, "
+             f"made {s.get('created')}",
              f"  files: {h['files']} ({h['bytes'] / 2**20:.1f} MiB): "
              + ("every sha256 matches the manifest" if h["ok"] else "HASH CHECK FAILED")]
     if not h["ok"]:
@@ -404,6 +405,10 @@ def _format_bundle(r: dict[str, Any]) -> list[str]:
         lines.append(f"  profile {i}: " + "; ".join(
             f"{name} {'x'.join(map(str, c['min']))}..{'x'.join(map(str, c['opt']))}..{'x'.join(map(str, c['max']))}"
             for name, c in profile.items()))
+    if s.get("labels"):
+        names = s["labels"].get("names") or []
+        lines.append(f"  labels ({s['labels'].get('output')}, {s['labels'].get('file')}): {len(names)} classes, "
+                     + ", ".join(map(str, names[:8])) + (", ..." if len(names) > 8 else ""))
     opts = s.get("build_options") or {}
     lines.append("  build options: " + ", ".join(f"{k} {v}" for k, v in opts.items()))
     prec = s["precision"]

@@ -94,6 +94,11 @@ def test_a_classifier_bundle_carries_its_class_names_to_triton_and_run(tmp_path)
     assert len(answers) == 2 and {a["label"] for a in answers} <= set(LABELS)
     assert "answers (text-classification):" in printed.getvalue() and "embedding" not in printed.getvalue()
     assert Path(tmp_path / "r" / "logits.npy").is_file() and not Path(tmp_path / "r" / "embedding.npy").exists()
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        assert main(["inspect", str(bundle)]) == 0
+    assert "task text-classification" in shown.getvalue()
+    assert "labels (logits, labels.txt): 2 classes, NEGATIVE, POSITIVE" in shown.getvalue()
 
 
 def test_a_question_answering_span_lies_in_the_context_of_a_pair(tokenizer):
