@@ -65,6 +65,14 @@ REGISTRY: dict[str, ArchitectureSpec] = {
 }
 
 
+# hub ids of the registered models: the same entry (MiniLM's weights ship offline; `--weights random`
+# builds the published configuration without a hub)
+HUB_ALIASES = {"sentence-transformers/all-minilm-l6-v2": "minilm", "all-minilm-l6-v2": "minilm",
+               "bert-base-uncased": "bert-base", "google-bert/bert-base-uncased": "bert-base",
+               "bert-large-uncased": "bert-large", "google-bert/bert-large-uncased": "bert-large",
+               "openai-community/gpt2": "gpt2"}
+
+
 def _auto_config(name: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
@@ -190,8 +198,9 @@ def load_model(settings: ModelSettings) -> LoadedModel:
 
 def _locate(name: str) -> tuple[ArchitectureSpec | None, str, str]:
     """(registry entry or None, where the checkpoint is, family or "" when the config decides)."""
-    spec = REGISTRY.get(name)
     local = Path(name).expanduser()
+    spec = REGISTRY.get(name) or (REGISTRY[HUB_ALIASES[name.lower()]]
+                                  if name.lower() in HUB_ALIASES and not local.is_dir() else None)
     if spec is not None:
         return spec, str(spec.hub_id() if callable(spec.hub_id) else spec.hub_id), spec.family
     if local.is_dir():

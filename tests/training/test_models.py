@@ -329,3 +329,16 @@ def test_a_model_without_a_token_embedding_table_is_refused(tmp_path):
                                          intermediate_size=64)), tmp_path / "canine")
     with pytest.raises(UnknownModelError, match="CanineModel has no token embedding table"):  # was exit 3
         load_model(ModelSettings(name=path))
+
+
+def test_hub_ids_of_the_registered_models_resolve_offline(tmp_path, monkeypatch):
+    """MiniLM's hub id was a hub lookup (exit 1 offline) though its weights ship in a package."""
+    from compiler.training import models
+
+    loaded = load_model(ModelSettings(name="sentence-transformers/all-MiniLM-L6-v2"))
+    assert loaded.source == load_model(ModelSettings(name="minilm")).source  # the same weights: the package's
+    assert models._locate("bert-base-uncased")[0] is models.REGISTRY["bert-base"]  # --weights random: no hub
+    assert models._locate("OPENAI-COMMUNITY/GPT2")[0] is models.REGISTRY["gpt2"]
+    save(tiny_bert(), tmp_path / "bert-base-uncased")  # a local folder of that name stays a local checkpoint
+    monkeypatch.chdir(tmp_path)
+    assert models._locate("bert-base-uncased")[:2] == (None, "bert-base-uncased")
