@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 from compiler.artifacts import sha256_file, write_bytes, write_json
@@ -84,13 +85,14 @@ def check_tensorrt(onnx_path: str | Path, profiles: tuple[ProfileSettings, ...] 
     if isinstance(gpu, GpuInfo) and not any(problems):
         return gpu
     onnx_path = Path(onnx_path)
+    arg = quote(str(onnx_path))  # a path with spaces stays one argument (shlex.quote)
     raise TensorRTUnavailableError(
         "cannot build a TensorRT engine on this machine:\n"
         + "\n".join(f"  - {p}" for p in problems if p)
         + f"\nThe TensorRT-ready ONNX is at {onnx_path}\n"
         "Build it later on a machine with TensorRT 11 and an NVIDIA GPU:\n"
-        f"  python -m compiler build --onnx {onnx_path}{build_flags(engine) if engine else _profile_flags(profiles)}\n"
-        f"  trtexec --onnx={onnx_path} --stronglyTyped"
+        f"  python -m compiler build --onnx {arg}{build_flags(engine) if engine else _profile_flags(profiles)}\n"
+        f"  trtexec --onnx={arg} --stronglyTyped"
     )
 
 

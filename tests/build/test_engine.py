@@ -423,6 +423,12 @@ def test_the_build_later_hint_keeps_the_requested_profile(tmp_path):
     with pytest.raises(TensorRTUnavailableError) as err:
         build.check_tensorrt(onnx_path, (ProfileSettings(),))  # the default profile needs no flags
     assert f"python -m compiler build --onnx {onnx_path}\n" in str(err.value)
+    (tmp_path / "my dir").mkdir()
+    spaced = _one_gemm_onnx(tmp_path / "my dir" / "model.onnx", np.ones((4, 2), np.float32))
+    with pytest.raises(TensorRTUnavailableError) as err:
+        build.check_tensorrt(spaced, (ProfileSettings(),))
+    assert f"python -m compiler build --onnx '{spaced}'\n" in str(err.value)  # one shell argument
+    assert f"trtexec --onnx='{spaced}' --stronglyTyped" in str(err.value)
 
 
 def test_the_build_later_hint_keeps_several_profiles_and_the_deployment_options(tmp_path):
