@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 import numpy as np
@@ -146,7 +147,7 @@ def check_generation_fits(bundle: Any, batch: int, prompt: int, new_tokens: int,
         "generation length", f"{batch} prompt(s) of {prompt} tokens + {new_tokens} new tokens {how}; the first step "
         f"outside the profiles: {refusal.found}", refusal.expected,
         f"{limit}; or make the bundle with a larger profile (`python -m compiler bundle ... --max-shape BATCHxSEQUENCE "
-        f"--max-past PAST`, or `python -m compiler build --bundle {bundle.root} --max-shape BATCHxSEQUENCE` on the "
+        f"--max-past PAST`, or `python -m compiler build --bundle {quote(str(bundle.root))} --max-shape BATCHxSEQUENCE` on the "
         "GPU host)")
 
 

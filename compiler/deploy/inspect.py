@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 from compiler.artifacts import sha256_file
@@ -421,7 +422,7 @@ def _format_bundle(r: dict[str, Any]) -> list[str]:
     lines += ["this host:", *_format_host(r["host"])]
     if not r["engines"]:
         lines.append("  TensorRT engines: none yet (build one on the GPU host: "
-                     f"`python -m compiler build --bundle {r['path']}`)")
+                     f"`python -m compiler build --bundle {quote(r['path'])}`)")
     for e in r["engines"]:
         lines.append(f"  engine {e['file']} (compute capability {e['compute_capability']}, TensorRT "
                      f"{e['tensorrt_version']}, hardware compat {e.get('hardware_compat')}): "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 import numpy as np
@@ -57,7 +58,7 @@ def tensorrt_checks(root: Path, manifest: dict[str, Any], device_cc: str, instal
     if not manifest.get("engines"):
         raise DeploymentRefusedError(
             "plan present", f"a prepared bundle without a TensorRT plan ({root})", "a plan built on the target GPU",
-            f"`python -m compiler build --bundle {root}` on a host with TensorRT 11 and the GPU; or "
+            f"`python -m compiler build --bundle {quote(str(root))}` on a host with TensorRT 11 and the GPU; or "
             "`--backend onnxruntime`")
     entry = select_engine(manifest["engines"], device_cc, device_gpu=device_gpu, bundle=root)
     header = read_plan_header(root / entry["file"])
