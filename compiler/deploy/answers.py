@@ -3,7 +3,7 @@
 
 | task | answer per text |
 |---|---|
-| `text-classification` | the top class (`labels.txt` name) and its softmax probability |
+| `text-classification` | the top class (`labels.txt` name) and its softmax probability; multi-label: every class whose sigmoid is >= 0.5; regression: the value |
 | `token-classification` | each real token (special tokens and padding left out) with its top class |
 | `fill-mask` | for each mask token, the `top_k` tokens and their probabilities |
 | `question-answering` | the best span (start <= end, at most `MAX_ANSWER_TOKENS`) of the context (`run --context`; else of the text), decoded |
@@ -29,7 +29,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def task_answers(task: str, outputs: dict[str, np.ndarray], feeds: dict[str, np.ndarray], tokenizer: Any,
-                 labels: Sequence[str] | None = None, top_k: int = 5, paired: bool = False) -> list[Any] | None:
+                 labels: Sequence[str] | None = None, top_k: int = 5, paired: bool = False,
+                 problem_type: str | None = None) -> list[Any] | None:
     """One answer per text for `task`, or None for a task without one.
 
     Args:
@@ -41,6 +42,9 @@ def task_answers(task: str, outputs: dict[str, np.ndarray], feeds: dict[str, np.
         top_k: tokens listed per mask (fill-mask).
         paired: the texts were tokenized as (question, context) pairs: an answer span lies in
             the context, after the first separator token.
+        problem_type: text-classification's `config.problem_type`: `multi_label_classification`
+            (a sigmoid per class: every class at 0.5 or more), `regression` (the one logit as the
+            score), else one softmax class.
 
     Returns:
         A list with one JSON-ready answer per text (dicts of str, int and float), or None.
@@ -48,6 +52,12 @@ def task_answers(task: str, outputs: dict[str, np.ndarray], feeds: dict[str, np.
     ids = feeds["input_ids"]
     mask = feeds.get("attention_mask", np.ones_like(ids))
     name = lambda i: labels[i] if labels is not None and i < len(labels) else str(i)  # noqa: E731
+    if task == "text-classification" and problem_type == "regression":
+        return [{"score": round(float(v), 6)} for v in np.asarray(outputs["logits"], np.float64)[:, 0]]
+    if task == "text-classification" and problem_type == "multi_label_classification":
+        probs = 1.0 / (1.0 + np.exp(-np.asarray(outputs["logits"], np.float64)))
+        return [{"labels": [name(i) for i in np.flatnonzero(p >= 0.5)],
+                 "scores": {name(i): round(float(v), 6) for i, v in enumerate(p)}} for p in probs]
     if task == "text-classification":
         probs = softmax(outputs["logits"])
         return [{"label": name(int(p.argmax())), "score": round(float(p.max()), 6)} for p in probs]
@@ -97,6 +107,10 @@ def _best_span(start: np.ndarray, end: np.ndarray, row: np.ndarray, valid: np.nd
 
 def answer_line(task: str, answer: Any) -> str:
     """One printable line of an answer (`task_answers`'s element)."""
+    if task == "text-classification" and "labels" in answer:  # multi-label
+        return ", ".join(f"{n} ({answer['scores'][n]:.4f})" for n in answer["labels"]) or "(no class at 0.5 or more)"
+    if task == "text-classification" and "label" not in answer:  # regression
+        return f"{answer['score']:.4f}"
     if task == "text-classification":
         return f"{answer['label']} ({answer['score']:.4f})"
     if task == "token-classification":

@@ -244,7 +244,13 @@ def prepare_bundle(settings: BuildSettings, run: PipelineRun | None = None, out_
             "fidelity": report.get("fidelity"),
         }
         if getattr(run.loaded, "labels", None):  # classification: names in id order, as Triton's labels.txt
-            manifest["labels"] = {"output": "logits", "names": list(run.loaded.labels), "file": LABELS_FILE}
+            from compiler.training.models import checkpoint_config
+
+            problem = getattr(checkpoint_config(settings.model)[1], "problem_type", None)  # multi-label, regression
+            names = list(run.loaded.labels)  # one logit without a problem_type: regression, as transformers reads it
+            manifest["labels"] = {"output": "logits", "names": names, "file": LABELS_FILE, "problem_type": problem or (
+                "regression" if len(names) == 1 and settings.model.task == "text-classification"
+                else "single_label_classification")}
         _write_configs(tmp, manifest)
         finish_bundle(tmp, manifest, dest)
     log.info("bundle prepared: %s", dest)

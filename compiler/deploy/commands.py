@@ -173,8 +173,9 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"  embedding: float32 {summary['embedding']['shape']} ({how})")
     from compiler.deploy.answers import answer_line, task_answers
 
-    answers = task_answers(task, outputs, feeds, bundle.tokenizer, (bundle.manifest.get("labels") or {}).get("names"),
-                           paired=args.context is not None)
+    labels = bundle.manifest.get("labels") or {}
+    answers = task_answers(task, outputs, feeds, bundle.tokenizer, labels.get("names"), paired=args.context is not None,
+                           problem_type=labels.get("problem_type"))
     if answers is not None:
         summary["answers"] = answers
         print(f"answers ({task}):")

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def tokenizer():
     return minilm_tokenizer()
 
 
-def _classifier_bundle(head: type, names: tuple[str, ...], tmp_path: Path) -> Path:
+def _classifier_bundle(head: type, names: tuple[str, ...], tmp_path: Path, **config: Any) -> Path:
     """A bundle (ONNX Runtime only, here) of a tiny BERT with `head` and class `names`."""
     import torch
     from transformers import BertConfig
@@ -34,7 +35,7 @@ def _classifier_bundle(head: type, names: tuple[str, ...], tmp_path: Path) -> Pa
     torch.manual_seed(0)
     checkpoint = tmp_path / "classifier"
     head(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=30522,
-                    id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+                    id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, **config)
          ).save_pretrained(checkpoint)
     minilm_tokenizer().save_pretrained(checkpoint)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -81,7 +82,8 @@ def test_a_classifier_bundle_carries_its_class_names_to_triton_and_run(tmp_path)
     bundle = _classifier_bundle(BertForSequenceClassification, LABELS, tmp_path)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["model"]["task"] == "text-classification"
-    assert manifest["labels"] == {"output": "logits", "names": list(LABELS), "file": "labels.txt"}
+    assert manifest["labels"] == {"output": "logits", "names": list(LABELS), "file": "labels.txt",
+                                  "problem_type": "single_label_classification"}
     for folder in (manifest["name"], f"{manifest['name']}_onnxruntime"):
         assert (bundle / folder / "labels.txt").read_text().splitlines() == list(LABELS)
         assert f"{folder}/labels.txt" in manifest["files"]  # hashed: a changed label file is refused
@@ -99,6 +101,20 @@ def test_a_classifier_bundle_carries_its_class_names_to_triton_and_run(tmp_path)
         assert main(["inspect", str(bundle)]) == 0
     assert "task text-classification" in shown.getvalue()
     assert "labels (logits, labels.txt): 2 classes, NEGATIVE, POSITIVE" in shown.getvalue()
+
+
+def test_multi_label_and_regression_classifiers_answer_as_trained(tokenizer):
+    """A softmax top-1 misreads both (transformers' `problem_type`)."""
+    feeds = {k: v.astype(np.int64) for k, v in tokenizer(["a", "b"], return_tensors="np").items()}
+    logits = np.array([[2.0, 1.0, -3.0], [-2.0, -1.0, -3.0]], np.float32)
+    multi = task_answers("text-classification", {"logits": logits}, feeds, tokenizer, ("a", "b", "c"),
+                         problem_type="multi_label_classification")
+    assert multi[0]["labels"] == ["a", "b"] and multi[1]["labels"] == []  # every class with sigmoid >= 0.5
+    assert multi[0]["scores"]["c"] == pytest.approx(0.047426, abs=1e-6)
+    assert answer_line("text-classification", multi[1]) == "(no class at 0.5 or more)"
+    scored = task_answers("text-classification", {"logits": np.array([[3.25], [-0.5]], np.float32)}, feeds,
+                          tokenizer, ("LABEL_0",), problem_type="regression")
+    assert scored == [{"score": 3.25}, {"score": -0.5}] and answer_line("text-classification", scored[0]) == "3.2500"
 
 
 def test_a_question_answering_span_lies_in_the_context_of_a_pair(tokenizer):
@@ -123,3 +139,15 @@ def test_token_classification_labels_are_written_without_triton_label_filename(t
     assert (folder / "labels.txt").read_text().splitlines() == list(names)
     (logits,) = [o for o in read_config(folder / "config.pbtxt").output if o.name == "logits"]
     assert logits.label_filename == ""  # Triton's classification ranks one vector per item: not per token
+
+
+def test_a_multi_label_bundle_records_its_problem_type_and_run_uses_it(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    bundle = _classifier_bundle(BertForSequenceClassification, ("toxic", "insult", "threat"), tmp_path,
+                                problem_type="multi_label_classification")
+    assert json.loads((bundle / "manifest.json").read_text())["labels"]["problem_type"] == "multi_label_classification"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", str(bundle), "--text", "a text", "--out", str(tmp_path / "r")]) == 0
+    (answer,) = json.loads((tmp_path / "r" / "run.json").read_text())["answers"]
+    assert set(answer["scores"]) == {"toxic", "insult", "threat"} and "label" not in answer
