@@ -316,11 +316,12 @@ def int8_qat(inputs: QatInputs, settings: BuildSettings, export: ExportSettings,
     thresholds = ptq_thresholds(light, ptq, smoothing)
     learned, training = qat_model(inputs.student, inputs.teacher, input_names, light, ptq.quantized_nodes,
                                   thresholds, inputs.train, settings.train, inputs.after_step, smoothing)
-    by_name = {n.name: n for n in light.graph.node}  # layers after the model (Dense) keep PTQ's scales
-    kept = {node: thresholds[by_name[node].input[0]] for node in ptq.quantized_nodes if node not in learned}
+    # layers after the model (Dense) are not fine-tuned: they keep PTQ's scale and smoothing
+    kept_inputs = {n.name: n.input[0] for n in light.graph.node if n.name in ptq.quantized_nodes and n.name not in learned}
+    kept = {node: thresholds[t] for node, t in kept_inputs.items()}
     model, rep, export_report = _qdq_of_tuned(inputs, settings, export, qat_onnx, ptq, {**kept, **learned},
-                                              {by_name[n].input[0]: smoothing[by_name[n].input[0]] for n in kept
-                                               if by_name[n].input[0] in smoothing}, list(kept))
+                                              {t: smoothing[t] for t in kept_inputs.values() if t in smoothing},
+                                              list(kept))
     probe = FidelityProbe.on_tokens(inputs.reference_path, inputs.heldout, input_names, inputs.output_names[0],
                                     data.batch_size)
     fid_ptq = probe.score(convert_precision(ptq_model, float_precision)[0]).to_dict()

@@ -28,8 +28,6 @@ from typing import Any
 from compiler.settings import TASKS
 from compiler.training.sentence_modules import sentence_transformers_pooling
 
-ENCODER_TASKS = ("text-classification", "token-classification", "question-answering",
-                 "fill-mask")
 DECODER_TASKS = ("text-generation", "text-generation-with-past")
 # Architecture name endings -> task (transformers' class naming)
 _ARCHITECTURES = (("ForSequenceClassification", "text-classification"),
