@@ -36,7 +36,7 @@ from compiler.stages.export import stage_export
 from compiler.stages.precision import stage_precision
 from compiler.stages.quantize import stage_quantize
 from compiler.stages.sparsity import stage_sparsity
-from compiler.stages.verify import profile_edge, refuse_nonfinite, stage_verify
+from compiler.stages.verify import profile_edge, refuse_low_cosine, refuse_nonfinite, stage_verify
 from compiler.stages.vocab import stage_vocab
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ def run_pipeline(settings: BuildSettings, until: str = "build",
             after["verify"](run)
         # NaN/Inf on real text where FP32 has none: nothing is built or bundled from it
         refuse_nonfinite(run.verify.fidelity["nonfinite_check"], settings.precision.mode, report_path)
+        refuse_low_cosine(run.verify.fidelity["cosine_check"], settings.precision.mode, report_path)
     if runs("build"):
         with run.timed("build"):
             run.build = _build_recorded(settings, run)

@@ -70,6 +70,8 @@ def rule_overflow(model: Any, stats: Any, margin: float) -> tuple[Pins, list[str
     pins: Pins = {}
     declined: list[str] = []
     for n in model.graph.node:
+        if n.op_type == "Constant":  # the fp16-range rule keeps an out-of-range constant's reader FP32
+            continue
         for t in [*n.input, *n.output]:
             s = stats.tensors.get(t)
             if s is None or s.absmax * margin < FP16_MAX:
@@ -207,8 +209,8 @@ def merge_islands(model: Any, pins: Pins) -> Pins:
     graph_io = {v.name for v in [*model.graph.input, *model.graph.output]}
     merged: Pins = {}
     for i, n in enumerate(nodes):
-        if n.name in pins or n.op_type in GEMM_OPS or not any(t in is_float for t in n.output):
-            continue
+        if n.name in pins or n.op_type in GEMM_OPS + ("Constant",) or not any(t in is_float for t in n.output):
+            continue  # a Constant is an initializer to the conversion: it takes its readers' type
         ins = [t for t in n.input if t in is_float and t not in inits]
         outs = [t for t in n.output if t in is_float]
         srcs = [producer.get(t) for t in ins]

@@ -55,7 +55,7 @@ def rule_softmax(nodes: list[Any], consumers: dict[str, list[int]]) -> Pins:
 
 
 def rule_layer_norm(nodes: list[Any], consumers: dict[str, list[int]]) -> Pins:
-    """LayerNormalization and the other normalization ops, and the decomposed layer norm.
+    """LayerNormalization and the other normalization ops, and the decomposed layer and RMS norms.
 
     The decomposed form (PyTorch exports before opset 17): mean = ReduceMean(x); d = Sub(x, mean);
     var = ReduceMean(Pow(d, 2)); Div(d, Sqrt(Add(var, eps))), followed by the affine Mul(gamma)
@@ -69,11 +69,66 @@ def rule_layer_norm(nodes: list[Any], consumers: dict[str, list[int]]) -> Pins:
     """
     pins = {i: ("layer-norm", f"{n.op_type}: mean and variance over the hidden size")
             for i, n in enumerate(nodes) if n.op_type in NORM_OPS}
+    producer = {t: i for i, n in enumerate(nodes) for t in n.output}
     for i, n in enumerate(nodes):
         if n.op_type == "ReduceMean":
             for j in _decomposed_layer_norm(nodes, consumers, i):
                 pins[j] = ("layer-norm", "decomposed layer norm: ReduceMean/Sub/Pow/Sqrt/Div")
+            for j in _decomposed_rms_norm(nodes, consumers, producer, i):
+                pins.setdefault(j, ("layer-norm", "decomposed RMS norm: Pow/ReduceMean/Add/Sqrt/Div/Mul"))
     return pins
+
+
+def _decomposed_rms_norm(nodes: list[Any], consumers: dict[str, list[int]], producer: dict[str, int],
+                         var: int) -> list[int]:
+    """The RMS norm chain around the ReduceMean `var` (Zhang & Sennrich 2019; Llama, Gemma, Qwen,
+    Mistral, T5 as PyTorch exports them): x^2 = Pow(x, 2) or Mul(x, x); var = ReduceMean(x^2);
+    r = Sqrt(Add(var, eps)); then Div(x, r), or Mul(x, 1 / r) with 1 / r as Div(1, r) or
+    Reciprocal(r); then the scale Mul(gamma) (after a float Cast) when each is the only reader.
+    FP16 squares overflow from |x| > 256, which a Llama's residual stream passes: Pow joins the
+    island with the mean. [] when `var` is not such a chain."""
+
+    def only(tensor: str, op_types: set[str]) -> list[int]:
+        return [j for j in consumers.get(tensor, []) if nodes[j].op_type in op_types]
+
+    sq = producer.get(nodes[var].input[0])
+    if sq is None or nodes[sq].op_type not in ("Pow", "Mul"):
+        return []
+    x = nodes[sq].input[0]
+    if nodes[sq].op_type == "Mul" and list(nodes[sq].input) != [x, x]:
+        return []
+    chain, cur = [sq, var], nodes[var].output[0]
+    for op in ("Add", "Sqrt"):
+        nxt = only(cur, {op})
+        if len(nxt) != 1:
+            return []
+        chain.append(nxt[0])
+        cur = nodes[nxt[0]].output[0]
+    divides = [j for j in only(cur, {"Div"}) if list(nodes[j].input) == [x, cur]]
+    if divides:  # x / sqrt(var + eps)
+        chain.append(divides[0])
+    else:  # x * (1 / sqrt(var + eps))
+        inverse = [j for j in consumers.get(cur, []) if nodes[j].op_type == "Reciprocal"
+                   or (nodes[j].op_type == "Div" and nodes[j].input[1] == cur and nodes[j].input[0] != x)]
+        if len(inverse) != 1:
+            return []
+        r = nodes[inverse[0]].output[0]
+        scaled = [j for j in only(r, {"Mul"}) if set(nodes[j].input) == {x, r}]
+        if not scaled:
+            return []
+        chain += [inverse[0], scaled[0]]
+    cur = nodes[chain[-1]].output[0]
+    for op in ("Cast", "Mul"):  # `.to(input_dtype)` (FP32 to FP32 in the export), then the scale gamma
+        nxt = only(cur, {op})
+        if len(nxt) != 1 or len(consumers.get(cur, [])) != 1:
+            if op == "Cast":
+                continue
+            break
+        if op == "Cast" and not any(a.name == "to" and a.i == FLOAT for a in nodes[nxt[0]].attribute):
+            break
+        chain.append(nxt[0])
+        cur = nodes[nxt[0]].output[0]
+    return chain
 
 
 def _decomposed_layer_norm(nodes: list[Any], consumers: dict[str, list[int]], mean: int) -> list[int]:

@@ -103,6 +103,7 @@ def stage_verify(settings: BuildSettings, export: ExportResult, precision: Preci
                  f["samples"])
     fidelity["nonfinite_check"] = nonfinite_verdict(fidelity, settings.precision.mode,
                                                     settings.precision.allow_nonfinite)
+    fidelity["cosine_check"] = cosine_verdict(fidelity, settings)
     check = None
     if settings.sparsity.pattern is not None:  # FP16 and Q/DQ must keep the 2:4 pattern
 
@@ -177,3 +178,54 @@ def refuse_nonfinite(verdict: dict[str, Any], mode: str, report_path: Any) -> No
     raise VerificationError(f"verify refused it: {what}. Fix: {verdict['fix']}; or pass --allow-nonfinite to "
                             f"keep it anyway. Figures: {report_path}")
 
+
+
+BROKEN_BELOW = 0.99  # INT8's default budget (QuantSettings.min_cosine): an FP16 variant further off has lost the output
+
+
+def cosine_verdict(fidelity: dict[str, Any], settings: BuildSettings) -> dict[str, Any]:
+    """Whether an `fp16` or `hybrid` variant kept the output on real text.
+
+    Those modes pin by op type, not by measurement: a variant whose FP16 tensors lose the output
+    without a NaN (a Llama's RMS norm squares past 65504: the norm is 0, the output unrelated)
+    would otherwise ship with exit 0. The floor is `BROKEN_BELOW` (0.99, what the INT8 budget
+    accepts by default: FP16 rounding alone stays far above it; the published hybrid figure is
+    0.9998), or `precision.min_cosine` where that is lower (`--min-cosine`). Checked where
+    verify's figures are the precision's alone: `fp16` or `hybrid`, no 2:4 sparsity, no
+    vocabulary pruning (their own losses count against the dense FP32 graph). `auto` and INT8
+    meet their budgets in their own search.
+
+    Args:
+        fidelity: verify's `fidelity` section ({set: {"cosine_min", ...}}).
+        settings: `precision.mode`, `precision.min_cosine`, `sparsity.pattern`, `vocab.texts`.
+
+    Returns:
+        {"status": "ok" | "refused" | "not checked", "min_cosine": the floor, "cosine_min":
+        {set: figure}, "sets": the sets below it} over `SHIPPED_SETS` (None: non-finite, left
+        to `nonfinite_verdict`).
+    """
+    p = settings.precision
+    if p.mode not in ("fp16", "hybrid") or settings.sparsity.pattern is not None or settings.vocab.texts:
+        return {"status": "not checked"}
+    floor = min(p.min_cosine, BROKEN_BELOW)
+    found = {s: fidelity[s].get("cosine_min") for s in SHIPPED_SETS if s in fidelity}
+    low = [s for s, c in found.items() if c is not None and c < floor]
+    return {"status": "refused" if low else "ok", "min_cosine": floor, "cosine_min": found, "sets": low}
+
+
+def refuse_low_cosine(verdict: dict[str, Any], mode: str, report_path: Any) -> None:
+    """Raise for a refused `cosine_verdict`.
+
+    Raises:
+        compiler.errors.VerificationError: status "refused" (exit 1): the message names the
+            figures, the budget, `--precision auto` and `--min-cosine`.
+    """
+    if verdict.get("status") != "refused":
+        return
+    where = {"real": "held-out text", "profile_max": "the profile's max shape"}
+    found = ", ".join(f"{verdict['cosine_min'][s]:.6g} on {where.get(s, s)}" for s in verdict["sets"])
+    raise VerificationError(
+        f"verify refused it: the {mode} variant's cosine similarity to the FP32 graph on real text is {found}, "
+        f"below {verdict['min_cosine']:g}, without a NaN/Inf to show it: FP16 lost the output, not rounded it. Fix: "
+        f"{_TO_AUTO}; or pass a lower --min-cosine to keep it anyway. "
+        f"Figures: {report_path}")

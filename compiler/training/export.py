@@ -21,6 +21,7 @@ import numpy as np
 from calibration.text import text_feeds
 from compiler.artifacts import read_key, write_key
 from compiler.errors import CompilerError, ExportParityError
+from compiler.training.export_patches import exportable_ops
 from compiler.training.heads import dummy_inputs, task_axes, task_module, task_output_names
 from compiler.training.models import LoadedModel, max_positions
 from compiler.graph.onnx_io import check_model_file, load_onnx, save_onnx
@@ -115,8 +116,47 @@ def torch_forward(run: Any, batch: int, seq: int) -> Any:
     except (RuntimeError, ValueError, IndexError) as e:
         first = next((line for line in str(e).splitlines() if line.strip()), "")[:300]
         raise CompilerError(f"the PyTorch model itself fails at batch={batch} sequence={seq} ({type(e).__name__}: "
-                            f"{first}); a model that does not run at every sequence length cannot be compiled "
-                            "with dynamic shapes") from e
+                            f"{first}); it must run in transformers at every batch and sequence length of the "
+                            "optimization profile to be compiled with dynamic shapes") from e
+
+
+def blame_the_model(loaded: LoadedModel, wrapper: Any, dummy: tuple) -> None:
+    """After a failed trace: run `wrapper` on the export's example inputs `dummy` in plain
+    PyTorch. Where that fails too, the model is to blame, not the exporter.
+
+    Raises:
+        CompilerError: the plain forward fails. With a KV cache (`text-generation-with-past`)
+            where the model runs without one, the message names the cache (layers that keep
+            another state: linear attention, state-space) and `--task text-generation`.
+    """
+    import torch
+
+    def failure(run: Any) -> Exception | None:
+        try:
+            with torch.no_grad():
+                run()
+        except Exception as e:  # noqa: BLE001 - whatever the model raises is reported as its own
+            return e
+        return None
+
+    def first_line(e: Exception) -> str:
+        return type(e).__name__ + ": " + next((x for x in str(e).splitlines() if x.strip()), "")[:300]
+
+    err = failure(lambda: wrapper(*dummy))
+    if err is None:
+        return
+    ids = dummy[0]
+    if loaded.task == "text-generation-with-past":
+        alone = failure(lambda: loaded.module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False))
+        if alone is None:
+            raise CompilerError(f"the PyTorch model fails with its KV cache given as past_key_values tensors "
+                                f"({first_line(err)}) and runs without one: its layers keep a state other than "
+                                "one key and value each (linear attention, state-space). Use --task "
+                                "text-generation (the whole prefix every step)") from err
+        err = alone
+    raise CompilerError(f"the PyTorch model itself fails on the export's example inputs "
+                        f"{tuple(ids.shape)} ({first_line(err)}); check that the checkpoint runs in "
+                        "transformers (its config against its weights)") from err
 
 
 def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Path,
@@ -161,6 +201,9 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
                 raise CompilerError(f"the ONNX exporter cannot write an operator this model runs: {e}. The "
                                     "architecture cannot be compiled as it is (e.g. mixture-of-experts routing "
                                     "counts tokens per expert with aten::histc)") from e
+            except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:
+                blame_the_model(loaded, wrapper, dummy)  # a CompilerError where PyTorch alone fails too
+                raise e
             static_output_dims(model, wrapper, dummy, axes)
             # External data: later stages open the graph without loading the weights.
             save_onnx(model, onnx_path, external=True)
@@ -243,7 +286,7 @@ def traced_onnx(wrapper: Any, dummy: tuple, tmp_file: Path, input_names: list[st
         return graph, params, out
 
     def export(with_params: bool) -> None:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), exportable_ops():
             warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic are expected
             torch.onnx.export(wrapper, dummy, str(tmp_file), input_names=input_names, output_names=output_names,
                               dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,

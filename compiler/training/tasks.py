@@ -102,22 +102,41 @@ def cache_spec(config: Any, module: Any = None) -> CacheSpec:
     measured = _measured_cache_spec(module) if module is not None else None
     if measured is not None:
         return measured
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    model_type = getattr(config, "model_type", "model")
+    try:
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    except Exception as e:  # noqa: BLE001 - e.g. transformers' per-layer attributes (Gemma 4's head_dim)
+        raise CompilerError(f"--task text-generation-with-past: {model_type}'s layers differ in their KV cache "
+                            f"({type(e).__name__}: {str(e)[:200]}); one (batch, heads, past, head_dim) shape "
+                            f"for every layer is needed. {USE_NO_CACHE}") from e
     if not (layers and heads and hidden):
         raise CompilerError(
             f"--task text-generation-with-past needs a KV cache of (batch, heads, past, head_dim) tensors per "
-            f"layer; this {getattr(config, 'model_type', 'model')} model keeps no such cache (e.g. a state-space "
-            "model's recurrent state). Use --task text-generation (the whole prefix every step).")
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return CacheSpec(int(layers), int(kv_heads), int(getattr(config, "head_dim", None) or hidden // heads))
+            f"layer; this {model_type} model keeps no such cache (e.g. a state-space model's recurrent state). "
+            f"{USE_NO_CACHE}")
+    return CacheSpec(int(layers), int(kv_heads), int(head_dim))
+
+
+USE_NO_CACHE = "Use --task text-generation (the whole prefix every step)."
 
 
 def _measured_cache_spec(module: Any) -> CacheSpec | None:
-    """The cache geometry from one 2-token forward of `module`, or None where the cache it
-    returns is not per-layer (batch, kv_heads, past, head_dim) tensors of one shape."""
+    """The cache geometry from one 2-token forward of `module`, or None where the probe fails or
+    the cache it returns is not per-layer (batch, kv_heads, past, head_dim) tensors.
+
+    Raises:
+        CompilerError: some layers keep no key tensor (linear-attention or state-space layers
+            beside attention ones: Qwen3.5, Jamba) or the layers' shapes differ (per-layer head_dim).
+    """
+    from collections import Counter
+
     import torch
+
+    from compiler.errors import CompilerError
 
     try:
         with torch.no_grad():
@@ -133,8 +152,17 @@ def _measured_cache_spec(module: Any) -> CacheSpec | None:
         keys = list(cache.key_cache)
     else:
         keys = [layer[0] if isinstance(layer, (tuple, list)) and layer else None for layer in cache]
-    shapes = {tuple(k.shape) for k in keys if isinstance(k, torch.Tensor)}
-    if len(keys) == 0 or len(shapes) != 1 or len(next(iter(shapes))) != 4:
+    shapes = [tuple(k.shape) if isinstance(k, torch.Tensor) and k.numel() else None for k in keys]
+    if not any(shapes):
+        return None
+    if None in shapes or len(set(shapes)) != 1:
+        kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+        raise CompilerError(
+            f"--task text-generation-with-past: the model's cache is not one (batch, heads, past, head_dim) key "
+            f"and value per layer (layers by key shape: {dict(Counter(shapes))}{'; cache layers ' + str(kinds) if kinds else ''}"
+            f"): layers that keep another state (linear attention, state-space) or differ in shape cannot "
+            f"be fed as past_key_values inputs. {USE_NO_CACHE}")
+    if len(shapes[0]) != 4:
         return None
     batch, kv_heads, past, head_dim = next(iter(shapes))
     if batch != 1 or past != 2:
@@ -170,7 +198,7 @@ def natural_task(where: str | Path, config: Any) -> str:
     for arch in architectures:
         for ending, task in _ARCHITECTURES:
             if arch.endswith(ending):
-                return task
+                return task if task != "text-generation-with-past" or keeps_kv_cache(config) else "text-generation"
     heads = [a for a in architectures if "For" in a]
     if heads:  # e.g. ...ForMultipleChoice: no task here has that head
         import logging
@@ -179,6 +207,23 @@ def natural_task(where: str | Path, config: Any) -> str:
             "%s: %s names a head no task here exports; compiling the base model (feature-extraction) "
             "without its head's weights. Tasks: %s", where, ", ".join(heads), ", ".join(SPECS))
     return "feature-extraction"
+
+
+def keeps_kv_cache(config: Any) -> bool:
+    """Whether a causal LM of this config takes a KV cache (`past_key_values`): its config has
+    `use_cache`, and its transformers class is not stateful (Mamba, RWKV, Qwen3.5's linear
+    attention) and builds a `DynamicCache`. False sends the default task to `text-generation`
+    (OpenAI GPT, Reformer); a class transformers does not know (remote code) counts as True."""
+    if not hasattr(config, "use_cache"):
+        return False
+    try:
+        from transformers import AutoModelForCausalLM
+
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except Exception:  # noqa: BLE001 - remote code, or a config without a causal-LM class
+        return True
+    supports = getattr(cls, "_supports_default_dynamic_cache", None)
+    return not getattr(cls, "_is_stateful", False) and (supports is None or bool(supports()))
 
 
 def kv_cache_profiles(profile: Any, max_past: int) -> tuple[Any, Any]:

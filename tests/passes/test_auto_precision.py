@@ -104,6 +104,26 @@ def test_merge_islands_joins_fp16_node_between_fp32_nodes():
     assert before == 3 and after.casts_inserted == 0
 
 
+def test_constant_nodes_are_never_pinned_or_merged():
+    # An RMSNorm exported as Pow(x, Constant 2) -> ReduceMean -> Add(Constant eps): with Pow and Add
+    # pinned, the Constants between them were merged into the island, and the conversion (where
+    # Constant nodes are initializers) refused the pins: "fp32_nodes names nodes that are not in
+    # the graph" on any Llama-family model whose activations pass FP16's range.
+    two = helper.make_node("Constant", [], ["two"], name="two", value=onnx.numpy_helper.from_array(np.array(2.0, np.float32)))
+    eps = helper.make_node("Constant", [], ["eps"], name="eps", value=onnx.numpy_helper.from_array(np.array(1e-6, np.float32)))
+    model = ids_graph([two, eps, helper.make_node("Pow", ["x", "two"], ["sq"], name="pow"),
+                       helper.make_node("Add", ["sq", "eps"], ["last_hidden_state"], name="add")], {})
+    stats = ActivationStats("real", 1, 99.99, {"x": TensorStats(1e3, 1e3, 1), "sq": TensorStats(1e6, 1e6, 1),
+                                               "two": TensorStats(1e5, 1e5, 1), "eps": TensorStats(1e-6, 1e-6, 1),
+                                               "last_hidden_state": TensorStats(1e6, 1e6, 1)})
+    pins, _ = rule_overflow(model, stats, margin=2.0)
+    assert set(pins) == {"pow", "add"}  # not the Constant "two", whatever its statistics say
+    merged = merge_islands(model, pins)
+    assert set(merged) == {"cast"}  # not the Constants "two" and "eps" between pinned nodes
+    converted, report = convert_precision(model, PrecisionSettings(mode="auto"), fp32_nodes={**pins, **merged})
+    assert report.nodes == {"fp32": 3, "fp16": 0}
+
+
 def test_search_moves_the_sensitive_nodes_until_the_budget_holds():
     # (x + 1000) - 1000 in FP16 loses x's low bits (spacing 0.5 near 1000): the search must find
     # the nodes, and measure its way to the budget.

@@ -33,10 +33,11 @@ def test_decomposed_layer_norm_with_and_without_affine():
     # the normalized tensor has a second reader: the affine Mul is not part of the norm
     nodes = layer_norm_chain(affine_readers=2)
     assert sorted(rule_layer_norm(nodes, tensor_consumers(nodes))) == list(range(7))
-    # Sub(mean, x) is not x - mean: no chain
+    # Sub(mean, x) is not x - mean: no layer norm, but d / sqrt(mean(d^2) + eps) is d's RMS norm
     nodes = layer_norm_chain()
     nodes[1] = node("Sub", ["mean", "x"], ["d"])
-    assert rule_layer_norm(nodes, tensor_consumers(nodes)) == {}
+    pins = rule_layer_norm(nodes, tensor_consumers(nodes))
+    assert sorted(pins) == [2, 3, 4, 5, 6, 7] and all("RMS" in why[1] for why in pins.values())
 
 
 def test_softmax_ops_and_decomposed_softmax():
@@ -74,3 +75,84 @@ def test_constant_absmax_fast_path_agrees_with_the_filtered_one():
         v = np.abs(values.astype(np.float32).astype(np.float64))
         v = v[np.isfinite(v) & (v < 1e30)]
         assert constant_absmax(t, below=1e30) == (float(v.max()) if v.size else 0.0)
+
+
+def rms_norm_chain(form: str):
+    """Cast(x) -> x^2 -> ReduceMean -> Add(eps) -> Sqrt -> normalize -> Cast -> Mul(gamma), as
+    PyTorch exports Llama's / T5's RMS norm (`form`: how x is squared and divided)."""
+    square = node("Mul", ["x", "x"], ["sq"]) if form == "mul" else node("Pow", ["x", "two"], ["sq"])
+    nodes = [node("Cast", ["h"], ["x"], to=1), square, node("ReduceMean", ["sq"], ["var"]),
+             node("Add", ["var", "eps"], ["ve"]), node("Sqrt", ["ve"], ["std"])]
+    if form == "div":
+        nodes += [node("Div", ["x", "std"], ["n"])]
+    else:
+        inverse = node("Reciprocal", ["std"], ["inv"]) if form == "reciprocal" else node("Div", ["one", "std"], ["inv"])
+        nodes += [inverse, node("Mul", ["x", "inv"], ["n"])]
+    return nodes + [node("Cast", ["n"], ["c"], to=1), node("Mul", ["gamma", "c"], ["y"]), node("MatMul", ["y", "w"], ["o"])]
+
+
+def test_decomposed_rms_norm_in_its_exported_forms():
+    for form in ("rsqrt", "reciprocal", "mul", "div"):
+        nodes = rms_norm_chain(form)
+        pins = rule_layer_norm(nodes, tensor_consumers(nodes))
+        # from the square to gamma's Mul; not the Cast into it, not the MatMul after it
+        assert sorted(pins) == list(range(1, len(nodes) - 1)), form
+        assert {why[1] for why in pins.values()} == {"decomposed RMS norm: Pow/ReduceMean/Add/Sqrt/Div/Mul"}
+    nodes = rms_norm_chain("rsqrt")
+    nodes[6] = node("Mul", ["h", "inv"], ["n"])  # scales another tensor than the one squared: no norm
+    assert rule_layer_norm(nodes, tensor_consumers(nodes)) == {}
+    nodes = rms_norm_chain("rsqrt")[:4] + [node("Relu", ["ve"], ["std"])]  # no Sqrt: a plain mean of squares
+    assert rule_layer_norm(nodes, tensor_consumers(nodes)) == {}
+
+
+def _LastHidden(module):  # noqa: N802 - a class made here: torch is imported inside the test
+    import torch
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, input_ids, attention_mask):
+            return self.module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    return LastHidden()
+
+
+def test_hybrid_keeps_a_llama_whose_residual_stream_passes_256_where_fp16_squares_overflow(tmp_path):
+    """A Llama's RMS norm squares its input: past |x| = 256 the FP16 square is inf, the norm 0,
+    and the output unrelated to FP32's (cosine ~0 on the FP16 reference, no NaN to stop it).
+    The decomposed RMS norm rule keeps the square in FP32 with the mean."""
+    import onnx
+    import torch
+    import transformers
+
+    from compiler.eval.fp16_reference import fp16_emulation, session
+    from compiler.passes.precision import convert_precision
+    from compiler.settings import PrecisionSettings
+    from tests.models import ort_run
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
+    module = transformers.LlamaModel(config).eval()
+    with torch.no_grad():
+        module.embed_tokens.weight.normal_(0, 300.0)  # embeddings past 256, as a real Llama's outliers
+    ids = torch.randint(0, 500, (2, 12))
+    path = tmp_path / "llama.onnx"
+    wrapper = _LastHidden(module)
+    mask = torch.ones_like(ids)
+    torch.onnx.export(wrapper, (ids, mask), str(path), input_names=["input_ids", "attention_mask"], output_names=["h"],
+                      opset_version=17, dynamo=False,
+                      dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}})
+    fp32 = onnx.load(str(path))
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    ref = ort_run(fp32, feeds)[0].reshape(-1, 32)
+
+    def cosine(mode: str) -> float:
+        variant, report = convert_precision(fp32, PrecisionSettings(mode=mode))
+        got = session(fp16_emulation(variant), True).run(None, feeds)[0].reshape(-1, 32)
+        return float(np.min(np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / (np.linalg.norm(got, axis=1) + 1e-30)))
+
+    assert cosine("hybrid") > 0.9999
+    assert cosine("fp16") < 0.5  # the hazard is there: the squares overflow (the output is all zeros)

@@ -131,3 +131,32 @@ def test_the_pipeline_writes_the_report_then_refuses_an_overflowing_fp16_variant
     auto = replace(settings, precision=PrecisionSettings(mode="auto"))
     assert run_pipeline(auto, until="verify").verify.fidelity["nonfinite_check"]["status"] == "ok"
 
+
+
+def _cosines(real, profile_max, random=0.5):
+    return {"real": {"cosine_min": real}, "profile_max": {"cosine_min": profile_max}, "random": {"cosine_min": random}}
+
+
+def test_an_fp16_or_hybrid_variant_below_the_cosine_budget_is_refused_without_a_nan(tmp_path):
+    """A variant that loses the output without a NaN (a Llama's RMS norm squares past 65504 in
+    FP16: the norm is 0) shipped with exit 0; checked where the figures are the precision's alone."""
+    from compiler.settings import SparsitySettings, VocabSettings
+    from compiler.stages.verify import cosine_verdict, refuse_low_cosine
+
+    hybrid = BuildSettings(precision=PrecisionSettings(mode="hybrid"))
+    verdict = cosine_verdict(_cosines(0.0, 0.99999), hybrid)
+    assert verdict["status"] == "refused" and verdict["sets"] == ["real"]  # random ids decide nothing
+    with pytest.raises(VerificationError, match=r"hybrid variant's cosine similarity .* is 0 on held-out text, "
+                                                r"below 0.99, .*--precision auto.*lower --min-cosine") as e:
+        refuse_low_cosine(verdict, "hybrid", tmp_path / "report.json")
+    assert e.value.exit_code == EXIT_BAD_INPUT
+    assert cosine_verdict(_cosines(0.99999, None), hybrid)["status"] == "ok"  # None: the NaN check's
+    assert cosine_verdict(_cosines(0.995, 0.995), hybrid)["status"] == "ok"  # rounding, not a lost output
+    lower = replace(hybrid, precision=PrecisionSettings(mode="fp16", min_cosine=-1.0))
+    assert cosine_verdict(_cosines(0.0, 0.0), lower)["status"] == "ok"
+    refuse_low_cosine(cosine_verdict(_cosines(0.0, 0.0), lower), "fp16", "r")
+    # losses that are not the precision's: 2:4 and vocabulary pruning are measured against the dense graph
+    for other in (replace(hybrid, sparsity=SparsitySettings(pattern="2:4")),
+                  replace(hybrid, vocab=VocabSettings(texts=("t.txt",))),
+                  replace(hybrid, precision=PrecisionSettings(mode="auto"))):
+        assert cosine_verdict(_cosines(0.5, 0.5), other) == {"status": "not checked"}

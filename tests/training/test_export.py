@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from calibration import load_texts
-from compiler.errors import ExportParityError
+from compiler.errors import CompilerError, ExportParityError
 from compiler.settings import DataSettings, ExportSettings, ModelSettings
 from compiler.training.export import onnx_from_torch, output_names
 from compiler.training.models import REGISTRY, load_model
@@ -222,5 +222,29 @@ def test_a_model_that_fails_in_pytorch_at_some_length_is_a_clear_error(tmp_path,
 
     loaded = tiny_loaded(EvenOnly().eval(), "export-even-only-v1", ["input_ids", "attention_mask"])
     with pytest.raises(CompilerError, match=r"PyTorch model itself fails at batch=1 sequence=4 \(RuntimeError: "
-                                            r".*cannot be compiled with dynamic shapes"):  # was exit 3
+                                            r".*every batch and sequence length .* dynamic shapes"):  # was exit 3
         onnx_from_torch(loaded, ExportSettings(), tmp_path / "even.onnx", texts)
+
+
+class _Fails(torch.nn.Module):
+    def forward(self, *inputs, **kwargs):
+        raise ValueError("Cannot get conv state for non linear attention layer 0")
+
+
+def test_a_trace_that_fails_in_pytorch_too_blames_the_model_not_the_exporter():
+    """A model that fails in plain PyTorch on the example inputs was exit 3 ("internal error");
+    with a KV cache where it runs without one, the message names the cache and the task."""
+    from types import SimpleNamespace
+
+    from compiler.training.export import blame_the_model
+
+    ids = torch.ones((2, 16), dtype=torch.long)
+    runs_alone = SimpleNamespace(task="text-generation-with-past", module=lambda **kw: None)
+    with pytest.raises(CompilerError, match=r"fails with its KV cache .*conv state.*and runs without one.*"
+                                            r"Use --task text-generation"):
+        blame_the_model(runs_alone, _Fails(), (ids, ids))
+    broken = SimpleNamespace(task="text-generation-with-past", module=_Fails())
+    with pytest.raises(CompilerError, match=r"the PyTorch model itself fails on the export's example inputs "
+                                            r"\(2, 16\) \(ValueError: Cannot get conv state"):
+        blame_the_model(broken, _Fails(), (ids, ids))
+    blame_the_model(broken, torch.nn.Identity(), (ids,))  # PyTorch runs it: the exporter's error stands

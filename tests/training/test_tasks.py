@@ -195,3 +195,36 @@ def test_a_tied_lm_head_cannot_lose_vocabulary():
                                      vocab=VocabSettings(texts=("a.txt",), tied=True)))
     check_training(BuildSettings(model=ModelSettings(name="x", task="sentence-embedding"),
                                  precision=PrecisionSettings(mode="int8-qat")))  # distils hidden states: fine
+
+
+@pytest.mark.parametrize("config, task", [
+    ("GPT2Config", "text-generation-with-past"),
+    ("OpenAIGPTConfig", "text-generation"),  # no use_cache: its forward ignores past_key_values
+    ("MambaConfig", "text-generation"),  # stateful: a recurrent state, no KV cache
+])
+def test_a_causal_lm_defaults_to_with_past_only_where_it_keeps_a_kv_cache(tmp_path, config, task):
+    import transformers
+
+    cfg = getattr(transformers, config)()
+    cfg.architectures = [transformers.AutoModelForCausalLM._model_mapping[type(cfg)].__name__]
+    assert natural_task(tmp_path, cfg) == task
+
+
+def test_a_cache_of_layers_unlike_each_other_is_refused_naming_text_generation():
+    """Gemma 4's sliding and global layers have different head_dim: no one past_key_values shape
+    (was exit 3 reading config.head_dim); a cache of a layer without keys is refused the same way."""
+    import torch
+    import transformers
+
+    from compiler.training.tasks import cache_spec
+
+    config = transformers.AutoConfig.for_model(
+        "gemma4_text", vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    module = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(CompilerError, match=r"layers by key shape: \{\(1, 1, 2, \d+\): 1, \(1, 1, 2, \d+\): 1\}.*"
+                                             r"Use --task text-generation"):
+        cache_spec(config, module)
+    with pytest.raises(CompilerError, match=r"layers differ in their KV cache .*Use --task text-generation"):
+        cache_spec(config)  # no module: the config's per-layer head_dim
