@@ -174,11 +174,24 @@ def _not_text(path: Path, why: str) -> DataError:
 CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 
+# The text's usual column names, in order: GLUE's single sentence, plain text, crawled content,
+# the first of a GLUE / MNLI / QQP pair, SQuAD's question, document and review corpora.
+TEXT_COLUMNS = ("sentence", "text", "content", "sentence1", "premise", "question1", "question", "document",
+                "passage", "review")
+NAMED = "/".join(TEXT_COLUMNS)
+
+
 def text_column(fields: Any, column: str | None) -> str | None:
     """The column (or JSON field) that holds the text: `column` when given, else the first of
-    `sentence` and `text` among `fields`, else None. (A TSV/CSV's `column` that is a number names
-    a column of a file without a header, from 1: `_read_table`.)"""
-    return column or next((c for c in ("sentence", "text") if c in fields), None)
+    `TEXT_COLUMNS` among `fields` (logged when it is not `sentence` or `text`), else None. (A
+    TSV/CSV's `column` that is a number names a column of a file without a header, from 1:
+    `_read_table`.)"""
+    if column:
+        return column
+    found = next((c for c in TEXT_COLUMNS if c in fields), None)
+    if found not in (None, "sentence", "text"):
+        log.info("text column %r (of %s); --text-column NAME chooses another", found, list(fields)[:12])
+    return found
 
 
 def _read_table(path: Path, column: str | None) -> list[str]:
@@ -202,7 +215,7 @@ def _read_table(path: Path, column: str | None) -> list[str]:
             return [row[int(column) - 1] if len(row) >= int(column) else "" for row in rows]
         if name not in fields:
             raise DataError(
-                f"{path}: no column {column or 'sentence/text'!r} in header {fields}; "
+                f"{path}: no column {column or NAMED!r} in header {fields}; "
                 "choose one with --text-column NAME (a file without a header: the column's number, from 1)."
             )
         return [row[name] or "" for row in reader]
@@ -240,7 +253,7 @@ def _read_json_lines(path: Path, column: str | None) -> list[str]:
         if not texts:
             name = text_column(row, column)
             if name not in row:
-                raise DataError(f"{path}: no field {column or 'sentence/text'!r} in its first object (keys "
+                raise DataError(f"{path}: no field {column or NAMED!r} in its first object (keys "
                                 f"{sorted(row)[:20]}); choose one with --text-column NAME.")
         value = row.get(name)
         texts.append(value if isinstance(value, str) else "" if value is None else json.dumps(value))
@@ -271,7 +284,7 @@ def _read_json(path: Path, column: str | None) -> list[str]:
     if isinstance(doc, list) and doc and all(isinstance(r, dict) for r in doc):
         name = text_column(doc[0], column)
         if name not in doc[0]:
-            raise DataError(f"{path}: no field {column or 'sentence/text'!r} in its first object (keys "
+            raise DataError(f"{path}: no field {column or NAMED!r} in its first object (keys "
                             f"{sorted(doc[0])[:20]}); choose one with --text-column NAME.")
         return [v if isinstance(v, str) else "" if v is None else json.dumps(v) for v in (r.get(name) for r in doc)]
     found = type(doc).__name__ + (f" with keys {sorted(doc)[:10]}" if isinstance(doc, dict) else "")
@@ -299,7 +312,7 @@ def _read_parquet(path: Path, column: str | None) -> list[str]:
                         "or JSON Lines file.") from e
     name = text_column(schema.names, column)
     if name not in schema.names:
-        raise DataError(f"{path}: no column {column or 'sentence/text'!r} in {schema.names[:20]}; choose one "
+        raise DataError(f"{path}: no column {column or NAMED!r} in {schema.names[:20]}; choose one "
                         "with --text-column NAME.")
     values = pq.read_table(path, columns=[name]).column(name).to_pylist()
     return [v if isinstance(v, str) else "" if v is None else str(v) for v in values]

@@ -160,6 +160,12 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         if "trust_remote_code" in str(e):
             why += (" It loads with its own Python code (auto_map in its config.json): read that code, then "
                     "pass --trust-remote-code (Makefile: ARGS=--trust-remote-code) to run it.")
+        other = sorted(p.name for p in Path(str(where)).glob("*") if p.name in FOREIGN_WEIGHTS) \
+            if Path(str(where)).is_dir() else []
+        if other and not weight_files(str(where)):
+            why += (f" It holds {', '.join(other)} only: this transformers reads PyTorch weights (safetensors or "
+                    "pytorch_model.bin). Convert them with a transformers that still reads that format "
+                    "(from_pretrained(..., from_tf=True or from_flax=True), then save_pretrained(DIR)).")
         raise _unknown(settings.name, why) from e
     module = module.float().eval()
     config = module.config
@@ -322,6 +328,9 @@ def resolve_task(settings: Any) -> Any:
         max_past = profiles[0].max_past or max(1, profiles[0].max_shape[1] - 1)
         settings = replace(settings, engine=replace(settings.engine, profiles=kv_cache_profiles(profiles[0], max_past)))
     return settings
+
+
+FOREIGN_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index", "rust_model.ot")
 
 
 def _from_pretrained(name: str, where: str, local_only: bool, kwargs: dict[str, Any],

@@ -141,7 +141,7 @@ def test_a_csv_without_a_header_by_column_number(tmp_path):
 @pytest.mark.parametrize("content, match", [
     ('{"text": "fine"}\n{"text": broken\n', "line 2: not JSON"),
     ('["a list", "not an object"]\n', "line 1: a JSON list, not an object"),
-    ('{"body": "no text field"}\n', r"no field 'sentence/text'.*\['body'\].*--text-column"),
+    ('{"body": "no text field"}\n', r"no field 'sentence/text/content/.*'.*\['body'\].*--text-column"),
 ])
 def test_json_lines_errors_name_the_line_and_the_fix(tmp_path, content, match):
     path = tmp_path / "bad.jsonl"
@@ -364,3 +364,20 @@ def test_a_text_column_on_a_plain_text_file_is_named_as_without_effect(tmp_path,
     path.write_text("one line of text\n")
     assert load_texts(DataSettings(path=str(path), text_column="review", samples=1, min_words=1)) == ["one line of text"]
     assert "--text-column review has no effect on a plain text file" in caplog.text  # was ignored without a word
+
+
+@pytest.mark.parametrize("name, body, column", [
+    ("c.jsonl", '{"id": 1, "content": "crawled text of four words"}\n', "content"),
+    ("p.tsv", "sentence1\tsentence2\tlabel\nthe first of a pair here\tthe second\t1\n", "sentence1"),
+    ("n.csv", "premise,hypothesis\nthe premise has five words,a hypothesis\n", "premise"),
+    ("q.jsonl", '{"question": "what is in the question here", "answers": []}\n', "question"),
+])
+def test_the_usual_text_columns_of_other_datasets_are_found(tmp_path, caplog, name, body, column):
+    """A JSON Lines file with `content` (crawled corpora), GLUE/MNLI pairs and SQuAD-style
+    questions were refused ("no field 'sentence/text'"); they are read, the column logged."""
+    path = tmp_path / name
+    path.write_text(body)
+    with caplog.at_level("INFO", logger="calibration.readers"):
+        texts = load_texts(DataSettings(path=str(path), samples=1, min_words=1))
+    assert len(texts) == 1 and texts[0].split()[0] in ("crawled", "the", "what")
+    assert f"text column {column!r}" in caplog.text

@@ -29,7 +29,7 @@ def test_text_file_in_each_format(tmp_path):
 @pytest.mark.parametrize("name, content, match", [
     ("missing.txt", None, "no such file"),
     ("empty.txt", "\n \n", "no text"),
-    ("t.csv", "id,body\n1,x\n", "no column 'sentence/text'.*--text-column"),
+    ("t.csv", "id,body\n1,x\n", "no column 'sentence/text/content.*--text-column"),
 ])
 def test_text_file_errors_name_the_file_and_the_fix(tmp_path, name, content, match):
     if content is not None:

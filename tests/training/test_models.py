@@ -342,3 +342,13 @@ def test_hub_ids_of_the_registered_models_resolve_offline(tmp_path, monkeypatch)
     save(tiny_bert(), tmp_path / "bert-base-uncased")  # a local folder of that name stays a local checkpoint
     monkeypatch.chdir(tmp_path)
     assert models._locate("bert-base-uncased")[:2] == (None, "bert-base-uncased")
+
+
+def test_a_checkpoint_with_tensorflow_weights_only_says_to_convert_them(tmp_path):
+    directory = tmp_path / "tf-only"
+    save(tiny_bert(), directory)
+    for f in directory.glob("*.safetensors"):
+        f.unlink()
+    (directory / "tf_model.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    with pytest.raises(UnknownModelError, match=r"holds tf_model.h5 only: .*from_tf=True.*save_pretrained"):
+        load_model(ModelSettings(name=str(directory)))
