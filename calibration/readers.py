@@ -200,7 +200,9 @@ def _read_table(path: Path, column: str | None) -> list[str]:
     as RFC 4180 and Python's csv and pandas write it: a field holding a comma, a quote or a
     newline is quoted, a quote inside doubled."""
     tsv = format_suffix(path) == ".tsv"
-    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""), delimiter="\t" if tsv else ",",
+    text = read_text_file(path)
+    delimiter = "\t" if tsv else _csv_delimiter(path, text)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter,
                             quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     previous = csv.field_size_limit(CSV_FIELD_LIMIT)
     try:
@@ -210,7 +212,7 @@ def _read_table(path: Path, column: str | None) -> list[str]:
             # a number: the column of a file without a header (AG News, Yelp CSVs), from 1; the first line is a row
             if not 1 <= int(column) <= len(fields):
                 raise DataError(f"{path}: --text-column {column}: its first line has {len(fields)} column(s)")
-            rows = csv.reader(io.StringIO(read_text_file(path), newline=""), delimiter="\t" if tsv else ",",
+            rows = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter,
                               quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
             return [row[int(column) - 1] if len(row) >= int(column) else "" for row in rows]
         if name not in fields:
@@ -223,6 +225,18 @@ def _read_table(path: Path, column: str | None) -> list[str]:
         raise DataError(f"{path}, line {reader.line_num}: {e}; fix that line or pass another file.") from e
     finally:
         csv.field_size_limit(previous)
+
+
+def _csv_delimiter(path: Path, text: str) -> str:
+    """"," for a CSV, or the ";" / "|" / tab its first line holds where it holds no comma (a CSV
+    saved with a European locale's list separator), logged."""
+    first = text.split("\n", 1)[0]
+    if "," not in first:
+        for d in (";", "|", "\t"):
+            if d in first:
+                log.info("%s: no comma in its first line: columns separated by %r", path, d)
+                return d
+    return ","
 
 
 JSON_LINES = (".jsonl", ".ndjson")

@@ -381,3 +381,13 @@ def test_the_usual_text_columns_of_other_datasets_are_found(tmp_path, caplog, na
         texts = load_texts(DataSettings(path=str(path), samples=1, min_words=1))
     assert len(texts) == 1 and texts[0].split()[0] in ("crawled", "the", "what")
     assert f"text column {column!r}" in caplog.text
+
+
+def test_a_csv_with_semicolons_reads_its_columns(tmp_path):
+    """A CSV saved with a European locale's list separator was one column ("sentence;label")."""
+    path = tmp_path / "semi.csv"
+    path.write_text('sentence;label\n"the first; sentence here";1\nanother sentence, with a comma;0\n')
+    assert load_texts(DataSettings(path=str(path), samples=2, min_words=1)) == [
+        "the first; sentence here", "another sentence, with a comma"]
+    assert load_texts(DataSettings(path=str(path), samples=2, min_words=1, text_column="1")) == [
+        "sentence", "the first; sentence here"]  # no header: the first line is a row
