@@ -200,17 +200,19 @@ def cosine_verdict(fidelity: dict[str, Any], settings: BuildSettings) -> dict[st
         settings: `precision.mode`, `precision.min_cosine`, `sparsity.pattern`, `vocab.texts`.
 
     Returns:
-        {"status": "ok" | "refused" | "not checked", "min_cosine": the floor, "cosine_min":
+        {"status": "ok" | "refused" | "not checked", "min_cosine": the floor, "cosine_mean":
         {set: figure}, "sets": the sets below it} over `SHIPPED_SETS` (None: non-finite, left
-        to `nonfinite_verdict`).
+        to `nonfinite_verdict`). The mean over samples, not the minimum: a lost output is lost
+        on most samples, while one sample's near-zero output (a regression head's scalar) can
+        flip sign under any rounding.
     """
     p = settings.precision
     if p.mode not in ("fp16", "hybrid") or settings.sparsity.pattern is not None or settings.vocab.texts:
         return {"status": "not checked"}
     floor = min(p.min_cosine, BROKEN_BELOW)
-    found = {s: fidelity[s].get("cosine_min") for s in SHIPPED_SETS if s in fidelity}
+    found = {s: fidelity[s].get("cosine_mean") for s in SHIPPED_SETS if s in fidelity}
     low = [s for s, c in found.items() if c is not None and c < floor]
-    return {"status": "refused" if low else "ok", "min_cosine": floor, "cosine_min": found, "sets": low}
+    return {"status": "refused" if low else "ok", "min_cosine": floor, "cosine_mean": found, "sets": low}
 
 
 def refuse_low_cosine(verdict: dict[str, Any], mode: str, report_path: Any) -> None:
@@ -223,9 +225,9 @@ def refuse_low_cosine(verdict: dict[str, Any], mode: str, report_path: Any) -> N
     if verdict.get("status") != "refused":
         return
     where = {"real": "held-out text", "profile_max": "the profile's max shape"}
-    found = ", ".join(f"{verdict['cosine_min'][s]:.6g} on {where.get(s, s)}" for s in verdict["sets"])
+    found = ", ".join(f"{verdict['cosine_mean'][s]:.6g} on {where.get(s, s)}" for s in verdict["sets"])
     raise VerificationError(
-        f"verify refused it: the {mode} variant's cosine similarity to the FP32 graph on real text is {found}, "
+        f"verify refused it: the {mode} variant's mean cosine similarity to the FP32 graph on real text is {found}, "
         f"below {verdict['min_cosine']:g}, without a NaN/Inf to show it: FP16 lost the output, not rounded it. Fix: "
         f"{_TO_AUTO}; or pass a lower --min-cosine to keep it anyway. "
         f"Figures: {report_path}")

@@ -134,7 +134,8 @@ def test_the_pipeline_writes_the_report_then_refuses_an_overflowing_fp16_variant
 
 
 def _cosines(real, profile_max, random=0.5):
-    return {"real": {"cosine_min": real}, "profile_max": {"cosine_min": profile_max}, "random": {"cosine_min": random}}
+    return {"real": {"cosine_mean": real, "cosine_min": -1.0}, "profile_max": {"cosine_mean": profile_max},
+            "random": {"cosine_mean": random}}  # the minimum decides nothing: one sample's scalar may flip
 
 
 def test_an_fp16_or_hybrid_variant_below_the_cosine_budget_is_refused_without_a_nan(tmp_path):
@@ -146,7 +147,7 @@ def test_an_fp16_or_hybrid_variant_below_the_cosine_budget_is_refused_without_a_
     hybrid = BuildSettings(precision=PrecisionSettings(mode="hybrid"))
     verdict = cosine_verdict(_cosines(0.0, 0.99999), hybrid)
     assert verdict["status"] == "refused" and verdict["sets"] == ["real"]  # random ids decide nothing
-    with pytest.raises(VerificationError, match=r"hybrid variant's cosine similarity .* is 0 on held-out text, "
+    with pytest.raises(VerificationError, match=r"hybrid variant's mean cosine similarity .* is 0 on held-out text, "
                                                 r"below 0.99, .*--precision auto.*lower --min-cosine") as e:
         refuse_low_cosine(verdict, "hybrid", tmp_path / "report.json")
     assert e.value.exit_code == EXIT_BAD_INPUT
