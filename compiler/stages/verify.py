@@ -179,7 +179,6 @@ def refuse_nonfinite(verdict: dict[str, Any], mode: str, report_path: Any) -> No
                             f"keep it anyway. Figures: {report_path}")
 
 
-
 BROKEN_BELOW = 0.99  # INT8's default budget (QuantSettings.min_cosine): an FP16 variant further off has lost the output
 
 
@@ -196,7 +195,7 @@ def cosine_verdict(fidelity: dict[str, Any], settings: BuildSettings) -> dict[st
     meet their budgets in their own search.
 
     Args:
-        fidelity: verify's `fidelity` section ({set: {"cosine_min", ...}}).
+        fidelity: verify's `fidelity` section ({set: {"cosine_mean", ...}}).
         settings: `precision.mode`, `precision.min_cosine`, `sparsity.pattern`, `vocab.texts`.
 
     Returns:

@@ -201,9 +201,9 @@ def onnx_from_torch(loaded: LoadedModel, settings: ExportSettings, onnx_path: Pa
                 raise CompilerError(f"the ONNX exporter cannot write an operator this model runs: {e}. The "
                                     "architecture cannot be compiled as it is (e.g. mixture-of-experts routing "
                                     "counts tokens per expert with aten::histc)") from e
-            except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:
+            except (RuntimeError, ValueError, IndexError, TypeError, AttributeError):
                 blame_the_model(loaded, wrapper, dummy)  # a CompilerError where PyTorch alone fails too
-                raise e
+                raise
             static_output_dims(model, wrapper, dummy, axes)
             # External data: later stages open the graph without loading the weights.
             save_onnx(model, onnx_path, external=True)

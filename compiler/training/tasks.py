@@ -157,11 +157,11 @@ def _measured_cache_spec(module: Any) -> CacheSpec | None:
         return None
     if None in shapes or len(set(shapes)) != 1:
         kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+        layers = f"layers by key shape: {dict(Counter(shapes))}" + (f"; cache layers {kinds}" if kinds else "")
         raise CompilerError(
             f"--task text-generation-with-past: the model's cache is not one (batch, heads, past, head_dim) key "
-            f"and value per layer (layers by key shape: {dict(Counter(shapes))}{'; cache layers ' + str(kinds) if kinds else ''}"
-            f"): layers that keep another state (linear attention, state-space) or differ in shape cannot "
-            f"be fed as past_key_values inputs. {USE_NO_CACHE}")
+            f"and value per layer ({layers}): layers that keep another state (linear attention, state-space) or "
+            f"differ in shape cannot be fed as past_key_values inputs. {USE_NO_CACHE}")
     if len(shapes[0]) != 4:
         return None
     batch, kv_heads, past, head_dim = next(iter(shapes))

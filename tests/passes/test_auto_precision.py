@@ -109,8 +109,9 @@ def test_constant_nodes_are_never_pinned_or_merged():
     # pinned, the Constants between them were merged into the island, and the conversion (where
     # Constant nodes are initializers) refused the pins: "fp32_nodes names nodes that are not in
     # the graph" on any Llama-family model whose activations pass FP16's range.
-    two = helper.make_node("Constant", [], ["two"], name="two", value=onnx.numpy_helper.from_array(np.array(2.0, np.float32)))
-    eps = helper.make_node("Constant", [], ["eps"], name="eps", value=onnx.numpy_helper.from_array(np.array(1e-6, np.float32)))
+    const = lambda name, v: helper.make_node(  # noqa: E731
+        "Constant", [], [name], name=name, value=onnx.numpy_helper.from_array(np.array(v, np.float32)))
+    two, eps = const("two", 2.0), const("eps", 1e-6)
     model = ids_graph([two, eps, helper.make_node("Pow", ["x", "two"], ["sq"], name="pow"),
                        helper.make_node("Add", ["sq", "eps"], ["last_hidden_state"], name="add")], {})
     stats = ActivationStats("real", 1, 99.99, {"x": TensorStats(1e3, 1e3, 1), "sq": TensorStats(1e6, 1e6, 1),

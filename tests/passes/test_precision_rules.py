@@ -89,7 +89,8 @@ def rms_norm_chain(form: str):
     else:
         inverse = node("Reciprocal", ["std"], ["inv"]) if form == "reciprocal" else node("Div", ["one", "std"], ["inv"])
         nodes += [inverse, node("Mul", ["x", "inv"], ["n"])]
-    return nodes + [node("Cast", ["n"], ["c"], to=1), node("Mul", ["gamma", "c"], ["y"]), node("MatMul", ["y", "w"], ["o"])]
+    return nodes + [node("Cast", ["n"], ["c"], to=1), node("Mul", ["gamma", "c"], ["y"]),
+                    node("MatMul", ["y", "w"], ["o"])]
 
 
 def test_decomposed_rms_norm_in_its_exported_forms():
