@@ -16,6 +16,9 @@ precision is measured, always with the faithful FP16 reference (`compiler.eval.f
    - `initializer-underflow`: a constant input whose nonzero values are mostly below FP16's
      smallest normal (2**-14), where FP16 keeps few bits or flushes to zero;
    - `fp16-range` (in `compiler.passes.precision`): a constant beyond 65504;
+   - `position-angle` (`compiler.passes.precision_rules.rule_position_angles`): rotary and
+     sinusoidal angles, whose FP16 error grows with the position up to the profile's longest
+     sequence, which the held-out text does not reach;
    - `sensitivity`: measured, see 4.
 3. Start: everything FP16 except what 2 pins. Budget (`min_cosine`, `max_nonfinite`) measured
    on held-out real text, never the calibration samples.
@@ -47,7 +50,7 @@ from compiler.eval.fp16_reference import fp16_emulation, session
 from compiler.graph.analysis import FLOAT, FP16_MAX, FP16_SMALLEST_NORMAL, GEMM_OPS, array, tensor_consumers
 from compiler.graph.onnx_io import load_onnx, session_with_outputs, without_weights
 from compiler.passes.precision import PrecisionReport, convert_precision
-from compiler.passes.precision_rules import HYBRID_RULES, MASK_FILL_MIN
+from compiler.passes.precision_rules import HYBRID_RULES, MASK_FILL_MIN, rule_position_angles
 from compiler.passes.reduced_stats import StatsSessions, cached_reduced_stats
 from compiler.settings import PrecisionSettings
 
@@ -299,8 +302,12 @@ def auto_precision(fp32_model: Any, settings: PrecisionSettings, calib_tokens: A
                                            if fp32_path else None)
     overflow, declined = rule_overflow(fp32_model, stats["real"], settings.overflow_margin)
     random_overflow, _ = rule_overflow(fp32_model, stats["random"], settings.overflow_margin)
-    pins: Pins = {**init_pins, **overflow}
-    fixed = set(pins)  # measured hazards: never tried back in FP16
+    # position angles grow with the profile's longest sequence, which the held-out text does not reach
+    angle_nodes = list(fp32_model.graph.node)
+    angles = {angle_nodes[i].name: why for i, why in rule_position_angles(angle_nodes, {}).items()
+              if angle_nodes[i].name}
+    pins: Pins = {**init_pins, **overflow, **angles}
+    fixed = set(pins)  # measured hazards and position angles: never tried back in FP16
     # every output: the budget reads the first (and non-finite values of all), verify reuses the figures
     probe = FidelityProbe.on_tokens(fp32_path or fp32_model, heldout_tokens, input_names, output_names,
                                     batch_size, cache_dir)

@@ -8,7 +8,8 @@ The published rule: softmax and layer norm in FP32, linear layers in FP16 (Micik
 al., "Mixed Precision Training", ICLR 2018, sec. 3.3: large reductions, as in normalization and
 softmax layers, are carried out in FP32). On BERT-base and GPT-2 it kept cosine >= 0.9998 with
 no NaN where full FP16 produced NaN. Reductions join them: a sum over many elements loses
-FP16's 11-bit mantissa.
+FP16's 11-bit mantissa. So do position angles (`rule_position_angles`): position x frequency
+outgrows FP16's spacing long before the profile's longest sequence.
 """
 
 from __future__ import annotations
@@ -180,6 +181,59 @@ def rule_reduction(nodes: list[Any], consumers: dict[str, list[int]]) -> Pins:
             for i, n in enumerate(nodes) if n.op_type in REDUCTION_OPS}
 
 
+# Ops an angle's computation passes through, and which of their inputs carry its data (None: all).
+_ANGLE_OPS: dict[str, tuple[int, ...] | None] = {
+    "Mul": None, "Div": None, "Add": None, "Sub": None, "MatMul": None, "Concat": None, "Neg": None,
+    "Transpose": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Reshape": (0,), "Expand": (0,), "Slice": (0,),
+    "Flatten": (0,), "Tile": (0,)}
+_ANGLE_CONE_MAX = 32  # a position angle is a handful of nodes; a larger cone is not one
+
+
+def rule_position_angles(nodes: list[Any], consumers: dict[str, list[int]]) -> Pins:
+    """Cos / Sin of an angle computed from integer positions (rotary and sinusoidal position
+    embeddings: Llama, Qwen, Mistral, GPT-NeoX, ...), and the nodes computing that angle.
+
+    The angle is position x frequency, up to the profile's longest sequence in radians. FP16
+    keeps 11 significant bits: at positions 256-511 its spacing is 0.25 rad, from 2048 it is 2
+    (the position itself no longer exact), so the fastest rotating pairs get cosines of the wrong
+    angle. Hugging Face computes the rotary embedding in float32 for that reason (autocast off).
+    The cone runs back from Cos/Sin through elementwise, MatMul and shape ops to Casts (the int
+    positions) and constants; where it meets anything else (an activation) or passes
+    `_ANGLE_CONE_MAX` nodes, the Cos/Sin is not a position angle and nothing is pinned. Cos/Sin
+    outputs are in [-1, 1]: the multiply with q and k stays FP16.
+
+    Args:
+        nodes, consumers: as for `rule_softmax` (`consumers` unused).
+
+    Returns:
+        {node index: ("position-angle", detail)}.
+    """
+    producer = {t: i for i, n in enumerate(nodes) for t in n.output}
+    pins: Pins = {}
+    for i, n in enumerate(nodes):
+        if n.op_type not in ("Cos", "Sin") or i in pins:
+            continue
+        cone, stack, ok = {i}, [n.input[0]], True
+        while stack and ok:
+            j = producer.get(stack.pop())
+            if j is None or j in cone or nodes[j].op_type == "Constant":
+                continue  # an initializer, a graph input or a constant: a source
+            op = nodes[j].op_type
+            cone.add(j)
+            if op == "Cast":
+                continue  # the positions (or the frequencies) entering as float
+            if op not in _ANGLE_OPS or len(cone) > _ANGLE_CONE_MAX:
+                ok = False
+                break
+            data = _ANGLE_OPS[op]
+            stack += [t for k, t in enumerate(nodes[j].input) if t and (data is None or k in data)]
+        if ok:
+            for j in cone:
+                pins[j] = ("position-angle", "position x frequency: FP16 rounds the angle (0.25 rad at position "
+                                             "256, 2 rad from 2048)")
+    return pins
+
+
 def rule_fp16_range(nodes: list[Any], inits: dict[str, Any]) -> tuple[Pins, dict[str, str]]:
     """Nodes reading a float constant with finite values beyond FP16's range (|v| > 65504).
 
@@ -218,4 +272,4 @@ def constant_absmax(t: Any, below: float = np.inf) -> float:
 
 
 HYBRID_RULES: tuple[Callable[[list[Any], dict[str, list[int]]], Pins], ...] = (
-    rule_softmax, rule_layer_norm, rule_reduction)
+    rule_softmax, rule_layer_norm, rule_reduction, rule_position_angles)

@@ -84,7 +84,7 @@ class PrecisionSettings:
 
     Attributes:
         mode: `fp32` (unchanged), `fp16` (everything ONNX allows), `hybrid` (softmax, layer
-            norm and accumulating reductions in FP32, the rest in FP16), `auto` (the fewest
+            and RMS norms, accumulating reductions and position angles in FP32, the rest in FP16), `auto` (the fewest
             FP32 nodes that meet the budget below, measured; see compiler.passes.auto_precision),
             `int8` (post-training INT8 Q/DQ on MatMul/Gemm inputs, see `QuantSettings`; the rest
             in `QuantSettings.float_mode`), `int8-qat` (the same placement with scales and

@@ -159,3 +159,67 @@ def test_hybrid_keeps_a_llama_whose_residual_stream_passes_256_where_fp16_square
 
     assert cosine("hybrid") > 0.9999
     assert cosine("fp16") < 0.5  # the hazard is there: the squares overflow (the output is all zeros)
+
+
+def rotary_graph(positions: str = "position_ids"):
+    """position_ids (1, S) int64 -> Cast -> Unsqueeze -> Mul(inv_freq) -> Concat -> Cos, Sin ->
+    Cos + Sin: Llama's rotary angles as PyTorch exports them, and an output that reads both."""
+    from onnx import TensorProto
+
+    from tests.models import f32, make_model
+
+    inv_freq = (1.0 / 10000 ** (np.arange(0, 16, 2) / 16)).astype(np.float32)
+    nodes = [node("Cast", [positions], ["p"], to=TensorProto.FLOAT),
+             node("Unsqueeze", ["p", "axis"], ["pu"]), node("Mul", ["pu", "inv_freq"], ["freqs"]),
+             node("Concat", ["freqs", "freqs"], ["emb"], axis=-1), node("Cos", ["emb"], ["cos"]),
+             node("Sin", ["emb"], ["sin"]), node("Add", ["cos", "sin"], ["out"])]
+    for k, n in enumerate(nodes):
+        n.name = f"{n.op_type}_{k}"  # as exports name them: `auto` pins by name
+    inp = helper.make_tensor_value_info(positions, TensorProto.INT64, ["b", "s"])
+    return make_model(nodes, [inp], [f32("out", ["b", "s", 16])],
+                      {"inv_freq": inv_freq, "axis": np.array([-1], np.int64)})
+
+
+def test_position_angles_stay_fp32_and_only_them():
+    from compiler.passes.precision_rules import rule_position_angles
+
+    nodes = list(rotary_graph().graph.node)
+    pins = rule_position_angles(nodes, tensor_consumers(nodes))
+    assert sorted(nodes[j].op_type for j in pins) == ["Cast", "Concat", "Cos", "Mul", "Sin", "Unsqueeze"]
+    # a Cos of an activation (here behind a layer norm) is not a position angle: nothing pinned
+    nodes[2] = node("LayerNormalization", ["pu", "g", "b"], ["freqs"])
+    assert rule_position_angles(nodes, tensor_consumers(nodes)) == {}
+
+
+def test_hybrid_keeps_rotary_angles_exact_at_long_positions():
+    """At position 3000 FP16's spacing is 2: cos/sin of the fastest pair were of the wrong angle."""
+    from compiler.eval.fp16_reference import fp16_emulation, session
+    from compiler.passes.precision import convert_precision
+    from compiler.settings import PrecisionSettings
+    from tests.models import ort_run
+
+    model = rotary_graph()
+    feeds = {"position_ids": np.arange(2990, 3010, dtype=np.int64)[None]}
+    ref = ort_run(model, feeds)[0]
+
+    def max_error(mode: str) -> float:
+        variant, _ = convert_precision(model, PrecisionSettings(mode=mode))
+        return float(np.abs(session(fp16_emulation(variant), True).run(None, feeds)[0] - ref).max())
+
+    assert max_error("hybrid") < 2e-3  # cos + sin rounded to FP16 once, at the island's border
+    assert max_error("fp16") > 0.5
+
+
+def test_auto_starts_with_the_position_angles_in_fp32():
+    """The held-out text (<= 128 tokens) cannot show an angle's error at the profile's longest
+    sequence: `auto` keeps them FP32 from the start and never tries them back."""
+    from calibration import TokenizedSet
+    from compiler.passes.auto_precision import auto_precision
+    from compiler.settings import PrecisionSettings
+
+    model = rotary_graph("input_ids")  # the positions, fed where the statistics pass feeds ids
+    rows = lambda seed: TokenizedSet([np.arange(8, dtype=np.int64) + seed] * 4, None, 0, f"t{seed}")  # noqa: E731
+    _, report = auto_precision(model, PrecisionSettings(mode="auto"), rows(0), rows(1), ["input_ids"], ["out"],
+                               2, 100, "rotary", None)
+    pinned = {p.name: p.rule for p in report.fp32_nodes}
+    assert sorted(pinned.values()) == ["position-angle"] * 6, pinned
