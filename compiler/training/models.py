@@ -160,13 +160,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         if "trust_remote_code" in str(e):
             why += (" It loads with its own Python code (auto_map in its config.json): read that code, then "
                     "pass --trust-remote-code (Makefile: ARGS=--trust-remote-code) to run it.")
-        other = sorted(p.name for p in Path(str(where)).glob("*") if p.name in FOREIGN_WEIGHTS) \
-            if Path(str(where)).is_dir() else []
-        if other and not weight_files(str(where)):
-            why += (f" It holds {', '.join(other)} only: this transformers reads PyTorch weights (safetensors or "
-                    "pytorch_model.bin). Convert them with a transformers that still reads that format "
-                    "(from_pretrained(..., from_tf=True or from_flax=True), then save_pretrained(DIR)).")
-        raise _unknown(settings.name, why) from e
+        raise _unknown(settings.name, why + _foreign_weights(where)) from e
     module = module.float().eval()
     config = module.config
     if getattr(config, "is_encoder_decoder", False):
@@ -331,6 +325,18 @@ def resolve_task(settings: Any) -> Any:
 
 
 FOREIGN_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index", "rust_model.ot")
+
+
+def _foreign_weights(where: Any) -> str:
+    """" It holds tf_model.h5 only: ..." for a checkpoint directory with TensorFlow, Flax or Rust
+    weights and no PyTorch ones, naming the conversion; "" otherwise."""
+    local = Path(str(where))
+    other = sorted(p.name for p in local.glob("*") if p.name in FOREIGN_WEIGHTS) if local.is_dir() else []
+    if not other or weight_files(local):
+        return ""
+    return (f" It holds {', '.join(other)} only: this transformers reads PyTorch weights (safetensors or "
+            "pytorch_model.bin). Convert them with a transformers that still reads that format "
+            "(from_pretrained(..., from_tf=True or from_flax=True), then save_pretrained(DIR)).")
 
 
 def _from_pretrained(name: str, where: str, local_only: bool, kwargs: dict[str, Any],
