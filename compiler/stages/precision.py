@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +18,21 @@ from compiler.passes.kv_cache import fp16_cache_io
 from compiler.passes.precision import convert_precision
 from compiler.results import ExportResult, PrecisionResult
 from compiler.settings import BuildSettings, settings_hash
+
+
+PASS_MODULES = ("compiler.passes.precision", "compiler.passes.precision_rules", "compiler.passes.auto_precision",
+                 "compiler.passes.kv_cache")
+
+
+@functools.lru_cache(maxsize=None)
+def pass_digest() -> str:
+    """sha256 (16 hex digits) of the precision pass's source (`PASS_MODULES`): part of a variant's
+    content key, so a variant written by other rules (an older or newer toolchain in the same
+    output folder) is made again, not reused. A rule added without it was reused silently."""
+    digest = hashlib.sha256()
+    for name in PASS_MODULES:
+        digest.update(Path(sys.modules[name].__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def stage_precision(settings: BuildSettings, export: ExportResult, source: Path, has_qdq: bool,
@@ -48,6 +66,6 @@ def stage_precision(settings: BuildSettings, export: ExportResult, source: Path,
         write_json(report_path, report)
 
     kv = ("kv-cache-fp16-v1",) if export.loaded.cache is not None and prec.mode != "fp32" else ()
-    cached(settings_hash("precision-v1", graph_sha, prec, settings.data if auto else None, *kv),
+    cached(settings_hash("precision-v2", graph_sha, prec, settings.data if auto else None, pass_digest(), *kv),
            [out, report_path], compute, "precision")
     return PrecisionResult(out, onnx_sha256(out), json.loads(report_path.read_text()))
