@@ -10,9 +10,10 @@ The pass assigns every node that computes floats a precision, then makes the typ
    and GPT-2 kept cosine >= 0.9998 with no NaN, where full FP16 produced NaN). The rules live
    in `compiler.passes.precision_rules`, each a pattern, a check and the reason it reports:
    - `softmax`: Softmax / LogSoftmax, and the decomposed Exp -> ReduceSum -> Div pattern.
-   - `layer-norm`: LayerNormalization and other normalization ops, and the decomposed
-     ReduceMean -> Sub -> Pow -> ReduceMean -> Add -> Sqrt -> Div (-> Mul -> Add) pattern.
+   - `layer-norm`: LayerNormalization and other normalization ops, the decomposed layer norm
+     (ReduceMean -> Sub -> Pow -> ReduceMean -> Add -> Sqrt -> Div) and RMS norm (Llama, T5).
    - `reduction`: accumulating reductions (ReduceSum, ReduceMean, ReduceL2, ...).
+   - `position-angle`: Cos / Sin of position x frequency (rotary embeddings) and its cone.
    - `fp16-range` (every mode but fp32): a node whose constant input holds finite values
      beyond FP16's range that are not mask fill values (see below) stays FP32 with it.
    Everything else (MatMul, Gemm, GELU, residual Add, ...) runs in FP16.
