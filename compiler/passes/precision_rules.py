@@ -118,18 +118,15 @@ def _decomposed_rms_norm(nodes: list[Any], consumers: dict[str, list[int]], prod
         if not scaled:
             return []
         chain += [inverse[0], scaled[0]]
-    cur = nodes[chain[-1]].output[0]
-    for op in ("Cast", "Mul"):  # `.to(input_dtype)` (FP32 to FP32 in the export), then the scale gamma
-        nxt = only(cur, {op})
-        if len(nxt) != 1 or len(consumers.get(cur, [])) != 1:
-            if op == "Cast":
-                continue
-            break
-        if op == "Cast" and not any(a.name == "to" and a.i == FLOAT for a in nodes[nxt[0]].attribute):
-            break
-        chain.append(nxt[0])
-        cur = nodes[nxt[0]].output[0]
-    return chain
+    def sole_reader(tensor: str, op: str) -> int | None:
+        readers = consumers.get(tensor, [])
+        return readers[0] if len(readers) == 1 and nodes[readers[0]].op_type == op else None
+
+    cast = sole_reader(nodes[chain[-1]].output[0], "Cast")  # `.to(input_dtype)`: FP32 to FP32 in the export
+    if cast is not None and any(a.name == "to" and a.i == FLOAT for a in nodes[cast].attribute):
+        chain.append(cast)
+    gamma = sole_reader(nodes[chain[-1]].output[0], "Mul")  # the scale
+    return chain + ([gamma] if gamma is not None else [])
 
 
 def _decomposed_layer_norm(nodes: list[Any], consumers: dict[str, list[int]], mean: int) -> list[int]:
@@ -213,8 +210,8 @@ def rule_position_angles(nodes: list[Any], consumers: dict[str, list[int]]) -> P
     for i, n in enumerate(nodes):
         if n.op_type not in ("Cos", "Sin") or i in pins:
             continue
-        cone, stack, ok = {i}, [n.input[0]], True
-        while stack and ok:
+        cone, stack = {i}, [n.input[0]]
+        while stack:
             j = producer.get(stack.pop())
             if j is None or j in cone or nodes[j].op_type == "Constant":
                 continue  # an initializer, a graph input or a constant: a source
@@ -223,11 +220,10 @@ def rule_position_angles(nodes: list[Any], consumers: dict[str, list[int]]) -> P
             if op == "Cast":
                 continue  # the positions (or the frequencies) entering as float
             if op not in _ANGLE_OPS or len(cone) > _ANGLE_CONE_MAX:
-                ok = False
-                break
+                break  # an activation: not a position angle
             data = _ANGLE_OPS[op]
             stack += [t for k, t in enumerate(nodes[j].input) if t and (data is None or k in data)]
-        if ok:
+        else:
             for j in cone:
                 pins[j] = ("position-angle", "position x frequency: FP16 rounds the angle (0.25 rad at position "
                                              "256, 2 rad from 2048)")
